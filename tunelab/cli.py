@@ -1,0 +1,62 @@
+"""The `tunelab` command.
+
+Each subcommand lives in its own module with two functions, `add_arguments(parser)` and `run(args)`;
+only the chosen one is imported, so `tunelab --help` is instant. A `TunelabError` (anything the user can
+fix) is printed as one line and exits with status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from tunelab.errors import TunelabError
+
+# name -> (module, one-line help). Keep sorted by how a user meets them.
+COMMANDS = {
+    "quickstart": ("tunelab.quickstart", "fine-tune the bundled model with QLoRA and show before/after quality"),
+    "train": ("tunelab.train.cli", "train from a YAML config: pretrain or SFT with full, freeze, lora or qlora"),
+    "quantize": ("tunelab.quant.cli", "quantize a model's linear weights to nf4/fp4/int8/int4 and report the error"),
+    "data": ("tunelab.data.cli", "build, inspect, filter and scan training data"),
+    "eval": ("tunelab.eval.cli", "evaluate a model or run: perplexity, tasks, hallucination, injection"),
+}
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == command:
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = _parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    debug = args.debug or os.environ.get("TUNELAB_DEBUG") == "1"
+    try:
+        code = importlib.import_module(COMMANDS[args.command][0]).run(args)
+    except TunelabError as e:
+        if debug:
+            raise
+        print(f"tunelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tunelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
