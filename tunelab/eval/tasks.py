@@ -124,22 +124,26 @@ def _line_list(numbered: bool) -> Checker:
     return check
 
 
-def _field_score(got: dict, want: dict) -> float:
+def field_score(got: dict, want: dict) -> float:
     """Fields with the right value, over max(#wanted, #given): a missing, wrong or extra key costs credit."""
     right = sum(normalize(str(got.get(k, ""))) == normalize(str(v)) for k, v in want.items() if k in got)
     return right / max(len(want), len(got))
 
 
-def check_json_fields(output: str, item: Item) -> float:
-    """Parse the first {...} in the output as JSON and compare its fields with the answer's."""
-    m = re.search(r"\{.*\}", output, re.DOTALL)
+def parse_json_object(text: str) -> dict | None:
+    """The outermost {...} in `text` parsed as a JSON object (keys lowercased), or None."""
+    m = re.search(r"\{.*\}", text, re.DOTALL)
     try:
         got = json.loads(m.group(0)) if m else None
     except json.JSONDecodeError:
-        got = None
-    if not isinstance(got, dict):
-        return 0.0
-    return _field_score({str(k).lower(): v for k, v in got.items()}, json.loads(item.answer))
+        return None
+    return {str(k).lower(): v for k, v in got.items()} if isinstance(got, dict) else None
+
+
+def check_json_fields(output: str, item: Item) -> float:
+    """Parse the first {...} in the output as JSON and compare its fields with the answer's."""
+    got = parse_json_object(output)
+    return 0.0 if got is None else field_score(got, json.loads(item.answer))
 
 
 def _key_values(text: str) -> dict[str, str]:
@@ -149,7 +153,7 @@ def _key_values(text: str) -> dict[str, str]:
 
 def check_key_values(output: str, item: Item) -> float:
     """`key: value` lines, compared field by field with the answer's."""
-    return _field_score(_key_values(output), _key_values(item.answer))
+    return field_score(_key_values(output), _key_values(item.answer))
 
 
 # ----------------------------------------------------------------------------------------------------------
