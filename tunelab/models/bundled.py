@@ -34,19 +34,21 @@ def gguf_path() -> Path:
     return path
 
 
-def _convert(dest: Path, tokenizer_only: bool) -> None:
+def convert_gguf(src: Path, dest: Path, tokenizer_only: bool = False) -> None:
     """GGUF -> HF folder, written to a temporary folder and renamed into place (never half-written)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        try:
+            tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        except Exception as e:  # gguf reader errors come in many types
+            raise TunelabError(f"{src}: not a readable GGUF model ({str(e).splitlines()[0]})") from None
         tok.save_pretrained(tmp)
         if not tokenizer_only:
-            print(f"tunelab: converting the bundled model {src.name} once (about 40 s), cache: {dest}")
+            print(f"tunelab: converting {src.name} to safetensors once (~40 s for 135M parameters), cache: {dest}")
             model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
             model.config.quantization_config = None
             if hasattr(model.config, "quantization_config"):
@@ -69,7 +71,7 @@ def tokenizer_dir() -> Path:
         return full
     dest = cache_root() / (NAME + "-tokenizer")
     if not (dest / "tokenizer.json").is_file():
-        _convert(dest, tokenizer_only=True)
+        convert_gguf(gguf_path(), dest, tokenizer_only=True)
     return dest
 
 
@@ -77,5 +79,5 @@ def model_dir() -> Path:
     """A cached HF folder with the bundled model's fp32 weights, tokenizer and chat template."""
     dest = cache_root() / NAME
     if not (dest / "model.safetensors").is_file():
-        _convert(dest, tokenizer_only=False)
+        convert_gguf(gguf_path(), dest)
     return dest

@@ -1,0 +1,190 @@
+"""The typed run configuration: YAML files are instances of `RunConfig`; `key=value` overrides are type-checked.
+
+A wrong key, type or range is a `ConfigError` naming the key and what is allowed; nothing is ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.data.config import DataConfig
+from tunelab.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ScratchConfig(_Strict):
+    """A Llama-style architecture trained from random weights (method `full`, task `pretrain`)."""
+
+    hidden_size: int = Field(256, gt=0)
+    intermediate_size: int = Field(688, gt=0)
+    num_hidden_layers: int = Field(4, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    max_position_embeddings: int = Field(1024, gt=0)
+    tie_word_embeddings: bool = True
+    tokenizer: str = "bundled"
+    """`bundled` (SmolLM2's 49k BPE), a tokenizer folder, or `train:N` to train an N-token BPE on the data."""
+
+
+class ModelConfig(_Strict):
+    source: str = "bundled"
+    """`bundled` (SmolLM2-135M-Instruct), a local Hugging Face folder, a `.gguf` file, or `scratch`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights' dtype: `auto` is float32 on CPU (the fast path there) and bfloat16 on CUDA."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a model folder. Off by default: only turn on for folders you trust."""
+    scratch: ScratchConfig = ScratchConfig()
+
+
+class QuantConfig(_Strict):
+    """How `qlora` stores the frozen linear weights."""
+
+    dtype: Literal["nf4", "fp4", "int4", "int8"] = "nf4"
+    block_size: int = Field(64, ge=32, le=4096)
+    double_quant: bool = True
+
+
+class LoraSection(_Strict):
+    """LoRA adapter settings for `lora` and `qlora` (see tunelab.lora.LoraConfig)."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    """`all-linear`, a list of module names (e.g. [q_proj, v_proj]) or a regex matched on full module paths."""
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    modules_to_save: list[str] | None = None
+    loraplus_ratio: float | None = Field(None, gt=0)
+    """LoRA+: the learning rate of B is `lr * loraplus_ratio` (the paper suggests 16)."""
+
+
+class TrainConfig(_Strict):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    """Examples per micro-batch on each process."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step; global batch = batch_size * grad_accum * processes."""
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides `epochs` when set."""
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay ends at lr * min_lr_ratio."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seq_len: int = Field(512, gt=1)
+    """Longest sequence: packing length for pretraining, truncation length for SFT."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between eval-loss measurements (0: only at the end)."""
+    eval_batches: int = Field(8, gt=0)
+    save_every: int = Field(0, ge=0)
+    """Steps between checkpoints (0: only at the end)."""
+    keep_last: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = Field(1024, gt=0)
+    """Cross-entropy is computed this many label tokens at a time, so full-vocabulary logits never all exist."""
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    """A NaN/Inf loss or gradient: skip that step, or stop (the last good checkpoint stays)."""
+    train_last_layers: int = Field(2, ge=0)
+    """For method `freeze`: the last N decoder layers (and the final norm) train, everything else is frozen."""
+    trainable: list[str] = []
+    """For method `freeze`: extra regexes searched in parameter names; matching parameters train too."""
+
+
+class RunConfig(_Strict):
+    method: Literal["full", "freeze", "lora", "qlora"] = "lora"
+    model: ModelConfig = ModelConfig()
+    quant: QuantConfig = QuantConfig()
+    lora: LoraSection = LoraSection()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    output_dir: str = "runs/latest"
+    resume: bool = False
+    """Continue from the latest complete checkpoint in output_dir."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.model.source == "scratch" and self.method != "full":
+            raise ValueError("a `scratch` model starts from random weights: use method=full")
+        return self
+
+
+def _explain(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key `{key}` (check its spelling; `tunelab train --show-config` lists the keys)")
+        else:
+            got = e.get("input")
+            got = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"`{key}`: {e['msg']}{got}")
+    return f"{origin}: " + "; ".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """`key=value` values are YAML scalars or lists: 1e-4, true, [q_proj, v_proj], null."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override `{dotted}`: `{p}` is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Read a YAML file (or start from `base`), apply `key=value` overrides, validate."""
+    tree: dict = dict(base or {})
+    origin = "config"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys (method:, model:, data:, train:)")
+        tree.update(loaded)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override `{item}` is not key=value (e.g. train.lr=1e-4)")
+        _set_path(tree, key.strip(), _parse_value(value))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, origin)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,164 @@
+"""Checkpoints: safetensors + JSON, written atomically, verified on load, keep-last-N.
+
+A checkpoint is a folder `step-00000042/` holding `weights.safetensors` (trainable parameters only),
+`optimizer.safetensors` (AdamW moments by parameter name), `state.json` (step, data position, RNG, metrics)
+and `manifest.json` (size and SHA-256 of each file). It is written into a temporary folder and renamed into
+place, manifest last, so a crash at any point leaves either the complete checkpoint or none; a folder
+whose manifest does not match its files is never taken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab.errors import TunelabError
+
+PREFIX = "step-"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "manifest.json")
+    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / "manifest.json")
+
+
+def verify(folder: Path) -> str | None:
+    """None if every file matches the manifest, else what is wrong."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "no readable manifest.json"
+    for name, meta in manifest.items():
+        p = folder / name
+        if not p.is_file() or p.stat().st_size != meta["bytes"]:
+            return f"{name} is missing or has the wrong size"
+        if _sha256(p) != meta["sha256"]:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def atomic_folder(dest: Path, write) -> None:
+    """Call write(tmp_folder), add a manifest, then rename into `dest` (replacing an older one)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for p in tmp.iterdir():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        write_manifest(tmp)
+        if dest.exists():
+            old = dest.parent / f".old-{dest.name}-{os.getpid()}"
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for p, st in optimizer.state.items():
+        for k, v in st.items():
+            out[f"{names[p]}::{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def save(root: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
+    """Write checkpoint `root/step-XXXXXXXX` and delete all but the newest `keep_last`."""
+    names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: p.detach().cpu().contiguous() for p, n in names.items()}
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+
+    def write(tmp: Path):
+        save_file(weights, tmp / "weights.safetensors")
+        save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
+        save_file(rng, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+
+    dest = root / f"{PREFIX}{step:08d}"
+    atomic_folder(dest, write)
+    for old in list_complete(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def list_complete(root: Path) -> list[Path]:
+    """Checkpoint folders with a manifest, oldest first (temporary folders are never listed)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "manifest.json").is_file())
+
+
+def latest(root: Path) -> Path | None:
+    """The newest checkpoint whose files match their manifest; damaged ones are reported and skipped."""
+    for folder in reversed(list_complete(root)):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        print(f"tunelab: skipping damaged checkpoint {folder} ({problem})")
+    return None
+
+
+def load(folder: Path, model, optimizer) -> dict:
+    """Restore trainable weights, optimizer moments and RNG; return state.json."""
+    problem = verify(folder)
+    if problem:
+        raise TunelabError(f"checkpoint {folder}: {problem}; delete it to resume from an older one")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    weights = load_file(folder / "weights.safetensors")
+    if set(weights) != set(params):
+        missing = sorted(set(params) - set(weights))[:3]
+        raise TunelabError(
+            f"checkpoint {folder} does not match this run's trainable parameters (e.g. {missing}); "
+            "resume with the same config it was written with"
+        )
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    by_name = {n: p for n, p in params.items()}
+    for key, t in load_file(folder / "optimizer.safetensors").items():
+        name, k = key.split("::")
+        p = by_name[name]
+        optimizer.state[p][k] = t.to(p.device) if k != "step" else t
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((folder / "state.json").read_text())

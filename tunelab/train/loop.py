@@ -1,0 +1,267 @@
+"""The training loop, one for every method: accumulate, clip, step, schedule, log, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tunelab.errors import TunelabError
+from tunelab.train import checkpoint
+from tunelab.train.loss import IGNORE, causal_lm_loss_sum
+
+
+class _LossModule(nn.Module):
+    """Wraps a causal LM so that DDP sees the loss computation as its forward."""
+
+    def __init__(self, model, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, batch):
+        return causal_lm_loss_sum(self.model, batch, self.chunk)
+
+
+def collate(examples: list[dict], pad_id: int, device) -> dict:
+    """Right-pad to the longest example: input pad_id, labels -100, attention mask 0 on padding."""
+    T = max(len(e["input_ids"]) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    pos = torch.arange(T).repeat(B, 1)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+        if "position_ids" in e:
+            pos[i, :n] = torch.tensor(e["position_ids"])
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    if not bool(mask.all()):  # no mask at all lets attention take its fastest path
+        batch["attention_mask"] = mask
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup - 1)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(x: float | int, device) -> float:
+    rank, world = _world()
+    if world == 1:
+        return float(x)
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _nonfinite_groups(optimizer) -> list[str]:
+    bad = []
+    for i, g in enumerate(optimizer.param_groups):
+        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in g["params"]):
+            bad.append(g.get("name", f"group {i}"))
+    return bad
+
+
+def _plot(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, chunk: int,
+                  max_batches: int | None = None) -> float:
+    """Mean next-token loss (nats per label token) over the examples, in a fixed order."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    starts = list(range(0, len(examples), batch_size))[:max_batches]
+    for i in starts:
+        batch = collate(examples[i : i + batch_size], pad_id, device)
+        with _autocast(device):
+            s, n = causal_lm_loss_sum(model, batch, chunk)
+        total, count = total + float(s), count + n
+    model.train(was_training)
+    total, count = _all_sum(total, device), _all_sum(count, device)
+    return total / max(count, 1)
+
+
+def _tensorboard(out_dir: Path):
+    """TensorBoard event files beside metrics.jsonl when the optional `tensorboard` package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _autocast(device):
+    # bf16 autocast on CUDA; on CPU fp32 is the fast path (bf16 matmul is slow there)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir: Path, *, param_groups,
+               pad_id: int, resume: bool = False, device=None, progress: bool = True) -> dict:
+    """Train `model` on tokenized examples; cfg is a TrainConfig. Returns a summary of the run.
+
+    Examples are dicts of input_ids / labels (-100 = no loss) / optional position_ids. The example order of
+    step s is a function of (seed, s) alone, so a resumed run sees exactly the batches it would have seen.
+    """
+    rank, world = _world()
+    device = device or next(model.parameters()).device
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = len(train_set) // global_batch
+    if steps_per_epoch == 0:
+        raise TunelabError(
+            f"{len(train_set)} training examples are fewer than one global batch of {global_batch} "
+            "(train.batch_size x train.grad_accum x processes): lower train.batch_size or add data"
+        )
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    metrics_path = out_dir / "metrics.jsonl"
+
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for g in optimizer.param_groups:
+        g["initial_lr"] = g["lr"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    net = _LossModule(model, cfg.loss_chunk_tokens)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start = 0
+    torch.manual_seed(cfg.seed)
+    if resume:
+        last = checkpoint.latest(ckpt_root)
+        if last is None:
+            print(f"tunelab: resume=true but no complete checkpoint in {ckpt_root}: starting from step 0")
+        else:
+            start = checkpoint.load(last, model, optimizer)["step"]
+            if rank == 0:
+                print(f"tunelab: resumed from {last} (step {start} of {total_steps})")
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if start and metrics_path.exists():  # drop records past the checkpoint: the curve continues, not repeats
+            kept = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+
+    def order(epoch: int) -> torch.Tensor:
+        return torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+
+    def micro_batches(step: int) -> list[dict]:
+        epoch, k = divmod(step, steps_per_epoch)
+        idx = order(epoch)[k * global_batch : (k + 1) * global_batch]
+        mine = idx[rank * cfg.batch_size * cfg.grad_accum : (rank + 1) * cfg.batch_size * cfg.grad_accum]
+        chunks = mine.split(cfg.batch_size)
+        return [collate([train_set[int(i)] for i in c], pad_id, device) for c in chunks]
+
+    log = open(metrics_path, "a") if rank == 0 else None
+    tb = _tensorboard(out_dir) if rank == 0 else None
+    bar = None
+    if rank == 0 and progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    t0, tokens_seen, last_eval, ckpt = time.time(), 0, None, None
+    model.train()
+    for step in range(start, total_steps):
+        factor = lr_factor(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        batches = micro_batches(step)
+        n_global = _all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches), device)
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            sync = world == 1 or i == len(batches) - 1
+            with (nullcontext() if sync else net.no_sync()), _autocast(device):
+                s, _ = net(batch)
+                # sum over tokens / global token count = mean over the global batch; DDP averages ranks
+                (s * (world / max(n_global, 1))).backward()
+            loss_sum += float(s.detach())
+            tokens_seen += int(batch["input_ids"].numel()) * world
+        loss = _all_sum(loss_sum, device) / max(n_global, 1)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        if not (math.isfinite(loss) and torch.isfinite(norm)):
+            bad = _nonfinite_groups(optimizer) or ["(the loss itself)"]
+            where = f"step {step + 1}: loss {loss}, non-finite gradients in {', '.join(bad)}"
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.on_nonfinite == "stop":
+                kept = f"; last good checkpoint: {ckpt}" if ckpt else ""
+                raise TunelabError(f"{where}; stopped{kept} (train.on_nonfinite=skip skips such steps)")
+            print(f"tunelab: {where}; step skipped")
+            record = {"step": step + 1, "skipped": "non-finite"}
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.time() - t0
+            record = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                      "grad_norm": float(norm), "tokens": tokens_seen, "tok_per_s": tokens_seen / elapsed}
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 or done == total_steps:
+            if eval_set:
+                last_eval = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, device,
+                                          cfg.loss_chunk_tokens, cfg.eval_batches)
+                record["eval_loss"] = last_eval
+        if log and (done % cfg.log_every == 0 or "eval_loss" in record or done == total_steps):
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            for k, v in record.items():
+                if tb and k != "step" and isinstance(v, float):
+                    tb.add_scalar(k, v, done)
+        if bar:
+            bar.update(1)
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss", "tok_per_s") if k in record})
+        if cfg.save_every and done % cfg.save_every == 0 or done == total_steps:
+            if rank == 0:
+                ckpt = checkpoint.save(ckpt_root, done, model, optimizer,
+                                       {"total_steps": total_steps, "loss": record.get("loss")}, cfg.keep_last)
+            if world > 1:
+                dist.barrier()
+    if bar:
+        bar.close()
+    if tb:
+        tb.close()
+    if log:
+        log.close()
+        _plot(metrics_path, out_dir / "loss.png")
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()] if rank == 0 else []
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {"steps": total_steps, "start_step": start, "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "eval_loss": last_eval,
+            "seconds": time.time() - t0, "tokens": tokens_seen}

@@ -1,0 +1,139 @@
+"""A whole training run from a RunConfig: model -> method -> data -> loop -> outputs beside the config."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from tunelab.config import RunConfig, dump_config
+from tunelab.errors import TunelabError
+from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, resolve_dtype
+from tunelab.train.checkpoint import atomic_folder
+from tunelab.train.loop import train_loop
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TunelabError("train.device=cuda but no CUDA GPU is visible: use train.device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> None:
+    """Under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def build_model(cfg: RunConfig, device: torch.device):
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    if cfg.model.source == "scratch":
+        tok_src = cfg.model.scratch.tokenizer
+        if tok_src == "bundled":
+            from tunelab.models.bundled import tokenizer_dir
+
+            tok_src = tokenizer_dir()
+        tok = load_tokenizer(tok_src)
+        model = from_scratch(cfg.model.scratch, tok, dtype, cfg.train.seed)
+    else:
+        model, tok = load_pretrained(cfg.model.source, dtype, cfg.model.trust_remote_code)
+    return model, tok
+
+
+def _decay_groups(named_params, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not norms and biases), the usual AdamW practice."""
+    decay = [p for n, p in named_params if p.ndim >= 2]
+    rest = [p for n, p in named_params if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay, "name": "decay"},
+                        {"params": rest, "weight_decay": 0.0, "name": "no_decay"}) if g["params"]]
+
+
+def _freeze_patterns(model, cfg) -> list[str]:
+    layer_ids = {int(m.group(1)) for n, _ in model.named_parameters() if (m := re.search(r"layers\.(\d+)\.", n))}
+    last = sorted(layer_ids)[-cfg.train.train_last_layers:] if cfg.train.train_last_layers else []
+    return [rf"layers\.{i}\." for i in last] + [r"(^|\.)norm\.weight$"] + list(cfg.train.trainable)
+
+
+def prepare_method(model, cfg: RunConfig) -> list[dict]:
+    """Freeze / quantize / add adapters as the method says; return AdamW parameter groups."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return _decay_groups(list(model.named_parameters()), cfg.train.weight_decay)
+    if cfg.method == "freeze":
+        patterns = [re.compile(p) for p in _freeze_patterns(model, cfg)]
+        named = []
+        for n, p in model.named_parameters():
+            p.requires_grad_(any(r.search(n) for r in patterns))
+            if p.requires_grad:
+                named.append((n, p))
+        if not named:
+            raise TunelabError("method=freeze: no parameter matches train.train_last_layers / train.trainable")
+        return _decay_groups(named, cfg.train.weight_decay)
+    from tunelab.lora import LoraConfig, apply_lora, lora_param_groups
+
+    if cfg.method == "qlora":
+        from tunelab.quant import quantize_model
+
+        q = cfg.quant
+        quantize_model(model, dtype=q.dtype, block_size=q.block_size, double_quant=q.double_quant)
+    lcfg = cfg.lora.model_dump()
+    ratio = lcfg.pop("loraplus_ratio")
+    apply_lora(model, LoraConfig(**lcfg))
+    return lora_param_groups(model, cfg.train.lr, cfg.train.weight_decay, ratio)
+
+
+def save_outputs(model, tok, cfg: RunConfig, out: Path) -> Path:
+    """lora/qlora: a PEFT-layout adapter; full/freeze: a Hugging Face folder. Both written atomically."""
+    if cfg.method in ("lora", "qlora"):
+        from tunelab.lora import save_adapter
+
+        dest = out / "adapter"
+        save_adapter(model, dest)
+    else:
+        dest = out / "model"
+
+        def write(tmp: Path):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+
+        atomic_folder(dest, write)
+    return dest
+
+
+def run_training(cfg: RunConfig, progress: bool = True, model=None):
+    """Train as `cfg` says; returns (summary, trained model). `model=(model, tokenizer)` skips loading."""
+    device = pick_device(cfg.train.device)
+    init_distributed(device)
+    rank = int(os.environ.get("RANK", "0"))
+    torch.manual_seed(cfg.train.seed)
+    model, tok = model or build_model(cfg, device)
+    from tunelab.data import build_datasets
+
+    train_set, eval_set = build_datasets(cfg.data, tok, cfg.train.seq_len, cfg.train.seed)
+    groups = prepare_method(model, cfg)
+    model.to(device)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
+                         pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress)
+    if rank == 0:
+        summary["output"] = str(save_outputs(model, tok, cfg, out))
+        summary["method"] = cfg.method
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary, model
