@@ -392,8 +392,25 @@ def generate_items(families: list[str], n: int, seed: int, template: int | None 
     return items
 
 
+def check_contains(output: str, item: Item) -> float:
+    """1.0 when the normalised answer appears in the normalised output as whole words."""
+    want = normalize(item.answer)
+    return float(bool(want) and re.search(rf"(?<!\w){re.escape(want)}(?!\w)", normalize(output)) is not None)
+
+
+# Checkers by name, for user items (JSONL "check" field) that belong to no built-in family.
+CHECKERS: dict[str, Checker] = {
+    "exact": _exact(), "exact_case": _exact(case_sensitive=True), "contains": check_contains,
+    "words": _word_list(), "json": check_json_fields, "key_values": check_key_values,
+}
+
+
 def score(output: str, item: Item) -> float:
-    """The item's family checker applied to one model output: a score in [0, 1]."""
+    """The item's checker applied to one model output: a score in [0, 1].
+
+    The checker is meta["check"] (a CHECKERS name) when set, else the item's family's checker."""
+    if "check" in item.meta:
+        return CHECKERS[item.meta["check"]](output, item)
     return _family(item.family).check(output, item)
 
 
@@ -419,13 +436,10 @@ def score_outputs(items: list[Item], outputs: list[str]) -> dict:
     }
 
 
-def evaluate_items(model, tokenizer, items: list[Item], batch_size: int = 16,
-                   max_new_tokens: int | None = None, system: str | None = None) -> dict:
-    """Greedy-generate an answer for every item and score it.
-
-    Returns {"accuracy", "per_family": {family: mean score}, "scores", "outputs", "n", "seconds",
-    "items_per_s"}. "accuracy" is the mean checker score (exact-match families give 0/1 per item).
-    """
+def answer_items(model, tokenizer, items: list[Item], batch_size: int = 16, max_new_tokens: int | None = None,
+                 system: str | None = None) -> dict:
+    """Greedy outputs for items (any suite's), timed: {"outputs", "n", "seconds", "items_per_s"}.
+    The default budget is the longest canonical answer in tokens plus slack."""
     from tunelab.eval.generate import generate
 
     if not items:
@@ -435,5 +449,37 @@ def evaluate_items(model, tokenizer, items: list[Item], batch_size: int = 16,
     outputs = generate(model, tokenizer, [it.prompt for it in items], max_new_tokens=budget,
                        batch_size=batch_size, system=system)
     seconds = time.perf_counter() - t0
-    return {**score_outputs(items, outputs), "outputs": outputs, "n": len(items), "seconds": seconds,
-            "items_per_s": len(items) / seconds}
+    return {"outputs": outputs, "n": len(items), "seconds": seconds, "items_per_s": len(items) / seconds}
+
+
+def evaluate_items(model, tokenizer, items: list[Item], batch_size: int = 16,
+                   max_new_tokens: int | None = None, system: str | None = None) -> dict:
+    """Greedy-generate an answer for every task item and score it with its checker.
+
+    Returns {"accuracy", "per_family": {family: mean score}, "scores", "outputs", "n", "seconds",
+    "items_per_s"}. "accuracy" is the mean checker score (exact-match families give 0/1 per item).
+    """
+    r = answer_items(model, tokenizer, items, batch_size, max_new_tokens, system)
+    return {**score_outputs(items, r["outputs"]), **r}
+
+def evaluate_sensitivity(model, tokenizer, families: list[str], n: int, seed: int, batch_size: int = 16) -> dict:
+    """Prompt sensitivity: the same `n` items per family under each of the family's templates.
+
+    Returns {"per_template": {family: [accuracy under template t]}, "mean": accuracy over all templates,
+    "spread": mean over families of (best - worst template accuracy), "items_per_s"}. The spread is the
+    sensitivity: 0 means the wording of the instruction does not matter.
+    """
+    n_templates = min(len(_family(f).templates) for f in families)
+    per_template: dict[str, list[float]] = {f: [] for f in families}
+    seconds = count = 0
+    for t in range(n_templates):
+        r = evaluate_items(model, tokenizer, generate_items(families, n, seed, template=t), batch_size)
+        seconds, count = seconds + r["seconds"], count + r["n"]
+        for f in families:
+            per_template[f].append(r["per_family"][f])
+    return {
+        "per_template": per_template,
+        "mean": sum(sum(v) for v in per_template.values()) / (len(families) * n_templates),
+        "spread": sum(max(v) - min(v) for v in per_template.values()) / len(families),
+        "items_per_s": count / seconds,
+    }
