@@ -1,0 +1,163 @@
+"""A frozen 4-bit linear layer (QLoRA's base layer) and `quantize_model`, which swaps them in.
+
+The layer keeps only the packed weight. Its autograd function dequantizes W in forward, computes
+x @ W^T + b, and lets W go; backward dequantizes W again to give the input gradient grad @ W. So no
+full-precision copy of the weight lives between forward and backward, and W gets no gradient (frozen).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.quant.tensor import QuantError, QuantizedTensor, quantize
+
+
+class _DequantLinear(torch.autograd.Function):
+    """y = x @ dequant(W)^T + b; saves the QuantizedTensor (packed), never the dequantized W."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, qweight: QuantizedTensor,
+                compute_dtype: torch.dtype | None):
+        dtype = compute_dtype or x.dtype
+        ctx.qweight, ctx.dtype, ctx.has_bias = qweight, dtype, bias is not None
+        w = qweight.dequantize(dtype)  # (out, in), freed when forward returns
+        return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.qweight.dequantize(ctx.dtype)  # recomputed: (out, in)
+            grad_x = grad_out.to(ctx.dtype) @ w  # (..., out) @ (out, in) -> (..., in)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer whose weight is stored blockwise in 4 bits (nf4 / fp4).
+
+    state_dict() uses bitsandbytes' Linear4bit keys (weight, weight.absmax, weight.quant_map,
+    [weight.nested_absmax, weight.nested_quant_map,] weight.quant_state.bitsandbytes__nf4, bias), and
+    load_state_dict() reads them, so checkpoints move both ways.
+    """
+
+    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise QuantError(f"Linear4bit needs a 2-D (out, in) weight, got shape {tuple(qweight.shape)}")
+        self.qweight = qweight
+        self.out_features, self.in_features = qweight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: str = "nf4", block_size: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> "Linear4bit":
+        """Quantize an nn.Linear's weight (on its device) into a new frozen Linear4bit."""
+        if dtype not in ("nf4", "fp4", "int4"):
+            raise QuantError(f"Linear4bit stores 4-bit weights (nf4, fp4, int4), not {dtype!r}")
+        qweight = quantize(linear.weight.detach(), dtype, block_size=block_size, double_quant=double_quant)
+        return cls(qweight, linear.bias, compute_dtype)
+
+    # ---- facts ---------------------------------------------------------------------------------
+    @property
+    def quant_type(self) -> str:
+        return self.qweight.quant_type
+
+    @property
+    def block_size(self) -> int:
+        return self.qweight.block_size
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed uint8 codes (bitsandbytes' `weight` tensor): tells device, not meant for math."""
+        return self.qweight.data
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight and its quantization state (bias not included)."""
+        return self.qweight.nbytes
+
+    def extra_repr(self) -> str:
+        dq = "+dq" if self.qweight.double_quant else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self.quant_type}{dq}, block_size={self.block_size}")
+
+    # ---- math ----------------------------------------------------------------------------------
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight (out, in) in `dtype` (default: the original weight's dtype)."""
+        return self.qweight.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantLinear.apply(x, self.bias, self.qweight, self.compute_dtype)
+
+    # ---- moving and saving ---------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # Device moves only: .half()/.float() must not touch the fp32 scales. The packed uint8 codes are
+        # unaffected by float casts, so applying fn to them tells where the module is going.
+        super()._apply(fn, recurse)
+        self.qweight = self.qweight.to(fn(self.qweight.data).device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        sd = self.qweight.to_bnb_state_dict(prefix)
+        destination[prefix + "weight"] = sd.pop(prefix + "weight")
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias, after weight as in bitsandbytes
+        destination.update(sd)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        ours = {k: state_dict[k] for k in state_dict if k == key or k.startswith(key + ".")}
+        if key in ours:
+            try:
+                qweight = QuantizedTensor.from_bnb_state_dict(ours, prefix)
+            except QuantError as e:
+                error_msgs.append(str(e))
+            else:
+                if tuple(qweight.shape) != (self.out_features, self.in_features):
+                    error_msgs.append(f"{key}: shape {tuple(qweight.shape)} in the checkpoint, "
+                                      f"{(self.out_features, self.in_features)} in the model")
+                else:
+                    self.qweight = qweight.to(self.qweight.device)
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k not in ours}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    """`skip` entries match a module's full dotted name or its trailing part ("lm_head", "mlp.down_proj")."""
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_model(model: nn.Module, dtype: str = "nf4", block_size: int = 64, double_quant: bool = True,
+                   skip: tuple[str, ...] = ("lm_head",), compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every nn.Linear (except names matching `skip`) by a frozen Linear4bit, in place.
+
+    The full-precision weights are dropped as each layer is replaced. Returns `model`.
+    """
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and not _skipped(name, tuple(skip))]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Linear4bit.from_linear(linear, dtype, block_size, double_quant, compute_dtype))
+        linear.weight = None  # release the fp weight even if someone still holds the old module
+    return model
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of a model's weights as stored: parameters, buffers and packed 4-bit weights (shared counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total + sum(m.nbytes for m in model.modules() if isinstance(m, Linear4bit))
