@@ -1,0 +1,57 @@
+"""`tunelab eval` end to end on a tiny saved model: every suite, report files, user JSONL, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.cli import main
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_llama, tiny_tokenizer):
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_eval_all_suites_writes_report(tiny_folder, tmp_path):
+    out = tmp_path / "report"
+    assert main(["eval", str(tiny_folder), "--suite", "all", "--n", "2", "--out", str(out)]) == 0
+    for name in ("report.md", "report.html", "report.png", "results.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["base"]
+    assert set(results["base"]) == {"tasks", "sensitivity", "ppl", "hallucination", "injection"}
+    m = results["base"]["tasks"]["metrics"]
+    assert 0 <= m["held-out families"] <= 1 and "family sort_words" in m
+    assert results["base"]["ppl"]["metrics"]["ppl python-docs"] > 100  # a random model is near-uniform over 512
+    md = (out / "report.md").read_text()
+    assert "## injection" in md and "attack success rate" in md and "| metric | base |" in md
+    assert "<table>" in (out / "report.html").read_text()
+
+
+def test_eval_reads_user_jsonl(tiny_folder, tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hi", "answer": "hi", "check": "contains"}) + "\n"
+                    + json.dumps({"prompt": "2+2?", "answer": "4", "family": "math"}) + "\n")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "The class statement defines a class.", "source": "a"}) + "\n")
+    out = tmp_path / "r"
+    assert main(["eval", str(tiny_folder), "--suite", "tasks", "--suite", "ppl", "--data", f"tasks={data}",
+                 "--data", f"ppl={texts}", "--out", str(out)]) == 0
+    m = json.loads((out / "results.json").read_text())["base"]
+    assert set(m["tasks"]["metrics"]) == {"accuracy", "family user", "family math"}
+    assert set(m["ppl"]["metrics"]) == {"ppl a", "tokens a"}
+
+
+def test_eval_bad_inputs_are_one_line_errors(tiny_folder, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    assert main(["eval", str(tiny_folder), "--data", f"tasks={bad}", "--out", str(tmp_path / "o")]) == 2
+    assert f"{bad}:1: the tasks suite needs a non-empty string field 'answer'" in capsys.readouterr().err
+    assert main(["eval", str(tiny_folder), "--data", "nosuch"]) == 2
+    assert "SUITE=FILE.jsonl" in capsys.readouterr().err
+    assert main(["eval", str(tiny_folder), "--skip-base"]) == 2

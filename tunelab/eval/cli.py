@@ -1,0 +1,113 @@
+"""`tunelab eval SOURCE`: run the evaluation suites and write a side-by-side report (base vs tuned).
+
+SOURCE is a training run folder (its config.yaml names the base model; its adapter/ or model/ is the tuned
+one), a Hugging Face model folder, a .gguf file, or `bundled`. With a plain model, `--adapter DIR` adds
+the tuned column (the adapter loaded on top of that model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SUITE_CHOICES = ("tasks", "sensitivity", "ppl", "hallucination", "injection", "all")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("source", metavar="RUN_OR_MODEL", help="run folder, HF model folder, .gguf file, or `bundled`")
+    p.add_argument("--suite", action="append", choices=SUITE_CHOICES,
+                   help="suite to run (repeatable; default: tasks). `all` runs every suite")
+    p.add_argument("--adapter", help="a PEFT-layout LoRA adapter folder to evaluate on top of the model")
+    p.add_argument("--n", type=int, default=20, help="items per family / per kind / documents (default 20)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the built-in items (default 1234)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--data", action="append", default=[], metavar="SUITE=FILE.jsonl",
+                   help="your own data for a suite instead of the built-in items (schemas: docs/eval.md)")
+    p.add_argument("--skip-base", action="store_true", help="evaluate only the tuned model of a run/adapter")
+    p.add_argument("--out", help="report folder (default: RUN/eval for a run, else eval-report)")
+
+
+def _parse_data(items: list[str]) -> dict[str, str]:
+    from tunelab.errors import TunelabError
+
+    data = {}
+    for item in items:
+        suite, sep, path = item.partition("=")
+        if not sep or suite not in SUITE_CHOICES[:-1]:
+            raise TunelabError(f"--data {item!r}: write SUITE=FILE.jsonl with SUITE one of {', '.join(SUITE_CHOICES[:-1])}")
+        data[suite] = path
+    return data
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
+
+
+def _tuned_from_run(run: Path, base_model):
+    """The run's tuned model: its model/ folder, or the base with the run's method (e.g. 4-bit + LoRA) and adapter."""
+    from tunelab.config import load_config
+    from tunelab.models.load import load_pretrained
+
+    if (run / "model").is_dir():
+        return load_pretrained(str(run / "model"))[0]
+    from tunelab.lora import load_adapter
+    from tunelab.train.run import prepare_method
+
+    prepare_method(base_model, load_config(run / "config.yaml"))  # quantize (qlora) and add empty LoRA layers
+    return load_adapter(base_model, run / "adapter", verbose=False)
+
+
+def run(args) -> int:
+    import torch
+
+    from tunelab.errors import TunelabError
+    from tunelab.eval.report import write_report
+    from tunelab.eval.suites import SUITES, run_suites
+    from tunelab.models.load import load_pretrained
+
+    suites = list(SUITES) if "all" in (args.suite or []) else list(dict.fromkeys(args.suite or ["tasks"]))
+    data = _parse_data(args.data)
+    src = Path(args.source)
+    run_dir = src if _is_run(src) else None
+    if run_dir is not None and args.adapter:
+        raise TunelabError(f"{src} is a run folder (it has its own adapter or model); drop --adapter")
+    if args.skip_base and run_dir is None and not args.adapter:
+        raise TunelabError("--skip-base needs a run folder or --adapter (otherwise there is nothing left to evaluate)")
+    if run_dir is not None:
+        from tunelab.config import load_config
+
+        base_source = load_config(run_dir / "config.yaml").model.source
+    else:
+        base_source = args.source
+    out = Path(args.out) if args.out else (run_dir / "eval" if run_dir else Path("eval-report"))
+    torch.manual_seed(0)
+    model, tok = load_pretrained(base_source)
+
+    def evaluate(label: str, m) -> dict:
+        print(f"tunelab eval: {label}: suites {', '.join(suites)}")
+        return run_suites(m, tok, suites, args.n, args.seed, args.batch_size, data)
+
+    results = {}
+    if not args.skip_base:
+        results["base"] = evaluate("base", model)
+    if run_dir is not None:
+        results["tuned"] = evaluate("tuned", _tuned_from_run(run_dir, model))
+    elif args.adapter:
+        from tunelab.lora import load_adapter
+
+        results["tuned"] = evaluate("tuned", load_adapter(model, args.adapter, verbose=False))
+    tuned_from = f"; tuned: {run_dir or args.adapter}" if "tuned" in results else ""
+    notes = [f"Command: `tunelab eval {' '.join(_argv(args))}`",
+             f"Base model: {base_source}{tuned_from}. Seed {args.seed}, n={args.n}, greedy decoding."]
+    path = write_report(results, out, f"tunelab eval: {', '.join(suites)}", notes)
+    print(path.read_text())
+    print(f"tunelab eval: wrote {path}, {out / 'report.html'}, {out / 'report.png'}, {out / 'results.json'}")
+    return 0
+
+
+def _argv(args) -> list[str]:
+    """The command line back from parsed args (for the report)."""
+    parts = [args.source] + [f"--suite {s}" for s in args.suite or []]
+    parts += [f"--{k.replace('_', '-')} {v}" for k, v in (("adapter", args.adapter), ("n", args.n), ("seed", args.seed),
+                                                          ("batch_size", args.batch_size), ("out", args.out)) if v]
+    parts += [f"--data {d}" for d in args.data] + (["--skip-base"] if args.skip_base else [])
+    return parts
