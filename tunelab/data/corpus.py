@@ -46,7 +46,6 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-@functools.lru_cache(maxsize=None)
 def _parse(path: Path) -> tuple[str, ast.Module] | None:
     try:
         source = path.read_text(encoding="utf-8")
@@ -122,9 +121,15 @@ def _pydoc_topics() -> list[dict]:
 def local_corpus(kind: str, seed: int = 0, max_docs: int | None = None) -> list[dict]:
     """Records of one local kind (`code`, `prose`, `qa`) in a seeded random order; every record has
     "text" and "path" (qa records also "prompt" and "response"). `max_docs` stops early, which is fast:
-    files are visited in the seeded order and parsed only until enough records are found."""
+    files are visited in the seeded order and parsed only until enough records are found. (The full qa
+    corpus parses every file, ~10 s once per process; results are cached.)"""
     if kind not in KINDS:
         raise TunelabError(f"unknown local corpus kind {kind!r}: use one of {', '.join(KINDS)} (e.g. local:code)")
+    return [dict(r) for r in _local_corpus(kind, seed, max_docs)]
+
+
+@functools.lru_cache(maxsize=8)
+def _local_corpus(kind: str, seed: int, max_docs: int | None) -> tuple[dict, ...]:
     files = stdlib_files()
     random.Random(seed).shuffle(files)
     extract = {"code": _code, "prose": _prose, "qa": _qa}[kind]
@@ -135,4 +140,4 @@ def local_corpus(kind: str, seed: int = 0, max_docs: int | None = None) -> list[
         records += extract(f)
     records = records[:max_docs]
     random.Random(seed + 2).shuffle(records)  # qa pairs come grouped by module; spread them
-    return records
+    return tuple(records)
