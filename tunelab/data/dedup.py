@@ -2,7 +2,7 @@
 
 Exact: a 128-bit BLAKE2 hash of the normalised text (NFKC, lower case, whitespace collapsed).
 Near: MinHash signatures over character 5-grams of the normalised text, indexed by datasketch's
-MinHashLSH; an LSH candidate counts as a duplicate only if its estimated Jaccard similarity is >= the
+MinHashLSH (banding tuned for recall); an LSH candidate counts as a duplicate only if its estimated Jaccard similarity is >= the
 threshold. Character shingles (not word 5-grams) keep a few changed words from breaking the match: one
 changed word alters ~len(word)+4 of a document's shingles, where it would alter 5 word 5-grams.
 
@@ -99,7 +99,9 @@ class NearDedup:
 
         self.threshold = threshold
         self.hasher = MinHasher(num_perm, seed)
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # Weight false negatives 9x false positives when choosing bands x rows (14 x 9 at 0.8): LSH's
+        # false candidates are cheap, the signature check below drops them; a missed pair is lost for good.
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
         self.signatures: list[np.ndarray] = []
 
     def _check_and_add(self, sig: np.ndarray) -> int | None:
