@@ -18,7 +18,7 @@ from tunelab.data.filters import FilterReport, QualityFilter, truncated_response
 from tunelab.data.mixture import SourceStats, SourceStream, iter_texts, mix
 from tunelab.data.packing import pack, padded
 from tunelab.data.sources import iter_rows
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError, DataError, TunelabError
 
 
 @dataclass
@@ -90,6 +90,11 @@ def build(cfg: DataConfig, tokenizer, seq_len: int, seed: int | None = None) -> 
     else:
         rows = lambda docs: list(padded(docs, seq_len))  # noqa: E731
     train, eval_ = rows(train_docs), rows(eval_docs)
+    if not train:
+        raise TunelabError(
+            f"no training rows: filters removed {report.filters.removed} of {report.filters.seen} records and "
+            f"{len(report.skipped)} bad rows were skipped" + (f" (e.g. {report.skipped[0]})" if report.skipped else "")
+        )
     report.train_rows, report.eval_rows = len(train), len(eval_)
     report.train_tokens = sum(len(ids) for ids, _ in train_docs)
     return Built(train, eval_, report)
