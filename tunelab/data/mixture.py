@@ -23,7 +23,7 @@ from tunelab.data.filters import QualityFilter
 from tunelab.data.sources import field_text, iter_rows
 from tunelab.errors import DataError
 
-SHUFFLE_BUFFER = 4096
+SHUFFLE_BUFFER = 512  # documents held for the streaming shuffle (files are often large: code)
 TOKENIZE_BATCH = 64           # documents per tokenizer call (the Rust tokenizer threads over a batch)
 TOKENIZE_BATCH_CHARS = 1 << 17  # ... but no more text than this, so a draw never tokenizes far ahead
 
