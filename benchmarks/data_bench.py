@@ -25,19 +25,23 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 
-def _median_time(fn, repeats):
-    times = []
+def _median_times(fn, repeats):
+    """Median (wall, CPU) seconds over repeats. CPU seconds of this process are core-seconds: with the
+    tokenizer on one thread they measure throughput per core even while other jobs load the machine."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        w, c = time.perf_counter(), time.process_time()
+        _median_times.last = fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def throughput(repeats: int) -> None:
     from transformers import AutoTokenizer
 
     from tunelab.data import DataConfig, FilterConfig, SourceConfig, build
+    from tunelab.data.build import batch_encoder
     from tunelab.data.corpus import local_corpus
     from tunelab.data.filters import QualityFilter
     from tunelab.data.packing import pack
@@ -50,33 +54,37 @@ def throughput(repeats: int) -> None:
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     print(f"text: {len(texts)} documents, {mb:.2f} MB (local corpus: code, prose, qa)")
 
+    encode = batch_encoder(tok)
+
     def tokenize():
-        return tok(texts, add_special_tokens=False)["input_ids"]
+        return encode(texts)
 
     def filt():
         qf = QualityFilter(FilterConfig())
         return [t for t in texts if qf.keep(t)]
 
-    t_tok, ids = _median_time(tokenize, repeats)
-    t_filt, _ = _median_time(filt, repeats)
-    t_pack, rows = _median_time(lambda: list(pack(((d, d) for d in ids), 2048, 0)), repeats)
-    total = t_tok + t_filt + t_pack
-    print(f"  tokenize        {t_tok:6.2f} s  {mb / t_tok:6.2f} MB/s")
-    print(f"  filter (all on) {t_filt:6.2f} s  {mb / t_filt:6.2f} MB/s")
-    print(f"  pack 2048       {t_pack:6.2f} s  {mb / t_pack:6.2f} MB/s")
-    print(f"  stages summed   {total:6.2f} s  {mb / total:6.2f} MB/s per core")
+    stages = {}
+    for name, fn in [("tokenize", tokenize), ("filter (all on)", filt),
+                     ("pack 2048", lambda: list(pack(((d, d) for d in ids), 2048, 0)))]:
+        stages[name] = _median_times(fn, repeats)
+        if name == "tokenize":
+            ids = _median_times.last
+    print(f"  {'stage':<16} {'wall s':>7} {'MB/s':>6} {'CPU s':>7} {'MB per CPU-s':>12}")
+    for name, (wall, cpu) in stages.items():
+        print(f"  {name:<16} {wall:7.2f} {mb / wall:6.2f} {cpu:7.2f} {mb / cpu:12.2f}")
+    wall, cpu = (sum(v[i] for v in stages.values()) for i in (0, 1))
+    print(f"  {'all three':<16} {wall:7.2f} {mb / wall:6.2f} {cpu:7.2f} {mb / cpu:12.2f}   <- per core: MB per CPU-second")
 
     tokens = sum(map(len, ids))
     cfg = DataConfig(task="pretrain", max_tokens=tokens, eval_fraction=0.0, sources=[
         SourceConfig(name="code", path="local:code", kind="code", weight=0.6),
         SourceConfig(name="prose", path="local:prose", kind="web", weight=0.4)])
     # End to end: read, filter (every text read ahead in the shuffle buffer), tokenize, mix, pack.
-    t = time.perf_counter()
-    built = build(cfg, tok, 2048)
-    t_build = time.perf_counter() - t
-    drawn = built.report.train_tokens
-    print(f"  build() end to end: {drawn} tokens in {t_build:.2f} s = {drawn / t_build / 1e3:.0f}k tokens/s "
-          f"(~{drawn * mb / tokens / t_build:.2f} MB/s at this text's {mb * 1e6 / tokens:.2f} bytes/token)")
+    t_build, c_build = _median_times(lambda: build(cfg, tok, 2048), 1)
+    drawn = _median_times.last.report.train_tokens
+    mb_drawn = drawn * mb / tokens  # at this text's bytes per token
+    print(f"  build() end to end: {drawn} tokens (~{mb_drawn:.2f} MB) in {t_build:.2f} s wall, {c_build:.2f} CPU s "
+          f"= {mb_drawn / c_build:.2f} MB per CPU-second")
 
 
 def near_dedup(n_docs: int, repeats: int) -> None:
@@ -95,30 +103,36 @@ def near_dedup(n_docs: int, repeats: int) -> None:
         docs[i] = " ".join(w)
     chars = sum(map(len, docs))
     print(f"near-dedup: {n_docs} documents of 20-60 words ({chars / n_docs:.0f} chars avg), {n_near} planted")
-    t_sig1, _ = _median_time(lambda: MinHasher().signatures(docs, workers=1), repeats)
-    t_sig, _ = _median_time(lambda: MinHasher().signatures(docs, workers=2), repeats)
-    print(f"  ours: signatures on 1 thread {t_sig1:.2f} s, on 2 threads {t_sig:.2f} s")
-    t_all, removed = _median_time(lambda: near_duplicates(docs, 0.8), repeats)
-    print(f"  ours: signatures (2 threads) + LSH bands {t_all:.2f} s wall; removed {len(removed)} (planted {n_near})")
+    t_sig1, c_sig1 = _median_times(lambda: MinHasher().signatures(docs, workers=1), repeats)
+    t_sig, c_sig = _median_times(lambda: MinHasher().signatures(docs, workers=2), repeats)
+    print(f"  ours: signatures on 1 thread {t_sig1:.2f} s wall ({c_sig1:.2f} CPU s), "
+          f"on 2 threads {t_sig:.2f} s wall ({c_sig:.2f} CPU s)")
+    t_all, c_all = _median_times(lambda: near_duplicates(docs, 0.8), repeats)
+    removed = _median_times.last
+    print(f"  ours: signatures (2 threads) + LSH bands {t_all:.2f} s wall, {c_all:.2f} CPU s; "
+          f"removed {len(removed)} (planted {n_near})")
     k = 5000
     def reference():
         for d in docs[:k]:
             b = normalise(d).encode()
             MinHash(num_perm=128).update_batch([b[i:i + SHINGLE] for i in range(len(b) - SHINGLE + 1)])
-    t_ref, _ = _median_time(reference, 1)
-    print(f"  datasketch MinHash.update_batch (SHA-1 per shingle), {k} docs: {t_ref:.2f} s "
-          f"-> {t_ref * n_docs / k:.1f} s for {n_docs} (signatures only); ours {t_sig:.2f} s")
+    t_ref, c_ref = _median_times(reference, 1)
+    print(f"  datasketch MinHash.update_batch (SHA-1 per shingle), {k} docs: {t_ref:.2f} s wall ({c_ref:.2f} CPU s) "
+          f"-> {c_ref * n_docs / k:.1f} CPU s for {n_docs} (signatures only); ours {c_sig1:.2f} CPU s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", choices=["throughput", "dedup"], default=None)
     args = ap.parse_args()
     print(f"cores visible: {os.cpu_count()}, tokenizer threads: {os.environ['RAYON_NUM_THREADS']}, "
           f"load average at start: {os.getloadavg()[0]:.1f} (other jobs share this machine)")
-    throughput(args.repeats)
-    near_dedup(args.docs, args.repeats)
+    if args.only != "dedup":
+        throughput(args.repeats)
+    if args.only != "throughput":
+        near_dedup(args.docs, args.repeats)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 

@@ -124,6 +124,14 @@ def test_build_datasets_sft_contract(tmp_path, bundled_tokenizer, capsys):
     assert n_labels(packed) == n_labels(train)
 
 
+def test_batch_encoder_equals_tokenizer_call(bundled_tokenizer, tiny_tokenizer):
+    from tunelab.data.build import batch_encoder
+
+    texts = [r["text"] for r in local_corpus("prose", max_docs=20)] + ["<|im_end|> special, ünïcode\n\n  x"]
+    for tok in (bundled_tokenizer, tiny_tokenizer):
+        assert batch_encoder(tok)(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
 def test_build_datasets_pretrain_contract(tiny_tokenizer):
     cfg = DataConfig(task="pretrain", sources=[SourceConfig(name="prose", path="local:prose")], max_tokens=20_000,
                      eval_fraction=0.1)

@@ -124,6 +124,7 @@ def test_near_dedup_recall_and_false_positives():
     removed = set(near_duplicates(docs + planted, threshold=0.8))
     recall = len(removed & set(range(2000, 2300))) / 300
     false_pos = len(removed & set(range(2000))) / 2000
+    print(f"near-dedup: recall {recall:.3f}, false positives {false_pos:.4f}")
     assert recall >= 0.9, recall
     assert false_pos <= 0.01, false_pos
     # The planted copies really are near-duplicates by the exact measure the threshold refers to.
