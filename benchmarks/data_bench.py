@@ -41,7 +41,7 @@ def throughput(repeats: int) -> None:
     from transformers import AutoTokenizer
 
     from tunelab.data import DataConfig, FilterConfig, SourceConfig, build
-    from tunelab.data.build import batch_encoder
+    from tunelab.data.pipeline import batch_encoder
     from tunelab.data.corpus import local_corpus
     from tunelab.data.filters import QualityFilter
     from tunelab.data.packing import pack

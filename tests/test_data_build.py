@@ -125,7 +125,7 @@ def test_build_datasets_sft_contract(tmp_path, bundled_tokenizer, capsys):
 
 
 def test_batch_encoder_equals_tokenizer_call(bundled_tokenizer, tiny_tokenizer):
-    from tunelab.data.build import batch_encoder
+    from tunelab.data.pipeline import batch_encoder
 
     texts = [r["text"] for r in local_corpus("prose", max_docs=20)] + ["<|im_end|> special, ünïcode\n\n  x"]
     for tok in (bundled_tokenizer, tiny_tokenizer):

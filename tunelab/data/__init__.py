@@ -7,8 +7,8 @@ Names are imported on first use, so `tunelab data --help` (which imports tunelab
 import importlib
 
 _EXPORTS = {
-    "Built": "tunelab.data.build", "DataReport": "tunelab.data.build", "build": "tunelab.data.build",
-    "build_datasets": "tunelab.data.build", "DataConfig": "tunelab.data.config",
+    "Built": "tunelab.data.pipeline", "DataReport": "tunelab.data.pipeline", "build": "tunelab.data.pipeline",
+    "build_datasets": "tunelab.data.pipeline", "DataConfig": "tunelab.data.config",
     "FilterConfig": "tunelab.data.config", "SourceConfig": "tunelab.data.config",
 }
 __all__ = sorted(_EXPORTS)
