@@ -99,3 +99,10 @@ def test_cli_bad_input_is_one_line_and_keeps_existing_output(tmp_path, capsys):
     assert main(["data", "filter", str(bad), "--out", str(out), "--skip-bad-rows"]) == 0
     assert "skipped 1 bad rows" in capsys.readouterr().out
     assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == ["a fine document of enough length"]
+
+
+def test_corrupt_parquet_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"this is not parquet at all")
+    with pytest.raises(DataError, match=r"bad.parquet: cannot read as Parquet"):
+        list(read_records(path))

@@ -119,7 +119,7 @@ def load_tokenizer(path: str | None):
 
 
 def _inspect(args) -> int:
-    from tunelab.data.build import build
+    from tunelab.data.pipeline import build
     from tunelab.data.config import DataConfig, SourceConfig
     from tunelab.errors import ConfigError
 

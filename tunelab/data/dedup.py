@@ -1,23 +1,25 @@
 """Exact and near-duplicate detection.
 
 Exact: a 128-bit BLAKE2 hash of the normalised text (NFKC, lower case, whitespace collapsed).
-Near: MinHash signatures over character 5-grams of the normalised text, indexed by datasketch's
-MinHashLSH (banding tuned for recall); an LSH candidate counts as a duplicate only if its estimated Jaccard similarity is >= the
+Near: MinHash signatures over character 5-grams of the normalised text, LSH banding as datasketch's
+MinHashLSH chooses it (tuned for recall); an LSH candidate counts as a duplicate only if its estimated Jaccard similarity is >= the
 threshold. Character shingles (not word 5-grams) keep a few changed words from breaking the match: one
 changed word alters ~len(word)+4 of a document's shingles, where it would alter 5 word 5-grams.
 
 Signatures are computed in numpy for a whole batch of documents at once (no Python loop per shingle):
   bytes -> 5-byte windows -> 64-bit multiplicative hash -> murmur3 fmix32 -> (a_k * h + b_k) mod 2^32 for
   k in num_perm permutations (odd a_k: a bijection) -> min over each document's windows.
-This is datasketch's "affine32" scheme; the values are wrapped as LeanMinHash for MinHashLSH.
+This is datasketch's "affine32" scheme (fmix, then an affine map per permutation).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -72,57 +74,85 @@ class MinHasher:
         first = np.cumsum(n_win) - n_win
         return h, first
 
-    def signatures(self, texts: Sequence[str], batch_shingles: int = 1 << 22) -> np.ndarray:
-        """(len(texts), num_perm) uint32 MinHash signatures, computed batch by batch to bound memory
-        at a few times batch_shingles * 8 bytes."""
+    def _batch_signatures(self, texts: Sequence[str]) -> np.ndarray:
+        h, first = self.shingle_hashes(texts)
         out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
-        i = 0
-        while i < len(texts):
-            j, size = i, 0
-            while j < len(texts) and (j == i or size + len(texts[j]) <= batch_shingles):
-                size += len(texts[j])
-                j += 1
-            h, first = self.shingle_hashes(texts[i:j])
-            # One permutation at a time keeps each pass contiguous: (S,) -> min per document (n,).
-            for p in range(self.num_perm):
-                out[i:j, p] = np.minimum.reduceat(h * self.a[p] + self.b[p], first)
-            i = j
+        # One permutation at a time keeps each pass contiguous: (S,) -> min per document (n,).
+        for p in range(self.num_perm):
+            out[:, p] = np.minimum.reduceat(h * self.a[p] + self.b[p], first)
         return out
+
+    def signatures(self, texts: Sequence[str], batch_chars: int = 1 << 20, workers: int | None = None) -> np.ndarray:
+        """(len(texts), num_perm) uint32 MinHash signatures. Texts go in batches of ~batch_chars characters
+        (memory ~ a few times batch_chars * 8 bytes) over `workers` threads (default: all cores, at most 4);
+        numpy releases the GIL in the per-permutation passes, so threads use the cores."""
+        bounds, size = [0], 0
+        for j, t in enumerate(texts):
+            size += len(t)
+            if size >= batch_chars:
+                bounds.append(j + 1)
+                size = 0
+        if bounds[-1] != len(texts):
+            bounds.append(len(texts))
+        batches = [texts[a:b] for a, b in zip(bounds, bounds[1:])]
+        workers = workers or min(4, os.cpu_count() or 1)
+        if workers == 1 or len(batches) == 1:
+            parts = [self._batch_signatures(b) for b in batches]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(self._batch_signatures, batches))
+        return np.concatenate(parts) if parts else np.empty((0, self.num_perm), dtype=np.uint32)
 
 
 class NearDedup:
-    """Streaming near-duplicate detector: `seen(text)` says whether a near-duplicate was added before;
-    if not, the text is added. `add_batch` does the same for many texts with batched signatures."""
+    """Near-duplicate detection, streaming: `seen(text)` says whether a near-duplicate of `text` was kept
+    before; if not, `text` is kept (indexed). `add_batch` does the same for many texts at once.
+
+    LSH banding: datasketch's MinHashLSH chooses bands x rows for the threshold (weighting a missed pair 9x
+    a false candidate: 14 x 9 at 0.8 with 128 permutations). The band tables are plain dicts keyed by a
+    numpy hash of each band, computed for a whole batch at once: MinHashLSH's own per-document insert and
+    query (a byteswap and a storage call per band) took ~4x longer than the signatures themselves.
+    tests/test_data_filters.py checks that the result equals MinHashLSH's on the same signatures.
+    """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, seed: int = 1):
         from datasketch import MinHashLSH
 
+        params = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
+        self.bands, self.rows = params.b, params.r
         self.threshold = threshold
+        self.need = int(np.ceil(threshold * num_perm - 1e-9))  # equal slots for estimated J >= threshold
         self.hasher = MinHasher(num_perm, seed)
-        # Weight false negatives 9x false positives when choosing bands x rows (14 x 9 at 0.8): LSH's
-        # false candidates are cheap, the signature check below drops them; a missed pair is lost for good.
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-        self.signatures: list[np.ndarray] = []
+        self.tables: list[dict[int, list[int]]] = [{} for _ in range(self.bands)]
+        self.kept: list[np.ndarray] = []  # signatures of kept texts, by index
 
-    def _check_and_add(self, sig: np.ndarray) -> int | None:
-        """The index of a kept near-duplicate of `sig`, or None (then `sig` is indexed as kept)."""
-        from datasketch import LeanMinHash
+    def band_keys(self, sigs: np.ndarray) -> list[list[int]]:
+        """(n, bands) keys: an FNV-style 64-bit hash of each band's `rows` signature values."""
+        keys = np.zeros((len(sigs), self.bands), dtype=np.uint64)
+        for k in range(self.rows):
+            cols = sigs[:, k: self.bands * self.rows: self.rows].astype(np.uint64)  # value k of every band
+            keys = (keys ^ cols) * np.uint64(0x100000001B3)
+        return keys.tolist()
 
-        m = LeanMinHash(seed=self.hasher.seed, hashvalues=sig, scheme="affine32")
-        for key in self.lsh.query(m):
-            # LSH banding has false candidates: confirm with the signature's Jaccard estimate.
-            if np.count_nonzero(self.signatures[key] == sig) / len(sig) >= self.threshold:
-                return key
-        self.lsh.insert(len(self.signatures), m, check_duplication=False)
-        self.signatures.append(sig)
-        return None
-
-    def seen(self, text: str) -> bool:
-        return self._check_and_add(self.hasher.signatures([text])[0]) is not None
+    def add_signatures(self, sigs: np.ndarray) -> list[bool]:
+        """For each signature in order: True if it near-duplicates a kept one (dropped), else it is kept."""
+        flags = []
+        for sig, keys in zip(sigs, self.band_keys(sigs)):
+            candidates = {i for table, key in zip(self.tables, keys) for i in table.get(key, ())}
+            dup = any(np.count_nonzero(self.kept[i] == sig) >= self.need for i in candidates)
+            if not dup:
+                for table, key in zip(self.tables, keys):
+                    table.setdefault(key, []).append(len(self.kept))
+                self.kept.append(sig)
+            flags.append(dup)
+        return flags
 
     def add_batch(self, texts: Sequence[str]) -> list[bool]:
         """For each text in order: True if it near-duplicates a text kept before it (it is then dropped)."""
-        return [self._check_and_add(sig) is not None for sig in self.hasher.signatures(texts)]
+        return self.add_signatures(self.hasher.signatures(texts))
+
+    def seen(self, text: str) -> bool:
+        return self.add_batch([text])[0]
 
 
 def near_duplicates(texts: Iterable[str], threshold: float = 0.8, num_perm: int = 128) -> list[int]:

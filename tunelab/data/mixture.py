@@ -23,8 +23,9 @@ from tunelab.data.filters import QualityFilter
 from tunelab.data.sources import field_text, iter_rows
 from tunelab.errors import DataError
 
-SHUFFLE_BUFFER = 4096
-TOKENIZE_BATCH = 64
+SHUFFLE_BUFFER = 512  # documents held for the streaming shuffle (files are often large: code)
+TOKENIZE_BATCH = 64           # documents per tokenizer call (the Rust tokenizer threads over a batch)
+TOKENIZE_BATCH_CHARS = 1 << 17  # ... but no more text than this, so a draw never tokenizes far ahead
 
 
 @dataclass
@@ -121,7 +122,7 @@ class SourceStream:
             self.stats.passes_started = n + 1
             drew = False
             docs = self._pass(n)
-            while batch := list(itertools.islice(docs, TOKENIZE_BATCH)):
+            while batch := _batch(docs):
                 for (_, text), ids in zip(batch, self.encode([t for _, t in batch])):
                     drew = True
                     if n == 0:
@@ -131,6 +132,17 @@ class SourceStream:
                         yield ids[k:k + self.piece_len], text
             if not drew:
                 return  # nothing kept: repeating would loop forever
+
+
+def _batch(docs: Iterator[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The next documents to tokenize together: up to TOKENIZE_BATCH, or TOKENIZE_BATCH_CHARS of text."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc[1])
+        if len(batch) == TOKENIZE_BATCH or chars >= TOKENIZE_BATCH_CHARS:
+            break
+    return batch
 
 
 def mix(streams: list[SourceStream], max_tokens: int | None) -> Iterator[tuple[int, list[int]]]:

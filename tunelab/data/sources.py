@@ -171,17 +171,29 @@ def _csv(path):
         yield reader.line_num, dict(zip(header, row))
 
 
+def _arrow_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow
+
+    return (OSError, ValueError, pyarrow.ArrowException)
+
+
 def _parquet(path):
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
-    yield from enumerate(ds, start=1)
+    try:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+        yield from enumerate(ds, start=1)
+    except _arrow_errors() as e:
+        raise DataError(path, None, f"cannot read as Parquet: {str(e).splitlines()[0]}") from None
 
 
 def _hf(path):
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except _arrow_errors() as e:
+        raise DataError(path, None, f"cannot read as a saved Hugging Face dataset: {str(e).splitlines()[0]}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(path, None, f"a saved DatasetDict without a 'train' split (has {list(ds)})")
