@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.quant import Linear4bit
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """A frozen 4-bit linear (tunelab.quant.Linear4bit): it has no float weight, only dequantize_weight()."""
-    return callable(getattr(module, "dequantize_weight", None)) and hasattr(module, "in_features")
+    """A frozen 4-bit linear: no float weight, only dequantize_weight()."""
+    return isinstance(module, Linear4bit)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -53,7 +54,8 @@ class LoRALinear(nn.Module):
         # No module at all for p=0: the forward then has exactly one extra path, A then B.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         # Adapters over a float base share its dtype; over a 4-bit base they train in fp32 (as QLoRA does).
-        device, dtype = _device_dtype(base)
+        device = base.weight.device  # Linear4bit.weight: the packed codes, on the layer's device
+        dtype = base.weight.dtype if isinstance(base, nn.Linear) else torch.float32
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
         if init == "gaussian":
@@ -173,9 +175,3 @@ class ModuleToSave(nn.Module):
     def forward(self, *args, **kwargs):
         return (self.trained if self.enabled else self.original)(*args, **kwargs)
 
-
-def _device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
-    if isinstance(base, nn.Linear):
-        return base.weight.device, base.weight.dtype
-    tensor = next(iter([*base.parameters(), *base.buffers()]), None)
-    return (tensor.device if tensor is not None else torch.device("cpu")), torch.float32

@@ -120,8 +120,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit linear counts its logical out * in weights."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if is_quantized_linear(m)
-                 and not isinstance(getattr(m, "weight", None), nn.Parameter))
+    total += sum(m.in_features * m.out_features for m in model.modules() if is_quantized_linear(m))
     return trainable, total
 
 
@@ -172,8 +171,10 @@ def merge_lora(model: nn.Module, base_weights: dict[str, torch.Tensor] | None = 
     turned back into nn.Linear the same way, and modules_to_save keep their trained copy: the result is
     a model of plain linears.
     """
-    quantized = [p for p, m in model.named_modules() if is_quantized_linear(m)
-                 or (isinstance(m, LoRALinear) and is_quantized_linear(m.base))]
+    # The paths whose weight is 4-bit: a LoRALinear over a 4-bit base (not its .base again), or a bare one.
+    wrapped = {p + ".base" for p, _ in lora_layers(model)}
+    quantized = [p for p, m in model.named_modules() if p not in wrapped and is_quantized_linear(
+        m.base if isinstance(m, LoRALinear) else m)]
     if quantized and base_weights is None:
         if not from_quantized:
             raise TunelabError(
