@@ -115,8 +115,9 @@ class _NearestCode:
 
     def encode_(self, y: torch.Tensor, cell: torch.Tensor, fscratch: torch.Tensor, bscratch: torch.Tensor,
                 out: torch.Tensor) -> torch.Tensor:
-        """Sorted-position codes of flat y (fp32, already 2048 * s) into `out` (uint8); all same length."""
-        y.clamp_(-_HALF_CELLS, _HALF_CELLS)  # |s| <= 1 up to rounding; a clamp never crosses a midpoint
+        """Sorted-position codes of flat finite y = x / scale (fp32, |y| <= 1 up to rounding) into `out`
+        (uint8); all the same length. y is scaled by 2048 in place (exact: a power of two)."""
+        y.mul_(_HALF_CELLS)
         cell.copy_(y)  # float -> int32 truncates toward zero
         cell.add_(_HALF_CELLS)
         torch.index_select(self.below, 0, cell, out=out)
@@ -207,12 +208,16 @@ def quantize_absmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tup
     out = torch.empty((n + 1) // 2 if four else n, dtype=torch.uint8, device=device)
     full = n - n % block_size
 
+    not_finite = []
+
     def work(start: int, stop: int, s: _Scratch) -> None:
         m, b0, b1 = stop - start, start // block_size, stop // block_size
         x = flat[start:stop].view(-1, block_size)
         torch.maximum(x.amax(1), x.amin(1).neg_(), out=absmax[b0:b1])
-        # Scaled reciprocal: x * (2048 / absmax) == 2048 * (x * (1 / absmax)) exactly (power of two).
-        recip = (1.0 / absmax[b0:b1].clamp(min=_TINY)).mul_(_HALF_CELLS)
+        if not bool(torch.isfinite(absmax[b0:b1]).all()):  # NaN/Inf: no code; reported below
+            not_finite.append(start)
+            return
+        recip = 1.0 / absmax[b0:b1].clamp(min=_TINY)
         y = s.y[:m]
         torch.mul(x, recip[:, None], out=y.view(-1, block_size))
         q = table.encode_(y, s.cell[:m], s.f[:m], s.b[:m], s.q[:m] if four else out[start:stop])
@@ -227,19 +232,21 @@ def quantize_absmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tup
     for_chunks(device, full, block_size, lambda size: _Scratch.make(size, device), work)
     if full < n:  # short last block: divide, as bitsandbytes does there; pad an odd count with s = 0
         absmax[-1] = flat[full:].abs().amax()
+        _check_finite(absmax[-1:])
         tail = flat[full:].float() / absmax[-1].clamp(min=_TINY)
         if four and tail.numel() % 2:
             tail = torch.cat([tail, tail.new_zeros(1)])
         k = tail.numel()
         s = _Scratch.make(k, device)
-        q = table.encode_(torch.mul(tail, _HALF_CELLS, out=s.y[:k]), s.cell[:k], s.f[:k], s.b[:k], s.q[:k])
+        q = table.encode_(s.y[:k].copy_(tail), s.cell[:k], s.f[:k], s.b[:k], s.q[:k])
         if four:
             _pack_into(q, out[full // 2:], s.pair)
             if not table.identity:
                 out[full // 2:] = table.byte_remap[out[full // 2:].long()]
         else:
             out[full:] = q
-    _check_finite(absmax)
+    if not_finite:
+        _check_finite(absmax)
     return out, absmax
 
 
