@@ -15,26 +15,59 @@ nearest code by table look-ups (see `_NearestCode`).
 
 from __future__ import annotations
 
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
 from tunelab.quant import codebooks
 
-# Elements per chunk on CPU: 4 scratch buffers of this size stay in L2 (~1 MiB each).
-CHUNK = 1 << 18
+# Elements per CPU step. At most ATen's grain size (32768), so each op runs on the calling thread without
+# an OpenMP fork/join: on a busy 2-core machine a join can wait a whole scheduler slice (~15 ms measured
+# for a 256K-element multiply). Parallelism comes from our own worker threads instead (ops drop the GIL).
+CHUNK = 1 << 15
 # Double quantization block (QLoRA section 3): 256 scales share one fp32 absmax.
 NESTED_BLOCK = 256
 # bitsandbytes clamps a zero absmax to this before dividing, so all-zero blocks give code "0".
 _TINY = 1e-38
 
 
-def _chunk_elems(device: torch.device, block_size: int) -> int:
-    """Elements per step: whole tensors on GPUs (one launch per op), cache-sized chunks on CPU."""
+@lru_cache(maxsize=1)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunelab-quant")
+
+
+def for_chunks(device: torch.device, n: int, block_size: int, make_scratch: Callable[[int], object],
+               work: Callable[[int, int, object], None]) -> None:
+    """Call work(start, stop, scratch) over [0, n) in block-aligned steps.
+
+    GPUs: one step over everything (one launch per op). CPU: CHUNK-sized steps, the range split into one
+    contiguous part per torch thread, each run by a worker thread with its own scratch buffers.
+    """
+    if n == 0:
+        return
     if device.type != "cpu":
-        return 1 << 62
-    return max(CHUNK // block_size, 1) * block_size
+        work(0, n, make_scratch(n))
+        return
+    step = max(CHUNK // block_size, 1) * block_size
+
+    def run(lo: int, hi: int) -> None:
+        scratch = make_scratch(min(step, hi - lo))
+        for start in range(lo, hi, step):
+            work(start, min(start + step, hi), scratch)
+
+    steps = -(-n // step)
+    workers = min(torch.get_num_threads(), steps)
+    if workers <= 1:
+        run(0, n)
+        return
+    per = -(-steps // workers) * step
+    futures = [_pool(workers).submit(run, lo, min(lo + per, n)) for lo in range(0, n, per)]
+    for f in futures:
+        f.result()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,8 +115,9 @@ class _NearestCode:
 
     def encode_(self, y: torch.Tensor, cell: torch.Tensor, fscratch: torch.Tensor, bscratch: torch.Tensor,
                 out: torch.Tensor) -> torch.Tensor:
-        """Sorted-position codes of flat y (fp32, already 2048 * s) into `out` (uint8); all same length."""
-        y.clamp_(-_HALF_CELLS, _HALF_CELLS)  # |s| <= 1 up to rounding; a clamp never crosses a midpoint
+        """Sorted-position codes of flat finite y = x / scale (fp32, |y| <= 1 up to rounding) into `out`
+        (uint8); all the same length. y is scaled by 2048 in place (exact: a power of two)."""
+        y.mul_(_HALF_CELLS)
         cell.copy_(y)  # float -> int32 truncates toward zero
         cell.add_(_HALF_CELLS)
         torch.index_select(self.below, 0, cell, out=out)
@@ -108,24 +142,23 @@ def nearest_code(quant_type: str, device: torch.device) -> _NearestCode:
 
 
 @dataclass
-class Scratch:
-    """Reusable per-call buffers of one chunk (flat, `size` elements)."""
+class _Scratch:
+    """Per-worker buffers of one step (flat, `size` elements)."""
 
-    y: torch.Tensor
     cell: torch.Tensor
     f: torch.Tensor
     b: torch.Tensor
     q: torch.Tensor
+    y: torch.Tensor | None = None
+    pair: torch.Tensor | None = None
 
     @classmethod
-    def make(cls, size: int, device: torch.device) -> "Scratch":
-        return cls(
-            y=torch.empty(size, device=device),
-            cell=torch.empty(size, dtype=torch.int32, device=device),
-            f=torch.empty(size, device=device),
-            b=torch.empty(size, dtype=torch.bool, device=device),
-            q=torch.empty(size, dtype=torch.uint8, device=device),
-        )
+    def make(cls, size: int, device: torch.device) -> "_Scratch":
+        size += size % 2
+        return cls(cell=torch.empty(size, dtype=torch.int32, device=device), f=torch.empty(size, device=device),
+                   b=torch.empty(size, dtype=torch.bool, device=device),
+                   q=torch.empty(size, dtype=torch.uint8, device=device), y=torch.empty(size, device=device),
+                   pair=torch.empty(size, dtype=torch.int16, device=device))
 
 
 def block_absmax(flat: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -141,10 +174,25 @@ def block_absmax(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _pack_into(q: torch.Tensor, out: torch.Tensor) -> None:
-    """Two 4-bit codes per byte, first in the high nibble: out[i] = q[2i] << 4 | q[2i+1]."""
-    torch.mul(q[0::2], 16, out=out)
-    out.add_(q[1::2])
+# Packing reads a pair of uint8 codes as one int16: on a little-endian machine the first code is the low
+# byte, v = q0 + 256 q1, and (v << 4) + (v >> 8) = 16 q0 + q1 (mod 256) is the packed byte.
+_LITTLE = sys.byteorder == "little"
+
+
+def _pack_into(q: torch.Tensor, out: torch.Tensor, pair: torch.Tensor) -> None:
+    """Two 4-bit codes per byte, first in the high nibble: out[i] = q[2i] << 4 | q[2i+1].
+
+    q: uint8 (2m,), out: uint8 (m,), pair: int16 scratch (>= 2m). Four contiguous int16 ops instead of
+    two strided uint8 ones (which do not vectorize).
+    """
+    m = out.numel()
+    v = q.view(torch.int16)
+    hi, lo = pair[:m], pair[m: 2 * m]
+    first, second = (0, 8) if _LITTLE else (8, 0)
+    torch.bitwise_right_shift(v, first, out=hi)
+    torch.bitwise_right_shift(v, second, out=lo)
+    torch.bitwise_left_shift(hi, 4, out=hi).add_(lo)
+    out.copy_(hi)  # int16 -> uint8 keeps the low byte (conversion to unsigned is modular)
 
 
 def quantize_absmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,41 +202,51 @@ def quantize_absmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tup
     blocks, s = x / max(absmax, 1e-38) for a short last block, then the nearest code.
     """
     n, device = flat.numel(), flat.device
-    bits = codebooks.BITS[quant_type]
+    four = codebooks.BITS[quant_type] == 4
     table = nearest_code(quant_type, device)
-    absmax = block_absmax(flat, block_size)
-    _check_finite(absmax)
-    # Scaled reciprocal: x * (2048 / absmax) == 2048 * (x * (1 / absmax)) exactly (power-of-two factor).
-    recip = (1.0 / absmax.clamp(min=_TINY)) * _HALF_CELLS
-    out = torch.empty((n + 1) // 2 if bits == 4 else n, dtype=torch.uint8, device=device)
-
+    absmax = torch.empty(-(-n // block_size), device=device)
+    out = torch.empty((n + 1) // 2 if four else n, dtype=torch.uint8, device=device)
     full = n - n % block_size
-    step = _chunk_elems(device, block_size)
-    s = Scratch.make(min(step, full) if full else 0, device)
-    for start in range(0, full, step):
-        stop = min(start + step, full)
-        m = stop - start
+
+    not_finite = []
+
+    def work(start: int, stop: int, s: _Scratch) -> None:
+        m, b0, b1 = stop - start, start // block_size, stop // block_size
+        x = flat[start:stop].view(-1, block_size)
+        torch.maximum(x.amax(1), x.amin(1).neg_(), out=absmax[b0:b1])
+        if not bool(torch.isfinite(absmax[b0:b1]).all()):  # NaN/Inf: no code; reported below
+            not_finite.append(start)
+            return
+        recip = 1.0 / absmax[b0:b1].clamp(min=_TINY)
         y = s.y[:m]
-        torch.mul(flat[start:stop].view(-1, block_size), recip[start // block_size: stop // block_size, None],
-                  out=y.view(-1, block_size))
-        q = table.encode_(y, s.cell[:m], s.f[:m], s.b[:m], s.q[:m] if bits == 4 else out[start:stop])
-        if bits == 4:
-            _pack_into(q, out[start // 2: stop // 2])
+        torch.mul(x, recip[:, None], out=y.view(-1, block_size))
+        q = table.encode_(y, s.cell[:m], s.f[:m], s.b[:m], s.q[:m] if four else out[start:stop])
+        if four:
+            _pack_into(q, out[start // 2: stop // 2], s.pair)
+            if not table.identity:  # FP4: sorted positions -> code indices, one byte look-up
+                packed = out[start // 2: stop // 2]
+                torch.index_select(table.byte_remap, 0, packed.int(), out=packed)
+        elif not table.identity:
+            raise AssertionError("8-bit code books are sorted")
+
+    for_chunks(device, full, block_size, lambda size: _Scratch.make(size, device), work)
     if full < n:  # short last block: divide, as bitsandbytes does there; pad an odd count with s = 0
+        absmax[-1] = flat[full:].abs().amax()
+        _check_finite(absmax[-1:])
         tail = flat[full:].float() / absmax[-1].clamp(min=_TINY)
-        if bits == 4 and tail.numel() % 2:
+        if four and tail.numel() % 2:
             tail = torch.cat([tail, tail.new_zeros(1)])
-        y = tail * _HALF_CELLS
-        k = y.numel()
-        q = torch.empty(k, dtype=torch.uint8, device=device)
-        q = table.encode_(y, torch.empty(k, dtype=torch.int32, device=device), torch.empty_like(y),
-                          torch.empty(k, dtype=torch.bool, device=device), q)
-        if bits == 4:
-            _pack_into(q, out[full // 2:])
+        k = tail.numel()
+        s = _Scratch.make(k, device)
+        q = table.encode_(s.y[:k].copy_(tail), s.cell[:k], s.f[:k], s.b[:k], s.q[:k])
+        if four:
+            _pack_into(q, out[full // 2:], s.pair)
+            if not table.identity:
+                out[full // 2:] = table.byte_remap[out[full // 2:].long()]
         else:
             out[full:] = q
-    if not table.identity:
-        out = table.byte_remap[out.long()] if bits == 4 else table.order.to(torch.uint8)[out.long()]
+    if not_finite:
+        _check_finite(absmax)
     return out, absmax
 
 
@@ -214,7 +272,7 @@ def quantize_minmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tup
         if n % 2:
             q = torch.cat([q, q.new_zeros(1)])
         packed = torch.empty(q.numel() // 2, dtype=torch.uint8, device=device)
-        _pack_into(q, packed)
+        _pack_into(q, packed, torch.empty(q.numel(), dtype=torch.int16, device=device))
         q = packed
     return q, scale, lo
 
@@ -238,16 +296,25 @@ def quantize_nested(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     gets code 0); then its 65536-entry look-up table: i = trunc((clamp(v, -1, 1) + 1) * 0.5 * 65535 + 0.5)
     and code = the number of dynamic-map midpoints below -1 + 2i / 65535.
     """
-    offset = scales.mean()
-    a = scales - offset
-    m = a.numel()
-    nested_absmax = block_absmax(a, NESTED_BLOCK)
-    zero_block = nested_absmax == 0
-    inv = torch.where(zero_block, 0.0, 1.0 / nested_absmax).repeat_interleave(NESTED_BLOCK)[:m]
-    v = (a * inv).clamp_(-1.0, 1.0)
-    i = ((v + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)
-    codes = _dynamic_lut(a.device)[i]
-    codes[zero_block.repeat_interleave(NESTED_BLOCK)[:m]] = 0
+    offset = scales.mean()  # one whole-tensor reduction, exactly as bitsandbytes sums
+    m, device = scales.numel(), scales.device
+    nested_absmax = torch.empty(-(-m // NESTED_BLOCK), device=device)
+    codes = torch.empty(m, dtype=torch.uint8, device=device)
+    lut = _dynamic_lut(device)
+
+    def work(start: int, stop: int, _) -> None:
+        a = scales[start:stop] - offset
+        b0 = start // NESTED_BLOCK
+        am = block_absmax(a, NESTED_BLOCK)
+        nested_absmax[b0: b0 + am.numel()] = am
+        inv = torch.where(am == 0, 0.0, 1.0 / am)  # a zero block: v = 0 here, code 0 below
+        pad = -a.numel() % NESTED_BLOCK
+        v = torch.nn.functional.pad(a, (0, pad)).view(-1, NESTED_BLOCK).mul_(inv[:, None]).view(-1)[: a.numel()]
+        i = v.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5).mul_(65535.0).add_(0.5).to(torch.int32)
+        torch.index_select(lut, 0, i, out=codes[start:stop])
+        codes[start:stop].view(-1)[(am == 0).repeat_interleave(NESTED_BLOCK)[: a.numel()]] = 0
+
+    for_chunks(device, m, NESTED_BLOCK, lambda size: None, work)
     return codes, nested_absmax, offset
 
 
@@ -260,12 +327,16 @@ def _dynamic_lut(device: torch.device) -> torch.Tensor:
     return torch.searchsorted(mids, grid).to(torch.uint8).to(device)  # #{mids < grid point}
 
 
-def dequantize_nested(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The fp32 scales back: dynamic_map[code] * nested_absmax[block] + offset (bitsandbytes' order)."""
-    m = codes.numel()
-    vals = codebooks.dynamic_map(codes.device)[codes.long()]
-    per_elem = nested_absmax.repeat_interleave(NESTED_BLOCK)[:m]
-    return vals * per_elem + offset
+def dequantize_nested(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor,
+                      start: int = 0) -> torch.Tensor:
+    """The fp32 scales back: dynamic_map[code] * nested_absmax[block] + offset (bitsandbytes' order).
+
+    `codes` may be a slice of all codes beginning at scale index `start`.
+    """
+    device = codes.device
+    vals = torch.index_select(codebooks.dynamic_map(device), 0, codes.int())
+    group = torch.arange(start, start + codes.numel(), device=device) // NESTED_BLOCK  # (m,) nested block
+    return vals.mul_(nested_absmax[group]).add_(offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,39 +390,45 @@ def unpack_values(codes: torch.Tensor, book: str, n: int, out: torch.Tensor | No
     return out[:n]
 
 
-def dequantize_blocks(codes: torch.Tensor, book: str, n: int, block_size: int, scales: torch.Tensor,
-                      zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_blocks(codes: torch.Tensor, book: str, n: int, block_size: int,
+                      scales: Callable[[int, int], torch.Tensor], zero: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor:
     """Flat dequantized tensor (n,) in `dtype`: code value * scale (+ zero for min-max), in fp32.
 
-    CPU works in chunks: codes -> values through the pair table into fp32 scratch, times the scales,
-    then one write into the output (converting dtype only there).
+    scales(b0, b1) gives the fp32 scales of blocks b0..b1-1 (undoing double quantization there, so
+    it runs per step too). Per step: codes -> values through the pair table (fp32, straight into the
+    output when it is fp32), times the block scales, then one converting copy for fp16/bf16.
     """
     device = codes.device
     result = torch.empty(n + 4, dtype=dtype, device=device)
     per_byte = 2 if codebooks.bits(book) == 4 else 1
-    step = _chunk_elems(device, block_size)
-    scratch = None if dtype == torch.float32 else torch.empty(min(step, n) + 4, device=device)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
+
+    def work(start: int, stop: int, scratch: torch.Tensor | None) -> None:
         buf = result[start: stop + 4] if scratch is None else scratch
         vals = unpack_values(codes[start // per_byte: -(-stop // per_byte)], book, stop - start, out=buf)
-        _scale_(vals, start // block_size, block_size, scales, zero)
+        b0 = start // block_size
+        _scale_(vals, b0, block_size, scales(b0, -(-stop // block_size)), zero)
         if scratch is not None:
             result[start:stop].copy_(vals)
+
+    def make_scratch(size: int) -> torch.Tensor | None:
+        return None if dtype == torch.float32 else torch.empty(size + 4, device=device)
+
+    for_chunks(device, n, block_size, make_scratch, work)
     return result[:n]
 
 
 def _scale_(vals: torch.Tensor, b0: int, block_size: int, scales: torch.Tensor, zero: torch.Tensor | None) -> None:
-    """In place: vals (flat, starting at block b0) = vals * scale[block] (+ zero[block] for min-max)."""
+    """In place: vals (flat, blocks b0..) = vals * scales[i] (+ zero[b0 + i] for min-max); scales local."""
     m = vals.numel()
     full = m - m % block_size
     nb = full // block_size
     if full:
         blocks = vals[:full].view(nb, block_size)
-        blocks.mul_(scales[b0: b0 + nb, None])
+        blocks.mul_(scales[:nb, None])
         if zero is not None:
             blocks.add_(zero[b0: b0 + nb, None])
     if full < m:
-        vals[full:].mul_(scales[b0 + nb])
+        vals[full:].mul_(scales[nb])
         if zero is not None:
             vals[full:].add_(zero[b0 + nb])
