@@ -22,7 +22,7 @@ from torch import nn
 from tunelab.errors import TunelabError
 from tunelab.lora.config import LoraConfig
 from tunelab.lora.layer import LoRALinear, ModuleToSave
-from tunelab.lora.model import apply_lora, find_targets, lora_layers
+from tunelab.lora.model import apply_lora, find_targets, lora_layers, name_matches
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -92,6 +92,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
         raise TunelabError(f"{path} has no {WEIGHTS_NAME} (tunelab reads safetensors adapters only)")
     if getattr(model, "lora_config", None) is None:
         _check_targets_fit(model, cfg, path)
+        cfg.modules_to_save = _present(model, cfg.modules_to_save)
         apply_lora(model, cfg, verbose=verbose)
     else:
         _check_same_adapter(model.lora_config, cfg, path)
@@ -192,6 +193,15 @@ def _check_targets_fit(model: nn.Module, cfg: LoraConfig, path: Path) -> None:
         find_targets(model, cfg.target_modules)
     except TunelabError as e:
         raise TunelabError(f"adapter {path}: {e}") from None
+
+
+def _present(model: nn.Module, names: list[str] | None) -> list[str] | None:
+    """The modules_to_save names that exist in the model. PEFT writes every candidate head name for a task
+    (["classifier", "score"] for TOKEN_CLS) and skips absent ones; a tensor saved for a module that is
+    absent still fails the key check in load_adapter."""
+    paths = [p for p, _ in model.named_modules() if p]
+    kept = [n for n in names or [] if any(name_matches(p, n) for p in paths)]
+    return kept or None
 
 
 def _check_same_adapter(have: LoraConfig, cfg: LoraConfig, path: Path) -> None:
