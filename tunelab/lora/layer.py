@@ -81,9 +81,9 @@ class LoRALinear(nn.Module):
         lora = self.lora_B(self.lora_A(h.to(self.lora_A.weight.dtype))).to(result.dtype)  # (..., out)
         if not self.use_dora:
             return result + lora * self.scale
-        return result + self._dora_extra(x, h, result, lora)
+        return result + self._dora_extra(h, result, lora)
 
-    def _dora_extra(self, x, h, result, lora):
+    def _dora_extra(self, h, result, lora):
         """DoRA's output minus the base output: (g - 1) * W h + g * scale * B A h, g = m / ||W + scale B A||.
 
         The norm is a constant for backprop (DoRA paper sec. 4.3, as PEFT). Without active dropout W h is
@@ -97,8 +97,9 @@ class LoRALinear(nn.Module):
             bias = self.base.bias
             base_out = result if bias is None else result - bias
         else:
-            base_out = F.linear(h, weight)
-        return (g - 1) * base_out + g * lora * self.scale
+            base_out = F.linear(h.to(weight.dtype), weight)
+        # m is fp32 over a 4-bit base: come back to the base output's dtype, as PEFT does.
+        return ((g - 1) * base_out + g * lora * self.scale).to(result.dtype)
 
     @staticmethod
     def _row_norm(weight: torch.Tensor) -> torch.Tensor:
