@@ -102,10 +102,10 @@ class _NearestCode:
         self.below = (torch.cumsum(counts, 0) - counts).to(torch.uint8)  # (ncell,)
         self.mid = torch.full((ncell,), float("inf"))
         self.mid[cells.long()] = mids
+        self.identity = bool(torch.equal(self.order, torch.arange(len(code))))
         # For FP4 the packed byte of two sorted positions is remapped to code indices in one look-up.
         pos = torch.arange(256)
-        self.byte_remap = (self.order[pos >> 4] * 16 + self.order[pos & 15]).to(torch.uint8)
-        self.identity = bool(torch.equal(self.order, torch.arange(len(code))))
+        self.byte_remap = None if self.identity else (self.order[pos >> 4] * 16 + self.order[pos & 15]).to(torch.uint8)
 
     def to(self, device: torch.device) -> "_NearestCode":
         new = object.__new__(_NearestCode)
@@ -352,6 +352,7 @@ def _pair_lut_cpu(quant_type: str) -> torch.Tensor:
     machine's own int16 view, so it holds on any byte order.
     """
     code = codebooks.code(quant_type)
+    code = torch.cat([code, code.new_zeros(16 - len(code))])  # int4 uses 15 of the 16 patterns
     pairs = torch.arange(65536).to(torch.uint8).view(-1, 1)  # low byte ...
     pairs = torch.cat([pairs, (torch.arange(65536) >> 8).to(torch.uint8).view(-1, 1)], 1)
     key = pairs.contiguous().view(torch.int16).view(-1).long() & 0xFFFF
