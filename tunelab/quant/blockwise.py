@@ -15,7 +15,6 @@ nearest code by table look-ups (see `_NearestCode`).
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -102,10 +101,7 @@ class _NearestCode:
         self.below = (torch.cumsum(counts, 0) - counts).to(torch.uint8)  # (ncell,)
         self.mid = torch.full((ncell,), float("inf"))
         self.mid[cells.long()] = mids
-        # For FP4 the packed byte of two sorted positions is remapped to code indices in one look-up.
-        pos = torch.arange(256)
-        self.byte_remap = (self.order[pos >> 4] * 16 + self.order[pos & 15]).to(torch.uint8)
-        self.identity = bool(torch.equal(self.order, torch.arange(len(code))))
+        self.pack = pack_table(self.order) if len(code) <= 16 else None  # 4-bit books only
 
     def to(self, device: torch.device) -> "_NearestCode":
         new = object.__new__(_NearestCode)
@@ -149,16 +145,14 @@ class _Scratch:
     f: torch.Tensor
     b: torch.Tensor
     q: torch.Tensor
-    y: torch.Tensor | None = None
-    pair: torch.Tensor | None = None
+    y: torch.Tensor
 
     @classmethod
     def make(cls, size: int, device: torch.device) -> "_Scratch":
         size += size % 2
         return cls(cell=torch.empty(size, dtype=torch.int32, device=device), f=torch.empty(size, device=device),
                    b=torch.empty(size, dtype=torch.bool, device=device),
-                   q=torch.empty(size, dtype=torch.uint8, device=device), y=torch.empty(size, device=device),
-                   pair=torch.empty(size, dtype=torch.int16, device=device))
+                   q=torch.empty(size, dtype=torch.uint8, device=device), y=torch.empty(size, device=device))
 
 
 def block_absmax(flat: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -174,25 +168,30 @@ def block_absmax(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-# Packing reads a pair of uint8 codes as one int16: on a little-endian machine the first code is the low
-# byte, v = q0 + 256 q1, and (v << 4) + (v >> 8) = 16 q0 + q1 (mod 256) is the packed byte.
-_LITTLE = sys.byteorder == "little"
+def pack_table(order: torch.Tensor) -> torch.Tensor:
+    """uint8 table: two 4-bit sorted positions (a, b), read as one int16 word v, -> packed byte.
 
-
-def _pack_into(q: torch.Tensor, out: torch.Tensor, pair: torch.Tensor) -> None:
-    """Two 4-bit codes per byte, first in the high nibble: out[i] = q[2i] << 4 | q[2i+1].
-
-    q: uint8 (2m,), out: uint8 (m,), pair: int16 scratch (>= 2m). Four contiguous int16 ops instead of
-    two strided uint8 ones (which do not vectorize).
+    The byte is order[a] << 4 | order[b] (first element in the high nibble; `order` maps sorted position
+    to code index, the identity except for FP4). Reading pairs as int16 turns packing into one look-up;
+    v < 4096 since a, b < 16, and the table is filled through the machine's own view (any byte order).
     """
-    m = out.numel()
-    v = q.view(torch.int16)
-    hi, lo = pair[:m], pair[m: 2 * m]
-    first, second = (0, 8) if _LITTLE else (8, 0)
-    torch.bitwise_right_shift(v, first, out=hi)
-    torch.bitwise_right_shift(v, second, out=lo)
-    torch.bitwise_left_shift(hi, 4, out=hi).add_(lo)
-    out.copy_(hi)  # int16 -> uint8 keeps the low byte (conversion to unsigned is modular)
+    k = len(order)
+    pairs = torch.cartesian_prod(torch.arange(k), torch.arange(k)).to(torch.uint8)  # (k*k, 2): (a, b)
+    words = pairs.contiguous().view(torch.int16).view(-1).long()
+    table = torch.zeros(int(words.max()) + 1, dtype=torch.uint8)
+    p = pairs.long()
+    table[words] = (order[p[:, 0]] * 16 + order[p[:, 1]]).to(torch.uint8)
+    return table
+
+
+def pack_into(q: torch.Tensor, out: torch.Tensor, pack: torch.Tensor, scratch: torch.Tensor) -> None:
+    """Two 4-bit codes per byte: out (m,) from q (2m,) uint8 sorted positions via `pack_table`.
+
+    scratch: int32, at least m elements.
+    """
+    words = scratch[: out.numel()]
+    words.copy_(q.view(torch.int16))
+    torch.index_select(pack, 0, words, out=out)
 
 
 def quantize_absmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,45 +207,39 @@ def quantize_absmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tup
     out = torch.empty((n + 1) // 2 if four else n, dtype=torch.uint8, device=device)
     full = n - n % block_size
 
-    not_finite = []
-
     def work(start: int, stop: int, s: _Scratch) -> None:
         m, b0, b1 = stop - start, start // block_size, stop // block_size
-        x = flat[start:stop].view(-1, block_size)
-        torch.maximum(x.amax(1), x.amin(1).neg_(), out=absmax[b0:b1])
-        if not bool(torch.isfinite(absmax[b0:b1]).all()):  # NaN/Inf: no code; reported below
-            not_finite.append(start)
-            return
-        recip = 1.0 / absmax[b0:b1].clamp(min=_TINY)
-        y = s.y[:m]
-        torch.mul(x, recip[:, None], out=y.view(-1, block_size))
-        q = table.encode_(y, s.cell[:m], s.f[:m], s.b[:m], s.q[:m] if four else out[start:stop])
+        x, y, tmp = flat[start:stop].view(-1, block_size), s.y[:m].view(-1, block_size), s.f[:m].view(-1, block_size)
+        if x.dtype != torch.float32:  # fp16/bf16: widen once (exact), as bitsandbytes does first
+            x = y.copy_(x)
+        torch.amax(torch.abs(x, out=tmp), 1, out=absmax[b0:b1])
+        recip = torch.reciprocal(absmax[b0:b1].clamp(min=_TINY))
+        torch.mul(x, recip[:, None], out=y)
         if four:
-            _pack_into(q, out[start // 2: stop // 2], s.pair)
-            if not table.identity:  # FP4: sorted positions -> code indices, one byte look-up
-                packed = out[start // 2: stop // 2]
-                torch.index_select(table.byte_remap, 0, packed.int(), out=packed)
-        elif not table.identity:
-            raise AssertionError("8-bit code books are sorted")
+            q = table.encode_(s.y[:m], s.cell[:m], s.f[:m], s.b[:m], s.q[:m])
+            pack_into(q, out[start // 2: stop // 2], table.pack, s.cell)
+        else:
+            table.encode_(s.y[:m], s.cell[:m], s.f[:m], s.b[:m], out[start:stop])
 
-    for_chunks(device, full, block_size, lambda size: _Scratch.make(size, device), work)
+    try:
+        for_chunks(device, full, block_size, lambda size: _Scratch.make(size, device), work)
+    except (IndexError, RuntimeError):  # NaN/Inf make out-of-range cells; say so instead
+        _check_finite(absmax[: full // block_size])
+        raise
     if full < n:  # short last block: divide, as bitsandbytes does there; pad an odd count with s = 0
         absmax[-1] = flat[full:].abs().amax()
-        _check_finite(absmax[-1:])
         tail = flat[full:].float() / absmax[-1].clamp(min=_TINY)
         if four and tail.numel() % 2:
             tail = torch.cat([tail, tail.new_zeros(1)])
         k = tail.numel()
         s = _Scratch.make(k, device)
+        _check_finite(absmax[-1:])
         q = table.encode_(s.y[:k].copy_(tail), s.cell[:k], s.f[:k], s.b[:k], s.q[:k])
         if four:
-            _pack_into(q, out[full // 2:], s.pair)
-            if not table.identity:
-                out[full // 2:] = table.byte_remap[out[full // 2:].long()]
+            pack_into(q, out[full // 2:], table.pack, s.cell)
         else:
             out[full:] = q
-    if not_finite:
-        _check_finite(absmax)
+    _check_finite(absmax)
     return out, absmax
 
 
@@ -272,9 +265,14 @@ def quantize_minmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tup
         if n % 2:
             q = torch.cat([q, q.new_zeros(1)])
         packed = torch.empty(q.numel() // 2, dtype=torch.uint8, device=device)
-        _pack_into(q, packed, torch.empty(q.numel(), dtype=torch.int16, device=device))
+        pack_into(q, packed, _identity_pack(device), torch.empty(q.numel(), dtype=torch.int32, device=device))
         q = packed
     return q, scale, lo
+
+
+@lru_cache(maxsize=None)
+def _identity_pack(device: torch.device) -> torch.Tensor:
+    return pack_table(torch.arange(16)).to(device)
 
 
 def _check_finite(stats: torch.Tensor) -> None:
@@ -345,48 +343,37 @@ def dequantize_nested(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: 
 
 
 @lru_cache(maxsize=None)
-def _pair_lut_cpu(quant_type: str) -> torch.Tensor:
-    """(65536, 4) fp32: the 4 code values of every 2-byte pair, indexed by the pair read as int16.
+def _byte_lut_cpu(book: str) -> torch.Tensor:
+    """(256,) int64: for each packed byte, its two fp32 code values (high nibble first) as one 8-byte word.
 
-    Reading packed bytes two at a time halves the number of look-ups. The table is filled through the
-    machine's own int16 view, so it holds on any byte order.
+    index_select on a 1-D table of 8-byte words is a vectorized copy; on a (256, 2) float table it takes
+    a per-row path ~10x slower. The words are built by viewing the float pairs, so byte order is moot.
     """
-    code = codebooks.code(quant_type)
-    pairs = torch.arange(65536).to(torch.uint8).view(-1, 1)  # low byte ...
-    pairs = torch.cat([pairs, (torch.arange(65536) >> 8).to(torch.uint8).view(-1, 1)], 1)
-    key = pairs.contiguous().view(torch.int16).view(-1).long() & 0xFFFF
-    p = pairs.long()
-    values = torch.stack([code[p[:, 0] >> 4], code[p[:, 0] & 15], code[p[:, 1] >> 4], code[p[:, 1] & 15]], 1)
-    lut = torch.empty_like(values)
-    lut[key] = values
-    return lut
+    code = codebooks.code(book)
+    code = torch.cat([code, code.new_zeros(16 - len(code))])  # int4 uses 15 of the 16 patterns
+    byte = torch.arange(256)
+    return torch.stack([code[byte >> 4], code[byte & 15]], 1).contiguous().view(torch.int64).view(-1)
 
 
 @lru_cache(maxsize=None)
-def pair_lut(quant_type: str, device: torch.device) -> torch.Tensor:
-    return _pair_lut_cpu(quant_type).to(device)
+def byte_lut(book: str, device: torch.device) -> torch.Tensor:
+    return _byte_lut_cpu(book).to(device)
 
 
 def unpack_values(codes: torch.Tensor, book: str, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Code-book values (fp32, flat) of the first n codes of `book` (a code-book name); 4-bit come packed.
 
-    `out` (fp32, at least n + 4 elements) may be given to avoid a fresh tensor. Returns a flat view of
-    length n.
+    `out` (fp32, at least n + 1 elements, starting at an even element offset) may be given to avoid a
+    fresh tensor. Returns a flat view of length n.
     """
     device = codes.device
     if out is None:
-        out = torch.empty(n + 4, device=device)
+        out = torch.empty(n + 2, device=device)
     if codebooks.bits(book) == 8:
         return torch.index_select(codebooks.code(book, device), 0, codes[:n].int(), out=out[:n])
     nbytes = codes.numel()
-    even = nbytes - nbytes % 2
-    if even:
-        idx = codes[:even].view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
-        torch.index_select(pair_lut(book, device), 0, idx, out=out[: 2 * even].view(-1, 4))
-    if even < nbytes:
-        last = codes[even:].long()
-        code = codebooks.code(book, device)
-        out[2 * even: 2 * even + 2] = torch.cat([code[last >> 4], code[last & 15]])
+    words = out[: 2 * nbytes].view(torch.int64)  # one word = the two values of one byte
+    torch.index_select(byte_lut(book, device), 0, codes.int(), out=words)
     return out[:n]
 
 
@@ -400,11 +387,11 @@ def dequantize_blocks(codes: torch.Tensor, book: str, n: int, block_size: int,
     output when it is fp32), times the block scales, then one converting copy for fp16/bf16.
     """
     device = codes.device
-    result = torch.empty(n + 4, dtype=dtype, device=device)
+    result = torch.empty(n + 2, dtype=dtype, device=device)
     per_byte = 2 if codebooks.bits(book) == 4 else 1
 
     def work(start: int, stop: int, scratch: torch.Tensor | None) -> None:
-        buf = result[start: stop + 4] if scratch is None else scratch
+        buf = result[start: stop + 2] if scratch is None else scratch
         vals = unpack_values(codes[start // per_byte: -(-stop // per_byte)], book, stop - start, out=buf)
         b0 = start // block_size
         _scale_(vals, b0, block_size, scales(b0, -(-stop // block_size)), zero)
@@ -412,7 +399,7 @@ def dequantize_blocks(codes: torch.Tensor, book: str, n: int, block_size: int,
             result[start:stop].copy_(vals)
 
     def make_scratch(size: int) -> torch.Tensor | None:
-        return None if dtype == torch.float32 else torch.empty(size + 4, device=device)
+        return None if dtype == torch.float32 else torch.empty(size + 2, device=device)
 
     for_chunks(device, n, block_size, make_scratch, work)
     return result[:n]
