@@ -19,6 +19,7 @@ from tunelab.lora import (
     lora_param_groups,
     merge_adapter,
     merge_lora,
+    remove_lora,
     save_adapter,
     unmerge_adapter,
 )
@@ -155,6 +156,13 @@ def test_merge_equals_w_plus_scale_ba_and_unmerge_restores(use_dora):
     assert (logits(model) - adapted_logits).abs().max() <= 1e-5
 
 
+def test_remove_lora_gives_back_the_base_model():
+    model = lora_model(modules_to_save=["lm_head"])
+    randomize_b(model)
+    assert torch.equal(logits(remove_lora(model)), logits(make_tiny_llama()))
+    assert not any(isinstance(m, (LoRALinear, ModuleToSave)) for m in model.modules())
+
+
 def test_merge_lora_returns_plain_linears():
     model = lora_model(use_dora=True, modules_to_save=["lm_head"])
     randomize_b(model)
@@ -229,6 +237,9 @@ def test_adapter_for_another_shape_names_module_and_shapes(tmp_path):
     msg = str(err.value)
     assert "model.layers.0.mlp.down_proj.lora_A.weight has shape (4, 128)" in msg
     assert "expects (4, 96)" in msg and "base linear 96 -> 64" in msg
+    # The failed load left the model as it was: no adapter layers, every parameter trainable again.
+    assert set(wider.state_dict()) == set(make_tiny_llama(intermediate_size=96).state_dict())
+    assert all(p.requires_grad for p in wider.parameters()) and not hasattr(wider, "lora_config")
 
 
 def test_adapter_keys_matching_no_module(tmp_path):
@@ -236,3 +247,8 @@ def test_adapter_keys_matching_no_module(tmp_path):
     model = lora_model(target_modules=["v_proj"])  # LoRA layers already there, at other places
     with pytest.raises(TunelabError, match=r"match no LoRA layer .* e\.g\. base_model\.model\.model\.layers\.0\.self_attn\.q_proj"):
         load_adapter(model, tmp_path)
+
+
+def test_bad_regex_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"'q_proj\(' is not a valid regex"):
+        LoraConfig(r=4, alpha=8, target_modules="q_proj(")

@@ -101,3 +101,34 @@ def test_training_mode_with_dropout_matches_peft(ids, tmp_path):
     torch.manual_seed(5)
     ours_logits = ours(ids).logits
     assert (ours_logits - theirs_logits).abs().max() <= TOL
+
+
+def make_tiny_token_classifier():
+    """A tiny Llama with a 3-label token classification head (`score`), as for span detection."""
+    from transformers import LlamaConfig, LlamaForTokenClassification
+
+    torch.manual_seed(0)
+    return LlamaForTokenClassification(LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+
+
+def test_token_classification_head_crosses_both_ways(ids, tmp_path):
+    """modules_to_save=["score"] from tunelab loads in PEFT; PEFT's TOKEN_CLS adapter (which lists the
+    candidate heads ["classifier", "score"]) loads in tunelab."""
+    ours = apply_lora(make_tiny_token_classifier(), LoraConfig(r=4, alpha=8, modules_to_save=["score"]),
+                      verbose=False)
+    perturb(ours)
+    save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["task_type"] == "TOKEN_CLS"
+    theirs = peft.PeftModel.from_pretrained(make_tiny_token_classifier(), tmp_path / "ours").eval()
+    assert (logits(theirs, ids) - logits(ours, ids)).abs().max() <= TOL
+
+    theirs = peft.get_peft_model(make_tiny_token_classifier(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="TOKEN_CLS")).eval()
+    perturb(theirs, seed=2)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(make_tiny_token_classifier(), tmp_path / "peft", verbose=False).eval()
+    assert ours.lora_config.modules_to_save == ["score"]
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max() <= TOL
+    assert (logits(ours, ids) - logits(make_tiny_token_classifier(), ids)).abs().max() > 1e-2

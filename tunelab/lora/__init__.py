@@ -18,12 +18,14 @@ from tunelab.lora.model import (
     lora_param_groups,
     merge_adapter,
     merge_lora,
+    remove_lora,
     unmerge_adapter,
 )
 from tunelab.lora.peft_format import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 
 __all__ = [
     "LoraConfig", "LoRALinear", "ModuleToSave", "apply_lora", "count_parameters", "disable_adapters",
-    "find_targets", "lora_layers", "lora_param_groups", "merge_adapter", "merge_lora", "unmerge_adapter",
+    "find_targets", "lora_layers", "lora_param_groups", "merge_adapter", "merge_lora", "remove_lora",
+    "unmerge_adapter",
     "adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from tunelab.errors import ConfigError
@@ -55,6 +56,11 @@ class LoraConfig:
             raise ConfigError(f"lora loraplus_ratio must be > 0 or None, got {self.loraplus_ratio!r}")
         if not isinstance(self.target_modules, str):
             self.target_modules = _name_list(self.target_modules, "target_modules")
+        elif self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ConfigError(f"lora target_modules {self.target_modules!r} is not a valid regex: {e}") from None
         if self.modules_to_save is not None:
             self.modules_to_save = _name_list(self.modules_to_save, "modules_to_save")
 

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.quant import Linear4bit
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """A frozen 4-bit linear (tunelab.quant.Linear4bit): it has no float weight, only dequantize_weight()."""
-    return callable(getattr(module, "dequantize_weight", None)) and hasattr(module, "in_features")
+    """A frozen 4-bit linear: no float weight, only dequantize_weight()."""
+    return isinstance(module, Linear4bit)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -53,7 +54,8 @@ class LoRALinear(nn.Module):
         # No module at all for p=0: the forward then has exactly one extra path, A then B.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         # Adapters over a float base share its dtype; over a 4-bit base they train in fp32 (as QLoRA does).
-        device, dtype = _device_dtype(base)
+        device = base.weight.device  # Linear4bit.weight: the packed codes, on the layer's device
+        dtype = base.weight.dtype if isinstance(base, nn.Linear) else torch.float32
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
         if init == "gaussian":
@@ -79,9 +81,9 @@ class LoRALinear(nn.Module):
         lora = self.lora_B(self.lora_A(h.to(self.lora_A.weight.dtype))).to(result.dtype)  # (..., out)
         if not self.use_dora:
             return result + lora * self.scale
-        return result + self._dora_extra(x, h, result, lora)
+        return result + self._dora_extra(h, result, lora)
 
-    def _dora_extra(self, x, h, result, lora):
+    def _dora_extra(self, h, result, lora):
         """DoRA's output minus the base output: (g - 1) * W h + g * scale * B A h, g = m / ||W + scale B A||.
 
         The norm is a constant for backprop (DoRA paper sec. 4.3, as PEFT). Without active dropout W h is
@@ -95,8 +97,9 @@ class LoRALinear(nn.Module):
             bias = self.base.bias
             base_out = result if bias is None else result - bias
         else:
-            base_out = F.linear(h, weight)
-        return (g - 1) * base_out + g * lora * self.scale
+            base_out = F.linear(h.to(weight.dtype), weight)
+        # m is fp32 over a 4-bit base: come back to the base output's dtype, as PEFT does.
+        return ((g - 1) * base_out + g * lora * self.scale).to(result.dtype)
 
     @staticmethod
     def _row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -173,9 +176,3 @@ class ModuleToSave(nn.Module):
     def forward(self, *args, **kwargs):
         return (self.trained if self.enabled else self.original)(*args, **kwargs)
 
-
-def _device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
-    if isinstance(base, nn.Linear):
-        return base.weight.device, base.weight.dtype
-    tensor = next(iter([*base.parameters(), *base.buffers()]), None)
-    return (tensor.device if tensor is not None else torch.device("cpu")), torch.float32

@@ -50,17 +50,21 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]
     if target_modules == "all-linear":
         head = _output_head_path(model)
         return [path for path, m in model.named_modules() if is_linear(m) and path != head]
-    paths = [path for path, _ in model.named_modules() if path]
     if isinstance(target_modules, str):
-        found = [p for p in paths if re.fullmatch(target_modules, p)]
+        found = [p for p, _ in model.named_modules() if p and re.fullmatch(target_modules, p)]
         _check_matches(model, f"regex {target_modules!r}", found)
         return found
     found = []
     for name in target_modules:
-        matched = [p for p in paths if name_matches(p, name)]
+        matched = matching_paths(model, name)
         _check_matches(model, f"name {name!r}", matched)
         found += [p for p in matched if p not in found]
     return found
+
+
+def matching_paths(model: nn.Module, name: str) -> list[str]:
+    """Paths of the modules a name selects (name_matches), in model order."""
+    return [path for path, _ in model.named_modules() if path and name_matches(path, name)]
 
 
 def name_matches(path: str, name: str) -> bool:
@@ -96,10 +100,9 @@ def _output_head_path(model: nn.Module) -> str | None:
 def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     if not names:
         return []
-    paths = [path for path, _ in model.named_modules() if path]
     found = []
     for name in names:
-        matched = [p for p in paths if name_matches(p, name)]
+        matched = matching_paths(model, name)
         if not matched:
             raise TunelabError(f"LoRA modules_to_save name {name!r} matches no module in {type(model).__name__}")
         found += [p for p in matched if p not in found]
@@ -120,8 +123,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit linear counts its logical out * in weights."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if is_quantized_linear(m)
-                 and not isinstance(getattr(m, "weight", None), nn.Parameter))
+    total += sum(m.in_features * m.out_features for m in model.modules() if is_quantized_linear(m))
     return trainable, total
 
 
@@ -172,8 +174,10 @@ def merge_lora(model: nn.Module, base_weights: dict[str, torch.Tensor] | None = 
     turned back into nn.Linear the same way, and modules_to_save keep their trained copy: the result is
     a model of plain linears.
     """
-    quantized = [p for p, m in model.named_modules() if is_quantized_linear(m)
-                 or (isinstance(m, LoRALinear) and is_quantized_linear(m.base))]
+    # The paths whose weight is 4-bit: a LoRALinear over a 4-bit base (not its .base again), or a bare one.
+    wrapped = {p + ".base" for p, _ in lora_layers(model)}
+    quantized = [p for p, m in model.named_modules() if p not in wrapped and is_quantized_linear(
+        m.base if isinstance(m, LoRALinear) else m)]
     if quantized and base_weights is None:
         if not from_quantized:
             raise TunelabError(
@@ -200,10 +204,8 @@ def merge_lora(model: nn.Module, base_weights: dict[str, torch.Tensor] | None = 
         model.set_submodule(path, linear)
     for path, m in list(model.named_modules()):
         if isinstance(m, ModuleToSave):
-            model.set_submodule(path, m.trained)
-    for attr in ("lora_config", "lora_counts"):
-        model.__dict__.pop(attr, None)
-    return model
+            m.original = m.trained  # remove_lora then keeps the trained copy
+    return remove_lora(model)
 
 
 def _float_linear(path: str, quantized: nn.Module, base_weights: dict[str, torch.Tensor] | None) -> nn.Linear:
@@ -226,6 +228,19 @@ def _float_linear(path: str, quantized: nn.Module, base_weights: dict[str, torch
         if bias is not None:
             linear.bias.copy_(bias)
     return linear.requires_grad_(False)
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Drop the adapters without merging: each LoRALinear gives back its base, each module to save its
+    original, in place (PEFT's unload). requires_grad flags stay as apply_lora left them (frozen)."""
+    for path, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            model.set_submodule(path, m.base)
+        elif isinstance(m, ModuleToSave):
+            model.set_submodule(path, m.original)
+    for attr in ("lora_config", "lora_counts"):
+        model.__dict__.pop(attr, None)
+    return model
 
 
 def lora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,

@@ -22,7 +22,7 @@ from torch import nn
 from tunelab.errors import TunelabError
 from tunelab.lora.config import LoraConfig
 from tunelab.lora.layer import LoRALinear, ModuleToSave
-from tunelab.lora.model import apply_lora, find_targets, lora_layers
+from tunelab.lora.model import apply_lora, find_targets, lora_layers, matching_paths, remove_lora
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -90,13 +90,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
     cfg, base_name = read_adapter_config(path)
     if not (path / WEIGHTS_NAME).is_file():
         raise TunelabError(f"{path} has no {WEIGHTS_NAME} (tunelab reads safetensors adapters only)")
-    if getattr(model, "lora_config", None) is None:
-        _check_targets_fit(model, cfg, path)
-        apply_lora(model, cfg, verbose=verbose)
-    else:
-        _check_same_adapter(model.lora_config, cfg, path)
-    expected = adapter_state_dict(model)
     found = load_file(path / WEIGHTS_NAME)
+    if getattr(model, "lora_config", None) is not None:
+        _check_same_adapter(model.lora_config, cfg, path)
+        _copy_checked(model, found, path, base_name)
+        return model
+    _check_targets_fit(model, cfg, path)
+    cfg.modules_to_save = _present(model, cfg.modules_to_save)
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    apply_lora(model, cfg, verbose=verbose)
+    try:
+        _copy_checked(model, found, path, base_name)
+    except TunelabError:  # leave the model as it came: no adapter layers, its own trainable flags
+        for name, p in remove_lora(model).named_parameters():
+            p.requires_grad_(trainable[name])
+        raise
+    return model
+
+
+def _copy_checked(model: nn.Module, found: dict[str, torch.Tensor], path: Path, base_name: str | None) -> None:
+    """Copy the file's tensors into the adapter, after checking keys and shapes against the model."""
+    expected = adapter_state_dict(model)
     unknown = sorted(set(found) - set(expected))
     if unknown:
         raise TunelabError(
@@ -117,7 +131,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, verbose: bool = True
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(found[key])
-    return model
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, str | None]:
@@ -131,6 +144,9 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, str | None
     for key, default in UNSUPPORTED.items():
         if raw.get(key, default) not in (default, [], {}, None):
             raise TunelabError(f"{file}: {key}={raw[key]!r} is not supported by tunelab.lora")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if raw.get(k) is None]
+    if missing:
+        raise TunelabError(f"{file}: no value for {', '.join(missing)}; this is not a complete LoRA config")
     init = raw.get("init_lora_weights", True)
     cfg = LoraConfig(
         r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
@@ -192,6 +208,14 @@ def _check_targets_fit(model: nn.Module, cfg: LoraConfig, path: Path) -> None:
         find_targets(model, cfg.target_modules)
     except TunelabError as e:
         raise TunelabError(f"adapter {path}: {e}") from None
+
+
+def _present(model: nn.Module, names: list[str] | None) -> list[str] | None:
+    """The modules_to_save names that exist in the model. PEFT writes every candidate head name for a task
+    (["classifier", "score"] for TOKEN_CLS) and skips absent ones; a tensor saved for a module that is
+    absent still fails the key check in load_adapter."""
+    kept = [n for n in names or [] if matching_paths(model, n)]
+    return kept or None
 
 
 def _check_same_adapter(have: LoraConfig, cfg: LoraConfig, path: Path) -> None:

@@ -15,26 +15,58 @@ nearest code by table look-ups (see `_NearestCode`).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
 from tunelab.quant import codebooks
 
-# Elements per chunk on CPU: 4 scratch buffers of this size stay in L2 (~1 MiB each).
-CHUNK = 1 << 18
+# Elements per CPU step. At most ATen's grain size (32768), so each op runs on the calling thread without
+# an OpenMP fork/join: on a busy 2-core machine a join can wait a whole scheduler slice (~15 ms measured
+# for a 256K-element multiply). Parallelism comes from our own worker threads instead (ops drop the GIL).
+CHUNK = 1 << 15
 # Double quantization block (QLoRA section 3): 256 scales share one fp32 absmax.
 NESTED_BLOCK = 256
 # bitsandbytes clamps a zero absmax to this before dividing, so all-zero blocks give code "0".
 _TINY = 1e-38
 
 
-def _chunk_elems(device: torch.device, block_size: int) -> int:
-    """Elements per step: whole tensors on GPUs (one launch per op), cache-sized chunks on CPU."""
+@lru_cache(maxsize=1)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunelab-quant")
+
+
+def for_chunks(device: torch.device, n: int, block_size: int, make_scratch: Callable[[int], object],
+               work: Callable[[int, int, object], None]) -> None:
+    """Call work(start, stop, scratch) over [0, n) in block-aligned steps.
+
+    GPUs: one step over everything (one launch per op). CPU: CHUNK-sized steps, the range split into one
+    contiguous part per torch thread, each run by a worker thread with its own scratch buffers.
+    """
+    if n == 0:
+        return
     if device.type != "cpu":
-        return 1 << 62
-    return max(CHUNK // block_size, 1) * block_size
+        work(0, n, make_scratch(n))
+        return
+    step = max(CHUNK // block_size, 1) * block_size
+
+    def run(lo: int, hi: int) -> None:
+        scratch = make_scratch(min(step, hi - lo))
+        for start in range(lo, hi, step):
+            work(start, min(start + step, hi), scratch)
+
+    steps = -(-n // step)
+    workers = min(torch.get_num_threads(), steps)
+    if workers <= 1:
+        run(0, n)
+        return
+    per = -(-steps // workers) * step
+    futures = [_pool(workers).submit(run, lo, min(lo + per, n)) for lo in range(0, n, per)]
+    for f in futures:
+        f.result()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,10 +101,7 @@ class _NearestCode:
         self.below = (torch.cumsum(counts, 0) - counts).to(torch.uint8)  # (ncell,)
         self.mid = torch.full((ncell,), float("inf"))
         self.mid[cells.long()] = mids
-        # For FP4 the packed byte of two sorted positions is remapped to code indices in one look-up.
-        pos = torch.arange(256)
-        self.byte_remap = (self.order[pos >> 4] * 16 + self.order[pos & 15]).to(torch.uint8)
-        self.identity = bool(torch.equal(self.order, torch.arange(len(code))))
+        self.pack = pack_table(self.order) if len(code) <= 16 else None  # 4-bit books only
 
     def to(self, device: torch.device) -> "_NearestCode":
         new = object.__new__(_NearestCode)
@@ -82,8 +111,9 @@ class _NearestCode:
 
     def encode_(self, y: torch.Tensor, cell: torch.Tensor, fscratch: torch.Tensor, bscratch: torch.Tensor,
                 out: torch.Tensor) -> torch.Tensor:
-        """Sorted-position codes of flat y (fp32, already 2048 * s) into `out` (uint8); all same length."""
-        y.clamp_(-_HALF_CELLS, _HALF_CELLS)  # |s| <= 1 up to rounding; a clamp never crosses a midpoint
+        """Sorted-position codes of flat finite y = x / scale (fp32, |y| <= 1 up to rounding) into `out`
+        (uint8); all the same length. y is scaled by 2048 in place (exact: a power of two)."""
+        y.mul_(_HALF_CELLS)
         cell.copy_(y)  # float -> int32 truncates toward zero
         cell.add_(_HALF_CELLS)
         torch.index_select(self.below, 0, cell, out=out)
@@ -108,24 +138,21 @@ def nearest_code(quant_type: str, device: torch.device) -> _NearestCode:
 
 
 @dataclass
-class Scratch:
-    """Reusable per-call buffers of one chunk (flat, `size` elements)."""
+class _Scratch:
+    """Per-worker buffers of one step (flat, `size` elements)."""
 
-    y: torch.Tensor
     cell: torch.Tensor
     f: torch.Tensor
     b: torch.Tensor
     q: torch.Tensor
+    y: torch.Tensor
 
     @classmethod
-    def make(cls, size: int, device: torch.device) -> "Scratch":
-        return cls(
-            y=torch.empty(size, device=device),
-            cell=torch.empty(size, dtype=torch.int32, device=device),
-            f=torch.empty(size, device=device),
-            b=torch.empty(size, dtype=torch.bool, device=device),
-            q=torch.empty(size, dtype=torch.uint8, device=device),
-        )
+    def make(cls, size: int, device: torch.device) -> "_Scratch":
+        size += size % 2
+        return cls(cell=torch.empty(size, dtype=torch.int32, device=device), f=torch.empty(size, device=device),
+                   b=torch.empty(size, dtype=torch.bool, device=device),
+                   q=torch.empty(size, dtype=torch.uint8, device=device), y=torch.empty(size, device=device))
 
 
 def block_absmax(flat: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -141,10 +168,30 @@ def block_absmax(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _pack_into(q: torch.Tensor, out: torch.Tensor) -> None:
-    """Two 4-bit codes per byte, first in the high nibble: out[i] = q[2i] << 4 | q[2i+1]."""
-    torch.mul(q[0::2], 16, out=out)
-    out.add_(q[1::2])
+def pack_table(order: torch.Tensor) -> torch.Tensor:
+    """uint8 table: two 4-bit sorted positions (a, b), read as one int16 word v, -> packed byte.
+
+    The byte is order[a] << 4 | order[b] (first element in the high nibble; `order` maps sorted position
+    to code index, the identity except for FP4). Reading pairs as int16 turns packing into one look-up;
+    v < 4096 since a, b < 16, and the table is filled through the machine's own view (any byte order).
+    """
+    k = len(order)
+    pairs = torch.cartesian_prod(torch.arange(k), torch.arange(k)).to(torch.uint8)  # (k*k, 2): (a, b)
+    words = pairs.contiguous().view(torch.int16).view(-1).long()
+    table = torch.zeros(int(words.max()) + 1, dtype=torch.uint8)
+    p = pairs.long()
+    table[words] = (order[p[:, 0]] * 16 + order[p[:, 1]]).to(torch.uint8)
+    return table
+
+
+def pack_into(q: torch.Tensor, out: torch.Tensor, pack: torch.Tensor, scratch: torch.Tensor) -> None:
+    """Two 4-bit codes per byte: out (m,) from q (2m,) uint8 sorted positions via `pack_table`.
+
+    scratch: int32, at least m elements.
+    """
+    words = scratch[: out.numel()]
+    words.copy_(q.view(torch.int16))
+    torch.index_select(pack, 0, words, out=out)
 
 
 def quantize_absmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,41 +201,45 @@ def quantize_absmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tup
     blocks, s = x / max(absmax, 1e-38) for a short last block, then the nearest code.
     """
     n, device = flat.numel(), flat.device
-    bits = codebooks.BITS[quant_type]
+    four = codebooks.BITS[quant_type] == 4
     table = nearest_code(quant_type, device)
-    absmax = block_absmax(flat, block_size)
-    _check_finite(absmax)
-    # Scaled reciprocal: x * (2048 / absmax) == 2048 * (x * (1 / absmax)) exactly (power-of-two factor).
-    recip = (1.0 / absmax.clamp(min=_TINY)) * _HALF_CELLS
-    out = torch.empty((n + 1) // 2 if bits == 4 else n, dtype=torch.uint8, device=device)
-
+    absmax = torch.empty(-(-n // block_size), device=device)
+    out = torch.empty((n + 1) // 2 if four else n, dtype=torch.uint8, device=device)
     full = n - n % block_size
-    step = _chunk_elems(device, block_size)
-    s = Scratch.make(min(step, full) if full else 0, device)
-    for start in range(0, full, step):
-        stop = min(start + step, full)
-        m = stop - start
-        y = s.y[:m]
-        torch.mul(flat[start:stop].view(-1, block_size), recip[start // block_size: stop // block_size, None],
-                  out=y.view(-1, block_size))
-        q = table.encode_(y, s.cell[:m], s.f[:m], s.b[:m], s.q[:m] if bits == 4 else out[start:stop])
-        if bits == 4:
-            _pack_into(q, out[start // 2: stop // 2])
+
+    def work(start: int, stop: int, s: _Scratch) -> None:
+        m, b0, b1 = stop - start, start // block_size, stop // block_size
+        x, y, tmp = flat[start:stop].view(-1, block_size), s.y[:m].view(-1, block_size), s.f[:m].view(-1, block_size)
+        if x.dtype != torch.float32:  # fp16/bf16: widen once (exact), as bitsandbytes does first
+            x = y.copy_(x)
+        torch.amax(torch.abs(x, out=tmp), 1, out=absmax[b0:b1])
+        recip = torch.reciprocal(absmax[b0:b1].clamp(min=_TINY))
+        torch.mul(x, recip[:, None], out=y)
+        if four:
+            q = table.encode_(s.y[:m], s.cell[:m], s.f[:m], s.b[:m], s.q[:m])
+            pack_into(q, out[start // 2: stop // 2], table.pack, s.cell)
+        else:
+            table.encode_(s.y[:m], s.cell[:m], s.f[:m], s.b[:m], out[start:stop])
+
+    try:
+        for_chunks(device, full, block_size, lambda size: _Scratch.make(size, device), work)
+    except (IndexError, RuntimeError):  # NaN/Inf make out-of-range cells; say so instead
+        _check_finite(absmax[: full // block_size])
+        raise
     if full < n:  # short last block: divide, as bitsandbytes does there; pad an odd count with s = 0
+        absmax[-1] = flat[full:].abs().amax()
         tail = flat[full:].float() / absmax[-1].clamp(min=_TINY)
-        if bits == 4 and tail.numel() % 2:
+        if four and tail.numel() % 2:
             tail = torch.cat([tail, tail.new_zeros(1)])
-        y = tail * _HALF_CELLS
-        k = y.numel()
-        q = torch.empty(k, dtype=torch.uint8, device=device)
-        q = table.encode_(y, torch.empty(k, dtype=torch.int32, device=device), torch.empty_like(y),
-                          torch.empty(k, dtype=torch.bool, device=device), q)
-        if bits == 4:
-            _pack_into(q, out[full // 2:])
+        k = tail.numel()
+        s = _Scratch.make(k, device)
+        _check_finite(absmax[-1:])
+        q = table.encode_(s.y[:k].copy_(tail), s.cell[:k], s.f[:k], s.b[:k], s.q[:k])
+        if four:
+            pack_into(q, out[full // 2:], table.pack, s.cell)
         else:
             out[full:] = q
-    if not table.identity:
-        out = table.byte_remap[out.long()] if bits == 4 else table.order.to(torch.uint8)[out.long()]
+    _check_finite(absmax)
     return out, absmax
 
 
@@ -214,9 +265,14 @@ def quantize_minmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tup
         if n % 2:
             q = torch.cat([q, q.new_zeros(1)])
         packed = torch.empty(q.numel() // 2, dtype=torch.uint8, device=device)
-        _pack_into(q, packed)
+        pack_into(q, packed, _identity_pack(device), torch.empty(q.numel(), dtype=torch.int32, device=device))
         q = packed
     return q, scale, lo
+
+
+@lru_cache(maxsize=None)
+def _identity_pack(device: torch.device) -> torch.Tensor:
+    return pack_table(torch.arange(16)).to(device)
 
 
 def _check_finite(stats: torch.Tensor) -> None:
@@ -238,16 +294,25 @@ def quantize_nested(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     gets code 0); then its 65536-entry look-up table: i = trunc((clamp(v, -1, 1) + 1) * 0.5 * 65535 + 0.5)
     and code = the number of dynamic-map midpoints below -1 + 2i / 65535.
     """
-    offset = scales.mean()
-    a = scales - offset
-    m = a.numel()
-    nested_absmax = block_absmax(a, NESTED_BLOCK)
-    zero_block = nested_absmax == 0
-    inv = torch.where(zero_block, 0.0, 1.0 / nested_absmax).repeat_interleave(NESTED_BLOCK)[:m]
-    v = (a * inv).clamp_(-1.0, 1.0)
-    i = ((v + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)
-    codes = _dynamic_lut(a.device)[i]
-    codes[zero_block.repeat_interleave(NESTED_BLOCK)[:m]] = 0
+    offset = scales.mean()  # one whole-tensor reduction, exactly as bitsandbytes sums
+    m, device = scales.numel(), scales.device
+    nested_absmax = torch.empty(-(-m // NESTED_BLOCK), device=device)
+    codes = torch.empty(m, dtype=torch.uint8, device=device)
+    lut = _dynamic_lut(device)
+
+    def work(start: int, stop: int, _) -> None:
+        a = scales[start:stop] - offset
+        b0 = start // NESTED_BLOCK
+        am = block_absmax(a, NESTED_BLOCK)
+        nested_absmax[b0: b0 + am.numel()] = am
+        inv = torch.where(am == 0, 0.0, 1.0 / am)  # a zero block: v = 0 here, code 0 below
+        pad = -a.numel() % NESTED_BLOCK
+        v = torch.nn.functional.pad(a, (0, pad)).view(-1, NESTED_BLOCK).mul_(inv[:, None]).view(-1)[: a.numel()]
+        i = v.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5).mul_(65535.0).add_(0.5).to(torch.int32)
+        torch.index_select(lut, 0, i, out=codes[start:stop])
+        codes[start:stop].view(-1)[(am == 0).repeat_interleave(NESTED_BLOCK)[: a.numel()]] = 0
+
+    for_chunks(device, m, NESTED_BLOCK, lambda size: None, work)
     return codes, nested_absmax, offset
 
 
@@ -260,12 +325,16 @@ def _dynamic_lut(device: torch.device) -> torch.Tensor:
     return torch.searchsorted(mids, grid).to(torch.uint8).to(device)  # #{mids < grid point}
 
 
-def dequantize_nested(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The fp32 scales back: dynamic_map[code] * nested_absmax[block] + offset (bitsandbytes' order)."""
-    m = codes.numel()
-    vals = codebooks.dynamic_map(codes.device)[codes.long()]
-    per_elem = nested_absmax.repeat_interleave(NESTED_BLOCK)[:m]
-    return vals * per_elem + offset
+def dequantize_nested(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor,
+                      start: int = 0) -> torch.Tensor:
+    """The fp32 scales back: dynamic_map[code] * nested_absmax[block] + offset (bitsandbytes' order).
+
+    `codes` may be a slice of all codes beginning at scale index `start`.
+    """
+    device = codes.device
+    vals = torch.index_select(codebooks.dynamic_map(device), 0, codes.int())
+    group = torch.arange(start, start + codes.numel(), device=device) // NESTED_BLOCK  # (m,) nested block
+    return vals.mul_(nested_absmax[group]).add_(offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,84 +343,79 @@ def dequantize_nested(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: 
 
 
 @lru_cache(maxsize=None)
-def _pair_lut_cpu(quant_type: str) -> torch.Tensor:
-    """(65536, 4) fp32: the 4 code values of every 2-byte pair, indexed by the pair read as int16.
+def _byte_lut_cpu(book: str) -> torch.Tensor:
+    """(256,) int64: for each packed byte, its two fp32 code values (high nibble first) as one 8-byte word.
 
-    Reading packed bytes two at a time halves the number of look-ups. The table is filled through the
-    machine's own int16 view, so it holds on any byte order.
+    index_select on a 1-D table of 8-byte words is a vectorized copy; on a (256, 2) float table it takes
+    a per-row path ~10x slower. The words are built by viewing the float pairs, so byte order is moot.
     """
-    code = codebooks.code(quant_type)
-    pairs = torch.arange(65536).to(torch.uint8).view(-1, 1)  # low byte ...
-    pairs = torch.cat([pairs, (torch.arange(65536) >> 8).to(torch.uint8).view(-1, 1)], 1)
-    key = pairs.contiguous().view(torch.int16).view(-1).long() & 0xFFFF
-    p = pairs.long()
-    values = torch.stack([code[p[:, 0] >> 4], code[p[:, 0] & 15], code[p[:, 1] >> 4], code[p[:, 1] & 15]], 1)
-    lut = torch.empty_like(values)
-    lut[key] = values
-    return lut
+    code = codebooks.code(book)
+    code = torch.cat([code, code.new_zeros(16 - len(code))])  # int4 uses 15 of the 16 patterns
+    byte = torch.arange(256)
+    return torch.stack([code[byte >> 4], code[byte & 15]], 1).contiguous().view(torch.int64).view(-1)
 
 
 @lru_cache(maxsize=None)
-def pair_lut(quant_type: str, device: torch.device) -> torch.Tensor:
-    return _pair_lut_cpu(quant_type).to(device)
+def byte_lut(book: str, device: torch.device) -> torch.Tensor:
+    return _byte_lut_cpu(book).to(device)
 
 
 def unpack_values(codes: torch.Tensor, book: str, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Code-book values (fp32, flat) of the first n codes of `book` (a code-book name); 4-bit come packed.
 
-    `out` (fp32, at least n + 4 elements) may be given to avoid a fresh tensor. Returns a flat view of
-    length n.
+    `out` (fp32, at least n + 1 elements, starting at an even element offset) may be given to avoid a
+    fresh tensor. Returns a flat view of length n.
     """
     device = codes.device
     if out is None:
-        out = torch.empty(n + 4, device=device)
+        out = torch.empty(n + 2, device=device)
     if codebooks.bits(book) == 8:
         return torch.index_select(codebooks.code(book, device), 0, codes[:n].int(), out=out[:n])
     nbytes = codes.numel()
-    even = nbytes - nbytes % 2
-    if even:
-        idx = codes[:even].view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
-        torch.index_select(pair_lut(book, device), 0, idx, out=out[: 2 * even].view(-1, 4))
-    if even < nbytes:
-        last = codes[even:].long()
-        code = codebooks.code(book, device)
-        out[2 * even: 2 * even + 2] = torch.cat([code[last >> 4], code[last & 15]])
+    words = out[: 2 * nbytes].view(torch.int64)  # one word = the two values of one byte
+    torch.index_select(byte_lut(book, device), 0, codes.int(), out=words)
     return out[:n]
 
 
-def dequantize_blocks(codes: torch.Tensor, book: str, n: int, block_size: int, scales: torch.Tensor,
-                      zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_blocks(codes: torch.Tensor, book: str, n: int, block_size: int,
+                      scales: Callable[[int, int], torch.Tensor], zero: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor:
     """Flat dequantized tensor (n,) in `dtype`: code value * scale (+ zero for min-max), in fp32.
 
-    CPU works in chunks: codes -> values through the pair table into fp32 scratch, times the scales,
-    then one write into the output (converting dtype only there).
+    scales(b0, b1) gives the fp32 scales of blocks b0..b1-1 (undoing double quantization there, so
+    it runs per step too). Per step: codes -> values through the pair table (fp32, straight into the
+    output when it is fp32), times the block scales, then one converting copy for fp16/bf16.
     """
     device = codes.device
-    result = torch.empty(n + 4, dtype=dtype, device=device)
+    result = torch.empty(n + 2, dtype=dtype, device=device)
     per_byte = 2 if codebooks.bits(book) == 4 else 1
-    step = _chunk_elems(device, block_size)
-    scratch = None if dtype == torch.float32 else torch.empty(min(step, n) + 4, device=device)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        buf = result[start: stop + 4] if scratch is None else scratch
+
+    def work(start: int, stop: int, scratch: torch.Tensor | None) -> None:
+        buf = result[start: stop + 2] if scratch is None else scratch
         vals = unpack_values(codes[start // per_byte: -(-stop // per_byte)], book, stop - start, out=buf)
-        _scale_(vals, start // block_size, block_size, scales, zero)
+        b0 = start // block_size
+        _scale_(vals, b0, block_size, scales(b0, -(-stop // block_size)), zero)
         if scratch is not None:
             result[start:stop].copy_(vals)
+
+    def make_scratch(size: int) -> torch.Tensor | None:
+        return None if dtype == torch.float32 else torch.empty(size + 2, device=device)
+
+    for_chunks(device, n, block_size, make_scratch, work)
     return result[:n]
 
 
 def _scale_(vals: torch.Tensor, b0: int, block_size: int, scales: torch.Tensor, zero: torch.Tensor | None) -> None:
-    """In place: vals (flat, starting at block b0) = vals * scale[block] (+ zero[block] for min-max)."""
+    """In place: vals (flat, blocks b0..) = vals * scales[i] (+ zero[b0 + i] for min-max); scales local."""
     m = vals.numel()
     full = m - m % block_size
     nb = full // block_size
     if full:
         blocks = vals[:full].view(nb, block_size)
-        blocks.mul_(scales[b0: b0 + nb, None])
+        blocks.mul_(scales[:nb, None])
         if zero is not None:
             blocks.add_(zero[b0: b0 + nb, None])
     if full < m:
-        vals[full:].mul_(scales[b0 + nb])
+        vals[full:].mul_(scales[nb])
         if zero is not None:
             vals[full:].add_(zero[b0 + nb])

@@ -79,17 +79,17 @@ class QuantizedTensor:
                 f"{self.bits_per_param:.3f} bits/param)")
 
     # ---- conversions -------------------------------------------------------------------------
-    def block_scales(self) -> torch.Tensor:
-        """(blocks,) fp32 scales, undoing double quantization if any."""
+    def block_scales(self, b0: int = 0, b1: int | None = None) -> torch.Tensor:
+        """fp32 scales of blocks b0..b1-1 (default all), undoing double quantization if any."""
         if self.nested_absmax is None:
-            return self.scales
-        return blockwise.dequantize_nested(self.scales, self.nested_absmax, self.offset)
+            return self.scales[b0:b1]
+        return blockwise.dequantize_nested(self.scales[b0:b1], self.nested_absmax, self.offset, start=b0)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor back in `dtype` (default: the original dtype), computed in fp32 like bitsandbytes."""
         dtype = dtype or self.dtype
         book = codebooks.LEVELS[self.quant_type] if self.scheme == "minmax" else self.quant_type
-        flat = blockwise.dequantize_blocks(self.data, book, self.numel(), self.block_size, self.block_scales(),
+        flat = blockwise.dequantize_blocks(self.data, book, self.numel(), self.block_size, self.block_scales,
                                            self.zero, dtype)
         return flat.view(self.shape)
 
