@@ -49,7 +49,8 @@ def test_autograd_saves_only_the_packed_weight(monkeypatch):
 
     calls = []
     original = QuantizedTensor.dequantize
-    monkeypatch.setattr(QuantizedTensor, "dequantize", lambda self, dtype=None: calls.append(1) or original(self, dtype))
+    monkeypatch.setattr(QuantizedTensor, "dequantize",
+                        lambda self, dtype=None, workspace=None: calls.append(1) or original(self, dtype, workspace))
     x = torch.randn(4, 256, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x)

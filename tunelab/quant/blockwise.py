@@ -15,6 +15,7 @@ nearest code by table look-ups (see `_NearestCode`).
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +33,42 @@ CHUNK = 1 << 15
 NESTED_BLOCK = 256
 # bitsandbytes clamps a zero absmax to this before dividing, so all-zero blocks give code "0".
 _TINY = 1e-38
+
+
+@lru_cache(maxsize=1)
+def _madvise():
+    """libc's madvise, or None off Linux."""
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux":
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_HUGE = 1 << 21  # a transparent huge page (x86-64 / arm64 default)
+_MADV_HUGEPAGE = 14
+
+
+def empty_output(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty(n) for a result we are about to fill; large CPU ones ask Linux for huge pages.
+
+    A fresh 64 MiB tensor is 16384 page faults on first write, which cost more than the dequantization
+    itself on this machine (190 ms vs 65 ms to fill one, measured). madvise(MADV_HUGEPAGE) on the
+    2 MiB-aligned interior turns them into 32 faults; without THP support the call is a no-op.
+    """
+    out = torch.empty(n, dtype=dtype, device=device)
+    madvise = _madvise() if device.type == "cpu" and out.nbytes >= 4 * _HUGE else None
+    if madvise is not None:
+        lo = (out.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+        hi = (out.data_ptr() + out.nbytes) & ~(_HUGE - 1)
+        madvise(lo, hi - lo, _MADV_HUGEPAGE)  # advice only: an error just leaves normal pages
+    return out
 
 
 @lru_cache(maxsize=1)
@@ -204,7 +241,7 @@ def quantize_absmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tup
     four = codebooks.BITS[quant_type] == 4
     table = nearest_code(quant_type, device)
     absmax = torch.empty(-(-n // block_size), device=device)
-    out = torch.empty((n + 1) // 2 if four else n, dtype=torch.uint8, device=device)
+    out = empty_output((n + 1) // 2 if four else n, torch.uint8, device)
     full = n - n % block_size
 
     def work(start: int, stop: int, s: _Scratch) -> None:
@@ -331,10 +368,18 @@ def dequantize_nested(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: 
 
     `codes` may be a slice of all codes beginning at scale index `start`.
     """
-    device = codes.device
+    device, m = codes.device, codes.numel()
     vals = torch.index_select(codebooks.dynamic_map(device), 0, codes.int())
-    group = torch.arange(start, start + codes.numel(), device=device) // NESTED_BLOCK  # (m,) nested block
-    return vals.mul_(nested_absmax[group]).add_(offset)
+    g0, full = start // NESTED_BLOCK, m - m % NESTED_BLOCK
+    if start % NESTED_BLOCK == 0 and full:  # aligned (the common case): whole groups as rows
+        rows = vals[:full].view(-1, NESTED_BLOCK)
+        rows.mul_(nested_absmax[g0: g0 + rows.shape[0], None])
+        if full < m:
+            vals[full:].mul_(nested_absmax[g0 + rows.shape[0]])
+    else:
+        group = torch.arange(start, start + m, device=device) // NESTED_BLOCK  # (m,) nested block
+        vals.mul_(nested_absmax[group])
+    return vals.add_(offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,15 +424,17 @@ def unpack_values(codes: torch.Tensor, book: str, n: int, out: torch.Tensor | No
 
 def dequantize_blocks(codes: torch.Tensor, book: str, n: int, block_size: int,
                       scales: Callable[[int, int], torch.Tensor], zero: torch.Tensor | None,
-                      dtype: torch.dtype) -> torch.Tensor:
+                      dtype: torch.dtype, result: torch.Tensor | None = None) -> torch.Tensor:
     """Flat dequantized tensor (n,) in `dtype`: code value * scale (+ zero for min-max), in fp32.
 
     scales(b0, b1) gives the fp32 scales of blocks b0..b1-1 (undoing double quantization there, so
     it runs per step too). Per step: codes -> values through the pair table (fp32, straight into the
     output when it is fp32), times the block scales, then one converting copy for fp16/bf16.
+    `result` (flat, `dtype`, >= n + 2 elements) may be given to reuse memory.
     """
     device = codes.device
-    result = torch.empty(n + 2, dtype=dtype, device=device)
+    if result is None:
+        result = empty_output(n + 2, dtype, device)
     per_byte = 2 if codebooks.bits(book) == 4 else 1
 
     def work(start: int, stop: int, scratch: torch.Tensor | None) -> None:

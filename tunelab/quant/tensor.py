@@ -85,12 +85,16 @@ class QuantizedTensor:
             return self.scales[b0:b1]
         return blockwise.dequantize_nested(self.scales[b0:b1], self.nested_absmax, self.offset, start=b0)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor back in `dtype` (default: the original dtype), computed in fp32 like bitsandbytes."""
+    def dequantize(self, dtype: torch.dtype | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor back in `dtype` (default: the original dtype), computed in fp32 like bitsandbytes.
+
+        workspace: a flat `dtype` tensor of at least numel() + 2 elements on the same device to write
+        into (the result is a view of it), e.g. to reuse one buffer across layers.
+        """
         dtype = dtype or self.dtype
         book = codebooks.LEVELS[self.quant_type] if self.scheme == "minmax" else self.quant_type
         flat = blockwise.dequantize_blocks(self.data, book, self.numel(), self.block_size, self.block_scales,
-                                           self.zero, dtype)
+                                           self.zero, dtype, result=workspace)
         return flat.view(self.shape)
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
