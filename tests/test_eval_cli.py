@@ -55,3 +55,26 @@ def test_eval_bad_inputs_are_one_line_errors(tiny_folder, tmp_path, capsys):
     assert main(["eval", str(tiny_folder), "--data", "nosuch"]) == 2
     assert "SUITE=FILE.jsonl" in capsys.readouterr().err
     assert main(["eval", str(tiny_folder), "--skip-base"]) == 2
+
+
+def test_eval_adapter_adds_a_tuned_column(tiny_folder, tmp_path):
+    import torch
+
+    from conftest import make_tiny_llama
+    from tunelab.lora import LoraConfig, apply_lora, save_adapter
+
+    model = apply_lora(make_tiny_llama(), LoraConfig(r=4, alpha=8, target_modules="all-linear"), verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter, so the tuned model differs from the base
+    save_adapter(model, tmp_path / "adapter")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "The class statement defines a class. " * 4}) + "\n")
+    out = tmp_path / "r"
+    assert main(["eval", str(tiny_folder), "--adapter", str(tmp_path / "adapter"), "--suite", "ppl",
+                 "--data", f"ppl={texts}", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    base, tuned = (results[k]["ppl"]["metrics"]["ppl user"] for k in ("base", "tuned"))
+    assert base != pytest.approx(tuned, rel=1e-3)
+    assert "| metric | base | tuned | change |" in (out / "report.md").read_text()
