@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tunelab.eval import injection as J
-from tunelab.eval.spans import evaluate_detector, runs, span_metrics, token_classifier, token_labels, train_detector
+from tunelab.eval.spans import close_gaps, evaluate_detector, runs, span_metrics, token_classifier, token_labels, train_detector
 
 
 @pytest.fixture(autouse=True)
@@ -56,3 +56,10 @@ def test_detector_trains_only_lora_and_head(tmp_path, tiny_llama, tiny_tokenizer
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n and "score" not in n)
     r = evaluate_detector(model, tiny_tokenizer, J.make_items(2, seed=5, styles=J.HELDOUT_STYLES))
     assert set(r) == {"token", "span", "items_per_s", "n"} and r["n"] == 6
+
+
+def test_close_gaps_joins_split_spans_only():
+    assert close_gaps([1, 1, 0, 1, 0, 0, 0, 0, 1], gap=1) == [1, 1, 1, 1, 0, 0, 0, 0, 1]
+    assert close_gaps([0, 1, 0, 0, 1, 0], gap=2) == [0, 1, 1, 1, 1, 0]
+    assert close_gaps([1, 0, 0, 0, 1], gap=2) == [1, 0, 0, 0, 1]
+    assert close_gaps([0, 0, 0], gap=5) == [0, 0, 0]  # never invents a span

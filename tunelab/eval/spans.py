@@ -40,6 +40,17 @@ def runs(labels: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def close_gaps(labels: list[int], gap: int) -> list[int]:
+    """Fill runs of <= `gap` zeros between two 1s: one missed token inside an injection should not split it
+    into two spans (the decoding a guard would use before cutting spans out)."""
+    out = list(labels)
+    spans = runs(labels)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        if start - end <= gap:
+            out[end:start] = [1] * (start - end)
+    return out
+
+
 def _prf(tp: int, n_pred: int, n_gold: int) -> dict:
     p = tp / n_pred if n_pred else (1.0 if n_gold == 0 else 0.0)
     r = tp / n_gold if n_gold else (1.0 if n_pred == 0 else 0.0)
@@ -66,14 +77,19 @@ def span_metrics(pred: list[list[int]], gold: list[list[int]], iou: float = 0.5)
     return {"token": _prf(tp, n_pred, n_gold), "span": _prf(s_tp, s_pred, s_gold)}
 
 
-def token_classifier(folder, lora_r: int = 8, lora_alpha: float = 16.0, seed: int = 0):
-    """A 2-label token classifier from a causal-LM folder, with LoRA on every linear and a trainable head."""
+def token_classifier(folder, lora_r: int = 8, lora_alpha: float = 16.0, seed: int = 0, layers: int | None = None):
+    """A 2-label token classifier from a causal-LM folder, with LoRA on every linear and a trainable head.
+
+    `layers` keeps only the first k transformer layers (a cheaper guard: spotting an instruction that does
+    not belong to a document needs less depth than answering); None keeps them all.
+    """
     from transformers import AutoModelForTokenClassification
 
     from tunelab.lora import LoraConfig, apply_lora
 
     torch.manual_seed(seed)  # the new `score` head is initialised randomly
-    model = AutoModelForTokenClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32)
+    extra = {"num_hidden_layers": layers} if layers else {}
+    model = AutoModelForTokenClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32, **extra)
     cfg = LoraConfig(r=lora_r, alpha=lora_alpha, target_modules="all-linear", modules_to_save=["score"])
     return apply_lora(model, cfg, verbose=False)
 
