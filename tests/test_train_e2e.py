@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -28,10 +29,11 @@ def workspace(tmp_path_factory):
     make_tiny_llama(vocab_size=len(tok)).save_pretrained(d / "model")
     tok.save_pretrained(d / "model")
     tok.save_pretrained(d / "tokenizer")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma omega".split()
+    rng = random.Random(0)
     with open(d / "sft.jsonl", "w") as f:
         for i in range(96):
-            w = [words[(i * 7 + k) % len(words)] for k in range(3)]
+            w = rng.sample(words, 4)
             f.write(json.dumps({"prompt": "Reverse: " + " ".join(w), "response": " ".join(w[::-1])}) + "\n")
     return d
 
@@ -63,9 +65,10 @@ def _losses(out: Path) -> list[float]:
 # Pinned on torch 2.13.0 CPU, transformers 5.24 (seeded): a change to the loop, loss, data path, LoRA or
 # quantization that alters training shows up here.
 PINNED = {
-    "full": None,
-    "lora": None,
-    "qlora": None,
+    "full": [6.211736679077148, 6.0144634824810606, 5.230293675472862],
+    "lora": [6.211736679077148, 6.226012721206203, 6.081261350397478],
+    "qlora": [6.211902618408203, 6.221796209161932, 6.080501623320997],
+    "freeze": [6.211736679077148, 6.125021269827178, 5.97232162743284],
 }
 
 
@@ -76,7 +79,7 @@ def test_cli_trains_each_method(workspace, tmp_path, method, capsys):
     losses = _losses(out)
     assert len(losses) == 3 and all(map(lambda x: x == x, losses))
     if PINNED.get(method) is not None:
-        assert losses == pytest.approx(PINNED[method], rel=1e-4)
+        assert losses == pytest.approx(PINNED[method], rel=2e-4)
     if method in ("lora", "qlora"):
         cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and cfg["r"] == 4

@@ -88,10 +88,9 @@ def prepare_method(model, cfg: RunConfig) -> list[dict]:
 
         q = cfg.quant
         quantize_model(model, dtype=q.dtype, block_size=q.block_size, double_quant=q.double_quant)
-    lcfg = cfg.lora.model_dump()
-    ratio = lcfg.pop("loraplus_ratio")
-    apply_lora(model, LoraConfig(**lcfg))
-    return lora_param_groups(model, cfg.train.lr, cfg.train.weight_decay, ratio)
+    lcfg = LoraConfig(**cfg.lora.model_dump())
+    apply_lora(model, lcfg)
+    return lora_param_groups(model, cfg.train.lr, cfg.train.weight_decay, lcfg.loraplus_ratio)
 
 
 def save_outputs(model, tok, cfg: RunConfig, out: Path) -> Path:

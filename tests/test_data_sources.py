@@ -1,0 +1,101 @@
+"""Reading sources: every format, and bad input as a clear DataError naming file and line (or skipped)."""
+
+import json
+
+import pytest
+
+from tunelab.cli import main
+from tunelab.data.mixture import iter_texts
+from tunelab.data.config import SourceConfig
+from tunelab.data.sources import detect_format, read_records
+from tunelab.errors import DataError
+
+ROWS = [{"text": "alpha beta", "n": 1}, {"text": "gamma delta", "n": 2}, {"text": "épsilon ζeta", "n": 3}]
+
+
+def _jsonl(path, lines):
+    path.write_bytes(b"".join(line if isinstance(line, bytes) else (line + "\n").encode() for line in lines))
+    return path
+
+
+def test_each_format_reads_the_same_rows(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _jsonl(tmp_path / "a.jsonl", [json.dumps(r) for r in ROWS])
+    (tmp_path / "a.json").write_text(json.dumps(ROWS), encoding="utf-8")
+    (tmp_path / "a.csv").write_text("text,n\n" + "".join(f'"{r["text"]}",{r["n"]}\n' for r in ROWS), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "a.parquet")
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "hf"))
+    for name, fmt in [("a.jsonl", "jsonl"), ("a.json", "json"), ("a.csv", "csv"), ("a.parquet", "parquet"), ("hf", "hf")]:
+        assert detect_format(tmp_path / name) == fmt
+        texts = [r["text"] for r in read_records(tmp_path / name)]
+        assert texts == [r["text"] for r in ROWS], name
+
+
+def test_text_and_code_folders(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# Title\nbody", encoding="utf-8")
+    (tmp_path / "docs" / "b.txt").write_text("plain", encoding="utf-8")
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "pkg" / "m.py").write_text("x = 1\n", encoding="utf-8")
+    (tmp_path / "src" / "pkg" / "m.rs").write_text("fn main() {}\n", encoding="utf-8")
+    (tmp_path / "src" / "notes.txt").write_text("not code", encoding="utf-8")
+    assert [r["text"] for r in read_records(tmp_path / "docs")] == ["# Title\nbody", "plain"]
+    assert detect_format(tmp_path / "src") == "code"
+    assert [r["path"] for r in read_records(tmp_path / "src", extensions=[".py", ".rs"])] == ["pkg/m.py", "pkg/m.rs"]
+
+
+@pytest.mark.parametrize(
+    "lines, line_no, words",
+    [
+        (['{"text": "ok"}', '{"text": "broken'], 2, "malformed JSON"),
+        (['{"text": "ok"}', "[1, 2]"], 2, "expected a JSON object"),
+        (['{"text": "ok"}', '{"body": "no text"}'], 2, "missing field 'text'"),
+        (['{"text": 5}'], 1, "field 'text' is int"),
+        ([b'{"text": "ok"}\n', b'{"text": "caf\xe9"}\n'], 2, "not UTF-8"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path, lines, line_no, words):
+    path = _jsonl(tmp_path / "bad.jsonl", lines)
+    src = SourceConfig(name="s", path=str(path))
+    with pytest.raises(DataError) as err:
+        list(iter_texts(src))
+    assert f"{path}:{line_no}:" in str(err.value) and words in str(err.value)
+    assert err.value.line == line_no
+    skipped = []
+    texts = list(iter_texts(src, skip_bad_rows=True, skipped=skipped))
+    assert len(skipped) == 1 and skipped[0].line == line_no
+    assert len(texts) == len(lines) - 1
+
+
+def test_empty_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        list(read_records(path))
+
+
+def test_csv_bad_row_names_its_line(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"text,n\nfine,1\n\xff\xfe,2\nshort\n")
+    with pytest.raises(DataError, match=r"a.csv:3: not UTF-8"):
+        list(read_records(path))
+    skipped = []
+    assert [r["text"] for r in read_records(path, skip_bad_rows=True, skipped=skipped)] == ["fine"]
+    assert [e.line for e in skipped] == [3, 4]
+
+
+def test_cli_bad_input_is_one_line_and_keeps_existing_output(tmp_path, capsys):
+    bad = _jsonl(tmp_path / "bad.jsonl", ['{"text": "a fine document of enough length"}', "{oops"])
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    assert main(["data", "filter", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}:2: malformed JSON" in err and "Traceback" not in err
+    assert out.read_text() == "precious\n"           # untouched
+    assert list(tmp_path.glob("*.tmp")) == []         # no temp file left behind
+    assert main(["data", "filter", str(bad), "--out", str(out), "--skip-bad-rows"]) == 0
+    assert "skipped 1 bad rows" in capsys.readouterr().out
+    assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == ["a fine document of enough length"]

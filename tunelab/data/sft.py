@@ -1,0 +1,209 @@
+"""SFT records -> chat messages -> token ids with labels on the assistant's tokens only.
+
+Three record layouts are read (auto-detected per record):
+  alpaca             {"instruction", "input"?, "output", "system"?}
+  chat               {"messages" | "conversations": [{"role", "content"} | {"from", "value"}, ...]}
+                     (OpenAI and ShareGPT spellings; roles human/gpt/bot/model are mapped)
+  prompt_completion  {"prompt", "completion" | "response", "system"?}
+
+The mask rule: a label is the token id on every token of an assistant message's content and on the EOS that
+closes it; every other label is -100. Spans are found by rendering the conversation prefix by prefix with the
+chat template: the text of `messages[:i]` with the generation prompt must be a prefix of the full text, and
+the assistant's content must follow it verbatim. The text is tokenized segment by segment (prompt parts and
+responses apart), so the prompt tokens are exactly those the model sees at inference, and the decoded label
+tokens are exactly the responses plus EOS. A template that injects text (e.g. SmolLM2's default system
+message) is fine; one that rewrites the assistant's text is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.errors import ConfigError, DataError
+
+IGNORE = -100
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+PLAIN = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token + '\n' }}"
+    "{% else %}{{ m['role'] | capitalize + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+TEMPLATES = {"chatml": CHATML, "plain": PLAIN}
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+         "model": "assistant", "system": "system", "tool": "tool"}
+FORMATS = ("alpaca", "chat", "prompt_completion")
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the caller turns it into DataError(path, line, message)."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    cut: int  # tokens dropped from the end by max_len
+
+
+def detect_format(example: dict) -> str:
+    """Which of FORMATS a record is in, from its keys."""
+    if "messages" in example or "conversations" in example:
+        return "chat"
+    if "instruction" in example and "output" in example:
+        return "alpaca"
+    if "prompt" in example and ("completion" in example or "response" in example):
+        return "prompt_completion"
+    raise RecordError(
+        f"unknown SFT record layout with fields {sorted(example)}: expected messages/conversations (chat), "
+        "instruction+output (alpaca), or prompt+completion/response"
+    )
+
+
+def _str(example: dict, key: str, required: bool = True) -> str:
+    if key not in example or example[key] is None:
+        if required:
+            raise RecordError(f"missing field {key!r}")
+        return ""
+    value = example[key]
+    if not isinstance(value, str):
+        raise RecordError(f"field {key!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _chat(turns, where: str) -> list[dict]:
+    if not isinstance(turns, list):
+        raise RecordError(f"field {where!r} is {type(turns).__name__}, expected a list of messages")
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise RecordError(f"{where}[{i}] is {type(t).__name__}, expected an object with role and content")
+        role = t.get("role", t.get("from"))
+        content = t.get("content", t.get("value"))
+        if role not in ROLES:
+            raise RecordError(f"{where}[{i}] has role {role!r}; expected one of {sorted(ROLES)}")
+        if not isinstance(content, str):
+            raise RecordError(f"{where}[{i}] content is {type(content).__name__}, expected a string")
+        messages.append({"role": ROLES[role], "content": content})
+    return messages
+
+
+def to_messages(example: dict, format: str = "auto") -> list[dict]:
+    """A record in any of the three layouts as [{"role", "content"}, ...]. Raises RecordError (a ValueError)
+    naming the missing or mistyped field."""
+    if not isinstance(example, dict):
+        raise RecordError(f"expected an object, got {type(example).__name__}")
+    fmt = detect_format(example) if format == "auto" else format
+    system = _str(example, "system", required=False)
+    head = [{"role": "system", "content": system}] if system else []
+    if fmt == "chat":
+        key = "messages" if "messages" in example else "conversations"
+        messages = _chat(example.get(key), key)
+    elif fmt == "alpaca":
+        instruction, extra = _str(example, "instruction"), _str(example, "input", required=False)
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = head + [{"role": "user", "content": user}, {"role": "assistant", "content": _str(example, "output")}]
+    elif fmt == "prompt_completion":
+        answer_key = "completion" if "completion" in example else "response"
+        if isinstance(example.get("prompt"), list):  # conversational prompt/completion (TRL's layout)
+            messages = _chat(example["prompt"], "prompt") + _chat(example.get(answer_key), answer_key)
+        else:
+            messages = head + [{"role": "user", "content": _str(example, "prompt")},
+                               {"role": "assistant", "content": _str(example, answer_key)}]
+    else:
+        raise ConfigError(f"unknown sft_format {format!r}: use auto, {', '.join(FORMATS)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError("no assistant message: nothing to learn from")
+    return messages
+
+
+def chat_template(tokenizer, template: str | None) -> str:
+    """The Jinja template to render with: the tokenizer's own (None) or a named fallback."""
+    if template is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"the tokenizer has no chat template: set data.template to one of {sorted(TEMPLATES)}")
+        return tokenizer.chat_template
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown template {template!r}: use one of {sorted(TEMPLATES)} (or null for the tokenizer's)")
+    return TEMPLATES[template]
+
+
+def segments(messages: list[dict], tokenizer, template: str | None = None) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_response) pieces; each response piece is an assistant
+    message's content followed by the EOS token text."""
+    jinja = chat_template(tokenizer, template)
+    eos = tokenizer.eos_token
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=jinja)
+
+    full = render(messages, False)
+    pieces: list[tuple[str, bool]] = []
+    pos = 0  # characters of `full` already placed in pieces
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(messages[:i], True)  # what the model sees before it answers
+        start = len(prefix)
+        if not full.startswith(prefix) or start < pos:
+            raise RecordError("the chat template does not render this conversation prefix by prefix; set data.template: chatml")
+        content = m["content"]
+        if not full.startswith(content, start):
+            raise RecordError("the chat template rewrites the assistant's text (e.g. strips it); set data.template: chatml")
+        end = start + len(content)
+        pieces.append((full[pos:start], False))
+        # EOS closes every response: the template's own if it emits one right here, else ours.
+        has_eos = full.startswith(eos, end)
+        pieces.append((content + eos, True))
+        pos = end + len(eos) if has_eos else end
+    pieces.append((full[pos:], False))
+    return [(text, resp) for text, resp in pieces if text]
+
+
+def encode(example: dict, tokenizer, max_len: int, template: str | None = None, format: str = "auto") -> Encoded:
+    """Token ids and masked labels for one record, cut to max_len; RecordError if no response token is left."""
+    pieces = segments(to_messages(example, format), tokenizer, template)
+    ids_per_piece = tokenizer([t for t, _ in pieces], add_special_tokens=False)["input_ids"]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for (text, is_response), ids in zip(pieces, ids_per_piece):
+        if is_response and (not ids or ids[-1] != tokenizer.eos_token_id):
+            raise RecordError(f"the response does not end in the EOS token {tokenizer.eos_token!r} after tokenizing")
+        input_ids += ids
+        labels += ids if is_response else [IGNORE] * len(ids)
+    cut = max(0, len(input_ids) - max_len)
+    input_ids, labels = input_ids[:max_len], labels[:max_len]
+    if all(label == IGNORE for label in labels):
+        raise RecordError(
+            f"no response token survives max_len={max_len}: the prompt alone takes "
+            f"{labels.count(IGNORE) + cut} tokens; raise seq_len or shorten the prompt"
+        )
+    return Encoded(input_ids, labels, cut)
+
+
+def tokenize_sft(example: dict, tokenizer, max_len: int, template: str | None = None) -> dict:
+    """One record (alpaca, chat or prompt/completion, auto-detected) as {"input_ids", "labels"}: labels
+    are -100 except on the assistant's tokens and the EOS after each response. Raises DataError if the
+    record is malformed or no response token survives `max_len`."""
+    try:
+        enc = encode(example, tokenizer, max_len, template)
+    except RecordError as e:
+        raise DataError("<example>", None, str(e)) from None
+    return {"input_ids": enc.input_ids, "labels": enc.labels}
+
+
+def prompt_key(messages: list[dict]) -> str:
+    """What identifies a prompt for train/eval overlap: every non-assistant message before the last answer."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages[:last] if m["role"] != "assistant")
+
+
+def last_response(messages: list[dict]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+
+
+def flat_text(messages: list[dict]) -> str:
+    """All message contents joined: the text quality filters look at."""
+    return "\n".join(m["content"] for m in messages)
