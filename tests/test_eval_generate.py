@@ -7,19 +7,11 @@ import math
 import pytest
 import torch
 
+from eval_fixtures import one_thread  # noqa: F401  (autouse: 1 torch thread)
 from tunelab.eval.generate import generate, render_prompts
 from tunelab.eval.perplexity import perplexity
 from tunelab.eval.tasks import evaluate_items, generate_items
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU two OpenMP threads per op
-    made these tests 10-20x slower (measured: 5 detector steps 0.57 s with 1 thread, 10.2 s with 2)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 PROMPTS = ["Sort these words", "What is the value of x in the expression below, given a function call?",
            "hi", "Reverse the order of the words in this list please", "a b c d", "The class statement"]

@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eval_fixtures import one_thread  # noqa: F401  (autouse: 1 torch thread)
 from tunelab.eval import injection as J
 from tunelab.eval.spans import close_gaps, evaluate_detector, runs, span_metrics, token_classifier, token_labels, train_detector
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU two OpenMP threads per op
-    made these tests 10-20x slower (measured: 5 detector steps 0.57 s with 1 thread, 10.2 s with 2)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_token_labels_cover_exactly_the_injection(tiny_tokenizer):
