@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from eval_fixtures import one_thread  # noqa: F401  (autouse: 1 torch thread)
 from tunelab.cli import main
 
 
@@ -55,3 +56,58 @@ def test_eval_bad_inputs_are_one_line_errors(tiny_folder, tmp_path, capsys):
     assert main(["eval", str(tiny_folder), "--data", "nosuch"]) == 2
     assert "SUITE=FILE.jsonl" in capsys.readouterr().err
     assert main(["eval", str(tiny_folder), "--skip-base"]) == 2
+
+
+def test_eval_adapter_adds_a_tuned_column(tiny_folder, tmp_path):
+    import torch
+
+    from conftest import make_tiny_llama
+    from tunelab.lora import LoraConfig, apply_lora, save_adapter
+
+    model = apply_lora(make_tiny_llama(), LoraConfig(r=4, alpha=8, target_modules="all-linear"), verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter, so the tuned model differs from the base
+    save_adapter(model, tmp_path / "adapter")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "The class statement defines a class. " * 4}) + "\n")
+    out = tmp_path / "r"
+    assert main(["eval", str(tiny_folder), "--adapter", str(tmp_path / "adapter"), "--suite", "ppl",
+                 "--data", f"ppl={texts}", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    base, tuned = (results[k]["ppl"]["metrics"]["ppl user"] for k in ("base", "tuned"))
+    assert base != pytest.approx(tuned, rel=1e-3)
+    assert "| metric | base | tuned | change |" in (out / "report.md").read_text()
+
+
+def test_eval_run_folder_rebuilds_the_tuned_model(tiny_folder, tmp_path):
+    """A lora run folder (config.yaml + adapter/): base from model.source, tuned = base + the run's adapter."""
+    import torch
+
+    from tunelab.config import dump_config, load_config
+    from tunelab.lora import LoraConfig, apply_lora, save_adapter
+    from tunelab.models.load import load_pretrained
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(None, ["method=lora", f"model.source={tiny_folder}", f"output_dir={run}", "lora.r=4",
+                             "lora.alpha=8"], base={"data": {"task": "sft", "sources": [
+                                 {"name": "x", "path": "x.jsonl", "kind": "instructions"}]}})
+    (run / "config.yaml").write_text(dump_config(cfg))
+    model, _ = load_pretrained(str(tiny_folder))
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=cfg.lora.target_modules), verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_adapter(model, run / "adapter")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "The class statement defines a class. " * 4}) + "\n")
+    assert main(["eval", str(run), "--suite", "ppl", "--data", f"ppl={texts}"]) == 0
+    results = json.loads((run / "eval" / "results.json").read_text())
+    from tunelab.eval.perplexity import perplexity
+
+    want = perplexity(model, [json.loads(texts.read_text())["text"]], load_pretrained(str(tiny_folder))[1])
+    assert results["tuned"]["ppl"]["metrics"]["ppl user"] == pytest.approx(want["ppl"], rel=1e-5)
+    assert results["base"]["ppl"]["metrics"]["ppl user"] != pytest.approx(want["ppl"], rel=1e-3)

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from eval_fixtures import one_thread  # noqa: F401  (autouse: 1 torch thread)
 from tunelab.eval.generate import generate, render_prompts
 from tunelab.eval.perplexity import perplexity
 from tunelab.eval.tasks import evaluate_items, generate_items
+
 
 PROMPTS = ["Sort these words", "What is the value of x in the expression below, given a function call?",
            "hi", "Reverse the order of the words in this list please", "a b c d", "The class statement"]
