@@ -50,7 +50,8 @@ def convert_gguf(src: Path, dest: Path, tokenizer_only: bool = False) -> None:
         if not tokenizer_only:
             print(f"tunelab: converting {src.name} to safetensors once (~40 s for 135M parameters), cache: {dest}")
             model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-            model.config.quantization_config = None
+            # the weights are plain fp32 now: drop the GGUF quantizer, or save_pretrained refuses to write
+            model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.generation_config.eos_token_id = tok.eos_token_id

@@ -1,0 +1,19 @@
+"""The main job, end to end on the real bundled model (converted from its GGUF on first use), shortened."""
+
+import json
+
+from tunelab.cli import main
+
+
+def test_quickstart_smoke(tmp_path, capsys):
+    out = tmp_path / "qs"
+    args = ["quickstart", "--out", str(out), "--max-steps", "2", "--train-per-family", "4", "--eval-per-family", "1"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "held-out items, trained families" in text and "before" in text and "after" in text
+    result = json.loads((out / "quickstart.json").read_text())
+    assert 0.0 <= result["after"]["test"]["accuracy"] <= 1.0
+    assert result["train"]["steps"] == 2
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["base_model_name_or_path"]
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "quickstart.md").exists()
