@@ -130,10 +130,7 @@ def load_base(base: str, quant: dict | None = None, dtype: torch.dtype = torch.f
     from tunelab.models.load import load_pretrained
 
     if Path(base).is_dir() and is_quantized_folder(Path(base)):
-        if quant is not None:
-            raise TunelabError(f"{base} is already 4-bit: a QLoRA merge needs the original full-precision base; "
-                               "pass --base <the folder or model it was quantized from>")
-        model, tok = load_quantized(base)
+        model, tok = load_quantized(base)  # already 4-bit: no original weights to merge into
         return model, tok, None
     model, tok = load_pretrained(base, dtype)
     model.eval()
@@ -168,9 +165,15 @@ def open_model(path_or_run: str, adapter: str | None = None, base: str | None = 
 def merge_opened(opened: Opened, from_quantized: bool = False) -> Opened:
     """Fold the adapter of an opened model into plain linears, in place (no-op without an adapter)."""
     from tunelab.lora import merge_lora
+    from tunelab.lora.layer import is_quantized_linear
 
     if opened.source.adapter is not None and not opened.merged:
         weights = None if from_quantized else opened.base_weights
+        if weights is None and not from_quantized and any(is_quantized_linear(m) for m in opened.model.modules()):
+            raise TunelabError(
+                f"the base {opened.source.base} is 4-bit, so its original weights are not here to merge into: "
+                "pass --base <the full-precision model it was quantized from>, or --from-quantized to merge "
+                "into the de-quantized 4-bit weights (keeps their rounding error)")
         merge_lora(opened.model, base_weights=weights, from_quantized=from_quantized)
         opened.merged = True
     return opened
