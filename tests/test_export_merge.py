@@ -109,3 +109,12 @@ def _adapter_tensors(folder):
     from safetensors.torch import load_file
 
     return load_file(folder / "adapter_model.safetensors")
+
+
+def test_cli_prints_one_line_errors(monkeypatch, base, tmp_path, capsys):
+    from tunelab import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "merge", ("tunelab.export.cli.merge", "merge"))
+    assert cli.main(["merge", str(base), "--base", str(base), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tunelab merge: error:") and "has none" in err and "\n" not in err

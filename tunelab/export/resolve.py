@@ -70,6 +70,9 @@ def find_source(path_or_run: str, adapter: str | None = None, base: str | None =
                 f"({ADAPTER_CONFIG}) or a Hugging Face model folder (config.json)"
             )
     if base is not None:
+        if src.adapter is None and adapter is None:
+            raise TunelabError(f"--base {base} is the base of an adapter, but {path_or_run} has none; "
+                               "give an adapter or run folder, or --adapter")
         src.base = base
     if adapter is not None:
         if src.adapter is not None:
