@@ -76,7 +76,7 @@ def requantized_merge(trained) -> torch.nn.Module:
     with torch.no_grad():
         for _, m in model.named_modules():
             if isinstance(m, torch.nn.Linear) and m is not model.lm_head:
-                m.weight.copy_(quantize(m.weight, **{"dtype": "nf4", "block_size": 64, "double_quant": True})
+                m.weight.copy_(quantize(m.weight, QUANT["dtype"], QUANT["block_size"], QUANT["double_quant"])
                                .dequantize())
     return model
 
@@ -128,9 +128,6 @@ def main() -> None:
     print(f"[3] QLoRA vs trained 4-bit+adapter model: merged into original weights {report.diff_original:.3g}, "
           f"into de-quantized weights {report.diff_dequantized:.3g}, re-quantized to 4 bits after merging "
           f"(PEFT+bnb style) {max_logit_diff(requantized_merge(trained), trained, ids):.3g}")
-    float_adapter = open_model(str(run / "adapter"), base="bundled").model  # same adapter over the fp base
-    original = AutoModelForCausalLM.from_pretrained(work / "qlora-merged", dtype=torch.float32).eval()
-    print(f"[3] original-weights merge vs the adapter over the fp32 base: {max_logit_diff(original, float_adapter, ids):.3g}")
 
     # 4. generation: EOS and on the fly == merged
     tok = on_the_fly.tokenizer

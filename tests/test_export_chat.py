@@ -30,7 +30,6 @@ def test_generate_same_on_the_fly_and_merged(base, tmp_path, capsys):
     on_the_fly = capsys.readouterr().out
     generate_cli.run(parse(generate_cli, argv + ["--merge"]))
     merged = capsys.readouterr().out
-    generate_cli.run(parse(generate_cli, argv[:3] + ["--base", str(base)] + argv[3:]))
     assert on_the_fly == merged and on_the_fly.count("### ") == 2
     base_only = parse(generate_cli, [str(base), "--max-new-tokens", "12", "--prompt", PROMPTS[0]])
     generate_cli.run(base_only)
