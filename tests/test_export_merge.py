@@ -55,7 +55,7 @@ def test_qlora_merge_goes_into_original_weights(base, qlora_run, tmp_path, capsy
     assert "original weights" in printed and "de-quantized weights" in printed
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    a_b = {k: v for k, v in _adapter_tensors(qlora_run / "adapter").items()}
+    a_b = _adapter_tensors(qlora_run / "adapter")
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         w = original.get_submodule(name).weight.double()
         a, b = a_b[f"base_model.model.{name}.lora_A.weight"].double(), a_b[f"base_model.model.{name}.lora_B.weight"].double()
