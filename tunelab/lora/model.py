@@ -174,10 +174,17 @@ def merge_lora(model: nn.Module, base_weights: dict[str, torch.Tensor] | None = 
     turned back into nn.Linear the same way, and modules_to_save keep their trained copy: the result is
     a model of plain linears.
     """
+<<<<<<< HEAD
     # The paths whose weight is 4-bit: a LoRALinear over a 4-bit base (not its .base again), or a bare one.
     wrapped = {p + ".base" for p, _ in lora_layers(model)}
     quantized = [p for p, m in model.named_modules() if p not in wrapped and is_quantized_linear(
         m.base if isinstance(m, LoRALinear) else m)]
+=======
+    # A 4-bit linear inside a LoRALinear is handled through the LoRALinear's path (base_weights' key).
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    quantized = [p for p, m in model.named_modules() if (is_quantized_linear(m) and id(m) not in wrapped)
+                 or (isinstance(m, LoRALinear) and is_quantized_linear(m.base))]
+>>>>>>> export
     if quantized and base_weights is None:
         if not from_quantized:
             raise TunelabError(

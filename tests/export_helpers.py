@@ -1,0 +1,72 @@
+"""Tiny models on disk for the export tests: a base HF folder, a LoRA adapter, a QLoRA run folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+from conftest import make_tiny_llama, make_tiny_tokenizer
+
+from tunelab.lora import LoraConfig, apply_lora, save_adapter
+from tunelab.quant import quantize_model
+
+LORA = dict(r=4, alpha=8, target_modules="all-linear")
+QUANT = dict(dtype="nf4", block_size=64, double_quant=True)
+
+
+def save_base(folder: Path, **cfg) -> Path:
+    """A tiny random Llama + the tiny ChatML tokenizer as an HF folder."""
+    model = make_tiny_llama(**cfg)
+    model.generation_config.eos_token_id = None  # as a bare base might: EOS then comes from the tokenizer
+    model.save_pretrained(folder, safe_serialization=True)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def randomize_lora_b(model: torch.nn.Module, seed: int = 1, std: float = 0.2) -> None:
+    """B = 0 at init makes an adapter the identity; give it values so every check means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def make_adapter(base: Path, dest: Path, quant: dict | None = None) -> Path:
+    """A LoRA (or, with `quant`, QLoRA) adapter over the base folder, saved in PEFT layout."""
+    from tunelab.models.load import load_pretrained
+
+    model, _ = load_pretrained(str(base))
+    if quant:
+        quantize_model(model, **quant)
+    apply_lora(model, LoraConfig(**LORA), verbose=False)
+    randomize_lora_b(model)
+    return save_adapter(model, dest)
+
+
+def make_run(base: Path, run: Path, method: str = "qlora") -> Path:
+    """A run folder as tunelab train writes it: config.yaml + adapter/."""
+    run.mkdir(parents=True)
+    make_adapter(base, run / "adapter", QUANT if method == "qlora" else None)
+    cfg = {"method": method, "model": {"source": str(base), "dtype": "float32"}, "quant": QUANT,
+           "lora": LORA, "data": {}, "output_dir": str(run)}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def parse(module, argv: list[str]) -> argparse.Namespace:
+    """Parse argv with a command module's own add_arguments, as tunelab/cli.py does."""
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits
+
+
+def ids(n: int = 2, t: int = 13, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 512, (n, t), generator=torch.Generator().manual_seed(seed))

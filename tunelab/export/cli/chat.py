@@ -1,0 +1,22 @@
+"""`tunelab chat MODEL_OR_RUN`: a terminal chat with the model's chat template, streaming, stopping at EOS."""
+
+from __future__ import annotations
+
+from tunelab.export.cli import add_model_arguments
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--system", help="a system message for the conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer per turn")
+
+
+def run(args) -> int:
+    import sys
+
+    from tunelab.export.chat import chat_loop
+    from tunelab.export.cli import open_from_args
+
+    opened = open_from_args(args)
+    chat_loop(opened.model, opened.tokenizer, sys.stdin, sys.stdout, args.system, args.max_new_tokens)
+    return 0

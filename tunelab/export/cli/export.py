@@ -1,0 +1,23 @@
+"""`tunelab export MODEL_OR_RUN --gguf OUT.gguf [--dtype f32|f16|q8_0]`: a GGUF file for llama.cpp / Ollama."""
+
+from __future__ import annotations
+
+from tunelab.export.cli import add_model_arguments
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser, merge_flag=False)
+    parser.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    parser.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f16",
+                        help="weight type of the matrices (norms stay f32); default f16")
+
+
+def run(args) -> int:
+    from tunelab.export.cli import open_from_args
+    from tunelab.export.gguf import export_gguf
+
+    opened = open_from_args(args, merge=True)  # an adapter is always merged: GGUF holds plain weights
+    path = export_gguf(opened.model, opened.tokenizer, args.gguf, args.dtype)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}); transformers loads it with "
+          f"from_pretrained(folder, gguf_file={path.name!r}), llama.cpp with `llama-cli -m {path}`")
+    return 0

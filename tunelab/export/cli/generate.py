@@ -1,0 +1,27 @@
+"""`tunelab generate MODEL_OR_RUN --prompt TEXT`: greedy answers, adapter applied on the fly or merged."""
+
+from __future__ import annotations
+
+from tunelab.export.cli import add_model_arguments
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--no-chat", action="store_true", help="continue the raw text, no chat template")
+    parser.add_argument("--system", help="a system message before each prompt (chat only)")
+
+
+def run(args) -> int:
+    from tunelab.eval.generate import generate
+    from tunelab.export.cli import open_from_args
+
+    opened = open_from_args(args)
+    answers = generate(opened.model, opened.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                       chat=not args.no_chat, system=args.system, progress=False)
+    for prompt, answer in zip(args.prompt, answers):
+        if len(args.prompt) > 1:
+            print(f"### {prompt}")
+        print(answer)
+    return 0

@@ -1,0 +1,239 @@
+"""Writing a plain (merged) Llama model and its tokenizer to one GGUF file, as llama.cpp's converter does.
+
+What llama.cpp (convert_hf_to_gguf.py, LlamaModel) writes and what transformers' GGUF reader
+(modeling_gguf_pytorch_utils.py, integrations/gguf) reads back:
+  - tensor names from gguf's own name map: model.embed_tokens -> token_embd, layers.N.self_attn.q_proj ->
+    blk.N.attn_q, ..., lm_head -> output (absent when the embeddings are tied);
+  - q and k projections with their rows permuted from HF's rotary layout (first half / second half of each
+    head) to llama.cpp's interleaved pairs; the reader undoes it (LlamaTensorProcessor);
+  - llama.* hyper-parameters and tokenizer.ggml.* (gpt2 = byte-level BPE: tokens, token types, merges,
+    special ids, chat template).
+Only byte-level BPE tokenizers and the llama architecture are supported; anything else is an error that
+names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tunelab.errors import TunelabError
+
+DTYPES = ("f32", "f16", "q8_0")
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raise TunelabError unless `model` is a plain Llama that llama.cpp's llama architecture can run."""
+    from tunelab.lora import LoRALinear
+    from tunelab.lora.layer import is_quantized_linear
+
+    config = model.config
+    if config.model_type != "llama":
+        raise TunelabError(
+            f"GGUF export supports the llama architecture only; this model is {config.model_type!r} "
+            f"({type(model).__name__})"
+        )
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise TunelabError("this model has LoRA layers: merge the adapter first (open_model(..., merge=True))")
+    if any(is_quantized_linear(m) for m in model.modules()):
+        raise TunelabError("this model has 4-bit linears: GGUF export needs float weights (merge into the "
+                           "original base, or load the full-precision model)")
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope != "default":
+        raise TunelabError(f"GGUF export supports plain RoPE only; this model uses rope_type={rope!r}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(config, flag, False):
+            raise TunelabError(f"GGUF export of llama models with {flag}=True is not supported")
+
+
+def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str = "f32",
+                name: str | None = None) -> Path:
+    """Write `model` (a plain LlamaForCausalLM) and `tokenizer` to the GGUF file `out`, atomically.
+
+    dtype: f32 | f16 (matrices in f16, norms f32) | q8_0 (matrices whose rows are a multiple of 32 in
+    Q8_0, gguf's own quantizer; others f16; norms f32), as llama.cpp's converter writes them.
+    """
+    import gguf
+
+    if dtype not in DTYPES:
+        raise TunelabError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_exportable(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        _write_hparams(writer, model.config, dtype, name or getattr(model, "name_or_path", "") or "tunelab")
+        _write_tokenizer(writer, tokenizer, model.config.vocab_size)
+        for gguf_name, array, qtype in _tensors(model, dtype):
+            writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def _write_hparams(writer, config, dtype: str, name: str) -> None:
+    import gguf
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    writer.add_name(Path(str(name)).name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:  # llama.cpp assumes hidden/heads otherwise
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q/k rows (n_head * head_dim, in) from HF's rotary halves to llama.cpp's interleaved pairs.
+
+    Within each head HF rotates dims (i, i + head_dim/2) together; llama.cpp rotates (2i, 2i + 1). Row
+    (h, half, i) moves to (h, i, half), exactly convert_hf_to_gguf.py's LlamaModel.permute.
+    """
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensors(model: nn.Module, dtype: str):
+    """(gguf name, numpy array, ggml type) for every weight, in the model's order."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when there is no output.weight
+    for key, tensor in state.items():
+        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise TunelabError(f"GGUF export: no llama tensor name for {key}; this model has layers that "
+                               "llama.cpp's llama architecture does not run")
+        w = tensor.detach().to("cpu", torch.float32)
+        if key.endswith("self_attn.q_proj.weight"):
+            w = llama_permute(w, config.num_attention_heads)
+        elif key.endswith("self_attn.k_proj.weight"):
+            w = llama_permute(w, config.num_key_value_heads)
+        yield (gguf_name, *_encode(w.numpy(), dtype))
+
+
+def _encode(w: np.ndarray, dtype: str):
+    """(array, ggml type): 1-D tensors stay f32 (llama.cpp's rule); matrices as `dtype` asks."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType
+    if w.ndim == 1 or dtype == "f32":
+        return w, qtype.F32
+    block = gguf.GGML_QUANT_SIZES[qtype.Q8_0][0]
+    if dtype == "q8_0" and w.shape[-1] % block == 0:
+        return gguf.quants.quantize(w, qtype.Q8_0), qtype.Q8_0
+    return w.astype(np.float16), qtype.F16
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------------
+
+def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """tokenizer.ggml.* for a byte-level BPE tokenizer: the vocabulary padded to the model's vocab_size."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model["type"] != "BPE" or not _is_byte_level(spec):
+        raise TunelabError(
+            f"GGUF export supports byte-level BPE tokenizers (GGUF's gpt2 model); this tokenizer is "
+            f"{model['type']} with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')}"
+        )
+    tokens, types = _vocab(tokenizer, vocab_size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
+                          (tokenizer.eos_token_id, writer.add_eos_token_id),
+                          (tokenizer.pad_token_id, writer.add_pad_token_id),
+                          (tokenizer.unk_token_id, writer.add_unk_token_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(_adds_bos(tokenizer))
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id and their GGUF types; ids past the tokenizer (embedding padding) are [PADi], UNUSED."""
+    from gguf import TokenType
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if len(by_id) > vocab_size:
+        raise TunelabError(f"the tokenizer has {len(by_id)} tokens but the model's embedding has only "
+                           f"{vocab_size} rows: this tokenizer does not belong to this model")
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken(special=...)
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(TokenType.NORMAL if i not in added else
+                         TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+    return tokens, [int(t) for t in types]
+
+
+def _is_byte_level(spec: dict) -> bool:
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    return any(p.get("type") == "ByteLevel" for p in parts)
+
+
+def pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's name (tokenizer.ggml.pre) for how a byte-level tokenizer splits text before BPE.
+
+    gpt-2: ByteLevel's own regex; smollm: single digits, then ByteLevel's regex; a Split regex + ByteLevel
+    without regex: the name transformers' GGUF reader maps to that same regex (llama-bpe, qwen2, ...), so
+    text splits the same way after a round trip.
+    """
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    parts = (pre or {}).get("pretokenizers", [pre or {}])
+    types = [p.get("type") for p in parts]
+    if types == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"
+    if types == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        regex = parts[0].get("pattern", {}).get("Regex")
+        name = next((n for n, r in GGUF_PRE_TOKENIZER_SPLITS.items() if r == regex), None)
+        if name is not None:
+            return name
+    raise TunelabError(f"GGUF export: this tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) matches no "
+                       "pre-tokenizer that llama.cpp and transformers both know (gpt-2, smollm, llama-bpe, qwen2, ...)")
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether encoding text puts BOS first (llama.cpp then adds it too)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]

@@ -1,0 +1,113 @@
+"""Adapter + base -> a Hugging Face folder that transformers (and vLLM, llama.cpp's converter) load as is.
+
+For a QLoRA adapter the merge goes into the original full-precision base weights, re-loaded from the
+source, never into the de-quantized 4-bit weights unless asked: those carry every weight's rounding error
+into the merged model. Both merges are measured against the trained model (4-bit base + adapter) so the
+user sees the difference.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.errors import TunelabError
+from tunelab.export.resolve import Opened, merge_opened, open_model, stop_ids
+
+# A fixed probe for measuring how far two models' next-token logits are apart (a chat turn, as trained).
+PROBE = "Explain in two sentences why the sky is blue, then give one example of Rayleigh scattering."
+
+
+@dataclass
+class MergeReport:
+    """What `merge_to_folder` wrote and measured. diff_*: max |logits - trained model's logits| on PROBE."""
+
+    out: Path
+    qlora: bool
+    from_quantized: bool
+    diff_original: float | None = None
+    diff_dequantized: float | None = None
+
+
+def probe_ids(tokenizer) -> torch.Tensor:
+    """(1, T) ids of PROBE as a user turn in the chat template (plain text if the tokenizer has none)."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": PROBE}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return tokenizer(PROBE, return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def max_logit_diff(a: nn.Module, b: nn.Module, ids: torch.Tensor) -> float:
+    """max |a(ids).logits - b(ids).logits| over every position and vocabulary entry, in fp32."""
+    la = a(ids.to(next(a.parameters()).device)).logits.float().cpu()
+    lb = b(ids.to(next(b.parameters()).device)).logits.float().cpu()
+    return (la - lb).abs().max().item()
+
+
+def save_hf_folder(model: nn.Module, tokenizer, out: str | os.PathLike) -> Path:
+    """Write model (safetensors), config, tokenizer, chat template and generation config, atomically.
+
+    The generation config's eos_token_id lists the tokenizer's EOS too (a chat model's turn end, e.g.
+    ChatML's <|im_end|>), so transformers' generate stops where the chat template ends a turn.
+    """
+    from tunelab.train.checkpoint import atomic_folder
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise TunelabError(f"{out} exists and is not a model folder; choose an empty or new folder")
+    eos = stop_ids(model, tokenizer)
+    model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_folder(out, write)
+    return out
+
+
+def merge_to_folder(source: str, out: str | os.PathLike, base: str | None = None,
+                    from_quantized: bool = False) -> MergeReport:
+    """Merge the adapter of `source` (a run or adapter folder) into its base and save an HF folder.
+
+    For a QLoRA adapter both merges are built and measured against the trained model; the one written is
+    into the original weights, or into the de-quantized ones if `from_quantized` (with a warning).
+    """
+    opened = open_model(source, base=base)
+    if opened.source.adapter is None:
+        raise TunelabError(f"{source} has no adapter to merge (give a lora/qlora run folder or an adapter folder)")
+    if opened.source.quant is None:
+        merge_opened(opened)
+        return MergeReport(save_hf_folder(opened.model, opened.tokenizer, out), qlora=False, from_quantized=False)
+    return _merge_qlora(opened, Path(out), from_quantized)
+
+
+def _merge_qlora(trained: Opened, out: Path, from_quantized: bool) -> MergeReport:
+    ids = probe_ids(trained.tokenizer)
+    merges = {}
+    for into_quantized in (False, True):
+        candidate = Opened(copy.deepcopy(trained.model), trained.tokenizer, trained.source,
+                           base_weights=trained.base_weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the from_quantized warning is raised below, once, if chosen
+            merge_opened(candidate, from_quantized=into_quantized)
+        merges[into_quantized] = candidate.model
+    report = MergeReport(out, qlora=True, from_quantized=from_quantized,
+                         diff_original=max_logit_diff(merges[False], trained.model, ids),
+                         diff_dequantized=max_logit_diff(merges[True], trained.model, ids))
+    if from_quantized:
+        warnings.warn(
+            "merging into the de-quantized 4-bit weights (--from-quantized): every merged weight keeps its "
+            f"4-bit rounding error; max |logits - original merge's| on a probe prompt: "
+            f"{max_logit_diff(merges[True], merges[False], ids):.4g}", stacklevel=2)
+    save_hf_folder(merges[from_quantized], trained.tokenizer, out)
+    return report

@@ -1,0 +1,193 @@
+"""MODEL_OR_RUN -> a ready model: a run folder, an adapter folder, an HF folder, a 4-bit folder, a .gguf, `bundled`.
+
+A run folder (config.yaml + adapter/ or model/) says how it was trained: for a qlora run, "the adapter applied
+on the fly" means the base re-quantized with the run's quant settings and the adapter loaded on top, which
+is exactly the model that was trained. Merging goes into the original full-precision weights, which are
+kept aside before quantizing (see tunelab.lora.merge_lora).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from tunelab.errors import TunelabError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class Source:
+    """Where a model comes from: a loadable base, and optionally an adapter trained on it.
+
+    base:    `bundled`, an HF folder, a 4-bit folder (tunelab quantize --save) or a .gguf file
+    adapter: a PEFT-layout adapter folder, or None
+    quant:   for a QLoRA adapter, the run's quant settings {dtype, block_size, double_quant}; else None
+    """
+
+    base: str
+    adapter: Path | None = None
+    quant: dict | None = None
+
+
+@dataclass
+class Opened:
+    """A loaded model, its tokenizer, and where they came from.
+
+    base_weights: for a QLoRA adapter, the base's full-precision linear weights before quantizing
+    (state-dict keys), the weights a merge goes into; None otherwise.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    source: Source
+    merged: bool = False
+    base_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+def find_source(path_or_run: str, adapter: str | None = None, base: str | None = None) -> Source:
+    """Classify MODEL_OR_RUN (plus an optional separate adapter and --base) into a Source; loads nothing."""
+    if path_or_run == "bundled" or Path(path_or_run).suffix == ".gguf":
+        src = Source(base=path_or_run)
+    else:
+        path = Path(path_or_run).expanduser()
+        if not path.exists():
+            raise TunelabError(f"{path_or_run}: no such file or folder (give a run folder, an adapter folder, "
+                               "a Hugging Face folder, a .gguf file, or `bundled`)")
+        if (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir()):
+            src = _run_source(path)
+        elif (path / ADAPTER_CONFIG).is_file():
+            src = _adapter_source(path, base)
+        elif (path / "config.json").is_file():
+            src = Source(base=str(path))
+        else:
+            raise TunelabError(
+                f"{path}: not a run folder (config.yaml + adapter/ or model/), an adapter folder "
+                f"({ADAPTER_CONFIG}) or a Hugging Face model folder (config.json)"
+            )
+    if base is not None:
+        if src.adapter is None and adapter is None:
+            raise TunelabError(f"--base {base} is the base of an adapter, but {path_or_run} has none; "
+                               "give an adapter or run folder, or --adapter")
+        src.base = base
+    if adapter is not None:
+        if src.adapter is not None:
+            raise TunelabError(f"{path_or_run} already has an adapter ({src.adapter}); give a base model with "
+                               "--adapter, or the adapter/run alone")
+        extra = _adapter_source(Path(adapter).expanduser(), src.base)
+        src.adapter, src.quant = extra.adapter, extra.quant
+    return src
+
+
+def _run_config(run: Path) -> dict:
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise TunelabError(f"{run / 'config.yaml'}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(cfg, dict):
+        raise TunelabError(f"{run / 'config.yaml'}: not a run config (a mapping with method:, model:, ...)")
+    return cfg
+
+
+def _run_source(run: Path) -> Source:
+    """A run folder written by tunelab train: its config says the base and (for qlora) the quant settings."""
+    cfg = _run_config(run)
+    method = cfg.get("method", "lora")
+    source = (cfg.get("model") or {}).get("source", "bundled")
+    if (run / "model").is_dir():
+        return Source(base=str(run / "model"))
+    if source == "scratch":
+        raise TunelabError(f"{run}: a scratch run has no base model to put its adapter on")
+    quant = _quant_settings(cfg) if method == "qlora" else None
+    return Source(base=source, adapter=run / "adapter", quant=quant)
+
+
+def _quant_settings(cfg: dict) -> dict:
+    q = cfg.get("quant") or {}
+    return {"dtype": q.get("dtype", "nf4"), "block_size": q.get("block_size", 64),
+            "double_quant": q.get("double_quant", True)}
+
+
+def _adapter_source(adapter: Path, base: str | None) -> Source:
+    """An adapter folder: base from --base, else the run around it, else adapter_config.json's base name."""
+    from tunelab.lora import read_adapter_config
+
+    _, recorded = read_adapter_config(adapter)  # also checks it is a LoRA adapter folder
+    run = adapter.parent
+    if (run / "config.yaml").is_file() and adapter.name == "adapter":
+        src = _run_source(run)
+        return Source(base=base or src.base, adapter=adapter, quant=src.quant)
+    if base is None and not recorded:
+        raise TunelabError(f"{adapter / ADAPTER_CONFIG} names no base_model_name_or_path: pass --base MODEL")
+    return Source(base=base or recorded, adapter=adapter)
+
+
+def load_base(base: str, quant: dict | None = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, base_weights): the base model, 4-bit as `quant` says (then base_weights holds
+    the full-precision linear weights it replaced, for merging), else base_weights is None."""
+    from tunelab.export.quantized import is_quantized_folder, load_quantized
+    from tunelab.models.load import load_pretrained
+
+    if Path(base).is_dir() and is_quantized_folder(Path(base)):
+        model, tok = load_quantized(base)  # already 4-bit: no original weights to merge into
+        return model, tok, None
+    model, tok = load_pretrained(base, dtype)
+    model.eval()
+    if quant is None:
+        return model, tok, None
+    from tunelab.quant import quantize_model
+
+    # The linear weights quantize_model drops, kept to merge into (clone: the model's own storage is freed).
+    linears = {p for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+    base_weights = {k: v.detach().clone() for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] in linears}
+    quantize_model(model, **quant)
+    return model, tok, base_weights
+
+
+def open_model(path_or_run: str, adapter: str | None = None, base: str | None = None, merge: bool = False,
+               from_quantized: bool = False, dtype: torch.dtype = torch.float32) -> Opened:
+    """Load MODEL_OR_RUN (see the module doc) with its adapter applied on the fly, or merged if `merge`.
+
+    A QLoRA adapter merges into the original full-precision base weights unless `from_quantized`, which
+    merges into the de-quantized 4-bit weights (warns: it keeps their rounding error).
+    """
+    src = find_source(path_or_run, adapter, base)
+    model, tok, base_weights = load_base(src.base, src.quant, dtype)
+    if src.adapter is not None:
+        from tunelab.lora import load_adapter
+
+        load_adapter(model, src.adapter, verbose=False)
+    opened = Opened(model, tok, src, base_weights=base_weights)
+    return merge_opened(opened, from_quantized) if merge else opened
+
+
+def merge_opened(opened: Opened, from_quantized: bool = False) -> Opened:
+    """Fold the adapter of an opened model into plain linears, in place (no-op without an adapter)."""
+    from tunelab.lora import merge_lora
+    from tunelab.lora.layer import is_quantized_linear
+
+    if opened.source.adapter is not None and not opened.merged:
+        weights = None if from_quantized else opened.base_weights
+        if weights is None and not from_quantized and any(is_quantized_linear(m) for m in opened.model.modules()):
+            raise TunelabError(
+                f"the base {opened.source.base} is 4-bit, so its original weights are not here to merge into: "
+                "pass --base <the full-precision model it was quantized from>, or --from-quantized to merge "
+                "into the de-quantized 4-bit weights (keeps their rounding error)")
+        merge_lora(opened.model, base_weights=weights, from_quantized=from_quantized)
+        opened.merged = True
+    return opened
+
+
+def stop_ids(model: nn.Module, tokenizer) -> list[int]:
+    """EOS ids of the tokenizer and the model's generation config (a chat turn's end may be either)."""
+    from tunelab.eval.generate import _stop_ids
+
+    try:
+        return _stop_ids(model, tokenizer)
+    except ValueError:
+        raise TunelabError("neither the tokenizer nor the model's generation config names an EOS token, so "
+                           "generation could never stop: set eos_token in the tokenizer's config") from None
