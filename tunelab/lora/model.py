@@ -169,22 +169,16 @@ def merge_lora(model: nn.Module, base_weights: dict[str, torch.Tensor] | None = 
     Over nn.Linear: W + scale * B @ A (DoRA: m / ||W + dW|| * (W + dW)). Over a 4-bit base the merge goes
     into the original full-precision weights, `base_weights` (a state dict keyed by module path +
     ".weight"/".bias", e.g. the model's state_dict() before quantize_model); merging into the de-quantized
-    4-bit weights bakes their rounding error into every merged weight, the known cause of quality loss
-    with merged QLoRA adapters, so it needs from_quantized=True and warns. Every other 4-bit linear is
+    4-bit weights keeps every weight's 4-bit rounding error, so it needs from_quantized=True and warns.
+    (Measured in docs/export.md: kept in fp32, the de-quantized merge reproduces the trained 4-bit model
+    exactly, while the merge into the original weights differs from it by the base's rounding error.) Every other 4-bit linear is
     turned back into nn.Linear the same way, and modules_to_save keep their trained copy: the result is
     a model of plain linears.
     """
-<<<<<<< HEAD
     # The paths whose weight is 4-bit: a LoRALinear over a 4-bit base (not its .base again), or a bare one.
     wrapped = {p + ".base" for p, _ in lora_layers(model)}
     quantized = [p for p, m in model.named_modules() if p not in wrapped and is_quantized_linear(
         m.base if isinstance(m, LoRALinear) else m)]
-=======
-    # A 4-bit linear inside a LoRALinear is handled through the LoRALinear's path (base_weights' key).
-    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
-    quantized = [p for p, m in model.named_modules() if (is_quantized_linear(m) and id(m) not in wrapped)
-                 or (isinstance(m, LoRALinear) and is_quantized_linear(m.base))]
->>>>>>> export
     if quantized and base_weights is None:
         if not from_quantized:
             raise TunelabError(
