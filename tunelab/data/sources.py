@@ -173,7 +173,12 @@ def _csv(path):
 
 def _parquet(path):
     import datasets
+    import pyarrow.parquet as pq
 
+    try:  # a cut-short or mislabelled file fails here, with its name, not deep inside `datasets`
+        pq.read_metadata(path)
+    except (OSError, ValueError) as e:
+        raise DataError(path, None, f"not a readable Parquet file ({e}); write it again or convert it to JSONL") from None
     ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
     yield from enumerate(ds, start=1)
 
