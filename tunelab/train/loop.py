@@ -246,7 +246,10 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
             loss_sum += float(s.detach())
             tokens_seen += int(batch["input_ids"].numel()) * world
         loss = _all_sum(loss_sum, device) / max(n_global, 1)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        # the norm first, clipping after the check: clipping by a NaN norm would spread NaN to every group
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if cfg.max_grad_norm and torch.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm)
         if not (math.isfinite(loss) and torch.isfinite(norm)):
             bad = _nonfinite_groups(optimizer) or ["(the loss itself)"]
             where = f"step {step + 1}: loss {loss}, non-finite gradients in {', '.join(bad)}"
