@@ -71,7 +71,7 @@ class _NearestCode:
         self.mid[cells.long()] = mids
         # For FP4 the packed byte of two sorted positions is remapped to code indices in one look-up.
         pos = torch.arange(256)
-        self.byte_remap = (self.order[pos >> 4] * 16 + self.order[pos & 15]).to(torch.uint8)
+        self.byte_remap = (self.order[pos >> 4] * 16 + self.order[pos & 15]).to(torch.uint8) if len(code) == 16 else None
         self.identity = bool(torch.equal(self.order, torch.arange(len(code))))
 
     def to(self, device: torch.device) -> "_NearestCode":
@@ -159,7 +159,7 @@ def quantize_absmax(flat: torch.Tensor, quant_type: str, block_size: int) -> tup
     absmax = block_absmax(flat, block_size)
     _check_finite(absmax)
     # Scaled reciprocal: x * (2048 / absmax) == 2048 * (x * (1 / absmax)) exactly (power-of-two factor).
-    recip = (1.0 / absmax.clamp(min=_TINY)) * _HALF_CELLS
+    recip = ((1.0 / absmax.clamp(min=_TINY)) * _HALF_CELLS).clamp(max=torch.finfo(torch.float32).max)  # 0*inf = NaN
     out = torch.empty((n + 1) // 2 if bits == 4 else n, dtype=torch.uint8, device=device)
 
     full = n - n % block_size
@@ -280,7 +280,7 @@ def _pair_lut_cpu(quant_type: str) -> torch.Tensor:
     Reading packed bytes two at a time halves the number of look-ups. The table is filled through the
     machine's own int16 view, so it holds on any byte order.
     """
-    code = codebooks.code(quant_type)
+    code = torch.nn.functional.pad(codebooks.code(quant_type), (0, 16))  # int4 has 15 codes; indices 15.. stay unused
     pairs = torch.arange(65536).to(torch.uint8).view(-1, 1)  # low byte ...
     pairs = torch.cat([pairs, (torch.arange(65536) >> 8).to(torch.uint8).view(-1, 1)], 1)
     key = pairs.contiguous().view(torch.int16).view(-1).long() & 0xFFFF
