@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import resource
 import signal
 import sys
 import time
@@ -60,6 +61,11 @@ def _run(cfg: Path, fault: str | None = None, resume: bool = False) -> int:
     return p.exitcode
 
 
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
@@ -82,7 +88,7 @@ def setup(shm_tmp):
     # The loss plot (1-2 s of matplotlib per finished run) is not under test here; the metrics it reads are.
     mp = pytest.MonkeyPatch()
     mp.setattr("tunelab.train.loop._plot", lambda metrics, png: None)
-    ws = make_workspace(shm_tmp)
+    ws = make_workspace(shm_tmp, records=32)
     ref = ws / "reference"
     assert _run(run_config(ws, ref, train=TRAIN, lora=LORA)) == 0, (Path(str(ref) + ".yaml.log")).read_text()
     assert len(losses(ref)) == STEPS
@@ -137,7 +143,7 @@ def _assert_same_run(out: Path, ref_losses, ref_adapter, start: int) -> None:
 def test_sigkill_at_seeded_fault_sites_then_resume(setup, shm_tmp):
     ws, ref_losses, ref_adapter = setup
     stats = {"kills": 0, "partial_taken": 0, "damaged_skipped": 0, "resumed_same": 0}
-    t0 = time.time()
+    t0, cpu0 = time.time(), _children_cpu()
     for trial in range(SITE_TRIALS):
         rng = random.Random(trial)
         out = shm_tmp / f"t{trial}"
@@ -161,7 +167,8 @@ def test_sigkill_at_seeded_fault_sites_then_resume(setup, shm_tmp):
         stats["resumed_same"] += 1
     print(f"\ncrash trials: {SITE_TRIALS} run, {stats['kills']} SIGKILLs at fault sites, "
           f"{stats['resumed_same']} resumed to the same curve and adapter, {stats['partial_taken']} partial "
-          f"checkpoints taken, {stats['damaged_skipped']} damaged checkpoints skipped ({time.time() - t0:.0f} s)")
+          f"checkpoints taken, {stats['damaged_skipped']} damaged checkpoints skipped "
+          f"({time.time() - t0:.0f} s wall, {_children_cpu() - cpu0:.0f} s CPU in the runs)")
 
 
 def test_external_sigkill_at_random_times_then_resume(setup, shm_tmp):
