@@ -248,9 +248,10 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         loss = _all_sum(loss_sum, device) / max(n_global, 1)
         # the norm first, clipping after the check: clipping by a NaN norm would spread NaN to every group
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if cfg.max_grad_norm and torch.isfinite(norm):
+        finite = math.isfinite(loss) and bool(torch.isfinite(norm))
+        if cfg.max_grad_norm and finite:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm)
-        if not (math.isfinite(loss) and torch.isfinite(norm)):
+        if not finite:
             bad = _nonfinite_groups(optimizer) or ["(the loss itself)"]
             where = f"step {step + 1}: loss {loss}, non-finite gradients in {', '.join(bad)}"
             optimizer.zero_grad(set_to_none=True)
@@ -270,8 +271,9 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         faults.point("step")
         if cfg.eval_every and done % cfg.eval_every == 0 or done == total_steps:
             if eval_set:
-                last_eval = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, device,
-                                          cfg.loss_chunk_tokens, cfg.eval_batches)
+                with _explain_oom(cfg, step):
+                    last_eval = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, device,
+                                              cfg.loss_chunk_tokens, cfg.eval_batches)
                 record["eval_loss"] = last_eval
         if log and (done % cfg.log_every == 0 or "eval_loss" in record or done == total_steps):
             log.write(json.dumps(record) + "\n")

@@ -146,8 +146,8 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json"):
-            inside(out, name)
-        inside(out, "config.yaml").write_text(dump_config(cfg))
+            inside(out, name)  # every path a run writes; adapter/ or model/ are checked when written
+        (out / "config.yaml").write_text(dump_config(cfg))
     summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
                          pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress)
     if rank == 0:
