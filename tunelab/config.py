@@ -160,6 +160,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     if path is not None:
         path = Path(path)
         origin = str(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder: give the YAML config file inside it")
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:

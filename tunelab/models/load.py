@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,11 +21,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def gguf_folder(path: Path) -> Path:
     """Convert a user's GGUF file once into a cached HF folder (keyed by path, size and mtime)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":  # every GGUF file starts with these 4 bytes (ggml/docs/gguf.md)
+        raise TunelabError(f"model.source: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
+                           "give a real .gguf model or a Hugging Face folder")
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     dest = bundled.cache_root() / "gguf" / f"{path.stem}-{key}"
     if not (dest / "model.safetensors").is_file():
-        bundled.convert_gguf(path, dest)
+        try:
+            bundled.convert_gguf(path, dest)
+        except (ValueError, OSError, KeyError, IndexError, EOFError) as e:  # what gguf raises on a cut-short file
+            raise TunelabError(f"model.source: {path}: not a readable GGUF model ({str(e).splitlines()[0]}); "
+                               "the file may be truncated: download it again") from e
     return dest
 
 
@@ -67,18 +77,24 @@ def load_tokenizer(folder: Path | str, trust_remote_code: bool = False):
 
 def load_pretrained(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """(model, tokenizer) from `bundled`, an HF folder or a .gguf file; safetensors only, no remote code by default."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     folder = model_folder(source)
     if trust_remote_code:
-        warnings.warn(f"trust_remote_code is on: Python files in {folder} will run on this machine", stacklevel=2)
+        code = sorted(p.name for p in Path(folder).glob("*.py")) or ["none found yet"]
+        message = (f"model.trust_remote_code=true: Python files shipped with {folder} ({', '.join(code)}) will run "
+                   "on this machine with your permissions; turn it off unless you have read them")
+        print(f"tunelab: WARNING: {message}", file=sys.stderr)
+        warnings.warn(message, stacklevel=2)
     tok = load_tokenizer(folder, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as e:
-        raise TunelabError(f"{folder}: cannot load the model ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, SafetensorError) as e:  # e.g. a truncated or mislabelled .safetensors file
+        raise TunelabError(f"{folder}: cannot load the model ({str(e).splitlines()[0]}); check that its "
+                           "config.json and *.safetensors files are complete (download them again)") from e
     return model, tok
 
 

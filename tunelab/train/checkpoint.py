@@ -9,16 +9,20 @@ whose manifest does not match its files is never taken for a checkpoint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import TunelabError
+from tunelab.train import faults
 
 PREFIX = "step-"
 
@@ -55,11 +59,13 @@ def verify(folder: Path) -> str | None:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return "no readable manifest.json"
+    if not manifest or not isinstance(manifest, dict) or not all(isinstance(m, dict) for m in manifest.values()):
+        return "manifest.json lists no files"
     for name, meta in manifest.items():
         p = folder / name
-        if not p.is_file() or p.stat().st_size != meta["bytes"]:
+        if not p.is_file() or p.stat().st_size != meta.get("bytes"):
             return f"{name} is missing or has the wrong size"
-        if _sha256(p) != meta["sha256"]:
+        if _sha256(p) != meta.get("sha256"):
             return f"{name} does not match its SHA-256"
     return None
 
@@ -76,7 +82,9 @@ def atomic_folder(dest: Path, write) -> None:
         for p in tmp.iterdir():
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
+        faults.point("ckpt_manifest")
         write_manifest(tmp)
+        faults.point("ckpt_rename")
         if dest.exists():
             old = dest.parent / f".old-{dest.name}-{os.getpid()}"
             os.replace(dest, old)
@@ -88,6 +96,24 @@ def atomic_folder(dest: Path, write) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_error(e: OSError | SafetensorError, dest: Path, kept: str) -> TunelabError:
+    """A write that failed (disk full, permissions) as one line: where, why, what survived, what to do."""
+    code = getattr(e, "errno", None)
+    if code is None and (m := re.search(r"os error (\d+)", str(e))):  # safetensors wraps the OS error
+        code = int(m.group(1))
+    why = "no space left on device" if code == errno.ENOSPC else (os.strerror(code) if code else str(e))
+    return TunelabError(f"{why} while writing {dest} (nothing half-written was kept; {kept}): "
+                        "free space or fix the folder, then rerun with resume=true")
+
+
+def remove_partial(root: Path) -> list[Path]:
+    """Delete the temporary folders a crashed checkpoint write left in `root`; return them."""
+    stale = [p for p in root.glob(".tmp-*") if p.is_dir()] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
@@ -108,14 +134,23 @@ def save(root: Path, step: int, model, optimizer, state: dict, keep_last: int) -
 
     def write(tmp: Path):
         save_file(weights, tmp / "weights.safetensors")
+        faults.point("ckpt_weights")
         save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
+        faults.point("ckpt_optimizer")
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
 
     dest = root / f"{PREFIX}{step:08d}"
-    atomic_folder(dest, write)
+    try:
+        atomic_folder(dest, write)
+    except (OSError, SafetensorError) as e:
+        kept = latest(root)
+        raise write_error(e, dest, f"the checkpoint {kept} is intact" if kept else "no earlier checkpoint exists") from e
+    faults.point("ckpt_prune")
     for old in list_complete(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        trash = root / f".tmp-pruned-{old.name}"  # renamed first: a crash mid-delete leaves no half step folder
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return dest
 
 

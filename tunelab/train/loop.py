@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tunelab.errors import TunelabError
-from tunelab.train import checkpoint
+from tunelab.train import checkpoint, faults
 from tunelab.train.loss import IGNORE, causal_lm_loss_sum
 
 
@@ -78,6 +79,31 @@ def _nonfinite_groups(optimizer) -> list[str]:
         if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in g["params"]):
             bad.append(g.get("name", f"group {i}"))
     return bad
+
+
+@contextmanager
+def _explain_oom(cfg, step: int):
+    """CUDA out of memory -> a TunelabError that lists the settings which lower memory use."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise TunelabError(
+            f"out of GPU memory at step {step + 1} (batch_size {cfg.batch_size}, seq_len {cfg.seq_len}): lower "
+            f"train.batch_size and raise train.grad_accum (same global batch), set train.gradient_checkpointing=true, "
+            f"use method=qlora (4-bit base weights), or shorten train.seq_len"
+        ) from e
+
+
+def _read_metrics(path: Path, upto: int) -> list[str]:
+    """Lines of metrics.jsonl for steps <= upto; a line cut short by a crash is dropped."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= upto:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
 
 
 def _plot(metrics_path: Path, out_png: Path) -> None:
@@ -164,7 +190,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    start = 0
+    start, ckpt = 0, None
     torch.manual_seed(cfg.seed)
     if resume:
         last = checkpoint.latest(ckpt_root)
@@ -172,14 +198,18 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
             print(f"tunelab: resume=true but no complete checkpoint in {ckpt_root}: starting from step 0")
         else:
             start = checkpoint.load(last, model, optimizer)["step"]
+            ckpt = last
             if rank == 0:
                 print(f"tunelab: resumed from {last} (step {start} of {total_steps})")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(ckpt_root)  # temporary folders of a write that a crash cut short
         kept = []
         if start and metrics_path.exists():  # drop records past the checkpoint: the curve continues, not repeats
-            kept = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+            kept = _read_metrics(metrics_path, start)
+        tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in kept))
+        os.replace(tmp, metrics_path)  # a crash here must not lose the records kept
 
     def order(epoch: int) -> torch.Tensor:
         return torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
@@ -198,7 +228,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    t0, tokens_seen, last_eval, ckpt = time.time(), 0, None, None
+    t0, tokens_seen, last_eval = time.time(), 0, None
     model.train()
     for step in range(start, total_steps):
         factor = lr_factor(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -209,15 +239,19 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         loss_sum = 0.0
         for i, batch in enumerate(batches):
             sync = world == 1 or i == len(batches) - 1
-            with (nullcontext() if sync else net.no_sync()), _autocast(device):
+            with _explain_oom(cfg, step), (nullcontext() if sync else net.no_sync()), _autocast(device):
                 s, _ = net(batch)
                 # sum over tokens / global token count = mean over the global batch; DDP averages ranks
                 (s * (world / max(n_global, 1))).backward()
             loss_sum += float(s.detach())
             tokens_seen += int(batch["input_ids"].numel()) * world
         loss = _all_sum(loss_sum, device) / max(n_global, 1)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        if not (math.isfinite(loss) and torch.isfinite(norm)):
+        # the norm first, clipping after the check: clipping by a NaN norm would spread NaN to every group
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        finite = math.isfinite(loss) and bool(torch.isfinite(norm))
+        if cfg.max_grad_norm and finite:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm)
+        if not finite:
             bad = _nonfinite_groups(optimizer) or ["(the loss itself)"]
             where = f"step {step + 1}: loss {loss}, non-finite gradients in {', '.join(bad)}"
             optimizer.zero_grad(set_to_none=True)
@@ -227,16 +261,19 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
             print(f"tunelab: {where}; step skipped")
             record = {"step": step + 1, "skipped": "non-finite"}
         else:
-            optimizer.step()
+            with _explain_oom(cfg, step):  # AdamW allocates its moments on the first step
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.time() - t0
             record = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": float(norm), "tokens": tokens_seen, "tok_per_s": tokens_seen / elapsed}
         done = step + 1
+        faults.point("step")
         if cfg.eval_every and done % cfg.eval_every == 0 or done == total_steps:
             if eval_set:
-                last_eval = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, device,
-                                          cfg.loss_chunk_tokens, cfg.eval_batches)
+                with _explain_oom(cfg, step):
+                    last_eval = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, device,
+                                              cfg.loss_chunk_tokens, cfg.eval_batches)
                 record["eval_loss"] = last_eval
         if log and (done % cfg.log_every == 0 or "eval_loss" in record or done == total_steps):
             log.write(json.dumps(record) + "\n")

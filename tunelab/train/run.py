@@ -12,6 +12,7 @@ import torch
 from tunelab.config import RunConfig, dump_config
 from tunelab.errors import TunelabError
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, resolve_dtype
+from tunelab.train import checkpoint
 from tunelab.train.checkpoint import atomic_folder
 from tunelab.train.loop import train_loop
 
@@ -93,21 +94,37 @@ def prepare_method(model, cfg: RunConfig) -> list[dict]:
     return lora_param_groups(model, cfg.train.lr, cfg.train.weight_decay, lcfg.loraplus_ratio)
 
 
+def inside(out: Path, name: str) -> Path:
+    """`out / name`, refused when it resolves outside `out` (a symlink planted in the output folder)."""
+    path = out / name
+    real, root = path.resolve(), out.resolve()
+    if real != root and root not in real.parents:
+        raise TunelabError(f"{path} resolves to {real}, outside output_dir {root}: tunelab writes only inside "
+                           "output_dir; remove the link or choose another output_dir")
+    return path
+
+
 def save_outputs(model, tok, cfg: RunConfig, out: Path) -> Path:
     """lora/qlora: a PEFT-layout adapter; full/freeze: a Hugging Face folder. Both written atomically."""
-    if cfg.method in ("lora", "qlora"):
-        from tunelab.lora import save_adapter
+    from safetensors import SafetensorError
 
-        dest = out / "adapter"
-        save_adapter(model, dest)
-    else:
-        dest = out / "model"
+    dest = inside(out, "adapter" if cfg.method in ("lora", "qlora") else "model")
+    try:
+        if cfg.method in ("lora", "qlora"):
+            from tunelab.lora import save_adapter
 
-        def write(tmp: Path):
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
+            save_adapter(model, dest)
+        else:
 
-        atomic_folder(dest, write)
+            def write(tmp: Path):
+                model.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
+
+            atomic_folder(dest, write)
+    except (OSError, SafetensorError) as e:
+        kept = checkpoint.latest(out / "checkpoints")
+        raise checkpoint.write_error(e, dest, f"the final checkpoint {kept} is intact, so training is not "
+                                     "repeated" if kept else "set train.save_every to keep checkpoints") from e
     return dest
 
 
@@ -128,6 +145,8 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None):
     out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json"):
+            inside(out, name)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
     summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
                          pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress)
