@@ -179,8 +179,10 @@ def _arrow_errors() -> tuple[type[BaseException], ...]:
 
 def _parquet(path):
     import datasets
+    import pyarrow.parquet as pq
 
     try:
+        pq.read_metadata(path)  # a cut-short or mislabelled file fails here, before `datasets` logs about it
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
         yield from enumerate(ds, start=1)
     except _arrow_errors() as e:
