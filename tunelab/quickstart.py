@@ -16,9 +16,9 @@ from pathlib import Path
 def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     p.add_argument("--method", choices=["qlora", "lora"], default="qlora")
-    p.add_argument("--train-per-family", type=int, default=48, help="training pairs per trained family")
+    p.add_argument("--train-per-family", type=int, default=32, help="training pairs per trained family")
     p.add_argument("--eval-per-family", type=int, default=8, help="held-out items per family")
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for a smoke test)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--model", default="bundled", help="model source (default: the bundled SmolLM2-135M-Instruct)")
@@ -109,5 +109,5 @@ QUICKSTART = {
     "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
     "data": {"task": "sft", "sources": [{"name": "tasks", "path": "train.jsonl", "kind": "instructions"}],
              "packing": "padded", "eval_path": "eval.jsonl"},
-    "train": {"batch_size": 8, "epochs": 2, "lr": 1e-3, "warmup_steps": 4, "seq_len": 256, "log_every": 1},
+    "train": {"batch_size": 8, "epochs": 1, "lr": 1e-3, "warmup_steps": 4, "seq_len": 256, "log_every": 1},
 }
