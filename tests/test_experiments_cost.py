@@ -86,11 +86,11 @@ def test_cost_command_measures(tmp_path, capsys):
     make_tiny_llama().save_pretrained(tmp_path / "model")
     p = argparse.ArgumentParser()
     cost_cli.add_arguments(p)
-    args = p.parse_args([str(tmp_path / "model"), "--method", "full", "lora", "--batch-size", "2", "--seq-len", "32",
+    args = p.parse_args([str(tmp_path / "model"), "--method", "lora", "--batch-size", "2", "--seq-len", "32",
                          "--measure", "--steps", "2", "--json", str(tmp_path / "cost.json")])
     assert cost_cli.run(args) == 0
     rows = json.loads((tmp_path / "cost.json").read_text())
-    assert [r["method"] for r in rows] == ["full", "lora"]
+    assert [r["method"] for r in rows] == ["lora"]
     for r in rows:
         assert r["measured_peak"] > 0 and r["tokens_per_s"] > 0
         assert r["peak_ratio"] == pytest.approx(r["measured_peak"] / r["peak"])
