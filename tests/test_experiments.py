@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
 from tunelab.errors import ConfigError
 from tunelab.experiments import grid, quality, sweep
 from tunelab.experiments.optimum import find_optimum, lr_ratio
 from tunelab.experiments.report import write_report
+from test_train_e2e import workspace  # noqa: F401  (the shared tiny model + SFT file fixture)
 
 # ---------------------------------------------------------------------------------------------- grid parser
 
@@ -100,30 +99,21 @@ def test_optimum_at_the_grid_edge_is_an_open_bound_and_diverged_points_are_skipp
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sweep")
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(vocab_size=len(tok)).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma omega".split()
-    rng = random.Random(0)
-    with open(d / "sft.jsonl", "w") as f:
-        for _ in range(72):
-            w = rng.sample(words, 4)
-            f.write(json.dumps({"prompt": "Reverse: " + " ".join(w), "response": " ".join(w[::-1])}) + "\n")
-    cfg = {"method": "lora", "model": {"source": str(d / "model")}, "lora": {"r": 4, "alpha": 8},
+def sweep_ws(workspace):
+    """test_train_e2e's tiny model + 96 reverse-words pairs, with a base sweep config beside them."""
+    cfg = {"method": "lora", "model": {"source": str(workspace / "model")}, "lora": {"r": 4, "alpha": 8},
            "quant": {"block_size": 32},
-           "data": {"task": "sft", "sources": [{"name": "rev", "path": str(d / "sft.jsonl")}],
-                    "packing": "padded", "eval_fraction": 0.15},
+           "data": {"task": "sft", "sources": [{"name": "rev", "path": str(workspace / "sft.jsonl")}],
+                    "packing": "padded", "eval_fraction": 0.1},
            "train": {"lr": 1e-2, "batch_size": 4, "max_steps": 4, "seq_len": 48, "warmup_steps": 2},
-           "output_dir": str(d / "unused")}
-    (d / "base.yaml").write_text(yaml.safe_dump(cfg))
-    return d
+           "output_dir": str(workspace / "unused")}
+    (workspace / "base.yaml").write_text(yaml.safe_dump(cfg))
+    return workspace
 
 
-def test_cell_configs_share_the_budget_and_the_eval_set(workspace, tmp_path):
+def test_cell_configs_share_the_budget_and_the_eval_set(sweep_ws, tmp_path):
     axes = grid.parse_grid(["method=full,lora", "batch_size=2,8"])
-    dirs = sweep.plan(tmp_path, workspace / "base.yaml", axes)  # default budget: 4 steps x 4 = 16 examples
+    dirs = sweep.plan(tmp_path, sweep_ws / "base.yaml", axes)  # default budget: 4 steps x 4 = 16 examples
     from tunelab.config import load_config
 
     cfgs = {d.name: load_config(d / "cell.yaml") for d in dirs}
@@ -136,10 +126,10 @@ def test_cell_configs_share_the_budget_and_the_eval_set(workspace, tmp_path):
     assert cfgs["method-full__batch_size-8"].method == "full"
 
 
-def test_sweep_runs_resumes_and_reports(workspace, tmp_path, monkeypatch):
+def test_sweep_runs_resumes_and_reports(sweep_ws, tmp_path, monkeypatch):
     out = tmp_path / "sw"
     axes = grid.parse_grid(["method=full,lora", "lr=1e-3:1e-1:log3"])
-    dirs = sweep.plan(out, workspace / "base.yaml", axes, examples=8, eval_examples=8)
+    dirs = sweep.plan(out, sweep_ws / "base.yaml", axes, examples=8, eval_examples=8)
     assert sweep.run_cells(dirs, log=lambda *a: None) == []
     results = [json.loads((d / "result.json").read_text()) for d in dirs]
     assert all(r["status"] == "ok" and math.isfinite(r["eval_loss"]) and r["examples"] == 8 for r in results)
@@ -151,7 +141,7 @@ def test_sweep_runs_resumes_and_reports(workspace, tmp_path, monkeypatch):
         raise AssertionError("a finished cell was re-run")
 
     monkeypatch.setattr(run_mod, "run_training", boom)
-    assert sweep.run_cells(sweep.plan(out, workspace / "base.yaml", axes, examples=8, eval_examples=8),
+    assert sweep.run_cells(sweep.plan(out, sweep_ws / "base.yaml", axes, examples=8, eval_examples=8),
                            log=lambda *a: None) == []
     # deleting one result makes exactly that cell run again
     monkeypatch.undo()
@@ -175,10 +165,10 @@ def test_sweep_runs_resumes_and_reports(workspace, tmp_path, monkeypatch):
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
 
 
-def test_a_diverging_cell_is_recorded_not_fatal(workspace, tmp_path):
+def test_a_diverging_cell_is_recorded_not_fatal(sweep_ws, tmp_path):
     out = tmp_path / "div"
     # lr=1e30 makes the weights overflow: the loop stops on a non-finite loss (train.on_nonfinite=stop)
-    dirs = sweep.plan(out, workspace / "base.yaml", grid.parse_grid(["method=full", "lr=1e-3,1e30"]),
+    dirs = sweep.plan(out, sweep_ws / "base.yaml", grid.parse_grid(["method=full", "lr=1e-3,1e30"]),
                       ["train.max_grad_norm=null"], examples=12, eval_examples=4)
     assert sweep.run_cells(dirs, log=lambda *a: None) == []
     status = [json.loads((d / "result.json").read_text())["status"] for d in dirs]

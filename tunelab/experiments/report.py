@@ -166,7 +166,9 @@ def write_report(out: Path) -> dict:
           f"{len(results)} of {len(spec['cells'])} cells finished" + (f" ({missing} missing)" if missing else "")
           + (f"; every cell sees {spec['examples']} training sequences" if spec["examples"] else
              f"; every cell makes {spec['epochs']} epochs over its own data")
-          + f" and is evaluated on the same {spec['eval_examples']} held-out examples.", "", _table(spec, results), ""]
+          + (f" and is evaluated on the same {spec['eval_examples']} held-out examples." if "data" not in spec["axes"]
+             else "; eval loss is on each data variant's own held-out split (not comparable across variants: "
+                  "compare the task accuracy)."), "", _table(spec, results), ""]
     if rows:
         md += ["## Findings", "", _findings_text(rows), ""]
     md += [f"![{p}]({p})" for p in pngs]
