@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
 
 
 def _mb(x: float) -> str:
-    return f"{x / 2**20:,.0f}"
+    return f"{x / 2**20:,.1f}"
 
 
 def run(args) -> int:
