@@ -15,6 +15,9 @@ def add_arguments(p) -> None:
     p.add_argument("--loss-chunk", type=int, default=1024, help="label tokens per chunk of the output head")
     p.add_argument("--measure", action="store_true", help="also run a few real steps per method (fresh process)")
     p.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
+    p.add_argument("--glibc-default", action="store_true",
+                   help="measure with glibc's default malloc thresholds (default: a fixed 64 KiB mmap threshold, "
+                        "so resident memory follows live tensors; see docs/experiments.md)")
     p.add_argument("--json", help="also write the rows to this JSON file")
 
 
@@ -36,7 +39,7 @@ def run(args) -> int:
                   args.loss_chunk)
         row = analytic(arch, s)
         if args.measure:
-            m = measure(args.model, s, args.steps)
+            m = measure(args.model, s, args.steps, glibc_default=args.glibc_default)
             row |= {"measured_peak": m["peak"], "tokens_per_s": m["tokens_per_s"],
                     "peak_ratio": m["peak"] / row["peak"]}
         rows.append(row)
