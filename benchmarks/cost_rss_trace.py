@@ -2,6 +2,9 @@
 
     python benchmarks/cost_rss_trace.py lora 4 256                                # glibc default malloc
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/cost_rss_trace.py lora 4 256   # fixed mmap threshold
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/cost_rss_trace.py qlora 1 16 --copy
+        # --copy: after prepare, copy the parameters still backed by the memory-mapped checkpoint, so the
+        # mapping (and the fp32 pages quantization read through it) is released
 
 Prints VmRSS (after gc + malloc_trim, i.e. what is live) after imports, load, prepare, forward, backward and
 the optimizer step, and VmHWM (the peak) after the forward and the backward, in MiB.
@@ -35,13 +38,17 @@ def live(tag: str) -> None:
     print(f"{tag}: live {_rss_kb('VmRSS') // 1024} MiB", flush=True)
 
 
-def main(method: str, B: int, T: int) -> None:
+def main(method: str, B: int, T: int, copy: bool = False) -> None:
     live("imports")
     cfg = load_config(None, [f"method={method}"], base={"data": {"sources": [{"name": "r", "path": "unused"}]}})
     model = AutoModelForCausalLM.from_pretrained(model_folder("bundled"), dtype=torch.float32)
     live("loaded")
     groups = prepare_method(model, cfg)
     live("prepared")
+    if copy:
+        for p in model.parameters():
+            p.data = p.data.clone()
+        live("parameters copied")
     opt = torch.optim.AdamW(groups, lr=1e-5)
     ids = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(T).repeat(B, 1)}
@@ -57,4 +64,4 @@ def main(method: str, B: int, T: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), "--copy" in sys.argv[4:])
