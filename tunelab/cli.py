@@ -25,6 +25,8 @@ COMMANDS = {
     "export": ("tunelab.export.cli.export", "export a model or run to GGUF (f32/f16/q8_0) for llama.cpp and Ollama"),
     "generate": ("tunelab.export.cli.generate", "greedy answers from a model or run, adapter on the fly or merged"),
     "chat": ("tunelab.export.cli.chat", "chat in the terminal with a model or run (chat template, streaming)"),
+    "sweep": ("tunelab.experiments.sweep_cli", "run a resumable grid of training runs (method x lr x batch size ...) and report the optima"),
+    "cost": ("tunelab.experiments.cost_cli", "parameters, memory and FLOPs of each training method before you launch; --measure runs a few steps"),
 }
 
 
