@@ -30,7 +30,7 @@ class ScratchConfig(_Strict):
     max_position_embeddings: int = Field(1024, gt=0)
     tie_word_embeddings: bool = True
     tokenizer: str = "bundled"
-    """`bundled` (SmolLM2's 49k BPE), a tokenizer folder, or `train:N` to train an N-token BPE on the data."""
+    """`bundled` (SmolLM2's 49k BPE) or a tokenizer folder (e.g. one saved by `tokenizers` + transformers)."""
 
 
 class ModelConfig(_Strict):
