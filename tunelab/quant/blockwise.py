@@ -29,6 +29,10 @@ from tunelab.quant import codebooks
 # an OpenMP fork/join: on a busy 2-core machine a join can wait a whole scheduler slice (~15 ms measured
 # for a 256K-element multiply). Parallelism comes from our own worker threads instead (ops drop the GIL).
 CHUNK = 1 << 15
+# Up to this many elements a CPU tensor is done in one step, ATen threading each op: on an idle 2-core
+# machine that dequantizes a 576x1536 NF4 weight in 1.2 ms instead of 4.9 ms with chunks and worker
+# threads (benchmarks/quant_bench.py prints the 576x1536 row).
+SMALL = 1 << 22
 # Double quantization block (QLoRA section 3): 256 scales share one fp32 absmax.
 NESTED_BLOCK = 256
 # bitsandbytes clamps a zero absmax to this before dividing, so all-zero blocks give code "0".
@@ -85,7 +89,7 @@ def for_chunks(device: torch.device, n: int, block_size: int, make_scratch: Call
     """
     if n == 0:
         return
-    if device.type != "cpu":
+    if device.type != "cpu" or n <= SMALL:
         work(0, n, make_scratch(n))
         return
     step = max(CHUNK // block_size, 1) * block_size
