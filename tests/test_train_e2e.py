@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_tokenizer
+from tiny_run import losses, make_workspace, run_config
 from tunelab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,43 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A tiny model folder and an SFT JSONL file, shared by the tests of this module."""
-    d = tmp_path_factory.mktemp("e2e")
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(vocab_size=len(tok)).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    tok.save_pretrained(d / "tokenizer")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma omega".split()
-    rng = random.Random(0)
-    with open(d / "sft.jsonl", "w") as f:
-        for i in range(96):
-            w = rng.sample(words, 4)
-            f.write(json.dumps({"prompt": "Reverse: " + " ".join(w), "response": " ".join(w[::-1])}) + "\n")
+    """A tiny model folder, its tokenizer alone and an SFT JSONL file, shared by the tests of this module."""
+    d = make_workspace(tmp_path_factory.mktemp("e2e"), records=96)
+    make_tiny_tokenizer().save_pretrained(d / "tokenizer")
     return d
 
 
 def _config(ws: Path, method: str, out: Path, **extra) -> Path:
-    cfg = {
-        "method": method,
-        "model": {"source": str(ws / "model")},
-        "lora": {"r": 4, "alpha": 8},
-        "quant": {"block_size": 32},
-        "data": {"task": "sft", "sources": [{"name": "rev", "path": str(ws / "sft.jsonl")}],
-                 "packing": "padded", "eval_fraction": 0.1},
-        "train": {"lr": 1e-2, "batch_size": 4, "max_steps": 3, "seq_len": 64, "warmup_steps": 1},
-        "output_dir": str(out),
-    }
-    for k, v in extra.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    path = out.parent / f"{out.name}.yaml"
-    import yaml
-
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    extra["data"] = {"eval_fraction": 0.1, **extra.get("data", {})}
+    return run_config(ws, out, method=method, quant={"block_size": 32}, **extra)
 
 
-def _losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+_losses = losses
 
 
 # Pinned on torch 2.13.0 CPU, transformers 5.24 (seeded): a change to the loop, loss, data path, LoRA or
