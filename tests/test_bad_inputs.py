@@ -9,7 +9,6 @@ import struct
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import make_tiny_llama
 from tiny_run import WORDS, make_workspace, run_config

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tunelab.quant as tq
-from tunelab.quant import QuantError, QuantizedTensor, blockwise, codebooks
+from tunelab.quant import QuantError, QuantizedTensor, blockwise
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
