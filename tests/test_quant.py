@@ -65,13 +65,21 @@ def test_matches_bitsandbytes_bytes_scales_and_values(quant_type, shape):
             assert ours.dequantize(out_dtype).dtype == out_dtype
 
 
-def test_long_tensor_with_many_chunks_matches_bitsandbytes():
+def test_long_tensor_with_many_chunks_matches_bitsandbytes(monkeypatch):
+    from tunelab.quant import blockwise
+
+    monkeypatch.setattr(blockwise, "CHUNK", 1 << 15)  # 10 CPU steps, the last one short
     x = torch.randn(300_001, generator=torch.Generator().manual_seed(1))
     for quant_type in ("nf4", "fp4"):
         packed, state = _bnb(x, quant_type, 64, True)
         ours = tq.quantize(x, quant_type, double_quant=True)
         assert torch.equal(ours.data, packed.view(-1)) and torch.equal(ours.scales, state.absmax)
-        assert torch.equal(ours.dequantize(), bnbf.dequantize_4bit(packed, state).view(-1))
+        ref = bnbf.dequantize_4bit(packed, state).view(-1)
+        assert torch.equal(ours.dequantize(), ref)
+        assert torch.equal(ours.dequantize(torch.bfloat16), ref.bfloat16())  # converting copy per step
+    half = x.bfloat16()  # fp16/bf16 input: widened per step
+    packed, state = _bnb(half, "nf4", 64, False)
+    assert torch.equal(tq.quantize(half, "nf4").data, packed.view(-1))
 
 
 def test_edge_values_match_bitsandbytes():
@@ -86,7 +94,12 @@ def test_edge_values_match_bitsandbytes():
             packed, state = _bnb(x, quant_type, 64, dq)
             ours = tq.quantize(x, quant_type, double_quant=dq)
             assert torch.equal(ours.data, packed.view(-1)) and torch.equal(ours.scales, state.absmax)
-            assert torch.equal(ours.dequantize(), bnbf.dequantize_4bit(packed, state).view(-1))
+            ref = bnbf.dequantize_4bit(packed, state).view(-1)
+        assert torch.equal(ours.dequantize(), ref)
+        assert torch.equal(ours.dequantize(torch.bfloat16), ref.bfloat16())  # converting copy per step
+    half = x.bfloat16()  # fp16/bf16 input: widened per step
+    packed, state = _bnb(half, "nf4", 64, False)
+    assert torch.equal(tq.quantize(half, "nf4").data, packed.view(-1))
 
 
 def test_nibble_order_is_high_then_low():

@@ -16,7 +16,6 @@ nearest code by table look-ups (see `_NearestCode`).
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -25,14 +24,11 @@ import torch
 
 from tunelab.quant import codebooks
 
-# Elements per CPU step. At most ATen's grain size (32768), so each op runs on the calling thread without
-# an OpenMP fork/join: on a busy 2-core machine a join can wait a whole scheduler slice (~15 ms measured
-# for a 256K-element multiply). Parallelism comes from our own worker threads instead (ops drop the GIL).
-CHUNK = 1 << 15
-# Up to this many elements a CPU tensor is done in one step, ATen threading each op: on an idle 2-core
-# machine that dequantizes a 576x1536 NF4 weight in 1.2 ms instead of 4.9 ms with chunks and worker
-# threads (benchmarks/quant_bench.py prints the 576x1536 row).
-SMALL = 1 << 22
+# Elements per CPU step: big enough that ATen spreads each op over its threads, small enough that the
+# step's scratch buffers (reused, so they cost no page faults) stay in the L3 cache. On an idle 2-core
+# machine, 1M-element steps dequantize a 4096x4096 NF4 weight in ~20 ms, 256K-element steps in ~30 ms
+# and the whole tensor at once (fresh temporaries) in ~45 ms.
+CHUNK = 1 << 20
 # Double quantization block (QLoRA section 3): 256 scales share one fp32 absmax.
 NESTED_BLOCK = 256
 # bitsandbytes clamps a zero absmax to this before dividing, so all-zero blocks give code "0".
@@ -75,39 +71,18 @@ def empty_output(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return out
 
 
-@lru_cache(maxsize=1)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunelab-quant")
-
-
 def for_chunks(device: torch.device, n: int, block_size: int, make_scratch: Callable[[int], object],
                work: Callable[[int, int, object], None]) -> None:
-    """Call work(start, stop, scratch) over [0, n) in block-aligned steps.
+    """Call work(start, stop, scratch) over [0, n) in block-aligned steps sharing one scratch.
 
-    GPUs: one step over everything (one launch per op). CPU: CHUNK-sized steps, the range split into one
-    contiguous part per torch thread, each run by a worker thread with its own scratch buffers.
+    GPUs: one step over everything (one launch per op). CPU: CHUNK-sized steps, ATen threading each op.
     """
     if n == 0:
         return
-    if device.type != "cpu" or n <= SMALL:
-        work(0, n, make_scratch(n))
-        return
-    step = max(CHUNK // block_size, 1) * block_size
-
-    def run(lo: int, hi: int) -> None:
-        scratch = make_scratch(min(step, hi - lo))
-        for start in range(lo, hi, step):
-            work(start, min(start + step, hi), scratch)
-
-    steps = -(-n // step)
-    workers = min(torch.get_num_threads(), steps)
-    if workers <= 1:
-        run(0, n)
-        return
-    per = -(-steps // workers) * step
-    futures = [_pool(workers).submit(run, lo, min(lo + per, n)) for lo in range(0, n, per)]
-    for f in futures:
-        f.result()
+    step = n if device.type != "cpu" else max(CHUNK // block_size, 1) * block_size
+    scratch = make_scratch(min(step, n))
+    for start in range(0, n, step):
+        work(start, min(start + step, n), scratch)
 
 
 # ----------------------------------------------------------------------------------------------
