@@ -5,6 +5,7 @@
 
     python benchmarks/lora_regret.py                 # ~1 h on 2 idle cores (resumable: rerun to continue)
     python benchmarks/lora_regret.py --quick         # 2 lrs x 1 batch size, to check the pipeline (minutes)
+    python benchmarks/lora_regret.py --methods full,lora   # 28 cells instead of 42
 
 Writes runs/lora-regret/{report.md, lr_curves.png, findings.json, results.jsonl}. Equal budget: every cell
 sees the same number of training examples (max_steps = examples / batch_size).
@@ -25,6 +26,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/lora-regret")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--methods", default="full,lora,qlora", help="e.g. full,lora to halve the run")
     a = p.parse_args()
     from tunelab.experiments import grid, quality, sweep
     from tunelab.experiments.report import write_report
@@ -32,7 +34,7 @@ def main() -> int:
     out = Path(a.out)
     data = quality.build_variants(out / "data", n=512, multiples=())["clean-512"]["path"]
     axes = grid.parse_grid(["method=full,lora", "lr=3e-5:3e-3:log3", "batch_size=8"] if a.quick else
-                           ["method=full,lora,qlora", "lr=1e-5:1e-2:log7", "batch_size=4,16", "rank=16"])
+                           [f"method={a.methods}", "lr=1e-5:1e-2:log7", "batch_size=4,16", "rank=16"])
     dirs = sweep.plan(out, ROOT / "configs/sweep-sft.yaml", axes,
                       [f"data.sources=[{{name: tasks, path: {data}, kind: qa}}]"])
     failed = sweep.run_cells(dirs, a.jobs)

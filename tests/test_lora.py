@@ -252,3 +252,31 @@ def test_adapter_keys_matching_no_module(tmp_path):
 def test_bad_regex_is_a_config_error():
     with pytest.raises(ConfigError, match=r"'q_proj\(' is not a valid regex"):
         LoraConfig(r=4, alpha=8, target_modules="q_proj(")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_fused_forward_backward_equal_the_plain_composition(quantized, x_grad):
+    """LoRALinear's fused autograd (scale in the GEMMs, addmm accumulation) == base(x) + s * B(A(x))."""
+    from tunelab.lora.layer import LoRALinear
+    from tunelab.quant import Linear4bit
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(48, 40)
+    base = Linear4bit.from_linear(lin) if quantized else lin
+    layer = LoRALinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(40, 4, generator=g))
+    x = torch.randn(3, 5, 48, generator=g, requires_grad=x_grad)
+    y = layer(x)
+    assert y.grad_fn is not None and "Fused" in type(y.grad_fn).__name__
+    gy = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad(y, [layer.lora_A.weight, layer.lora_B.weight] + ([x] if x_grad else []), gy)
+
+    a, b = (t.detach().clone().requires_grad_() for t in (layer.lora_A.weight, layer.lora_B.weight))
+    x_ref = x.detach().clone().requires_grad_(x_grad)
+    ref = base(x_ref) + torch.nn.functional.linear(torch.nn.functional.linear(x_ref, a), b) * layer.scale
+    ref_grads = torch.autograd.grad(ref, [a, b] + ([x_ref] if x_grad else []), gy)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

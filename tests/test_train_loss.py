@@ -46,3 +46,29 @@ def test_no_label_tokens_gives_zero_loss():
     batch["labels"][:] = -100
     total, n = causal_lm_loss_sum(model, batch)
     assert n == 0 and float(total.detach()) == 0.0
+
+
+@pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (400.0, 0.0), (1.0, -200.0), (1.0, 95.0)])
+def test_head_loss_matches_torch_cross_entropy_for_any_logit_range(scale, shift):
+    """Plain logits take the exp-without-shift path; huge ones (overflow), very negative ones (underflow)
+    and a constant +95 (every exp overflows) take the max-shifted path. Bias and head gradients included."""
+    from tunelab.train.loss import linear_cross_entropy_sum
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    head = torch.nn.Linear(16, 50)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 16, generator=g) * scale / 4)
+        head.bias.fill_(shift)
+    y = torch.randint(0, 50, (37,), generator=g)
+    total = linear_cross_entropy_sum(h, head, y, chunk=8)
+    total.backward()
+    # reference: torch's own cross-entropy over full fp32 logits (fp64 would differ by fp32's rounding of
+    # logits in the hundreds, not by anything of ours)
+    h32, w32, b32 = (t.detach().clone().requires_grad_() for t in (h, head.weight, head.bias))
+    ref = torch.nn.functional.cross_entropy(h32 @ w32.t() + b32, y, reduction="sum")
+    ref.backward()
+    assert torch.isfinite(total)
+    torch.testing.assert_close(total, ref, rtol=2e-6, atol=1e-4)
+    for got, want in ((h.grad, h32.grad), (head.weight.grad, w32.grad), (head.bias.grad, b32.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -93,7 +93,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gradient_checkpointing: bool = False
-    loss_chunk_tokens: int = Field(1024, gt=0)
+    loss_chunk_tokens: int = Field(256, gt=0)
     """Cross-entropy is computed this many label tokens at a time, so full-vocabulary logits never all exist."""
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """A NaN/Inf loss or gradient: skip that step, or stop (the last good checkpoint stays)."""

@@ -95,7 +95,7 @@ class Setup:
     r: int = 16
     quant_block: int = 64
     double_quant: bool = True
-    loss_chunk: int = 1024
+    loss_chunk: int = 256  # TrainConfig.loss_chunk_tokens
 
 
 def adapter_params(arch: Arch, r: int) -> int:

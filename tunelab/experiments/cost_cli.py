@@ -12,7 +12,7 @@ def add_arguments(p) -> None:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (all-linear targets)")
     p.add_argument("--quant-block", type=int, default=64, help="qlora: 4-bit block size")
     p.add_argument("--no-double-quant", action="store_true", help="qlora: fp32 block scales")
-    p.add_argument("--loss-chunk", type=int, default=1024, help="label tokens per chunk of the output head")
+    p.add_argument("--loss-chunk", type=int, default=256, help="label tokens per chunk of the output head")
     p.add_argument("--measure", action="store_true", help="also run a few real steps per method (fresh process)")
     p.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
     p.add_argument("--glibc-default", action="store_true",

@@ -14,6 +14,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.quant import Linear4bit
+from tunelab.quant.linear import dequant_workspace
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
@@ -74,6 +75,8 @@ class LoRALinear(nn.Module):
         self._merge_factor = None  # DoRA's m / ||W + dW|| at merge time, to unmerge exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and not self.merged and self._fusable(x):
+            return _FusedLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scale)
         result = self.base(x)
         if not self.enabled or self.merged:
             return result
@@ -100,6 +103,17 @@ class LoRALinear(nn.Module):
             base_out = F.linear(h.to(weight.dtype), weight)
         # m is fp32 over a 4-bit base: come back to the base output's dtype, as PEFT does.
         return ((g - 1) * base_out + g * lora * self.scale).to(result.dtype)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Plain LoRA, no dropout, one dtype throughout, no autocast: _FusedLoRA computes the same."""
+        if self.use_dora or self.dropout is not None or torch.is_autocast_enabled(x.device.type):
+            return False
+        base = self.base
+        if isinstance(base, nn.Linear):
+            dtype = base.weight.dtype
+        else:
+            dtype = base.compute_dtype or x.dtype
+        return x.dtype == dtype == self.lora_A.weight.dtype
 
     @staticmethod
     def _row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -176,3 +190,48 @@ class ModuleToSave(nn.Module):
     def forward(self, *args, **kwargs):
         return (self.trained if self.enabled else self.original)(*args, **kwargs)
 
+
+def _dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base weight (out, in) for one matmul: the parameter itself, or the 4-bit weight
+    de-quantized into the shared scratch buffer (valid until the next de-quantization)."""
+    if isinstance(base, nn.Linear):
+        return base.weight
+    return base.qweight.dequantize(dtype, workspace=dequant_workspace(base.qweight, dtype))
+
+
+class _FusedLoRA(torch.autograd.Function):
+    """y = x W^T + b + scale * (x A^T) B^T for a frozen base, in two GEMMs plus one accumulating GEMM.
+
+    The usual composition (base(x) + B(A(x)) * scale) spends two extra passes over the (tokens, out)
+    output in forward (the scale and the add) and two in backward (scaling the gradient, adding the
+    input gradients); here `scale` rides in the GEMMs' alpha and the second product accumulates into the
+    first (addmm). Saves x (a view, as any linear does), u = x A^T (tokens, r), and nothing of W: over a
+    4-bit base, W is de-quantized again in backward, as tunelab.quant.Linear4bit does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, base, scale):
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        w = _dense_weight(base, x.dtype)  # (out, in)
+        out = x2 @ w.t() if base.bias is None else torch.addmm(base.bias, x2, w.t())
+        u = x2 @ a.t()  # (T, r)
+        out.addmm_(u, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, u, a, b)
+        ctx.base, ctx.scale, ctx.shape = base, scale, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, u, a, b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (T, out)
+        v = g @ b  # (T, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ _dense_weight(ctx.base, g.dtype)  # (T, in)
+            grad_x.addmm_(v, a, alpha=ctx.scale)
+            grad_x = grad_x.view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            grad_a = torch.mm(v.t(), x2).mul_(ctx.scale)  # (r, in)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.mm(g.t(), u).mul_(ctx.scale)  # (out, r)
+        return grad_x, grad_a, grad_b, None, None

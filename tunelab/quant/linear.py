@@ -20,7 +20,7 @@ from tunelab.quant.tensor import QuantError, QuantizedTensor, quantize
 _workspaces = threading.local()
 
 
-def _workspace(qweight: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+def dequant_workspace(qweight: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """A per-thread scratch buffer for one dequantized weight, grown to the largest layer and reused.
 
     W lives only inside forward (or backward) of one layer at a time, so one buffer serves them all and
@@ -45,14 +45,14 @@ class _DequantLinear(torch.autograd.Function):
                 compute_dtype: torch.dtype | None):
         dtype = compute_dtype or x.dtype
         ctx.qweight, ctx.dtype, ctx.has_bias = qweight, dtype, bias is not None
-        w = qweight.dequantize(dtype, workspace=_workspace(qweight, dtype))  # (out, in), scratch
+        w = qweight.dequantize(dtype, workspace=dequant_workspace(qweight, dtype))  # (out, in), scratch
         return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = ctx.qweight.dequantize(ctx.dtype, workspace=_workspace(ctx.qweight, ctx.dtype))  # recomputed
+            w = ctx.qweight.dequantize(ctx.dtype, workspace=dequant_workspace(ctx.qweight, ctx.dtype))  # recomputed
             grad_x = grad_out.to(ctx.dtype) @ w  # (..., out) @ (out, in) -> (..., in)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
