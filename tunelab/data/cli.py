@@ -103,9 +103,10 @@ def atomic_writer(path: str | Path):
 def _write_error(e: OSError, path: Path):
     from tunelab.errors import TunelabError
 
-    why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    full = e.errno == errno.ENOSPC
+    why = "no space left on device" if full else (e.strerror or str(e)).lower()
     return TunelabError(f"{why} while writing {path} (nothing written there; a file already there is unchanged): "
-                        "free space, or choose another --out")
+                        + ("free space, or choose another --out" if full else "choose another --out"))
 
 
 def _build_corpus(args) -> int:
