@@ -161,3 +161,18 @@ def test_banding_equals_datasketch_minhashlsh():
             kept[j] = sig
         ref.append(dup)
     assert flags == ref and 0 < sum(ref) < 200
+
+
+def test_near_dedup_in_pieces_equals_one_batch():
+    """Signatures that share no band key are kept in bulk, the rest one by one: any batching (down to one text
+    at a time, as the quality filter streams) must give the same flags as one batch."""
+    from tunelab.data.dedup import NearDedup
+
+    rng = random.Random(3)
+    docs = _distinct_docs(300, rng)
+    docs += [" ".join(w if rng.random() > 0.1 else "zz" for w in d.split()) for d in docs[:100]] + docs[:20]
+    rng.shuffle(docs)
+    whole = NearDedup(0.8).add_batch(docs)
+    nd = NearDedup(0.8)
+    pieces = [nd.seen(t) for t in docs[:60]] + nd.add_batch(docs[60:250]) + nd.add_batch(docs[250:])
+    assert pieces == whole and 20 <= sum(whole) < 120

@@ -106,3 +106,53 @@ def test_corrupt_parquet_is_a_clear_error(tmp_path):
     path.write_bytes(b"this is not parquet at all")
     with pytest.raises(DataError, match=r"bad.parquet: cannot read as Parquet"):
         list(read_records(path))
+
+
+class _FillingDisk:
+    """A text file on a disk that fills: ENOSPC once more than `room` characters were written ("write"), or
+    only when the buffer is flushed ("flush"), as a buffered file on a real full disk usually reports it."""
+
+    def __init__(self, real, room: int, at: str):
+        self.real, self.room, self.at = real, room, at
+
+    def _full(self):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write(self, text):
+        self.room -= len(text)
+        if self.at == "write" and self.room < 0:
+            self._full()
+        return self.real.write(text)
+
+    def flush(self):
+        if self.at == "flush":
+            self._full()
+        self.real.flush()
+
+    def __getattr__(self, name):  # fileno, close, closed
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("at", ["write", "flush"])
+@pytest.mark.parametrize("existing", [True, False])
+def test_cli_disk_full_is_one_line_and_leaves_no_partial_output(tmp_path, capsys, monkeypatch, at, existing):
+    import os
+
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": f"document number {i} with enough text to keep"})
+                                         for i in range(200)])
+    out = tmp_path / "out.jsonl"
+    if existing:
+        out.write_text("precious\n")
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: _FillingDisk(real_fdopen(*a, **k), 1000, at))
+    assert main(["data", "filter", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"error: no space left on device while writing {out}" in err, err
+    assert (out.read_text() == "precious\n") if existing else not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"] + (["out.jsonl"] if existing else [])
+    monkeypatch.undo()
+    assert main(["data", "filter", str(src), "--out", str(out)]) == 0  # with room again, the same command works
+    assert len(out.read_text().splitlines()) == 200

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import tempfile
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -53,21 +55,58 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_jsonl_atomic(path: str | Path, records) -> int:
-    """Write records as JSONL to a temp file beside `path`, then rename: `path` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    """Write records as JSONL to a temp file beside `path`, then rename: `path` is never half-written.
+    A failed write (disk full, no permission) is one TunelabError; `path` is left as it was."""
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_writer(path) as write:
+        for r in records:  # errors reading the records (DataError) pass through as they are
+            write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
     return n
+
+
+@contextmanager
+def atomic_writer(path: str | Path):
+    """Yield `write(text)` into a temp file beside `path`; when the block ends it is synced and renamed onto
+    `path`, and on any error it is removed. An OSError of the writing itself becomes a TunelabError."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(e, path) from None
+    f = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(text: str) -> None:
+        try:
+            f.write(text)
+        except OSError as e:
+            raise _write_error(e, path) from None
+
+    try:
+        yield write
+        try:
+            f.flush()  # a full disk often shows only here or at fsync: writes before went to buffers
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _write_error(e, path) from None
+    finally:
+        if not f.closed:
+            with suppress(OSError):  # its buffer may still hold what did not fit; that is dropped
+                f.close()
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _write_error(e: OSError, path: Path):
+    from tunelab.errors import TunelabError
+
+    full = e.errno == errno.ENOSPC
+    why = "no space left on device" if full else (e.strerror or str(e)).lower()
+    return TunelabError(f"{why} while writing {path} (nothing written there; a file already there is unchanged): "
+                        + ("free space, or choose another --out" if full else "choose another --out"))
 
 
 def _build_corpus(args) -> int:

@@ -7,6 +7,7 @@ dedup last so that a rejected text never enters the dedup index.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,10 +16,12 @@ from typing import TypeVar
 import numpy as np
 
 from tunelab.data.config import FilterConfig
-from tunelab.data.dedup import NearDedup, text_hash
+from tunelab.data.dedup import NearDedup, occurs_twice, text_hash
 
 T = TypeVar("T")
 _WORD = re.compile(r"\w+")
+# ASCII bytes that \w matches (letters, digits, "_") stay, every other byte becomes a space.
+_ASCII_WORDS = bytes(c if chr(c).isalnum() or c == ord("_") else ord(" ") for c in range(128)) + b" " * 128
 NGRAM = 5  # Gopher's shortest "duplicate n-gram" length
 _TRUNCATED_END = (",", ":", ";", "(", "[", "{", "...", "\u2026", " and", " or", " the", " a")
 
@@ -39,14 +42,17 @@ def _byte_classes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 _PROSE_PUNCT = ".,;:!?'\"()-"
-_SPACE_T, _ALNUM_T, _SYMBOL_T = _byte_classes()
+# (4, 256) weights over a byte histogram: characters (every byte but UTF-8 continuation bytes), spaces,
+# letters+digits, symbols.
+_CLASS_WEIGHTS = np.stack([(np.arange(256) & 0xC0) != 0x80, *_byte_classes()]).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=1)  # QualityFilter asks symbol_ratio, then alnum_ratio, of the same text
 def _class_counts(text: str) -> tuple[int, int, int]:
     """(non-space characters, letters+digits, symbols) of `text`, counted over its UTF-8 bytes."""
     b = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    chars = len(b) - int(np.count_nonzero((b >= 0x80) & (b < 0xC0)))
-    return chars - int(np.count_nonzero(_SPACE_T[b])), int(np.count_nonzero(_ALNUM_T[b])), int(np.count_nonzero(_SYMBOL_T[b]))
+    chars, spaces, alnum, symbols = (_CLASS_WEIGHTS @ np.bincount(b, minlength=256)).tolist()
+    return chars - spaces, alnum, symbols
 
 
 def symbol_ratio(text: str) -> float:
@@ -77,22 +83,28 @@ def repeated_line_ratio(text: str) -> float:
     return repeated / total if total else 0.0
 
 
+def _words(text: str) -> list[str] | list[bytes]:
+    r"""The `\w+` words of `text`; ASCII text (most code and English) as bytes, split in C, 3x faster."""
+    if text.isascii():
+        return text.encode("ascii").translate(_ASCII_WORDS).split()
+    return _WORD.findall(text)
+
+
 def repeated_ngram_ratio(text: str, n: int = NGRAM) -> float:
     """Characters of words inside a word n-gram that occurs more than once / characters of all words
     (Gopher's "duplicate n-gram character fraction", counting every occurrence of a repeated n-gram)."""
-    words = _WORD.findall(text)
+    words = _words(text)
     if len(words) < n:
         return 0.0
-    vocab: dict[str, int] = {}
-    ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.uint64)
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}  # word -> id, in order of first use
+    ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words))
     # n-gram id: a polynomial hash of its word ids (mod 2^64; collisions at this size are negligible).
-    gram = np.zeros(len(words) - n + 1, dtype=np.uint64)
+    gram = np.zeros(len(ids) - n + 1, dtype=np.uint64)
     for k in range(n):
-        gram = gram * np.uint64(1_000_003) + ids[k:len(ids) - n + 1 + k]
-    _, inverse, counts = np.unique(gram, return_inverse=True, return_counts=True)
-    repeated = (counts[inverse] > 1).astype(np.int64)
-    covered = np.convolve(repeated, np.ones(n, dtype=np.int64))[: len(words)] > 0  # word in a repeated gram
-    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        gram = gram * np.uint64(1_000_003) + ids[k:len(ids) - n + 1 + k].astype(np.uint64)
+    repeated = occurs_twice(gram).astype(np.int64)
+    covered = np.convolve(repeated, np.ones(n, dtype=np.int64))[: len(ids)] > 0  # word in a repeated gram
+    lengths = np.fromiter(map(len, vocab), dtype=np.int64, count=len(vocab))[ids]  # ASCII: bytes = characters
     return float(lengths[covered].sum() / lengths.sum())
 
 
