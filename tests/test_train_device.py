@@ -47,8 +47,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
     model = _adapted(method)
     loss, grads = _loss_and_grads(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert model.model.gradient_checkpointing
+    calls = []  # a pre-hook: the recomputation in backward stops once it has what backward needs (torch's
+    # non-reentrant early stop), before the mlp's forward returns
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     loss_ckpt, grads_ckpt = _loss_and_grads(model)
+    assert len(calls) == 2  # forward, then again in backward: the layer really is checkpointed
     assert loss_ckpt == loss
     assert grads.keys() == grads_ckpt.keys() and len(grads) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
     for k in grads:
