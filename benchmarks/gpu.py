@@ -309,19 +309,19 @@ def compare(rows: list[dict]) -> list[dict]:
             rel = [abs(x - y) / abs(y) for x, y in zip(a["losses"], b["losses"])]
             out.append({"ours": ours, "reference": ref, "checkpointing": ckpt,
                         "speed_ratio": a["tokens_per_s"] / b["tokens_per_s"],
-                        "memory_ratio": a["peak_gib"] / b["peak_gib"] if b["peak_gib"] == b["peak_gib"] else None,
+                        "memory_ratio": None if math.isnan(b["peak_gib"]) else a["peak_gib"] / b["peak_gib"],
                         "loss_rel_diff_max": max(rel), "loss_rel_diff_first": rel[0]})
     return out
 
 
 def gib(x: float) -> str:
-    return "-" if x != x else f"{x:.2f}"  # NaN: not measured (CPU)
+    return "-" if math.isnan(x) else f"{x:.2f}"  # NaN: not measured (CPU)
 
 
 def markdown(result: dict) -> str:
-    lines = [f"device: {result['device']}; torch {result['torch']}; model {result['model']}; "
-             f"{result['dtype']}; batch {result['batch']} x {result['seq']} tokens; {result['warmup']} warm-up + {result['steps']} timed steps",
-             "", "| stack | grad ckpt | s/step | tokens/s | peak GiB | weights GiB | losses (first steps) |",
+    head = (f"device: {result['device']}; torch {result['torch']}; model {result['model']}; {result['dtype']}; "
+            f"batch {result['batch']} x {result['seq']} tokens; {result['warmup']} warm-up + {result['steps']} timed steps")
+    lines = [head, "", "| stack | grad ckpt | s/step | tokens/s | peak GiB | weights GiB | losses (first steps) |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "s_per_step" not in r:

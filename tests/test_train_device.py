@@ -8,9 +8,9 @@ import math
 import peft
 import pytest
 import torch
-
 from conftest import make_tiny_llama
 from tiny_run import losses, make_workspace, run_config
+
 from tunelab.cli import main
 from tunelab.lora import LoraConfig, apply_lora
 from tunelab.quant import Linear4bit, quantize_model

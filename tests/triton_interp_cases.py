@@ -12,10 +12,14 @@ import sys
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's tunelab
 
-import torch  # noqa: E402
+import torch
 
-from tunelab.quant import QuantizedTensor, code, quantize  # noqa: E402
-from tunelab.quant import triton_kernels  # noqa: E402
+from tunelab.quant import (
+    QuantizedTensor,
+    code,
+    quantize,
+    triton_kernels,
+)
 
 # (quant_type, block size, double quant, shape, weight dtype, output dtype): odd counts, a short last
 # block, more than 256 blocks (two nested absmax groups), every output dtype, the extreme block sizes.
