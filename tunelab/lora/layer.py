@@ -54,9 +54,11 @@ class LoRALinear(nn.Module):
         self.scale = alpha / (math.sqrt(r) if use_rslora else r)
         # No module at all for p=0: the forward then has exactly one extra path, A then B.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        # Adapters over a float base share its dtype; over a 4-bit base they train in fp32 (as QLoRA does).
+        # Adapters over a 4-bit or half-precision base train in fp32, as QLoRA and PEFT (autocast_adapter_dtype)
+        # do: AdamW's small updates would round away in bf16. Under autocast their matmuls still run in bf16.
         device = base.weight.device  # Linear4bit.weight: the packed codes, on the layer's device
-        dtype = base.weight.dtype if isinstance(base, nn.Linear) else torch.float32
+        half = (torch.float16, torch.bfloat16)
+        dtype = base.weight.dtype if isinstance(base, nn.Linear) and base.weight.dtype not in half else torch.float32
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
         if init == "gaussian":
@@ -81,10 +83,12 @@ class LoRALinear(nn.Module):
         if not self.enabled or self.merged:
             return result
         h = x if self.dropout is None else self.dropout(x)
-        lora = self.lora_B(self.lora_A(h.to(self.lora_A.weight.dtype))).to(result.dtype)  # (..., out)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast, cast to fp32 only to be cast back
+            h = h.to(self.lora_A.weight.dtype)
+        lora = self.lora_B(self.lora_A(h))  # (..., out): fp32 over a half-precision base, unless autocast
         if not self.use_dora:
-            return result + lora * self.scale
-        return result + self._dora_extra(h, result, lora)
+            return (result + lora * self.scale).to(result.dtype)  # summed in the wider dtype, as PEFT
+        return result + self._dora_extra(h, result, lora.to(result.dtype))
 
     def _dora_extra(self, h, result, lora):
         """DoRA's output minus the base output: (g - 1) * W h + g * scale * B A h, g = m / ||W + scale B A||.

@@ -37,13 +37,27 @@ def dequant_workspace(qweight: QuantizedTensor, dtype: torch.dtype) -> torch.Ten
     return buf
 
 
+def free_workspaces() -> None:
+    """Drop this thread's dequantization buffers (e.g. before measuring another model's peak memory)."""
+    getattr(_workspaces, "buffers", {}).clear()
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear will compute in: autocast's (bf16 on CUDA) when it is on, else x's.
+
+    Dequantizing straight to it spares autocast a cast of the whole weight.
+    """
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class _DequantLinear(torch.autograd.Function):
     """y = x @ dequant(W)^T + b; saves the QuantizedTensor (packed), never the dequantized W."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, qweight: QuantizedTensor,
                 compute_dtype: torch.dtype | None):
-        dtype = compute_dtype or x.dtype
+        dtype = compute_dtype or _matmul_dtype(x)
         ctx.qweight, ctx.dtype, ctx.has_bias = qweight, dtype, bias is not None
         w = qweight.dequantize(dtype, workspace=dequant_workspace(qweight, dtype))  # (out, in), scratch
         return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))

@@ -88,10 +88,18 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor back in `dtype` (default: the original dtype), computed in fp32 like bitsandbytes.
 
+        4-bit absmax codes on CUDA go through one Triton kernel (tunelab.quant.triton_kernels) when Triton
+        is installed, with the same numbers as the PyTorch path used everywhere else.
+
         workspace: a flat `dtype` tensor of at least numel() + 2 elements on the same device to write
         into (the result is a view of it), e.g. to reuse one buffer across layers.
         """
         dtype = dtype or self.dtype
+        if self.device.type == "cuda":
+            from tunelab.quant import triton_kernels  # imports Triton (seconds): only when a GPU tensor asks
+
+            if triton_kernels.serves(self):
+                return triton_kernels.dequantize_4bit(self, dtype, out=workspace).view(self.shape)
         book = codebooks.LEVELS[self.quant_type] if self.scheme == "minmax" else self.quant_type
         flat = blockwise.dequantize_blocks(self.data, book, self.numel(), self.block_size, self.block_scales,
                                            self.zero, dtype, result=workspace)

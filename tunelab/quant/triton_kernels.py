@@ -1,0 +1,99 @@
+"""4-bit dequantization (nf4, fp4, int4 absmax) as one Triton kernel, for CUDA tensors.
+
+One pass reads the packed codes and the per-block scales and writes the output in its final dtype:
+double-quantized scales are decoded inline (dynamic_map[code] * nested_absmax[block // 256] + offset),
+where bitsandbytes runs three kernels (decode the scales, add the offset, dequantize) and PyTorch ours
+runs about six. The numbers are the PyTorch path's exactly: code value * scale in fp32, one rounding to
+the output dtype (round to nearest even, by hand for bf16), and no fused multiply-add when decoding the scales.
+
+Imported lazily (by QuantizedTensor.dequantize, for CUDA tensors only): importing Triton takes seconds.
+Without Triton, `AVAILABLE` is False and callers use the PyTorch path. TUNELAB_TRITON=0 turns it off,
+e.g. to time both paths. Tests run the kernel on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1 set before Triton is imported; tests/triton_interp_cases.py).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from tunelab.quant import blockwise, codebooks
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch path serves every device
+    triton = None
+
+AVAILABLE = triton is not None and os.environ.get("TUNELAB_TRITON", "1") != "0"
+# Packed bytes per program: 1024 bytes -> 2048 outputs, 8 bytes in and 16 outputs per thread at 4 warps.
+BYTES_PER_PROGRAM = 1024
+NUM_WARPS = 4
+
+
+def serves(qt) -> bool:
+    """Whether the kernel dequantizes QuantizedTensor `qt`: Triton present, CUDA, 4-bit absmax codes."""
+    return (AVAILABLE and qt.device.type == "cuda" and qt.scheme == "absmax"
+            and codebooks.BITS[qt.quant_type] == 4)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequant4_kernel(codes_ptr, book_ptr, scales_ptr, nested_ptr, dmap_ptr, offset_ptr, out_ptr, n,
+                         HALF_BLOCK: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr,
+                         BF16: tl.constexpr, BYTES: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        j = pid * BYTES + tl.arange(0, BYTES)  # (BYTES,) byte index; byte j holds elements 2j (high), 2j+1
+        in_range = j < (n + 1) // 2
+        byte = tl.load(codes_ptr + j, mask=in_range, other=0).to(tl.int32)
+        hi = tl.load(book_ptr + (byte >> 4))  # the 16-entry fp32 code book, from L1
+        lo = tl.load(book_ptr + (byte & 15))
+        block = j // HALF_BLOCK  # elements 2j and 2j+1 share a block: block sizes are even
+        if DOUBLE:
+            nested = tl.load(scales_ptr + block, mask=in_range, other=0).to(tl.int32)
+            scale = tl.load(dmap_ptr + nested) * tl.load(nested_ptr + block // NESTED, mask=in_range, other=0)
+            scale = scale + tl.load(offset_ptr)  # launched without fp fusion: two roundings, as PyTorch
+        else:
+            scale = tl.load(scales_ptr + block, mask=in_range, other=0.0)
+        vals = tl.interleave(hi * scale, lo * scale)  # (2 * BYTES,): element order 2j, 2j+1
+        e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+        if BF16:  # out_ptr: int16 view of bf16; round to nearest even by hand (Triton's interpreter truncates)
+            bits = vals.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            tl.store(out_ptr + e, (bits >> 16).to(tl.int16), mask=e < n)
+        else:
+            tl.store(out_ptr + e, vals.to(out_ptr.dtype.element_ty), mask=e < n)
+
+
+@lru_cache(maxsize=None)
+def _book16(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The fp32 code book padded to 16 entries (int4 uses 15 patterns; the 16th never occurs)."""
+    book = codebooks.code(quant_type, device)
+    return torch.cat([book, book.new_zeros(16 - len(book))])
+
+
+def dequantize_4bit(qt, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat (n,) dequantized values of a 4-bit absmax QuantizedTensor `qt`, in `dtype`.
+
+    out: a flat `dtype` tensor of at least n elements on qt's device to write into (a view is returned).
+    """
+    if triton is None:
+        raise RuntimeError("tunelab.quant.triton_kernels.dequantize_4bit needs Triton; check AVAILABLE first")
+    n, device = qt.numel(), qt.device
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=device)
+    if qt.double_quant:
+        nested, dmap, offset = qt.nested_absmax, codebooks.dynamic_map(device), qt.offset.reshape(1)
+    else:  # unused by the kernel (DOUBLE is a compile-time False), any valid pointer will do
+        nested = dmap = offset = qt.scales
+    nbytes = (n + 1) // 2
+    grid = (triton.cdiv(nbytes, BYTES_PER_PROGRAM),)
+    bf16 = dtype == torch.bfloat16
+    _dequant4_kernel[grid](qt.data, _book16(qt.quant_type, device), qt.scales, nested, dmap, offset,
+                           out.view(torch.int16) if bf16 else out, n, HALF_BLOCK=qt.block_size // 2,
+                           NESTED=blockwise.NESTED_BLOCK, DOUBLE=qt.double_quant, BF16=bf16, BYTES=BYTES_PER_PROGRAM, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return out[:n]
+
