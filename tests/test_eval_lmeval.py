@@ -84,7 +84,8 @@ def test_lm_eval_scores_match_direct_computation(tiny_llama, tiny_tokenizer, tmp
     _write_tasks(tmp_path, until)
     lm = TunelabLM(model=model, tokenizer=tok, batch_size=2)
     out = lm_eval.simple_evaluate(model=lm, tasks=["tl_mc", "tl_ppl", "tl_gen"], log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tmp_path)), bootstrap_iters=0)
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+                                  bootstrap_iters=0)
     samples = {t: sorted(s, key=lambda x: x["doc_id"]) for t, s in out["samples"].items()}
 
     right = []
