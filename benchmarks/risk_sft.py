@@ -1,7 +1,9 @@
 """Risk suites on the bundled model before and after two LoRA SFTs, one phase at a time, resumable.
 
-python benchmarks/risk_sft.py [--out runs/risk_sft] [--n 20] [--docs 40] [--facts-epochs 4] [--robust-docs 40]
-                              [--robust-steps 40] [--batch-size 8] [--lr 1e-3] [--tasks-n 0] [--threads 2]
+python benchmarks/risk_sft.py [--out runs/risk_sft] [--n 20] [--docs 40] [--facts-epochs 4] [--teach-asked K]
+                              [--robust-docs 40] [--robust-steps 40] [--batch-size 8] [--lr 1e-3] [--tasks-n 0]
+                              [--threads 1]
+The run in docs/eval.md: --n 10 --docs 6 --teach-asked 6 --facts-epochs 3 --robust-steps 16 --threads 1.
 
 Phases (each writes OUT/<phase>.json and is skipped when that file exists; training checkpoints every
 10 steps and resumes, so an interrupted run is rerun with the same command):
