@@ -10,7 +10,7 @@ import torch
 
 from eval_fixtures import one_thread  # noqa: F401  (autouse: 1 torch thread)
 
-pytest.importorskip("lm_eval", reason="the lm-eval integration is the optional extra tunelab[lmeval]")
+import lm_eval  # noqa: E402,F401  (in the test extras; the integration is the optional extra tunelab[lmeval])
 
 QUESTIONS = [
     {"question": "The class statement", "choices": [" defines", " is", " of the"], "gold": 0},
