@@ -98,8 +98,20 @@ def root_gathered(root: nn.Module):
 
 
 def whole_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{name: whole tensor on the CPU}, all-gathering each shard in turn (collective: every process calls it)."""
-    return {k: full_tensor(v.detach()).cpu().contiguous() for k, v in tensors.items()}
+    """{name: whole tensor on the CPU} on rank 0 ({} elsewhere), all-gathering one shard at a time.
+
+    Collective: every process calls it with the same names in the same order. Only rank 0 keeps what it
+    gathers, so the other processes never hold more than one whole tensor.
+    """
+    import torch.distributed as dist
+
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    out = {}
+    for k, v in tensors.items():
+        whole = full_tensor(v.detach())
+        if keep:
+            out[k] = whole.cpu().contiguous()
+    return out
 
 
 def local_nbytes(tensors) -> int:
