@@ -14,6 +14,10 @@ def test_quickstart_smoke(tmp_path, capsys):
     result = json.loads((out / "quickstart.json").read_text())
     assert 0.0 <= result["after"]["test"]["accuracy"] <= 1.0
     assert result["train"]["steps"] == 2
+    # the loss before training is measured on the batches the loop evaluates after it; 2 steps move it a little
+    before, after = result["before"]["eval_loss"], result["after"]["eval_loss"]
+    assert after == result["train"]["eval_loss"] and 0 < abs(after - before) < 0.5 * before
+    assert f"| {before:.3f} " in text and f"| {after:.3f} " in text
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["base_model_name_or_path"]
     assert (out / "loss.png").stat().st_size > 1000 and (out / "quickstart.md").exists()

@@ -142,6 +142,25 @@ def test_disk_full_while_writing_the_adapter(ws, tmp_path, monkeypatch, capsys):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_disk_full_while_logging_metrics(ws, tmp_path, monkeypatch, capsys):
+    """metrics.jsonl is appended to /dev/full: the kernel's own ENOSPC at the first record, as one line."""
+    from tunelab.train import loop
+
+    def log_open(path, mode="r", *a, **k):
+        return open("/dev/full" if Path(path).name == "metrics.jsonl" and mode == "a" else path, mode, *a, **k)
+
+    monkeypatch.setattr(loop, "open", log_open, raising=False)
+    out = tmp_path / "run"
+    cfg = run_config(ws, out, train=TRAIN)
+    assert main(["train", str(cfg), "--no-progress"]) == 2
+    line = _error_line(capsys)
+    assert f"no space left on device while writing {out / 'metrics.jsonl'}" in line, line
+    assert "no checkpoint was written yet" in line and "resume=true" in line, line
+    monkeypatch.undo()
+    assert main(["train", str(cfg), "resume=true", "--no-progress"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == TRAIN["max_steps"]
+
+
 def test_out_of_memory_suggests_what_lowers_memory(ws, tmp_path, monkeypatch, capsys):
     from tunelab.train import loop
 

@@ -92,6 +92,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(1, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: `ddp` keeps a whole copy of the model and optimizer on each process; `fsdp` shards float
+    parameters, gradients and AdamW moments across processes (FSDP2, per decoder layer; see docs/training.md)."""
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = Field(256, gt=0)
     """Cross-entropy is computed this many label tokens at a time, so full-vocabulary logits never all exist."""

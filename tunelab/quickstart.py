@@ -62,7 +62,8 @@ def run(args) -> int:
     torch.manual_seed(cfg.train.seed)
     model, tok = build_model(cfg, pick_device(cfg.train.device))
     print(f"\n[1/3] before: {len(test_items)} held-out items of trained families, {len(unseen_items)} of unseen ones")
-    before = {"test": evaluate_items(model, tok, test_items), "unseen": evaluate_items(model, tok, unseen_items)}
+    before = {"test": evaluate_items(model, tok, test_items), "unseen": evaluate_items(model, tok, unseen_items),
+              "eval_loss": _eval_loss(model, tok, cfg)}
 
     print(f"\n[2/3] {args.method} on {len(train_items)} instruction pairs ({', '.join(TRAIN_FAMILIES)})")
     summary, model = run_training(cfg, model=(model, tok))
@@ -73,7 +74,8 @@ def run(args) -> int:
     rows = [("held-out items, trained families (exact match)", before["test"]["accuracy"], after["test"]["accuracy"]),
             ("unseen families (transfer)", before["unseen"]["accuracy"], after["unseen"]["accuracy"])]
     rows = [(name, f"{b:.1%}", f"{a:.1%}", f"{a - b:+.1%}") for name, b, a in rows]
-    rows.append(("held-out response loss (nats/token)", "", f"{summary['eval_loss']:.3f}", ""))
+    b, a = before["eval_loss"], summary["eval_loss"]
+    rows.append(("held-out response loss (nats/token)", f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}"))
     fam_rows = [(f, f"{before[k]['per_family'][f]:.0%}", f"{after[k]['per_family'][f]:.0%}")
                 for k, fams in (("test", TRAIN_FAMILIES), ("unseen", HELDOUT_FAMILIES)) for f in fams]
     examples = []
@@ -91,14 +93,27 @@ def run(args) -> int:
         f"total time {time.time() - t_start:.0f} s.",
     ])
     (out / "quickstart.md").write_text(report + "\n")
-    (out / "quickstart.json").write_text(json.dumps({"before": _strip(before), "after": _strip(after),
+    (out / "quickstart.json").write_text(json.dumps({"before": {**_strip(before), "eval_loss": b},
+                                                      "after": {**_strip(after), "eval_loss": a},
                                                       "train": summary}, indent=1))
     print("\n" + report)
     return 0
 
 
+def _eval_loss(model, tok, cfg) -> float:
+    """The held-out loss before training, on the batches the training loop evaluates after it (same data
+    build, seed, batch size and eval_batches). For qlora the model is already 4-bit: the loop's start."""
+    from tunelab.data import build_datasets
+    from tunelab.train.loop import evaluate_loss
+
+    _, eval_set = build_datasets(cfg.data, tok, cfg.train.seq_len, cfg.train.seed)
+    return evaluate_loss(model, eval_set, cfg.train.batch_size, tok.pad_token_id, next(model.parameters()).device,
+                         cfg.train.loss_chunk_tokens, cfg.train.eval_batches)
+
+
 def _strip(results: dict) -> dict:
-    return {k: {m: v[m] for m in ("accuracy", "per_family", "outputs", "items_per_s")} for k, v in results.items()}
+    return {k: {m: v[m] for m in ("accuracy", "per_family", "outputs", "items_per_s")}
+            for k, v in results.items() if k != "eval_loss"}
 
 
 # The quickstart's run config (paths are filled in at run time); `tunelab train` accepts the same keys.

@@ -48,19 +48,21 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter of a model prepared by apply_lora to the folder `path`, atomically.
 
     Both files go to a temporary folder beside `path`, which then replaces it, so a crash never leaves a
     half-written adapter that looks valid. An existing folder is only replaced if it holds nothing but
-    adapter files. Returns the folder.
+    adapter files. `state` replaces adapter_state_dict(model) (e.g. whole tensors gathered from FSDP shards).
+    Returns the folder.
     """
     cfg = _lora_config_of(model)
     path = Path(path)
     if path.exists() and not _is_adapter_dir(path):
         raise TunelabError(f"{path} exists and holds files other than an adapter; choose an empty or new folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model) if state is None else state
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})

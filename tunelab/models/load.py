@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,8 +77,13 @@ def load_tokenizer(folder: Path | str, trust_remote_code: bool = False):
     return tok
 
 
-def load_pretrained(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) from `bundled`, an HF folder or a .gguf file; safetensors only, no remote code by default."""
+def load_pretrained(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, quant=None):
+    """(model, tokenizer) from `bundled`, an HF folder or a .gguf file; safetensors only, no remote code by default.
+
+    With `quant` (a QuantConfig: dtype, block_size, double_quant) the linears come out as frozen 4-bit
+    tunelab.quant.Linear4bit, quantized one tensor at a time as the shards are read (load_quantized); the
+    result is the same as loading in `dtype` and then quantize_model.
+    """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -89,13 +96,97 @@ def load_pretrained(source: str, dtype: torch.dtype = torch.float32, trust_remot
         warnings.warn(message, stacklevel=2)
     tok = load_tokenizer(folder, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        if quant is not None:
+            model = load_quantized(folder, quant, dtype, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError, SafetensorError) as e:  # e.g. a truncated or mislabelled .safetensors file
         raise TunelabError(f"{folder}: cannot load the model ({str(e).splitlines()[0]}); check that its "
                            "config.json and *.safetensors files are complete (download them again)") from e
     return model, tok
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Inside the block new parameters live on the meta device (no memory, no init); buffers stay real.
+
+    Buffers such as the rotary inv_freq are computed in __init__ and never saved, so they must be real;
+    parameters all come from the checkpoint. (accelerate's init_empty_weights(include_buffers=False).)
+    """
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The safetensors files of a HF folder: those `model.safetensors.index.json` names, else model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())  # in order, once each
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise TunelabError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def load_quantized(folder: Path, quant, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   skip: tuple[str, ...] = ("lm_head",)):
+    """A HF causal LM whose linears (except `skip`, as quantize_model) are frozen 4-bit, built tensor by tensor.
+
+    The model is made on the meta device; each shard is opened with safetensors.safe_open and read one tensor
+    at a time: a targeted linear weight is cast to `dtype` and quantized at once (its float copy is dropped),
+    every other tensor is cast and put in place. So peak memory is the 4-bit model plus one float tensor,
+    never the whole model in 16/32 bits (docs/training.md measures it).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from tunelab.quant.linear import Linear4bit, _skipped
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    targets = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not _skipped(name, skip)}
+    names = dict(model.named_parameters())
+    for path in shard_files(folder):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key not in names:
+                    raise TunelabError(f"{path}: tensor {key} is not a parameter of {type(model).__name__}; "
+                                       "load this model with method=lora (whole, then quantize) instead")
+                t = f.get_tensor(key)  # a view of the memory-mapped shard: pages are read as they are touched
+                module_name, _, attr = key.rpartition(".")
+                if module_name in targets and attr == "weight":
+                    t = t.to(dtype)
+                    linear = model.get_submodule(module_name)
+                    linear.weight = torch.nn.Parameter(t, requires_grad=False)
+                    model.set_submodule(module_name, Linear4bit.from_linear(linear, quant.dtype, quant.block_size,
+                                                                            quant.double_quant))
+                    linear.weight = None  # the float weight goes now, not at the end
+                    continue
+                # an own copy: one live view would keep the whole shard mapped, with every page read through it
+                t = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
+                module = model.get_submodule(module_name)
+                module._parameters[attr] = torch.nn.Parameter(t, requires_grad=module._parameters[attr].requires_grad)
+    model.tie_weights()  # e.g. lm_head.weight = embed_tokens.weight when config.tie_word_embeddings (not saved twice)
+    missing = [n for n, prm in model.named_parameters() if prm.is_meta]
+    if missing:
+        raise TunelabError(f"{folder}: the checkpoint has no {', '.join(missing[:3])}"
+                           f"{' ...' if len(missing) > 3 else ''}; its files may be incomplete (download them again)")
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()  # as from_pretrained returns it
 
 
 def from_scratch(scratch, tokenizer, dtype: torch.dtype = torch.float32, seed: int = 0):

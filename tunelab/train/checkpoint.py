@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import TunelabError
-from tunelab.train import faults
+from tunelab.train import faults, fsdp
 
 PREFIX = "step-"
 
@@ -116,18 +116,21 @@ def remove_partial(root: Path) -> list[Path]:
     return stale
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict) -> dict[str, torch.Tensor]:
-    out = {}
-    for p, st in optimizer.state.items():
-        for k, v in st.items():
-            out[f"{names[p]}::{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-    return out
+def gather(model, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trainable weights, AdamW state) by parameter name, as whole tensors on the CPU.
 
-
-def save(root: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
-    """Write checkpoint `root/step-XXXXXXXX` and delete all but the newest `keep_last`."""
+    Under FSDP every process must call it (each sharded tensor is all-gathered in turn, one at a time);
+    the files written from it are the same as a single process writes.
+    """
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}
-    weights = {n: p.detach().cpu().contiguous() for p, n in names.items()}
+    moments = {f"{names[p]}::{k}": v if torch.is_tensor(v) else torch.tensor(v)
+               for p, st in optimizer.state.items() for k, v in st.items()}
+    return fsdp.whole_state({n: p for p, n in names.items()}), fsdp.whole_state(moments)
+
+
+def save(root: Path, step: int, tensors: tuple[dict, dict], state: dict, keep_last: int) -> Path:
+    """Write checkpoint `root/step-XXXXXXXX` from gather()'s tensors; delete all but the newest `keep_last`."""
+    weights, moments = tensors
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -135,7 +138,7 @@ def save(root: Path, step: int, model, optimizer, state: dict, keep_last: int) -
     def write(tmp: Path):
         save_file(weights, tmp / "weights.safetensors")
         faults.point("ckpt_weights")
-        save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
+        save_file(moments, tmp / "optimizer.safetensors")
         faults.point("ckpt_optimizer")
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
@@ -172,7 +175,7 @@ def latest(root: Path) -> Path | None:
 
 
 def load(folder: Path, model, optimizer) -> dict:
-    """Restore trainable weights, optimizer moments and RNG; return state.json."""
+    """Restore trainable weights, optimizer moments and RNG; return state.json (collective under FSDP)."""
     problem = verify(folder)
     if problem:
         raise TunelabError(f"checkpoint {folder}: {problem}; delete it to resume from an older one")
@@ -186,12 +189,11 @@ def load(folder: Path, model, optimizer) -> dict:
         )
     with torch.no_grad():
         for n, t in weights.items():
-            params[n].copy_(t)
-    by_name = {n: p for n, p in params.items()}
+            fsdp.local(params[n]).copy_(fsdp.local(fsdp.shard_like(t, params[n])))
     for key, t in load_file(folder / "optimizer.safetensors").items():
         name, k = key.split("::")
-        p = by_name[name]
-        optimizer.state[p][k] = t.to(p.device) if k != "step" else t
+        p = params[name]
+        optimizer.state[p][k] = fsdp.shard_like(t, p) if k != "step" else t
     rng = load_file(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

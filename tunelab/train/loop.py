@@ -7,6 +7,7 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,12 +15,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tunelab.errors import TunelabError
-from tunelab.train import checkpoint, faults
+from tunelab.train import checkpoint, faults, fsdp
 from tunelab.train.loss import IGNORE, causal_lm_loss_sum
 
 
 class _LossModule(nn.Module):
-    """Wraps a causal LM so that DDP sees the loss computation as its forward."""
+    """Wraps a causal LM so that DDP and FSDP see the loss computation as its forward."""
 
     def __init__(self, model, chunk: int):
         super().__init__()
@@ -76,7 +77,7 @@ def _all_sum(x: float | int, device) -> float:
 def _nonfinite_groups(optimizer) -> list[str]:
     bad = []
     for i, g in enumerate(optimizer.param_groups):
-        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in g["params"]):
+        if any(p.grad is not None and not torch.isfinite(fsdp.local(p.grad)).all() for p in g["params"]):
             bad.append(g.get("name", f"group {i}"))
     return bad
 
@@ -182,13 +183,19 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     ckpt_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
 
+    net = _LossModule(model, cfg.loss_chunk_tokens)
+    sharded = world > 1 and cfg.distributed == "fsdp"
+    no_sync = nullcontext  # gradient accumulation without synchronising (one process: nothing to skip)
+    if sharded:  # before the optimizer: FSDP replaces each parameter by its shard
+        param_groups = fsdp.shard(net, model, param_groups)
+        no_sync = partial(fsdp.no_sync, net)
+    elif world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        no_sync = net.no_sync
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    net = _LossModule(model, cfg.loss_chunk_tokens)
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     start, ckpt = 0, None
     torch.manual_seed(cfg.seed)
@@ -239,15 +246,15 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         loss_sum = 0.0
         for i, batch in enumerate(batches):
             sync = world == 1 or i == len(batches) - 1
-            with _explain_oom(cfg, step), (nullcontext() if sync else net.no_sync()), _autocast(device):
+            with _explain_oom(cfg, step), (nullcontext() if sync else no_sync()), _autocast(device):
                 s, _ = net(batch)
-                # sum over tokens / global token count = mean over the global batch; DDP averages ranks
+                # sum over tokens / global token count = mean over the global batch; DDP/FSDP average ranks
                 (s * (world / max(n_global, 1))).backward()
             loss_sum += float(s.detach())
             tokens_seen += int(batch["input_ids"].numel()) * world
         loss = _all_sum(loss_sum, device) / max(n_global, 1)
         # the norm first, clipping after the check: clipping by a NaN norm would spread NaN to every group
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = fsdp.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         finite = math.isfinite(loss) and bool(torch.isfinite(norm))
         if cfg.max_grad_norm and finite:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm)
@@ -271,13 +278,19 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         faults.point("step")
         if cfg.eval_every and done % cfg.eval_every == 0 or done == total_steps:
             if eval_set:
-                with _explain_oom(cfg, step):
+                # evaluation calls the model's parts, not net.forward: gather the root's shards for it
+                gathered = fsdp.root_gathered(net) if sharded else nullcontext()
+                with _explain_oom(cfg, step), gathered:
                     last_eval = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, device,
                                               cfg.loss_chunk_tokens, cfg.eval_batches)
                 record["eval_loss"] = last_eval
         if log and (done % cfg.log_every == 0 or "eval_loss" in record or done == total_steps):
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            try:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            except OSError as e:  # disk full: one clear line; on resume a record cut short is dropped
+                kept = f"the checkpoint {ckpt} is intact" if ckpt else "no checkpoint was written yet"
+                raise checkpoint.write_error(e, metrics_path, kept) from e
             for k, v in record.items():
                 if tb and k != "step" and isinstance(v, float):
                     tb.add_scalar(k, v, done)
@@ -285,8 +298,9 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
             bar.update(1)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss", "tok_per_s") if k in record})
         if cfg.save_every and done % cfg.save_every == 0 or done == total_steps:
+            tensors = checkpoint.gather(model, optimizer) if rank == 0 or sharded else None  # FSDP: collective
             if rank == 0:
-                ckpt = checkpoint.save(ckpt_root, done, model, optimizer,
+                ckpt = checkpoint.save(ckpt_root, done, tensors,
                                        {"total_steps": total_steps, "loss": record.get("loss")}, cfg.keep_last)
             if world > 1:
                 dist.barrier()
@@ -301,4 +315,8 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     losses = [r["loss"] for r in rows if "loss" in r]
     return {"steps": total_steps, "start_step": start, "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None, "eval_loss": last_eval,
-            "seconds": time.time() - t0, "tokens": tokens_seen}
+            "seconds": time.time() - t0, "tokens": tokens_seen,
+            # what this process stores (FSDP: its shards), the numbers docs/training.md compares
+            "process_bytes": {"parameters": fsdp.local_nbytes(model.parameters()),
+                              "optimizer": fsdp.local_nbytes(v for st in optimizer.state.values()
+                                                             for v in st.values() if torch.is_tensor(v))}}

@@ -48,7 +48,10 @@ def build_model(cfg: RunConfig, device: torch.device):
         tok = load_tokenizer(tok_src)
         model = from_scratch(cfg.model.scratch, tok, dtype, cfg.train.seed)
     else:
-        model, tok = load_pretrained(cfg.model.source, dtype, cfg.model.trust_remote_code)
+        # qlora: quantized shard by shard as it loads, never whole in 16/32 bits (prepare_method then finds
+        # the linears already 4-bit)
+        quant = cfg.quant if cfg.method == "qlora" else None
+        model, tok = load_pretrained(cfg.model.source, dtype, cfg.model.trust_remote_code, quant)
     return model, tok
 
 
@@ -83,10 +86,10 @@ def prepare_method(model, cfg: RunConfig) -> list[dict]:
             raise TunelabError("method=freeze: no parameter matches train.train_last_layers / train.trainable")
         return _decay_groups(named, cfg.train.weight_decay)
     from tunelab.lora import LoraConfig, apply_lora, lora_param_groups
+    from tunelab.quant import Linear4bit, quantize_model
 
-    if cfg.method == "qlora":
-        from tunelab.quant import quantize_model
-
+    if cfg.method == "qlora" and not any(isinstance(m, Linear4bit) for m in model.modules()):
+        # a float model (build_model loads qlora models already 4-bit, with their own copies of every tensor)
         q = cfg.quant
         quantize_model(model, dtype=q.dtype, block_size=q.block_size, double_quant=q.double_quant)
         # The float parameters left (embeddings, norms) still point into the memory-mapped checkpoint, which
@@ -110,8 +113,26 @@ def inside(out: Path, name: str) -> Path:
     return path
 
 
-def save_outputs(model, tok, cfg: RunConfig, out: Path) -> Path:
-    """lora/qlora: a PEFT-layout adapter; full/freeze: a Hugging Face folder. Both written atomically."""
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _gather_outputs(model, cfg: RunConfig) -> dict:
+    """FSDP, every process: the tensors save_outputs writes, whole (the adapter's, or the model's state dict)."""
+    from tunelab.train import fsdp
+
+    if cfg.method in ("lora", "qlora"):
+        from tunelab.lora.peft_format import adapter_state_dict
+
+        return fsdp.whole_state(adapter_state_dict(model))
+    return fsdp.whole_state(model.state_dict())
+
+
+def save_outputs(model, tok, cfg: RunConfig, out: Path, whole: dict | None = None) -> Path:
+    """lora/qlora: a PEFT-layout adapter; full/freeze: a Hugging Face folder. Both written atomically.
+
+    `whole`: the tensors to write when the model's own are FSDP shards (from _gather_outputs).
+    """
     from safetensors import SafetensorError
 
     dest = inside(out, "adapter" if cfg.method in ("lora", "qlora") else "model")
@@ -119,11 +140,11 @@ def save_outputs(model, tok, cfg: RunConfig, out: Path) -> Path:
         if cfg.method in ("lora", "qlora"):
             from tunelab.lora import save_adapter
 
-            save_adapter(model, dest)
+            save_adapter(model, dest, state=whole)
         else:
 
             def write(tmp: Path):
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=whole)
                 tok.save_pretrained(tmp)
 
             atomic_folder(dest, write)
@@ -156,8 +177,9 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None):
         (out / "config.yaml").write_text(dump_config(cfg))
     summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
                          pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress)
+    whole = _gather_outputs(model, cfg) if cfg.train.distributed == "fsdp" and _world_size() > 1 else None
     if rank == 0:
-        summary["output"] = str(save_outputs(model, tok, cfg, out))
+        summary["output"] = str(save_outputs(model, tok, cfg, out, whole))
         summary["method"] = cfg.method
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary, model

@@ -1,0 +1,119 @@
+"""FSDP (`train.distributed: fsdp`): each process keeps 1/world of every float parameter, gradient and AdamW moment.
+
+PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`, which runs on CPU with gloo as on CUDA with NCCL) turns
+each parameter into a DTensor sharded on dim 0 across the processes. One group per decoder layer, and a root
+group for the rest (embeddings, final norm, output head): a layer's parameters are all-gathered just before
+its forward (and again before its backward) and freed after, and its gradients are reduce-scattered (averaged,
+as DDP does). QLoRA's packed 4-bit weights (`tunelab.quant.Linear4bit.qweight`) are neither parameters nor
+buffers, so FSDP leaves them alone: every process keeps a full copy of the frozen 4-bit base, and only the
+float parameters (LoRA A/B, norms, embeddings) are sharded.
+
+The functions here are collective where they say so: every process must call them, in the same order.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM (`model.model.layers` for Llama-style models)."""
+    body = getattr(model, model.base_model_prefix)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}: no `{model.base_model_prefix}.layers` list of decoder blocks "
+                        "to shard; use train.distributed=ddp for this model")
+    return layers
+
+
+def shard(root: nn.Module, model: nn.Module, param_groups: list[dict]) -> list[dict]:
+    """fully_shard each decoder layer of `model`, then `root` (the module whose forward the loop calls).
+
+    FSDP replaces every parameter by a new DTensor parameter, so the optimizer must be built after this:
+    returns `param_groups` with each parameter swapped for its sharded replacement (matched by name).
+    """
+    from torch.distributed.fsdp import fully_shard  # imported here: it takes about a second
+
+    names = {p: n for n, p in model.named_parameters()}
+    group_names = [[names[p] for p in g["params"]] for g in param_groups]
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(root)
+    sharded = dict(model.named_parameters())
+    return [{**g, "params": [sharded[n] for n in ns]} for g, ns in zip(param_groups, group_names)]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # DTensors exist only once torch.distributed.tensor is imported (fully_shard does), so a run without FSDP
+    # never pays that import
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor shard (collective: all-gather); a plain tensor as it is."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor; a plain tensor as it is."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` cut into the same shards as `like` (collective when `like` is a DTensor); else `full` on its device."""
+    if _is_dtensor(like):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
+    return full.to(like.device)
+
+
+@contextmanager
+def no_sync(root: nn.Module):
+    """Gradient accumulation: skip the reduce-scatter on the micro-batches before the last one."""
+    root.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+
+
+@contextmanager
+def root_gathered(root: nn.Module):
+    """Inside the block the root group's parameters (embeddings, final norm, head) are whole (all-gathered).
+
+    For code that calls the model's parts directly instead of root.forward (evaluation): the decoder layers
+    gather their own parameters as they run. (Not for saving: a module's state_dict() is always sharded.)
+    """
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
+def whole_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: whole tensor on the CPU} on rank 0 ({} elsewhere), all-gathering one shard at a time.
+
+    Collective: every process calls it with the same names in the same order. Only rank 0 keeps what it
+    gathers, so the other processes never hold more than one whole tensor.
+    """
+    import torch.distributed as dist
+
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    out = {}
+    for k, v in tensors.items():
+        whole = full_tensor(v.detach())
+        if keep:
+            out[k] = whole.cpu().contiguous()
+    return out
+
+
+def local_nbytes(tensors) -> int:
+    """Bytes this process stores for `tensors` (its shard of each DTensor)."""
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
