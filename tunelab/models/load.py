@@ -152,12 +152,12 @@ def load_quantized(folder: Path, quant, dtype: torch.dtype = torch.float32, trus
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from tunelab.quant.linear import Linear4bit, _skipped
+    from tunelab.quant.linear import Linear4bit, is_skipped
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    targets = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not _skipped(name, skip)}
+    targets = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not is_skipped(name, skip)}
     names = dict(model.named_parameters())
     for path in shard_files(folder):
         with safe_open(path, framework="pt") as f:

@@ -75,7 +75,7 @@ def quantize_report(model, dtype: str, block_size: int, double_quant: bool, sche
     import torch
     from torch import nn
 
-    from tunelab.quant.linear import _skipped
+    from tunelab.quant.linear import is_skipped
     from tunelab.quant.tensor import quantize
 
     rows, quantized = [], {}
@@ -83,7 +83,7 @@ def quantize_report(model, dtype: str, block_size: int, double_quant: bool, sche
     before = _unique_bytes(model)
     after = before
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or _skipped(name, skip):
+        if not isinstance(mod, nn.Linear) or is_skipped(name, skip):
             continue
         w = mod.weight.detach()
         qt = quantize(w, dtype, block_size=block_size, double_quant=double_quant, scheme=scheme)

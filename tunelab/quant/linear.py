@@ -168,7 +168,7 @@ class Linear4bit(nn.Module):
                                       error_msgs)
 
 
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+def is_skipped(name: str, skip: tuple[str, ...]) -> bool:
     """`skip` entries match a module's full dotted name or its trailing part ("lm_head", "mlp.down_proj")."""
     return any(name == s or name.endswith("." + s) for s in skip)
 
@@ -180,7 +180,7 @@ def quantize_model(model: nn.Module, dtype: str = "nf4", block_size: int = 64, d
     The full-precision weights are dropped as each layer is replaced. Returns `model`.
     """
     targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and not _skipped(name, tuple(skip))]
+               if isinstance(mod, nn.Linear) and not is_skipped(name, tuple(skip))]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
