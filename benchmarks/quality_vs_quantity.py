@@ -27,6 +27,7 @@ def main() -> int:
     p.add_argument("--eval-n", type=int, default=20, help="held-out items per family")
     p.add_argument("--model", default="bundled")
     p.add_argument("--epochs", type=float, default=2.0, help="epochs of the equal-epochs comparison")
+    p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (the quickstart's)")
     p.add_argument("--jobs", type=int, default=1)
     a = p.parse_args()
     from tunelab.experiments import grid, quality, sweep
@@ -36,7 +37,7 @@ def main() -> int:
     variants = quality.build_variants(out / "data", a.n, (4, 10), a.share)
     paths = ",".join(v["path"] for v in variants.values())
     axes = grid.parse_grid([f"data={paths}"])
-    base = [f"model.source={a.model}", "data.eval_fraction=0.05"]
+    base = [f"model.source={a.model}", "data.eval_fraction=0.05", f"train.lr={a.lr}"]
     failed = []
     for name, budget in (("equal-examples", {"examples": 4 * a.n}), ("equal-epochs", {"epochs": a.epochs})):
         d = out / name

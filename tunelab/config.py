@@ -95,6 +95,9 @@ class TrainConfig(_Strict):
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: `ddp` keeps a whole copy of the model and optimizer on each process; `fsdp` shards float
     parameters, gradients and AdamW moments across processes (FSDP2, per decoder layer; see docs/training.md)."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw8bit`: AdamW with its two moments stored in 8 bits, blockwise (tunelab/train/optim8bit.py): 2
+    bytes of state per parameter instead of 8; one process or DDP (not FSDP)."""
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = Field(256, gt=0)
     """Cross-entropy is computed this many label tokens at a time, so full-vocabulary logits never all exist."""

@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.train import checkpoint, faults, fsdp
 from tunelab.train.loss import IGNORE, causal_lm_loss_sum
+from tunelab.train.optim8bit import AdamW8bit
 
 
 class _LossModule(nn.Module):
@@ -192,7 +193,11 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     elif world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         no_sync = net.no_sync
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit" and sharded:
+        raise ConfigError("train.optimizer=adamw8bit keeps whole-tensor 8-bit moments, which FSDP cannot shard; "
+                          "use train.distributed=ddp or train.optimizer=adamw")
+    make = AdamW8bit if cfg.optimizer == "adamw8bit" else torch.optim.AdamW
+    optimizer = make(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
     params = [p for g in optimizer.param_groups for p in g["params"]]
