@@ -33,7 +33,14 @@ TRAIN = {"max_steps": STEPS, "save_every": 1, "keep_last": 3, "seq_len": 48}
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1}  # dropout: the RNG state must resume too
 
 
+def _no_plot(metrics, png) -> None:
+    """The loss plot (1-2 s of matplotlib per finished run) is not under test here; the metrics it reads are."""
+
+
 def _child(argv: list[str], fault: str | None, log: str) -> None:
+    import tunelab.train.loop
+
+    tunelab.train.loop._plot = _no_plot
     os.environ.pop("TUNELAB_FAULT", None)
     if fault:
         os.environ["TUNELAB_FAULT"] = fault
@@ -50,7 +57,11 @@ def _child(argv: list[str], fault: str | None, log: str) -> None:
 
 def _start(cfg: Path, fault: str | None = None, resume: bool = False):
     argv = ["train", str(cfg), "--no-progress"] + (["resume=true"] if resume else [])
-    p = multiprocessing.get_context("fork").Process(target=_child, args=(argv, fault, str(cfg) + ".log"))
+    # forkserver: each run forks from a clean server process that has imported tunelab once, not from this
+    # pytest process, whose threads and libraries (after hundreds of tests) make fork unsafe
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["tunelab.cli", "tunelab.train.loop"])
+    p = ctx.Process(target=_child, args=(argv, fault, str(cfg) + ".log"))
     p.start()
     return p
 
@@ -85,15 +96,11 @@ def shm_tmp():
 @pytest.fixture(scope="module")
 def setup(shm_tmp):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the tokenizers library and fork
-    # The loss plot (1-2 s of matplotlib per finished run) is not under test here; the metrics it reads are.
-    mp = pytest.MonkeyPatch()
-    mp.setattr("tunelab.train.loop._plot", lambda metrics, png: None)
     ws = make_workspace(shm_tmp, records=32)
     ref = ws / "reference"
     assert _run(run_config(ws, ref, train=TRAIN, lora=LORA)) == 0, (Path(str(ref) + ".yaml.log")).read_text()
     assert len(losses(ref)) == STEPS
     yield ws, losses(ref), _adapter(ref)
-    mp.undo()
 
 
 def _step_of(folder: Path | None) -> int:
