@@ -57,10 +57,11 @@ def _child(argv: list[str], fault: str | None, log: str) -> None:
 
 def _start(cfg: Path, fault: str | None = None, resume: bool = False):
     argv = ["train", str(cfg), "--no-progress"] + (["resume=true"] if resume else [])
-    # forkserver: each run forks from a clean server process that has imported tunelab once, not from this
-    # pytest process, whose threads and libraries (after hundreds of tests) make fork unsafe
+    # forkserver: each run forks from a clean server process that has imported what a run needs once, not
+    # from this pytest process, whose threads and libraries (after hundreds of tests) make fork unsafe
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["tunelab.cli", "tunelab.train.loop"])
+    ctx.set_forkserver_preload([__name__, "tunelab.cli", "tunelab.train.run", "tunelab.train.loop",
+                                "transformers.models.llama.modeling_llama", "torch.utils.tensorboard"])
     p = ctx.Process(target=_child, args=(argv, fault, str(cfg) + ".log"))
     p.start()
     return p
