@@ -94,12 +94,7 @@ def test_edge_values_match_bitsandbytes():
             packed, state = _bnb(x, quant_type, 64, dq)
             ours = tq.quantize(x, quant_type, double_quant=dq)
             assert torch.equal(ours.data, packed.view(-1)) and torch.equal(ours.scales, state.absmax)
-            ref = bnbf.dequantize_4bit(packed, state).view(-1)
-        assert torch.equal(ours.dequantize(), ref)
-        assert torch.equal(ours.dequantize(torch.bfloat16), ref.bfloat16())  # converting copy per step
-    half = x.bfloat16()  # fp16/bf16 input: widened per step
-    packed, state = _bnb(half, "nf4", 64, False)
-    assert torch.equal(tq.quantize(half, "nf4").data, packed.view(-1))
+            assert torch.equal(ours.dequantize(), bnbf.dequantize_4bit(packed, state).view(-1))
 
 
 def test_nibble_order_is_high_then_low():
