@@ -19,8 +19,14 @@ def _batch(vocab=512, B=3, T=17, seed=1):
 
 
 @pytest.mark.parametrize("train_head", [False, True])
-@pytest.mark.parametrize("chunk", [5, 1024])
-def test_matches_transformers_loss_and_grads(train_head, chunk):
+@pytest.mark.parametrize("chunk,blocks", [(5, (4, 37)), (1024, (1024, 2048))])
+def test_matches_transformers_loss_and_grads(train_head, chunk, blocks, monkeypatch):
+    """A frozen head goes through (token x vocabulary) tiles, here ragged ones; a trained head through
+    token chunks."""
+    from tunelab.train import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "TOKEN_BLOCK", blocks[0])
+    monkeypatch.setattr(loss_mod, "VOCAB_BLOCK", blocks[1])
     model = make_tiny_llama().double()
     batch = _batch()
     for p in model.parameters():
@@ -48,10 +54,12 @@ def test_no_label_tokens_gives_zero_loss():
     assert n == 0 and float(total.detach()) == 0.0
 
 
+@pytest.mark.parametrize("head_trains", [True, False])
 @pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (400.0, 0.0), (1.0, -200.0), (1.0, 95.0)])
-def test_head_loss_matches_torch_cross_entropy_for_any_logit_range(scale, shift):
+def test_head_loss_matches_torch_cross_entropy_for_any_logit_range(scale, shift, head_trains):
     """Plain logits take the exp-without-shift path; huge ones (overflow), very negative ones (underflow)
-    and a constant +95 (every exp overflows) take the max-shifted path. Bias and head gradients included."""
+    and a constant +95 (every exp overflows) take the max-shifted path. Bias and head gradients included;
+    a frozen head runs in (16 tokens x 7 vocabulary rows) tiles, so some tiles overflow and some not."""
     from tunelab.train.loss import linear_cross_entropy_sum
 
     g = torch.Generator().manual_seed(3)
@@ -60,8 +68,11 @@ def test_head_loss_matches_torch_cross_entropy_for_any_logit_range(scale, shift)
     with torch.no_grad():
         head.weight.copy_(torch.randn(50, 16, generator=g) * scale / 4)
         head.bias.fill_(shift)
+        if scale > 1:  # one token block overflows, the others take the fast path
+            h[16:].div_(scale)
+    head.requires_grad_(head_trains)
     y = torch.randint(0, 50, (37,), generator=g)
-    total = linear_cross_entropy_sum(h, head, y, chunk=8)
+    total = linear_cross_entropy_sum(h, head, y, chunk=8, blocks=(16, 7))
     total.backward()
     # reference: torch's own cross-entropy over full fp32 logits (fp64 would differ by fp32's rounding of
     # logits in the hundreds, not by anything of ours)
@@ -70,5 +81,7 @@ def test_head_loss_matches_torch_cross_entropy_for_any_logit_range(scale, shift)
     ref.backward()
     assert torch.isfinite(total)
     torch.testing.assert_close(total, ref, rtol=2e-6, atol=1e-4)
-    for got, want in ((h.grad, h32.grad), (head.weight.grad, w32.grad), (head.bias.grad, b32.grad)):
+    pairs = [(h.grad, h32.grad)] + [(head.weight.grad, w32.grad), (head.bias.grad, b32.grad)] * head_trains
+    for got, want in pairs:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (head.weight.grad is None) != head_trains

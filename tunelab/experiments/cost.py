@@ -145,11 +145,14 @@ def activation_bytes(arch: Arch, s: Setup) -> int:
 
 def loss_bytes(arch: Arch, s: Setup) -> int:
     """The chunked head: saved dL/dh (Nl x C), the head's weight gradient if it trains (V x C), and one
-    chunk of logits while it runs (plus its V x C product when the head trains)."""
+    chunk of logits while it runs (plus its V x C product when the head trains); a frozen head holds one
+    (TOKEN_BLOCK x VOCAB_BLOCK) tile instead (tunelab.train.loss)."""
+    from tunelab.train.loss import TOKEN_BLOCK, VOCAB_BLOCK
+
     labels = s.batch_size * (s.seq_len - 1)
-    head_trains = s.method == "full"
-    return (labels * arch.hidden + min(s.loss_chunk, labels) * arch.vocab
-            + (2 * arch.vocab * arch.hidden if head_trains else 0)) * FP32
+    if s.method == "full":
+        return (labels * arch.hidden + min(s.loss_chunk, labels) * arch.vocab + 2 * arch.vocab * arch.hidden) * FP32
+    return (labels * arch.hidden + min(TOKEN_BLOCK, labels) * min(VOCAB_BLOCK, arch.vocab)) * FP32
 
 
 def flops_per_token(arch: Arch, s: Setup) -> float:
