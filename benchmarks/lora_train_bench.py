@@ -1,14 +1,18 @@
 """Training-step speed and memory: tunelab LoRA/QLoRA against PEFT and PEFT + bitsandbytes, side by side.
 
     python benchmarks/lora_train_bench.py                      # all four stacks x two label regimes
-    python benchmarks/lora_train_bench.py --stacks tunelab-lora peft-lora --labels all --steps 3
+    python benchmarks/lora_train_bench.py --stacks tunelab-lora peft-lora --labels all --rounds 4
 
 Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256 tokens of real text
-(Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4. Each stack runs in its own
-subprocess (so bitsandbytes' and PEFT's imports and allocations do not touch the others), and the stacks
-are run in rounds, alternating, so that machine noise hits them alike; the median s/step per stack is used.
-Peak training memory is the peak resident set during the timed steps minus the resident set after the
-model was built (Linux: VmHWM reset through /proc/self/clear_refs).
+(Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4.
+
+Speed: per label regime, one process builds every stack and runs them in rounds, one step of each stack
+per round, back to back (order rotating). This machine's speed drifts by up to 1.5x over minutes, so
+stacks timed in separate processes minutes apart are not comparable; steps seconds apart are. Each ratio
+is the median over rounds of the ratio of the two stacks' steps within a round.
+Memory: each stack alone in its own process (so bitsandbytes', PEFT's and our allocations do not mix):
+the rise of the peak resident set over two training steps above the resident set of the built model
+(Linux: VmHWM reset through /proc/self/clear_refs), optimizer state included.
 Labels: `all` = every token carries loss (pretraining-like); `half` = the first half of each row is
 prompt (-100), as in SFT.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,8 +53,8 @@ def _batch(tok, batch: int, seq: int, labels: str):
     return input_ids, lab
 
 
-def run_stack(stack: str, labels: str, steps: int, batch: int, seq: int, r: int) -> dict:
-    """Build one stack, time `steps` optimizer steps after one warm-up step; returns the measurements."""
+def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
+    """One stack ready to train: returns step() -> loss, running forward, backward and an AdamW step."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,11 +84,13 @@ def run_stack(stack: str, labels: str, steps: int, batch: int, seq: int, r: int)
         from tunelab.lora import LoraConfig, apply_lora, lora_param_groups
         from tunelab.quant import quantize_model
         from tunelab.train.loss import causal_lm_loss_sum
+        from tunelab.train.malloc import reuse_freed_memory
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         if stack == "tunelab-qlora":
             quantize_model(model, dtype="nf4", block_size=64, double_quant=True)
         apply_lora(model, LoraConfig(r=r, alpha=32, target_modules="all-linear"), verbose=False)
+        reuse_freed_memory()  # as tunelab's training loop does, once the model is built
         params = [p for g in lora_param_groups(model, 1e-4) for p in g["params"]]
         batch_ = {"input_ids": input_ids, "labels": lab}
 
@@ -99,75 +105,125 @@ def run_stack(stack: str, labels: str, steps: int, batch: int, seq: int, r: int)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
-    step()  # warm-up: allocator, optimizer state
+    return step
+
+
+def memory_one(stack: str, labels: str, batch: int, seq: int, r: int) -> dict:
+    """Peak training memory of one stack, alone in this process: the rise of the peak resident set over
+    two training steps above the resident set of the built model, after malloc_trim has handed back what
+    loading left free (so every stack starts from its model alone). Counts activations, gradients, AdamW's
+    state and the loss's buffers."""
+    import ctypes
+
+    step = build_stack(stack, labels, batch, seq, r)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     base_kib = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
-    times, losses = [], []
-    for _ in range(steps):
-        t = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - t)
-    peak = (_rss_kib("VmHWM") - base_kib) / 1024
-    return {"stack": stack, "labels": labels, "s_per_step": statistics.median(times), "times": times,
-            "tokens_per_s": batch * seq / statistics.median(times), "peak_train_mib": peak, "losses": losses,
+    step()
+    loss = step()
+    return {"stack": stack, "labels": labels, "peak_train_mib": (_rss_kib("VmHWM") - base_kib) / 1024,
+            "loss": loss}
+
+
+def speed_interleaved(stacks: list[str], labels: str, rounds: int, batch: int, seq: int, r: int) -> dict:
+    """All stacks in this one process; each round runs one step of every stack back to back (the order
+    rotates), so the steps compared in a round are seconds apart and share the machine's state."""
+    import torch
+
+    steps = {s: build_stack(s, labels, batch, seq, r) for s in stacks}
+    for s in stacks:
+        steps[s]()  # warm-up
+    times = {s: [] for s in stacks}
+    losses = {s: [] for s in stacks}
+    kernel = {s: [] for s in stacks}  # (system CPU seconds, page faults) per step: the kernel's share
+    for k in range(rounds):
+        order = stacks[k % len(stacks):] + stacks[: k % len(stacks)]
+        for s in order:
+            r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            losses[s].append(steps[s]())
+            times[s].append(time.perf_counter() - t)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            kernel[s].append((r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
+        print(f"  {labels} round {k}: " + " ".join(f"{s} {times[s][-1]:.2f}" for s in stacks),
+              file=sys.stderr, flush=True)
+    return {"labels": labels, "times": times, "losses": losses, "kernel": kernel,
             "threads": torch.get_num_threads()}
+
+
+def _sub(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], check=False, stdout=subprocess.PIPE, text=True)
+    if out.returncode:
+        sys.exit(f"{' '.join(args)} failed (exit {out.returncode}); its stderr is above")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+PAIRS = (("tunelab-lora", "peft-lora"), ("tunelab-qlora", "peft-qlora"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS)
     ap.add_argument("--labels", nargs="+", default=["all", "half"], choices=["all", "half"])
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per stack and round")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds over the stacks")
+    ap.add_argument("--rounds", type=int, default=8, help="timed steps per stack (one per round)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--one", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-stack peak-memory processes")
+    ap.add_argument("--one-memory", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
+    ap.add_argument("--one-speed", metavar="LABELS", help=argparse.SUPPRESS)
     ap.add_argument("--out", help="write all measurements as JSON here")
     args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_stack(args.one[0], args.one[1], args.steps, args.batch, args.seq, args.r)))
+    shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r)]
+    if args.one_memory:
+        print(json.dumps(memory_one(*args.one_memory, args.batch, args.seq, args.r)))
         return
-    results = []
-    for rnd in range(args.rounds):
-        for labels in args.labels:
+    if args.one_speed:
+        print(json.dumps(speed_interleaved(args.stacks, args.one_speed, args.rounds, args.batch, args.seq,
+                                           args.r)))
+        return
+    speed, memory = {}, {}
+    for labels in args.labels:
+        speed[labels] = _sub(["--one-speed", labels, "--stacks", *args.stacks, "--rounds", str(args.rounds),
+                              *shape])
+        if not args.no_memory:
             for stack in args.stacks:
-                cmd = [sys.executable, __file__, "--one", stack, labels, "--steps", str(args.steps),
-                       "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-                if out.returncode:
-                    sys.exit(f"{stack} failed:\n{out.stderr[-3000:]}")
-                res = json.loads(out.stdout.strip().splitlines()[-1])
-                res["round"] = rnd
-                results.append(res)
-                print(f"round {rnd} {labels:4s} {stack:14s} {res['s_per_step']:.2f} s/step "
-                      f"{res['tokens_per_s']:.0f} tok/s peak +{res['peak_train_mib']:.0f} MiB", flush=True)
+                memory[labels, stack] = _sub(["--one-memory", stack, labels, *shape])["peak_train_mib"]
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"speed": speed, "memory": {f"{k[0]} {k[1]}": v for k, v in memory.items()},
+                       "args": vars(args)}, f, indent=1)
 
-    def med(stack, labels, key):
-        vals = [r[key] for r in results if r["stack"] == stack and r["labels"] == labels]
-        return statistics.median(vals) if vals else None
-
-    print("\n| labels | stack | s/step | tokens/s | peak train MiB |\n|---|---|---|---|---|")
+    tokens = args.batch * args.seq
+    print("\n| labels | stack | median s/step | tokens/s | steps (s) | peak train MiB |\n|---|---|---|---|---|---|")
     for labels in args.labels:
         for stack in args.stacks:
-            print(f"| {labels} | {stack} | {med(stack, labels, 's_per_step'):.2f} | "
-                  f"{med(stack, labels, 'tokens_per_s'):.0f} | {med(stack, labels, 'peak_train_mib'):.0f} |")
-    print("\nratios (tokens/s, ours / theirs; memory, ours / theirs):")
+            t = speed[labels]["times"][stack]
+            mem = memory.get((labels, stack))
+            print(f"| {labels} | {stack} | {statistics.median(t):.2f} | {tokens / statistics.median(t):.0f} | "
+                  f"{' '.join(f'{x:.2f}' for x in t)} | {'-' if mem is None else f'{mem:.0f}'} |")
+    print("\nkernel time per step (median system CPU s, page faults):")
     for labels in args.labels:
-        for ours, theirs in (("tunelab-lora", "peft-lora"), ("tunelab-qlora", "peft-qlora")):
-            a, b = med(ours, labels, "tokens_per_s"), med(theirs, labels, "tokens_per_s")
-            ma, mb = med(ours, labels, "peak_train_mib"), med(theirs, labels, "peak_train_mib")
-            if a and b:
-                print(f"  {labels}: {ours} / {theirs}: speed {a / b:.2f}x, peak memory {ma / mb:.2f}x")
-        a, b = med("tunelab-qlora", labels, "s_per_step"), med("tunelab-lora", labels, "s_per_step")
-        if a and b:
-            print(f"  {labels}: tunelab-qlora step / tunelab-lora step: {a / b:.3f}")
+        for stack in args.stacks:
+            k = speed[labels]["kernel"][stack]
+            print(f"  {labels} {stack}: {statistics.median(x[0] for x in k):.2f} s, "
+                  f"{statistics.median(x[1] for x in k):.0f} faults")
+    print("\nratios, the median over rounds of the ratio within a round (min-max in brackets):")
+    def ratio(labels, num, den, label):
+        times = speed[labels]["times"]
+        if num in times and den in times:
+            rs = sorted(a / b for a, b in zip(times[num], times[den]))
+            print(f"  {labels}: {label}: {statistics.median(rs):.3f} [{rs[0]:.3f}-{rs[-1]:.3f}]")
+
+    for labels in args.labels:
+        for ours, theirs in PAIRS:
+            ratio(labels, theirs, ours, f"{ours} / {theirs} speed (tokens/s)")
+            if (labels, ours) in memory and (labels, theirs) in memory:
+                print(f"  {labels}: {ours} / {theirs} peak memory: "
+                      f"{memory[labels, ours] / memory[labels, theirs]:.2f}x")
+        ratio(labels, "tunelab-qlora", "tunelab-lora", "tunelab-qlora step / tunelab-lora step")
 
 
 if __name__ == "__main__":
