@@ -2,6 +2,7 @@
 
     python benchmarks/lora_train_bench.py                      # all four stacks x two label regimes
     python benchmarks/lora_train_bench.py --stacks tunelab-lora peft-lora --labels all --rounds 4
+    python benchmarks/lora_train_bench.py --profile tunelab-lora all      # where one step's time goes
 
 Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256 tokens of real text
 (Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4.
@@ -128,6 +129,21 @@ def memory_one(stack: str, labels: str, batch: int, seq: int, r: int) -> dict:
             "loss": loss}
 
 
+def profile_one(stack: str, labels: str, batch: int, seq: int, r: int, rows: int = 40) -> None:
+    """torch.profiler over one step (after two warm-up steps): self CPU time per op and input shapes."""
+    from torch.profiler import profile
+
+    step = build_stack(stack, labels, batch, seq, r)
+    step()
+    step()
+    t = time.perf_counter()
+    with profile(record_shapes=True) as prof:
+        step()
+    print(f"{stack}, {labels} labels: one step {time.perf_counter() - t:.2f} s wall under the profiler")
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=60))
+
+
 def speed_interleaved(stacks: list[str], labels: str, rounds: int, batch: int, seq: int, r: int) -> dict:
     """All stacks in this one process; each round runs one step of every stack back to back (the order
     rotates), so the steps compared in a round are seconds apart and share the machine's state."""
@@ -172,11 +188,16 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-stack peak-memory processes")
+    ap.add_argument("--profile", nargs=2, metavar=("STACK", "LABELS"),
+                    help="print torch.profiler's table (self CPU time by op and shape) for one step of one stack")
     ap.add_argument("--one-memory", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
     ap.add_argument("--one-speed", metavar="LABELS", help=argparse.SUPPRESS)
     ap.add_argument("--out", help="write all measurements as JSON here")
     args = ap.parse_args()
     shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r)]
+    if args.profile:
+        profile_one(*args.profile, args.batch, args.seq, args.r)
+        return
     if args.one_memory:
         print(json.dumps(memory_one(*args.one_memory, args.batch, args.seq, args.r)))
         return
