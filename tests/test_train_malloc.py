@@ -32,3 +32,11 @@ def test_later_steps_reuse_freed_memory():
     """5 steps allocate 81,920 pages. glibc's default gives back part of them each step and faults them
     in again (0 to 81,760 faults in 6 runs here); with the setting at most 2 of the 80 blocks do."""
     assert _faults("on") <= 2048
+
+
+def test_a_malloc_setting_in_the_environment_wins(monkeypatch):
+    from tunelab.train import malloc
+
+    monkeypatch.setattr(malloc, "_done", False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert malloc.reuse_freed_memory() is False

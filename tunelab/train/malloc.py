@@ -7,28 +7,36 @@ of system time per 5 s LoRA step of the bundled model (`benchmarks/lora_train_be
 With the threshold pinned at glibc's maximum (32 MiB) and trimming only above 1 GiB free, later steps
 reuse the blocks of earlier ones: no faults. The peak resident set is the same; what a step freed stays
 with the process (up to 1 GiB), as PyTorch's CUDA caching allocator does on GPUs.
+
+The trade-off (docs/lora.md): the peak resident set stays that of glibc's default (freed blocks of one
+size do not always fit the next step's), 2.26 GB for a LoRA step of the bundled model at batch 4 x 256.
+`MALLOC_MMAP_THRESHOLD_=65536` gives 1.76 GB but maps and unmaps every block each step: 1.24 million
+page faults and 4.5-5 s of system time a step. A malloc setting in the environment
+(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES) is the user's choice and wins.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit systems
 TRIM_THRESHOLD = 1 << 30
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 _done = False
 
 
 def reuse_freed_memory() -> bool:
     """Set glibc's malloc to keep freed blocks for reuse (once per process). False where the C library is
-    not glibc (macOS, musl, Windows): nothing changes there."""
+    not glibc (macOS, musl, Windows) or the environment sets malloc itself: nothing changes then."""
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in USER_SETTINGS):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
