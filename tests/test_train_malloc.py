@@ -40,3 +40,6 @@ def test_a_malloc_setting_in_the_environment_wins(monkeypatch):
     monkeypatch.setattr(malloc, "_done", False)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert malloc.reuse_freed_memory() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert malloc.reuse_freed_memory() is False

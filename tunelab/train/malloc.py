@@ -12,7 +12,8 @@ The trade-off (docs/lora.md): the peak resident set stays that of glibc's defaul
 size do not always fit the next step's), 2.26 GB for a LoRA step of the bundled model at batch 4 x 256.
 `MALLOC_MMAP_THRESHOLD_=65536` gives 1.76 GB but maps and unmaps every block each step: 1.24 million
 page faults and 4.5-5 s of system time a step. A malloc setting in the environment
-(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES) is the user's choice and wins.
+(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, glibc.malloc.* in GLIBC_TUNABLES) is the user's choice
+and wins.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit systems
 TRIM_THRESHOLD = 1 << 30
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 _done = False
 
@@ -36,7 +37,8 @@ def reuse_freed_memory() -> bool:
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux") or any(k in os.environ for k in USER_SETTINGS):
+    user_set = any(k in os.environ for k in USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    if not sys.platform.startswith("linux") or user_set:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
