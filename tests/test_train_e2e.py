@@ -123,7 +123,7 @@ def test_two_process_ddp_matches_one_process(workspace, tmp_path):
                  "--no-progress"]) == 0
     two = tmp_path / "two"
     cfg = _config(workspace, "lora", two, train={"batch_size": 2, "max_steps": 3})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                     "-m", "tunelab", "train", str(cfg), "--no-progress"], env=env, check=True, timeout=300,
                    capture_output=True)
