@@ -5,8 +5,8 @@ adaptive threshold with fresh mmap()s and trims the top of its heap when much of
 page-faults its activations in again and the kernel zeroes each page: about 40,000 faults and 0.1-0.3 s
 of system time per 5 s LoRA step of the bundled model (`benchmarks/lora_train_bench.py`, docs/lora.md).
 With the threshold pinned at glibc's maximum (32 MiB) and trimming only above 1 GiB free, later steps
-reuse the blocks of earlier ones: no faults. The peak resident set is the same; what a step freed stays
-with the process (up to 1 GiB), as PyTorch's CUDA caching allocator does on GPUs.
+reuse the blocks of earlier ones: no faults. What a step freed stays with the process (up to 1 GiB), as
+PyTorch's CUDA caching allocator does on GPUs.
 
 The trade-off (docs/lora.md): the peak resident set stays that of glibc's default (freed blocks of one
 size do not always fit the next step's), 2.26 GB for a LoRA step of the bundled model at batch 4 x 256.
