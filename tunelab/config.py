@@ -100,7 +100,9 @@ class TrainConfig(_Strict):
     bytes of state per parameter instead of 8; one process or DDP (not FSDP)."""
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = Field(256, gt=0)
-    """Cross-entropy is computed this many label tokens at a time, so full-vocabulary logits never all exist."""
+    """Label tokens per chunk of head + cross-entropy when the head trains or runs in half precision (a frozen
+    fp32 head, as in lora/qlora, uses fixed 1024 x 2048 tiles; tunelab/train/loss.py): full-vocabulary logits
+    never all exist."""
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """A NaN/Inf loss or gradient: skip that step, or stop (the last good checkpoint stays)."""
     train_last_layers: int = Field(2, ge=0)
