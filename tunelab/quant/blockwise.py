@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from tunelab.quant import codebooks
+from tunelab.quant import codebooks, cpu_kernels
 
 # Elements per CPU step: big enough that ATen spreads each op over its threads, small enough that the
 # step's scratch buffers (reused, so they cost no page faults) stay in the L3 cache. On an idle 2-core
@@ -373,10 +373,16 @@ def _byte_lut_cpu(book: str) -> torch.Tensor:
     index_select on a 1-D table of 8-byte words is a vectorized copy; on a (256, 2) float table it takes
     a per-row path ~10x slower. The words are built by viewing the float pairs, so byte order is moot.
     """
-    code = codebooks.code(book)
-    code = torch.cat([code, code.new_zeros(16 - len(code))])  # int4 uses 15 of the 16 patterns
+    code = code_table16(book)
     byte = torch.arange(256)
     return torch.stack([code[byte >> 4], code[byte & 15]], 1).contiguous().view(torch.int64).view(-1)
+
+
+@lru_cache(maxsize=None)
+def code_table16(book: str) -> torch.Tensor:
+    """(16,) fp32: a 4-bit code book's values, padded with zeros (int4 uses 15 of the 16 patterns)."""
+    code = codebooks.code(book).float()
+    return torch.cat([code, code.new_zeros(16 - len(code))]).contiguous()
 
 
 @lru_cache(maxsize=None)
@@ -415,6 +421,12 @@ def dequantize_blocks(codes: torch.Tensor, book: str, n: int, block_size: int,
     if result is None:
         result = empty_output(n + 2, dtype, device)
     per_byte = 2 if codebooks.bits(book) == 4 else 1
+    if per_byte == 2 and dtype == torch.float32 and device.type == "cpu":
+        nb = -(-n // block_size)
+        done = cpu_kernels.dequant4(codes, code_table16(book), scales(0, nb).contiguous(),
+                                    None if zero is None else zero[:nb].contiguous(), result, n, block_size)
+        if done is not None:  # one pass in C; else the PyTorch path below gives the same bits
+            return done
 
     def work(start: int, stop: int, scratch: torch.Tensor | None) -> None:
         buf = result[start: stop + 2] if scratch is None else scratch

@@ -1,0 +1,151 @@
+"""A C kernel for 4-bit dequantization on CPU, built with the system's C compiler on first use.
+
+PyTorch has no single op for "look up each nibble in a 16-entry code book and scale by its block", so
+the PyTorch path (blockwise.unpack_values + _scale_) runs a byte-table gather, then a scaling pass: on
+SmolLM2-135M's 1536 x 576 MLP weights about 6x the time of copying the same fp32 output
+(benchmarks/lora_floor_probe.py). QLoRA de-quantizes every weight twice per training step, so this is
+most of its overhead over LoRA. The kernel below does both in one pass and gives the same bits (one fp32
+product, no fused multiply-add: -ffp-contract=off).
+
+The shared library is compiled once per machine into the user's cache folder (~0.2 s with gcc) and loaded
+through ctypes, as Triton and torch.compile build their CPU pieces. Without a compiler, or with
+TUNELAB_C_KERNELS=0, `dequant4()` returns None and callers take the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <stdint.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+
+/* 16 values from 8 packed bytes: the nibbles in value order (high first), looked up in the 16-entry
+   table (two 8-lane permutes, bit 3 picks the half), times s (+ z). Same rounding as the scalar code. */
+static inline void eight_bytes(const uint8_t *c, float *o, __m256 lo8, __m256 hi8, __m256 s, __m256 z, int add) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)c);
+    __m128i m = _mm_set1_epi8(15);
+    __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+    for (int h = 0; h < 2; h++) {
+        __m256i idx = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(nib, 8) : nib);
+        __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, idx), _mm256_permutevar8x32_ps(hi8, idx),
+                                    _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        v = _mm256_mul_ps(v, s);
+        if (add) v = _mm256_add_ps(v, z);
+        _mm256_storeu_ps(o + 8 * h, v);
+    }
+}
+#endif
+
+/* Byte i of `codes` holds value 2i (high nibble) and 2i+1 (low nibble). For j < n:
+   out[j] = table[code_j] * scales[j / block]  (+ zero[j / block] when zero is not NULL).
+   block is even, so a block covers whole bytes. */
+void tunelab_dequant4(const uint8_t *codes, const float *table, const float *scales, const float *zero,
+                      float *out, int64_t n, int64_t block) {
+    float pairs[512];
+    for (int k = 0; k < 256; k++) {
+        pairs[2 * k] = table[k >> 4];
+        pairs[2 * k + 1] = table[k & 15];
+    }
+#ifdef __AVX2__
+    __m256 lo8 = _mm256_loadu_ps(table), hi8 = _mm256_loadu_ps(table + 8);
+#endif
+    int64_t full = n / 2, half = block / 2;  /* bytes holding two values; bytes per block */
+    for (int64_t b0 = 0; b0 < full; b0 += half) {
+        int64_t b1 = b0 + half < full ? b0 + half : full, i = b0;
+        float s = scales[b0 / half], z = zero ? zero[b0 / half] : 0.0f;
+#ifdef __AVX2__
+        __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+        for (; i + 8 <= b1; i += 8) eight_bytes(codes + i, out + 2 * i, lo8, hi8, vs, vz, zero != 0);
+#endif
+        for (; i < b1; i++) {
+            const float *p = pairs + 2 * codes[i];
+            out[2 * i] = p[0] * s;
+            out[2 * i + 1] = p[1] * s;
+            if (zero) {
+                out[2 * i] += z;
+                out[2 * i + 1] += z;
+            }
+        }
+    }
+    if (n % 2) {  /* the last value sits alone in the high nibble of the last byte */
+        int64_t blk = (n - 1) / block;
+        out[n - 1] = pairs[2 * codes[full]] * scales[blk];
+        if (zero) out[n - 1] += zero[blk];
+    }
+}
+"""
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tunelab" / "kernels"
+
+
+def _build() -> ctypes.CDLL | None:
+    """Compile (once per source, flags, compiler and machine) and load the library; None if impossible."""
+    if os.environ.get("TUNELAB_C_KERNELS", "1") == "0" or sys.platform == "win32":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, cc, platform.machine(), platform.node()]).encode()).hexdigest()
+    path = _cache_dir() / f"dequant4-{key[:16]}.so"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                src, lib = Path(tmp) / "k.c", Path(tmp) / "k.so"
+                src.write_text(SOURCE)
+                subprocess.run([cc, *FLAGS, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+                os.replace(lib, path)  # atomic: a concurrent process sees no library or a whole one
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fn = lib.tunelab_dequant4
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64]
+    fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel can be used in this process (builds it on the first call)."""
+    global _lib
+    with _lock:
+        if _lib is False:
+            _lib = _build()
+    return _lib is not None
+
+
+def dequant4(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zero: torch.Tensor | None,
+             out: torch.Tensor, n: int, block: int) -> torch.Tensor | None:
+    """out[:n] = table[code] * scale (+ zero) per block, from packed 4-bit codes; None without the kernel.
+
+    codes: uint8 (ceil(n/2),); table: fp32 (16,); scales, zero: fp32 per block; out: fp32, >= n elements.
+    All contiguous CPU tensors. The call releases the GIL (ctypes).
+    """
+    if not available():
+        return None
+    args = (codes, table, scales, out) + ((zero,) if zero is not None else ())
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in args) or out.dtype != torch.float32 \
+            or codes.numel() * 2 < n or scales.numel() * block < n or out.numel() < n:
+        raise ValueError("dequant4: contiguous CPU tensors of the documented sizes expected")
+    _lib.tunelab_dequant4(codes.data_ptr(), table.data_ptr(), scales.data_ptr(),
+                          None if zero is None else zero.data_ptr(), out.data_ptr(), n, block)
+    return out[:n]
