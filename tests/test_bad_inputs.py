@@ -56,6 +56,9 @@ CONFIG_TEXTS = {
     "negative_rank": ("data: {sources: [{name: a, path: a.jsonl}]}\nlora: {r: -4}\n", ["`lora.r`"]),
     "zero_seq_len": ("data: {sources: [{name: a, path: a.jsonl}]}\ntrain: {seq_len: 0}\n", ["`train.seq_len`"]),
     "negative_steps": ("data: {sources: [{name: a, path: a.jsonl}]}\ntrain: {max_steps: -1}\n", ["`train.max_steps`"]),
+    "block_size_not_power_of_two": ("data: {sources: [{name: a, path: a.jsonl}]}\nquant: {block_size: 48}\n",
+                                    ["`quant.block_size`", "power of two"]),
+    "infinite_lr": ("data: {sources: [{name: a, path: a.jsonl}]}\ntrain: {lr: .inf}\n", ["`train.lr`", "finite"]),
     "no_sources": ("data: {sources: []}\n", ["`data.sources`"]),
     "missing_data": ("method: lora\n", ["`data`: Field required"]),
 }
