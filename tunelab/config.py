@@ -5,6 +5,7 @@ A wrong key, type or range is a `ConfigError` naming the key and what is allowed
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,7 +170,7 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Read a YAML file (or start from `base`), apply `key=value` overrides, validate."""
-    tree: dict = dict(base or {})
+    tree: dict = copy.deepcopy(base or {})  # overrides write into nested sections: never into the caller's
     origin = "config"
     if path is not None:
         path = Path(path)
