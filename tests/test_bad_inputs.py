@@ -56,6 +56,9 @@ CONFIG_TEXTS = {
     "negative_rank": ("data: {sources: [{name: a, path: a.jsonl}]}\nlora: {r: -4}\n", ["`lora.r`"]),
     "zero_seq_len": ("data: {sources: [{name: a, path: a.jsonl}]}\ntrain: {seq_len: 0}\n", ["`train.seq_len`"]),
     "negative_steps": ("data: {sources: [{name: a, path: a.jsonl}]}\ntrain: {max_steps: -1}\n", ["`train.max_steps`"]),
+    "block_size_not_power_of_two": ("data: {sources: [{name: a, path: a.jsonl}]}\nquant: {block_size: 48}\n",
+                                    ["`quant.block_size`", "power of two"]),
+    "infinite_lr": ("data: {sources: [{name: a, path: a.jsonl}]}\ntrain: {lr: .inf}\n", ["`train.lr`", "finite"]),
     "no_sources": ("data: {sources: []}\n", ["`data.sources`"]),
     "missing_data": ("method: lora\n", ["`data`: Field required"]),
 }
@@ -270,6 +273,15 @@ def test_outputs_cannot_escape_output_dir(ws, tmp_path, capsys, name):
     assert not list(outside.iterdir())
     BAD_INPUTS.append(f"output:{name}_symlink")
 
+
+
+def test_an_output_path_that_cannot_be_used(ws, tmp_path, capsys):
+    """An OSError from a path the user gave (a file where a folder goes, a folder where a file goes) is one line."""
+    a_file = _write(tmp_path / "notes.txt", "mine\n")
+    _fails(["train", str(run_config(ws, a_file)), "--no-progress"], capsys, str(a_file), "File exists")
+    assert a_file.read_text() == "mine\n"
+    _fails(["cost", str(ws / "model"), "--json", str(tmp_path)], capsys, str(tmp_path), "Is a directory")
+    BAD_INPUTS.extend(["output:train_dir_is_a_file", "output:cost_json_is_a_folder"])
 
 def test_debug_flag_shows_the_traceback(tmp_path, capsys):
     cfg = _write(tmp_path / "bad.yaml", "train: {lrr: 1}\n")

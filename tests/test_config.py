@@ -70,3 +70,9 @@ def test_show_config_round_trips(tmp_path, capsys):
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["method"] == "qlora" and shown["train"]["lr"] == 3e-4
     assert load_config(None, base=shown).model_dump() == load_config(cfg, ["train.lr=3e-4"]).model_dump()
+
+
+def test_overrides_do_not_write_into_the_base_dict():
+    base = {"data": DATA, "train": {"lr": 1e-3}}
+    assert load_config(None, ["train.batch_size=2"], base=base).train.batch_size == 2
+    assert base == {"data": DATA, "train": {"lr": 1e-3}}  # a later load from the same base starts clean

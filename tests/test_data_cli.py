@@ -83,3 +83,10 @@ def test_scan_flags_injections_with_file_line_and_phrase(tmp_path, capsys):
     clean = tmp_path / "clean.jsonl"
     clean.write_text(json.dumps(lines[0]) + "\n")
     assert main(["data", "scan", str(clean), "--fail-on-find"]) == 0
+
+
+def test_inspect_rejects_a_seq_len_below_two(tmp_path, capsys):
+    src = tmp_path / "t.jsonl"
+    src.write_text('{"text": "hello world this is fine text"}\n')
+    assert main(["data", "inspect", "--source", str(src), "--seq-len", "0"]) == 2
+    assert "--seq-len must be 2 or more, got 0" in capsys.readouterr().err

@@ -79,6 +79,32 @@ def test_eval_adapter_adds_a_tuned_column(tiny_folder, tmp_path):
     base, tuned = (results[k]["ppl"]["metrics"]["ppl user"] for k in ("base", "tuned"))
     assert base != pytest.approx(tuned, rel=1e-3)
     assert "| metric | base | tuned | change |" in (out / "report.md").read_text()
+    # the base column (measured with the adapter already loaded, switched off) is the plain model's number
+    assert main(["eval", str(tiny_folder), "--suite", "ppl", "--data", f"ppl={texts}", "--out", str(tmp_path / "b")]) == 0
+    plain = json.loads((tmp_path / "b" / "results.json").read_text())["base"]["ppl"]["metrics"]
+    assert plain == results["base"]["ppl"]["metrics"]
+
+
+def test_eval_checks_adapter_data_and_out_before_evaluating(tiny_folder, tmp_path, capsys):
+    from conftest import make_tiny_llama
+    from tunelab.lora import LoraConfig, apply_lora, save_adapter
+
+    other = apply_lora(make_tiny_llama(hidden_size=32, intermediate_size=64), LoraConfig(r=4, alpha=8), verbose=False)
+    save_adapter(other, tmp_path / "adapter")  # made for another base's shapes
+    args = ["eval", str(tiny_folder), "--suite", "ppl", "--n", "1", "--out", str(tmp_path / "o")]
+    assert main(args + ["--adapter", str(tmp_path / "adapter")]) == 2
+    captured = capsys.readouterr()
+    assert "different shape" in captured.err and "base: suites" not in captured.out  # failed before the base ran
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    assert main(args + ["--data", f"ppl={latin}"]) == 2
+    assert f"{latin}:2: not UTF-8" in capsys.readouterr().err
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("mine\n")
+    assert main(args[:-1] + [str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine\n"
+    assert main(args + ["--batch-size", "0"]) == 2
+    assert "--batch-size must be 1 or more" in capsys.readouterr().err
 
 
 def test_eval_run_folder_rebuilds_the_tuned_model(tiny_folder, tmp_path):

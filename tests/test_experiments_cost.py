@@ -100,3 +100,14 @@ def test_cost_command_measures(tmp_path, capsys):
         assert r["measured_peak"] > 0 and r["tokens_per_s"] > 0
         assert r["peak_ratio"] == pytest.approx(r["measured_peak"] / r["peak"])
     assert "measured/analytic" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--batch-size", "0", "--batch-size must be 1 or more, got 0"),
+                                                 ("--seq-len", "-1", "--seq-len must be 1 or more"),
+                                                 ("--rank", "0", "--rank must be 1 or more"),
+                                                 ("--quant-block", "48", "power of two")])
+def test_cost_refuses_sizes_that_make_no_sense(tmp_path, capsys, flag, value, needle):
+    from tunelab.cli import main
+
+    assert main(["cost", "bundled", flag, value]) == 2  # checked before the model is looked at
+    assert needle in capsys.readouterr().err

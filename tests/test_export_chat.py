@@ -84,6 +84,28 @@ def test_chat_command_reads_stdin(base, monkeypatch, capsys):
     assert capsys.readouterr().out.count("> ") == 2
 
 
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_max_new_tokens_below_one_is_a_one_line_error(base, monkeypatch, capsys, command):
+    from tunelab.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    prompt = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, str(base), *prompt, "--max-new-tokens", "0"]) == 2
+    assert capsys.readouterr().err == f"tunelab {command}: error: --max-new-tokens must be 1 or more, got 0\n"
+
+
+def test_truncated_base_weights_are_a_one_line_error(base, tmp_path, capsys):
+    import shutil
+
+    from tunelab.cli import main
+
+    cut = shutil.copytree(base, tmp_path / "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["generate", str(cut), "--prompt", "hi"]) == 2
+    assert f"{cut / 'model.safetensors'}: not a readable safetensors file" in capsys.readouterr().err
+
 def _save_4bit(base, folder):
     """A 4-bit folder as `tunelab quantize --save` writes it: bitsandbytes Linear4bit keys in safetensors."""
     from transformers import AutoModelForCausalLM

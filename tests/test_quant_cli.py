@@ -66,3 +66,30 @@ def test_clear_errors(tmp_path, capsys):
     assert "int4 or int8" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path), "--dtype", "int8", "--save", str(tmp_path / "o")]) == 2
     assert "nf4/fp4" in capsys.readouterr().err
+
+
+def test_refuses_pickle_weights_broken_files_and_bad_save_folders(tiny_llama, tmp_path, capsys):
+    pickled = tmp_path / "pickled"
+    tiny_llama.save_pretrained(pickled)
+    torch.save(tiny_llama.state_dict(), pickled / "pytorch_model.bin")  # a pickle, the only weights left
+    (pickled / "model.safetensors").unlink()
+    assert main(["quantize", str(pickled)]) == 2
+    assert "pickle" in capsys.readouterr().err
+    cut = tmp_path / "cut"
+    tiny_llama.save_pretrained(cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["quantize", str(cut)]) == 2
+    assert f"{cut}: cannot load the model" in capsys.readouterr().err
+    src = tmp_path / "model"
+    tiny_llama.save_pretrained(src)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    assert main(["quantize", str(src), "--save", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine\n"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine\n")
+    assert main(["quantize", str(src), "--save", str(busy)]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]

@@ -21,3 +21,15 @@ def test_quickstart_smoke(tmp_path, capsys):
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["base_model_name_or_path"]
     assert (out / "loss.png").stat().st_size > 1000 and (out / "quickstart.md").exists()
+
+
+def test_bad_flags_fail_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--lr", "-1"]) == 2
+    assert "`train.lr`" in capsys.readouterr().err and not out.exists()
+    assert main(["quickstart", "--out", str(out), "--max-steps", "0"]) == 2
+    assert "`train.max_steps`" in capsys.readouterr().err and not out.exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    assert main(["quickstart", "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine\n"

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module with two functions, `add_arguments(parser)` and `run(args)`;
 only the chosen one is imported, so `tunelab --help` is instant. A `TunelabError` (anything the user can
-fix) is printed as one line and exits with status 2; `--debug` shows the traceback instead.
+fix) is printed as one line and exits with status 2, and so is an OSError (a path that cannot be read or
+written); `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"tunelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path given that cannot be used: a file where a folder goes, a missing parent, ...
+        if debug:
+            raise
+        where = e.filename2 or e.filename  # os.replace(tmp, dest) names dest second
+        print(f"tunelab {args.command}: error: {f'{where}: ' if where else ''}{e.strerror or e} "
+              "(check that path; --debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tunelab {args.command}: interrupted", file=sys.stderr)

@@ -5,11 +5,12 @@ A wrong key, type or range is a `ConfigError` naming the key and what is allowed
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.data.config import DataConfig
 from tunelab.errors import ConfigError
@@ -48,7 +49,15 @@ class QuantConfig(_Strict):
 
     dtype: Literal["nf4", "fp4", "int4", "int8"] = "nf4"
     block_size: int = Field(64, ge=32, le=4096)
+    """Weights per absmax scale: a power of two (the packed blocks tile every row evenly)."""
     double_quant: bool = True
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("must be a power of two: 32, 64, 128, ... 4096")
+        return v
 
 
 class LoraSection(_Strict):
@@ -68,7 +77,7 @@ class LoraSection(_Strict):
 
 
 class TrainConfig(_Strict):
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, gt=0)
     """Examples per micro-batch on each process."""
@@ -163,7 +172,7 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Read a YAML file (or start from `base`), apply `key=value` overrides, validate."""
-    tree: dict = dict(base or {})
+    tree: dict = copy.deepcopy(base or {})  # overrides write into nested sections: never into the caller's
     origin = "config"
     if path is not None:
         path = Path(path)

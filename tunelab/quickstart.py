@@ -39,23 +39,26 @@ def run(args) -> int:
     import torch
 
     from tunelab.config import load_config
+    from tunelab.errors import TunelabError
     from tunelab.eval.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES, evaluate_items, generate_items
     from tunelab.train.run import build_model, pick_device, run_training
 
     t_start = time.time()
     out = Path(args.out)
+    overrides = [f"method={args.method}", f"model.source={args.model}", f"output_dir={out}",
+                 f"train.lr={args.lr}", f"train.epochs={args.epochs}"]
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    cfg = load_config(None, overrides, base=QUICKSTART)  # a bad flag fails here, before anything is written
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"--out {out} is a file; give a folder for the run")
+
     train_items = generate_items(TRAIN_FAMILIES, args.train_per_family, seed=1)
     seen = {it.prompt for it in train_items}
     test_items = [it for it in generate_items(TRAIN_FAMILIES, args.eval_per_family, seed=2) if it.prompt not in seen]
     unseen_items = generate_items(HELDOUT_FAMILIES, args.eval_per_family, seed=2)
     _write_jsonl(out / "data" / "train.jsonl", train_items)
     _write_jsonl(out / "data" / "eval.jsonl", test_items)
-
-    overrides = [f"method={args.method}", f"model.source={args.model}", f"output_dir={out}",
-                 f"train.lr={args.lr}", f"train.epochs={args.epochs}"]
-    if args.max_steps:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    cfg = load_config(None, overrides, base=QUICKSTART)
     cfg.data.sources[0].path = str(out / "data" / "train.jsonl")
     cfg.data.eval_path = str(out / "data" / "eval.jsonl")
 

@@ -162,6 +162,8 @@ def _inspect(args) -> int:
     from tunelab.data.config import DataConfig, SourceConfig
     from tunelab.errors import ConfigError
 
+    if args.seq_len < 2:  # as train.seq_len: a prompt token and a label at least
+        raise ConfigError(f"--seq-len must be 2 or more, got {args.seq_len}")
     if args.config and args.source:
         raise ConfigError("give a CONFIG.yaml or --source paths, not both")
     if args.config:

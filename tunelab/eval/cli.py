@@ -28,12 +28,14 @@ def add_arguments(p) -> None:
 
 def _parse_data(items: list[str]) -> dict[str, str]:
     from tunelab.errors import TunelabError
+    from tunelab.eval.userdata import read_jsonl
 
     data = {}
     for item in items:
         suite, sep, path = item.partition("=")
         if not sep or suite not in SUITE_CHOICES[:-1]:
             raise TunelabError(f"--data {item!r}: write SUITE=FILE.jsonl with SUITE one of {', '.join(SUITE_CHOICES[:-1])}")
+        read_jsonl(path, suite)  # check every file now, not after the suites before it have run
         data[suite] = path
     return data
 
@@ -65,6 +67,9 @@ def run(args) -> int:
     from tunelab.models.load import load_pretrained
 
     suites = list(SUITES) if "all" in (args.suite or []) else list(dict.fromkeys(args.suite or ["tasks"]))
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise TunelabError(f"{flag} must be 1 or more, got {value}")
     data = _parse_data(args.data)
     src = Path(args.source)
     run_dir = src if _is_run(src) else None
@@ -79,8 +84,14 @@ def run(args) -> int:
     else:
         base_source = args.source
     out = Path(args.out) if args.out else (run_dir / "eval" if run_dir else Path("eval-report"))
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"--out {out} is a file; give a folder for the report")
     torch.manual_seed(0)
     model, tok = load_pretrained(base_source)
+    if args.adapter:  # load it first: a bad adapter fails now, not after the base model's evaluation
+        from tunelab.lora import load_adapter
+
+        load_adapter(model, args.adapter, verbose=False)
 
     def evaluate(label: str, m) -> dict:
         print(f"tunelab eval: {label}: suites {', '.join(suites)}")
@@ -88,13 +99,14 @@ def run(args) -> int:
 
     results = {}
     if not args.skip_base:
-        results["base"] = evaluate("base", model)
+        from tunelab.lora import disable_adapters
+
+        with disable_adapters(model):  # the base output exactly (a no-op without an adapter)
+            results["base"] = evaluate("base", model)
     if run_dir is not None:
         results["tuned"] = evaluate("tuned", _tuned_from_run(run_dir, model))
     elif args.adapter:
-        from tunelab.lora import load_adapter
-
-        results["tuned"] = evaluate("tuned", load_adapter(model, args.adapter, verbose=False))
+        results["tuned"] = evaluate("tuned", model)
     tuned_from = f"; tuned: {run_dir or args.adapter}" if "tuned" in results else ""
     notes = [f"Command: `tunelab eval {' '.join(_argv(args))}`",
              f"Base model: {base_source}{tuned_from}. Seed {args.seed}, n={args.n}, greedy decoding."]

@@ -36,7 +36,11 @@ def read_jsonl(path: str | Path, suite: str) -> list[dict]:
         raise DataError(path, None, "no such file")
     required, optional = SCHEMAS[suite]
     records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(path, line_no, "not UTF-8 text (save the file as UTF-8)") from None
         if not line.strip():
             continue
         try:

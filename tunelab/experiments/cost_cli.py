@@ -28,10 +28,16 @@ def _mb(x: float) -> str:
 def run(args) -> int:
     import json
 
+    from tunelab.errors import TunelabError
     from tunelab.experiments.cost import Arch, Setup, analytic, measure
     from tunelab.models.load import model_folder
+    from tunelab.quant.tensor import check_block_size
     from transformers import AutoConfig
 
+    for flag in ("batch_size", "seq_len", "rank", "loss_chunk", "steps"):
+        if getattr(args, flag) < 1:
+            raise TunelabError(f"--{flag.replace('_', '-')} must be 1 or more, got {getattr(args, flag)}")
+    check_block_size(args.quant_block)
     arch = Arch.from_hf(AutoConfig.from_pretrained(model_folder(args.model)))
     rows = []
     for method in args.method:

@@ -33,12 +33,16 @@ def _quantized_paths(keys) -> list[str]:
 
 def is_quantized_folder(folder: Path) -> bool:
     """True if the folder's safetensors hold bitsandbytes-layout 4-bit weights."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for file in _safetensors_files(folder):
-        with safe_open(file, "pt") as f:
-            if _quantized_paths(f.keys()):
-                return True
+        try:
+            with safe_open(file, "pt") as f:
+                if _quantized_paths(f.keys()):
+                    return True
+        except (OSError, SafetensorError) as e:  # a truncated or mislabelled file
+            raise TunelabError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); the "
+                               "download or copy may be incomplete: fetch it again") from e
     return False
 
 

@@ -40,11 +40,18 @@ def run(args: argparse.Namespace) -> int:
     if args.save and (args.dtype not in ("nf4", "fp4") or args.scheme != "absmax"):
         raise TunelabError("--save writes bitsandbytes' 4-bit layout, which holds nf4/fp4 absmax weights; "
                            "drop --save or use --dtype nf4/fp4")
+    if args.save:
+        _check_save_folder(args.save)
     model_dir = _resolve(args.model)
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    try:  # safetensors only: a pickle (.bin) can run code when loaded
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as e:  # e.g. a truncated or mislabelled .safetensors file
+        raise TunelabError(f"{model_dir}: cannot load the model ({str(e).splitlines()[0]}); check that its "
+                           "config.json and *.safetensors files are complete (download them again)") from e
     report = quantize_report(model, args.dtype, args.block_size, args.double_quant, args.scheme, tuple(args.skip))
     print_report(report, f"{args.dtype} {args.scheme}, block {args.block_size}"
                  f"{', double quant' if args.double_quant else ''}: {model_dir}")
@@ -63,7 +70,17 @@ def _resolve(model: str) -> Path:
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json (not a Hugging Face model folder)"
         raise TunelabError(f"model {path} {what}; pass a folder saved with save_pretrained, or 'bundled'")
-    return path
+    from tunelab.models.load import model_folder
+
+    return model_folder(str(path))  # refuses a folder whose weights are pickle files only
+
+
+def _check_save_folder(out: Path) -> None:
+    """--save replaces a model folder; it must not land on a file or on a folder of other things."""
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"--save {out} is a file; give a folder (new, empty, or a model folder to replace)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise TunelabError(f"--save {out} exists and is not a model folder; choose an empty or new folder")
 
 
 def quantize_report(model, dtype: str, block_size: int, double_quant: bool, scheme: str, skip: tuple[str, ...]):
@@ -142,12 +159,17 @@ def save_quantized(model, quantized: dict, out: Path, args: argparse.Namespace) 
         sd[key] = t.contiguous()
     for name, qt in quantized.items():
         sd.update({k: v.contiguous() for k, v in qt.to_bnb_state_dict(name + ".").items()})
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     model.config.quantization_config = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "bnb_4bit_quant_type": args.dtype, "bnb_4bit_use_double_quant": bool(args.double_quant),
         "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": list(args.skip), "tunelab_block_size": args.block_size,
     }
-    model.config.save_pretrained(out)
+
+    def write(tmp: Path):
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+
+    from tunelab.train.checkpoint import atomic_folder
+
+    atomic_folder(out, write)  # all files or none: a failed save leaves no half-written folder

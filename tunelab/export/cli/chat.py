@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tunelab.errors import TunelabError
 from tunelab.export.cli import add_model_arguments
 
 
@@ -17,6 +18,8 @@ def run(args) -> int:
     from tunelab.export.chat import chat_loop
     from tunelab.export.cli import open_from_args
 
+    if args.max_new_tokens < 1:  # before loading the model
+        raise TunelabError(f"--max-new-tokens must be 1 or more, got {args.max_new_tokens}")
     opened = open_from_args(args)
     chat_loop(opened.model, opened.tokenizer, sys.stdin, sys.stdout, args.system, args.max_new_tokens)
     return 0

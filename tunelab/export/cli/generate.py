@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tunelab.errors import TunelabError
 from tunelab.export.cli import add_model_arguments
 
 
@@ -17,6 +18,8 @@ def run(args) -> int:
     from tunelab.eval.generate import generate
     from tunelab.export.cli import open_from_args
 
+    if args.max_new_tokens < 1:  # before loading the model
+        raise TunelabError(f"--max-new-tokens must be 1 or more, got {args.max_new_tokens}")
     opened = open_from_args(args)
     answers = generate(opened.model, opened.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                        chat=not args.no_chat, system=args.system, progress=False)
