@@ -132,3 +132,14 @@ def test_token_classification_head_crosses_both_ways(ids, tmp_path):
     assert ours.lora_config.modules_to_save == ["score"]
     assert (logits(ours, ids) - logits(theirs, ids)).abs().max() <= TOL
     assert (logits(ours, ids) - logits(make_tiny_token_classifier(), ids)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("text,message", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+                                          (b"\xff\xfe{}", "not valid JSON")])
+def test_malformed_adapter_config_is_a_clear_error(tmp_path, text, message):
+    from tunelab.errors import TunelabError
+
+    f = tmp_path / "adapter_config.json"
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(TunelabError, match=f"adapter_config.json: {message}"):
+        load_adapter(make_tiny_llama(), tmp_path, verbose=False)

@@ -140,7 +140,12 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, str | None
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise TunelabError(f"{path} is not an adapter folder: no {CONFIG_NAME}")
-    raw = json.loads(file.read_text())
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TunelabError(f"{file}: not valid JSON ({e}); save the adapter again or fix the file") from None
+    if not isinstance(raw, dict):
+        raise TunelabError(f"{file}: expected a JSON object of LoRA settings, got {type(raw).__name__}")
     if raw.get("peft_type") != "LORA":
         raise TunelabError(f"{file}: peft_type is {raw.get('peft_type')!r}; tunelab loads LORA adapters only")
     for key, default in UNSUPPORTED.items():
