@@ -129,16 +129,52 @@ def attention(reps: int) -> None:
 
 
 def dequant(reps: int) -> None:
-    from tunelab.quant import quantize
+    from tunelab.quant import cpu_kernels, quantize
     from tunelab.quant.linear import dequant_workspace
 
+    lib = cpu_kernels._lib if cpu_kernels.available() else None
     for out_f, in_f in ((FF, D), (D, D)):
         w = torch.randn(out_f, in_f)
         q = quantize(w, "nf4", block_size=64, double_quant=True)
         buf = dequant_workspace(q, torch.float32)
-        res = paired(lambda: q.dequantize(torch.float32, workspace=buf), lambda: buf[: w.numel()].copy_(w.view(-1)),
-                     reps)
-        row(f"NF4 dequantize {out_f}x{in_f}", "A: ours (byte table)", "B: fp32 copy, same size", res)
+
+        def with_kernel(on: bool):
+            def run():
+                cpu_kernels._lib = lib if on else None
+                q.dequantize(torch.float32, workspace=buf)
+            return run
+
+        copy = paired(lambda: buf[: w.numel()].copy_(w.view(-1)), lambda: None, reps)[0]
+        if lib is None:
+            print(f"NF4 dequantize {out_f}x{in_f}: no C compiler, PyTorch path only")
+            continue
+        res = paired(with_kernel(False), with_kernel(True), reps)
+        row(f"NF4 dequantize {out_f}x{in_f}", "A: PyTorch ops", "B: C kernel (used)", res)
+        print(f"  (an fp32 copy of the same size: {copy:.2f} ms)")
+    cpu_kernels._lib = lib
+
+
+def qlora_layer(reps: int) -> None:
+    """One QLoRA layer's forward + backward (W de-quantized twice), the kernel off and on."""
+    from tunelab.lora import LoRALinear
+    from tunelab.quant import Linear4bit, cpu_kernels
+
+    if not cpu_kernels.available():
+        return
+    lib = cpu_kernels._lib
+    for out_f, in_f in ((FF, D), (D, FF), (D, D)):
+        layer = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(in_f, out_f, bias=False)), R, 2 * R)
+        x, g = torch.randn(T, in_f, requires_grad=True), torch.randn(T, out_f)
+
+        def with_kernel(on: bool):
+            def run():
+                cpu_kernels._lib = lib if on else None
+                layer(x).backward(g)
+            return run
+
+        row(f"QLoRA layer {out_f}x{in_f} fwd+bwd", "A: PyTorch dequantize", "B: C kernel (used)",
+            paired(with_kernel(False), with_kernel(True), reps))
+    cpu_kernels._lib = lib
 
 
 def main() -> None:
@@ -154,6 +190,7 @@ def main() -> None:
         merged_weight(args.reps)
         packed_weights(args.reps)
         dequant(args.reps)
+    qlora_layer(args.reps)
     attention(args.reps // 2)
 
 

@@ -8,9 +8,10 @@ Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256
 (Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4.
 
 Speed: per label regime, one process builds every stack and runs them in rounds, one step of each stack
-per round, back to back (order rotating). This machine's speed drifts by up to 1.5x over minutes, so
-stacks timed in separate processes minutes apart are not comparable; steps seconds apart are. Each ratio
-is the median over rounds of the ratio of the two stacks' steps within a round.
+per round, back to back (each compared pair adjacent, the order reversed every other round). This
+machine's speed drifts by up to 1.5x over minutes, so stacks timed in separate processes minutes apart
+are not comparable; steps seconds apart are. Each ratio is the median over rounds of the ratio of the two
+stacks' steps within a round.
 Memory: each stack alone in its own process (so bitsandbytes', PEFT's and our allocations do not mix):
 the rise of the peak resident set over two training steps above the resident set of the built model
 (Linux: VmHWM reset through /proc/self/clear_refs), optimizer state included.
@@ -145,8 +146,10 @@ def profile_one(stack: str, labels: str, batch: int, seq: int, r: int, rows: int
 
 
 def speed_interleaved(stacks: list[str], labels: str, rounds: int, batch: int, seq: int, r: int) -> dict:
-    """All stacks in this one process; each round runs one step of every stack back to back (the order
-    rotates), so the steps compared in a round are seconds apart and share the machine's state."""
+    """All stacks in this one process; each round runs one step of every stack back to back, so the steps
+    compared in a round are seconds apart and share the machine's state. The order (STACKS: each tunelab
+    stack next to its PEFT counterpart) is reversed every other round, so each compared pair runs
+    adjacent and each stack goes first as often as its partner."""
     import torch
 
     steps = {s: build_stack(s, labels, batch, seq, r) for s in stacks}
@@ -156,7 +159,7 @@ def speed_interleaved(stacks: list[str], labels: str, rounds: int, batch: int, s
     losses = {s: [] for s in stacks}
     kernel = {s: [] for s in stacks}  # (system CPU seconds, page faults) per step: the kernel's share
     for k in range(rounds):
-        order = stacks[k % len(stacks):] + stacks[: k % len(stacks)]
+        order = stacks if k % 2 == 0 else stacks[::-1]  # compared pairs run back to back, in both orders
         for s in order:
             r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             losses[s].append(steps[s]())

@@ -86,3 +86,13 @@ def test_matches_a_float64_formula(monkeypatch):
     qt = quantize(torch.randn(33, 64), "nf4", double_quant=True)
     fast, _ = _both_paths(qt, monkeypatch)
     assert torch.equal(fast, _reference(qt))
+
+
+def test_large_tensors_split_across_threads_give_the_same_bits(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN", 1000)  # split a small tensor as a large one would be
+    torch.manual_seed(2)
+    for scheme, quant_type in (("absmax", "nf4"), ("minmax", "int4")):
+        qt = quantize(torch.randn(37, 211), quant_type, block_size=32, scheme=scheme)  # odd count: ragged last part
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+        fast, slow = _both_paths(qt, monkeypatch)
+        assert torch.equal(fast, slow)

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -89,6 +91,7 @@ void tunelab_dequant4(const uint8_t *codes, const float *table, const float *sca
 """
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
 
+PARALLEL_MIN = 1 << 22  # values per thread below which one thread does all (a thread hand-off costs ~50 us)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 
@@ -146,6 +149,18 @@ def dequant4(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zer
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in args) or out.dtype != torch.float32 \
             or codes.numel() * 2 < n or scales.numel() * block < n or out.numel() < n:
         raise ValueError("dequant4: contiguous CPU tensors of the documented sizes expected")
-    _lib.tunelab_dequant4(codes.data_ptr(), table.data_ptr(), scales.data_ptr(),
-                          None if zero is None else zero.data_ptr(), out.data_ptr(), n, block)
+    parts = min(torch.get_num_threads(), n // PARALLEL_MIN)
+    step = -(-n // max(parts, 1) // block) * block  # whole blocks per part
+    calls = [(codes.data_ptr() + a // 2, table.data_ptr(), scales.data_ptr() + a // block * 4,
+              None if zero is None else zero.data_ptr() + a // block * 4, out.data_ptr() + a * 4,
+              min(step, n - a), block) for a in range(0, n, step)]
+    if len(calls) == 1:
+        _lib.tunelab_dequant4(*calls[0])
+    else:  # large tensors: one part per thread (ctypes lets go of the GIL during each call)
+        list(_pool(len(calls)).map(lambda c: _lib.tunelab_dequant4(*c), calls))
     return out[:n]
+
+
+@cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="tunelab-dequant")
