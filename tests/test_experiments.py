@@ -208,3 +208,10 @@ def test_variants_and_format_check(tmp_path):
     assert not quality.format_ok("Sure! Here is the answer: even", "even")
     assert not quality.format_ok("even\nI hope this helps!", "even")
     assert not quality.format_ok("", "even")
+
+
+def test_a_bad_value_in_a_later_cell_writes_nothing(sweep_ws, tmp_path):
+    out = tmp_path / "bad"
+    with pytest.raises(ConfigError, match="train.lr"):
+        sweep.plan(out, sweep_ws / "base.yaml", grid.parse_grid(["method=full", "lr=1e-3,-1"]))
+    assert not out.exists()  # the first, valid cell was not written either

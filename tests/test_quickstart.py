@@ -33,3 +33,5 @@ def test_bad_flags_fail_before_anything_is_written(tmp_path, capsys):
     a_file.write_text("mine\n")
     assert main(["quickstart", "--out", str(a_file)]) == 2
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine\n"
+    assert main(["quickstart", "--out", str(out), "--model", str(tmp_path / "no-such-model")]) == 2
+    assert "no-such-model" in capsys.readouterr().err and not out.exists()  # checked before data is written

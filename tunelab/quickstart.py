@@ -57,13 +57,13 @@ def run(args) -> int:
     seen = {it.prompt for it in train_items}
     test_items = [it for it in generate_items(TRAIN_FAMILIES, args.eval_per_family, seed=2) if it.prompt not in seen]
     unseen_items = generate_items(HELDOUT_FAMILIES, args.eval_per_family, seed=2)
+
+    torch.manual_seed(cfg.train.seed)
+    model, tok = build_model(cfg, pick_device(cfg.train.device))  # a bad --model fails here, before any file
     _write_jsonl(out / "data" / "train.jsonl", train_items)
     _write_jsonl(out / "data" / "eval.jsonl", test_items)
     cfg.data.sources[0].path = str(out / "data" / "train.jsonl")
     cfg.data.eval_path = str(out / "data" / "eval.jsonl")
-
-    torch.manual_seed(cfg.train.seed)
-    model, tok = build_model(cfg, pick_device(cfg.train.device))
     print(f"\n[1/3] before: {len(test_items)} held-out items of trained families, {len(unseen_items)} of unseen ones")
     before = {"test": evaluate_items(model, tok, test_items), "unseen": evaluate_items(model, tok, unseen_items),
               "eval_loss": _eval_loss(model, tok, cfg)}

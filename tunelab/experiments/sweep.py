@@ -81,15 +81,12 @@ def plan(out: Path, config: str | Path | None, axes: dict, base_overrides: list[
         n = budget_examples(base, examples, tokens)
     n_eval = eval_examples or base.train.eval_batches * base.train.batch_size
     cells = grid.expand(axes, base.method)
-    out.mkdir(parents=True, exist_ok=True)
-    dirs = []
-    for cell in cells:
-        d = out / "cells" / grid.slug(cell)
-        cfg = cell_config(config, list(base_overrides), cell, n, n_eval, d)
+    dirs = [out / "cells" / grid.slug(cell) for cell in cells]
+    cfgs = [cell_config(config, list(base_overrides), cell, n, n_eval, d) for cell, d in zip(cells, dirs)]
+    for cell, d, cfg in zip(cells, dirs, cfgs):  # every cell is valid: only now write anything
         d.mkdir(parents=True, exist_ok=True)
         (d / "cell.yaml").write_text(dump_config(cfg))
         (d / "cell.json").write_text(json.dumps({"params": cell, "extras": extras or {}}, indent=1))
-        dirs.append(d)
     spec = {"config": str(config) if config else None, "overrides": list(base_overrides), "axes": axes,
             "examples": n, "epochs": epochs, "eval_examples": n_eval, "cells": [d.name for d in dirs], "extras": extras or {}}
     (out / "sweep.json").write_text(json.dumps(spec, indent=1))

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from tunelab.quant import codebooks, cpu_kernels
+from tunelab.quant import codebooks
 
 # Elements per CPU step: big enough that ATen spreads each op over its threads, small enough that the
 # step's scratch buffers (reused, so they cost no page faults) stay in the L3 cache. On an idle 2-core
@@ -421,12 +421,6 @@ def dequantize_blocks(codes: torch.Tensor, book: str, n: int, block_size: int,
     if result is None:
         result = empty_output(n + 2, dtype, device)
     per_byte = 2 if codebooks.bits(book) == 4 else 1
-    if per_byte == 2 and dtype == torch.float32 and device.type == "cpu":
-        nb = -(-n // block_size)
-        done = cpu_kernels.dequant4(codes, code_table16(book), scales(0, nb).contiguous(),
-                                    None if zero is None else zero[:nb].contiguous(), result, n, block_size)
-        if done is not None:  # one pass in C; else the PyTorch path below gives the same bits
-            return done
 
     def work(start: int, stop: int, scratch: torch.Tensor | None) -> None:
         buf = result[start: stop + 2] if scratch is None else scratch

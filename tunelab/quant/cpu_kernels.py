@@ -51,11 +51,21 @@ static inline void eight_bytes(const uint8_t *c, float *o, __m256 lo8, __m256 hi
 }
 #endif
 
-/* Byte i of `codes` holds value 2i (high nibble) and 2i+1 (low nibble). For j < n:
-   out[j] = table[code_j] * scales[j / block]  (+ zero[j / block] when zero is not NULL).
-   block is even, so a block covers whole bytes. */
+/* Values [first, first + n) of a blockwise 4-bit tensor; byte i of `codes` holds value 2i (high nibble)
+   and 2i+1 (low nibble); first is a multiple of block (even), so every block covers whole bytes.
+   out[j] = table[code_j] * scale(j / block)  (+ zero[j / block] when zero is not NULL), where
+   scale(B) = scales[B], or with double quantization (scode not NULL) smap[scode[B]] * nested[B / 256] + offset,
+   bitsandbytes' order. Every product and sum is one fp32 rounding, as in the PyTorch path. */
+static inline float scale_of(int64_t B, const float *scales, const uint8_t *scode, const float *smap,
+                             const float *nested, float offset) {
+    if (!scode) return scales[B];
+    float s = smap[scode[B]] * nested[B / 256];
+    return s + offset;
+}
+
 void tunelab_dequant4(const uint8_t *codes, const float *table, const float *scales, const float *zero,
-                      float *out, int64_t n, int64_t block) {
+                      const uint8_t *scode, const float *smap, const float *nested, float offset,
+                      float *out, int64_t first, int64_t n, int64_t block) {
     float pairs[512];
     for (int k = 0; k < 256; k++) {
         pairs[2 * k] = table[k >> 4];
@@ -64,10 +74,10 @@ void tunelab_dequant4(const uint8_t *codes, const float *table, const float *sca
 #ifdef __AVX2__
     __m256 lo8 = _mm256_loadu_ps(table), hi8 = _mm256_loadu_ps(table + 8);
 #endif
-    int64_t full = n / 2, half = block / 2;  /* bytes holding two values; bytes per block */
-    for (int64_t b0 = 0; b0 < full; b0 += half) {
-        int64_t b1 = b0 + half < full ? b0 + half : full, i = b0;
-        float s = scales[b0 / half], z = zero ? zero[b0 / half] : 0.0f;
+    int64_t half = block / 2, end = first + n, full = end / 2;  /* bytes per block; bytes holding two values */
+    for (int64_t b0 = first / 2; b0 < full; b0 += half) {
+        int64_t b1 = b0 + half < full ? b0 + half : full, i = b0, B = b0 / half;
+        float s = scale_of(B, scales, scode, smap, nested, offset), z = zero ? zero[B] : 0.0f;
 #ifdef __AVX2__
         __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
         for (; i + 8 <= b1; i += 8) eight_bytes(codes + i, out + 2 * i, lo8, hi8, vs, vz, zero != 0);
@@ -82,10 +92,10 @@ void tunelab_dequant4(const uint8_t *codes, const float *table, const float *sca
             }
         }
     }
-    if (n % 2) {  /* the last value sits alone in the high nibble of the last byte */
-        int64_t blk = (n - 1) / block;
-        out[n - 1] = pairs[2 * codes[full]] * scales[blk];
-        if (zero) out[n - 1] += zero[blk];
+    if (end % 2) {  /* the tensor's last value sits alone in the high nibble of its last byte */
+        int64_t B = (end - 1) / block;
+        out[end - 1] = pairs[2 * codes[full]] * scale_of(B, scales, scode, smap, nested, offset);
+        if (zero) out[end - 1] += zero[B];
     }
 }
 """
@@ -122,7 +132,7 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     fn = lib.tunelab_dequant4
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64]
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int64] * 3
     fn.restype = None
     return lib
 
@@ -136,29 +146,42 @@ def available() -> bool:
     return _lib is not None
 
 
-def dequant4(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zero: torch.Tensor | None,
-             out: torch.Tensor, n: int, block: int) -> torch.Tensor | None:
+def dequant4(codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor, n: int, block: int,
+             scales: torch.Tensor, zero: torch.Tensor | None = None, nested_absmax: torch.Tensor | None = None,
+             offset: torch.Tensor | None = None) -> torch.Tensor | None:
     """out[:n] = table[code] * scale (+ zero) per block, from packed 4-bit codes; None without the kernel.
 
-    codes: uint8 (ceil(n/2),); table: fp32 (16,); scales, zero: fp32 per block; out: fp32, >= n elements.
-    All contiguous CPU tensors. The call releases the GIL (ctypes).
+    codes: uint8 (ceil(n/2),); table: fp32 (16,); out: fp32, >= n elements; scales: fp32 per block, or with
+    double quantization (nested_absmax given) uint8 dynamic-map codes per block, undone here as
+    blockwise.dequantize_nested does; zero: fp32 per block (min-max). All contiguous CPU tensors.
     """
     if not available():
         return None
-    args = (codes, table, scales, out) + ((zero,) if zero is not None else ())
+    nested = nested_absmax is not None
+    args = (codes, table, scales, out) + tuple(t for t in (zero, nested_absmax) if t is not None)
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in args) or out.dtype != torch.float32 \
-            or codes.numel() * 2 < n or scales.numel() * block < n or out.numel() < n:
-        raise ValueError("dequant4: contiguous CPU tensors of the documented sizes expected")
+            or codes.numel() * 2 < n or scales.numel() * block < n or out.numel() < n \
+            or scales.dtype != (torch.uint8 if nested else torch.float32) or block % 2 or block < 2:
+        raise ValueError("dequant4: contiguous CPU tensors of the documented sizes and dtypes expected")
+    fixed = (codes.data_ptr(), table.data_ptr(), None if nested else scales.data_ptr(),
+             None if zero is None else zero.data_ptr(), scales.data_ptr() if nested else None,
+             _dynamic_map().data_ptr() if nested else None, nested_absmax.data_ptr() if nested else None,
+             float(offset) if nested else 0.0, out.data_ptr())
     parts = min(torch.get_num_threads(), n // PARALLEL_MIN)
     step = -(-n // max(parts, 1) // block) * block  # whole blocks per part
-    calls = [(codes.data_ptr() + a // 2, table.data_ptr(), scales.data_ptr() + a // block * 4,
-              None if zero is None else zero.data_ptr() + a // block * 4, out.data_ptr() + a * 4,
-              min(step, n - a), block) for a in range(0, n, step)]
-    if len(calls) == 1:
-        _lib.tunelab_dequant4(*calls[0])
+    if step >= n:
+        _lib.tunelab_dequant4(*fixed, 0, n, block)
     else:  # large tensors: one part per thread (ctypes lets go of the GIL during each call)
-        list(_pool(len(calls)).map(lambda c: _lib.tunelab_dequant4(*c), calls))
+        list(_pool(-(-n // step)).map(lambda a: _lib.tunelab_dequant4(*fixed, a, min(step, n - a), block),
+                                      range(0, n, step)))
     return out[:n]
+
+
+@cache
+def _dynamic_map() -> torch.Tensor:
+    from tunelab.quant import codebooks
+
+    return codebooks.dynamic_map().float().contiguous()
 
 
 @cache

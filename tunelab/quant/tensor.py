@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.quant import blockwise, codebooks
+from tunelab.quant import blockwise, codebooks, cpu_kernels
 
 SCHEMES = ("absmax", "minmax")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,6 +101,12 @@ class QuantizedTensor:
             if triton_kernels.serves(self):
                 return triton_kernels.dequantize_4bit(self, dtype, out=workspace).view(self.shape)
         book = codebooks.LEVELS[self.quant_type] if self.scheme == "minmax" else self.quant_type
+        if self.device.type == "cpu" and dtype == torch.float32 and codebooks.bits(book) == 4:
+            out = workspace if workspace is not None else blockwise.empty_output(self.numel() + 2, dtype, self.device)
+            flat = cpu_kernels.dequant4(self.data, blockwise.code_table16(book), out, self.numel(), self.block_size,
+                                        self.scales, self.zero, self.nested_absmax, self.offset)
+            if flat is not None:  # one pass in C (tunelab.quant.cpu_kernels); the same bits as below
+                return flat.view(self.shape)
         flat = blockwise.dequantize_blocks(self.data, book, self.numel(), self.block_size, self.block_scales,
                                            self.zero, dtype, result=workspace)
         return flat.view(self.shape)
