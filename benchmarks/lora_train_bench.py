@@ -3,6 +3,7 @@
     python benchmarks/lora_train_bench.py                      # all four stacks x two label regimes
     python benchmarks/lora_train_bench.py --stacks tunelab-lora peft-lora --labels all --rounds 4
     python benchmarks/lora_train_bench.py --profile tunelab-lora all      # where one step's time goes
+    python benchmarks/lora_train_bench.py --dequant-time all --rounds 4   # QLoRA: C vs PyTorch dequantize
 
 Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256 tokens of real text
 (Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4.
@@ -179,6 +180,45 @@ def _sub(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def dequant_time(labels: str, rounds: int, batch: int, seq: int, r: int) -> None:
+    """tunelab-qlora steps alternating between the C dequantize kernel and the PyTorch path: the step and
+    the time spent inside QuantizedTensor.dequantize (every frozen weight, forward and backward)."""
+    from tunelab.quant import cpu_kernels
+    from tunelab.quant.tensor import QuantizedTensor
+
+    spent = [0.0, 0]
+    plain = QuantizedTensor.dequantize
+
+    def timed(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = plain(self, *args, **kwargs)
+        spent[0] += time.perf_counter() - t
+        spent[1] += 1
+        return out
+
+    QuantizedTensor.dequantize = timed
+    step = build_stack("tunelab-qlora", labels, batch, seq, r)
+    lib = cpu_kernels._lib if cpu_kernels.available() else None
+    if lib is None:
+        sys.exit("no C compiler here: nothing to compare")
+    step()
+    steps = {True: [], False: []}
+    for k in range(2 * rounds):
+        on = k % 4 in (1, 2)  # off, on, on, off, ...: each mode first as often as the other
+        cpu_kernels._lib = lib if on else None
+        spent[:] = [0.0, 0]
+        t = time.perf_counter()
+        step()
+        steps[on].append(time.perf_counter() - t)
+        print(f"{'C kernel' if on else 'PyTorch '} step {steps[on][-1]:.2f} s, "
+              f"dequantize {spent[0] * 1e3:.0f} ms in {spent[1]} calls", flush=True)
+    cpu_kernels._lib = lib
+    ratio = statistics.median(b / a for a, b in zip(steps[True], steps[False]))
+    on_s, off_s = statistics.median(steps[True]), statistics.median(steps[False])
+    print(f"median step: C kernel {on_s:.2f} s, PyTorch {off_s:.2f} s; PyTorch / C kernel, median over pairs: "
+          f"{ratio:.3f}")
+
+
 PAIRS = (("tunelab-lora", "peft-lora"), ("tunelab-qlora", "peft-qlora"))
 
 
@@ -193,6 +233,8 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-stack peak-memory processes")
     ap.add_argument("--profile", nargs=2, metavar=("STACK", "LABELS"),
                     help="print torch.profiler's table (self CPU time by op and shape) for one step of one stack")
+    ap.add_argument("--dequant-time", metavar="LABELS",
+                    help="tunelab-qlora steps alternating the C dequantize kernel and the PyTorch path")
     ap.add_argument("--one-memory", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
     ap.add_argument("--one-speed", metavar="LABELS", help=argparse.SUPPRESS)
     ap.add_argument("--out", help="write all measurements as JSON here")
@@ -200,6 +242,9 @@ def main() -> None:
     shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r)]
     if args.profile:
         profile_one(*args.profile, args.batch, args.seq, args.r)
+        return
+    if args.dequant_time:
+        dequant_time(args.dequant_time, args.rounds, args.batch, args.seq, args.r)
         return
     if args.one_memory:
         print(json.dumps(memory_one(*args.one_memory, args.batch, args.seq, args.r)))
