@@ -7,7 +7,7 @@ SmolLM2-135M's 1536 x 576 MLP weights about 6x the time of copying the same fp32
 most of its overhead over LoRA. The kernel below does both in one pass and gives the same bits (one fp32
 product, no fused multiply-add: -ffp-contract=off).
 
-The shared library is compiled once per machine into the user's cache folder (~0.2 s with gcc) and loaded
+The shared library is compiled once per machine into the user's cache folder (0.8 s with gcc here) and loaded
 through ctypes, as Triton and torch.compile build their CPU pieces. Without a compiler, or with
 TUNELAB_C_KERNELS=0, `dequant4()` returns None and callers take the PyTorch path.
 """
