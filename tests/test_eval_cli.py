@@ -137,3 +137,23 @@ def test_eval_run_folder_rebuilds_the_tuned_model(tiny_folder, tmp_path):
     want = perplexity(model, [json.loads(texts.read_text())["text"]], load_pretrained(str(tiny_folder))[1])
     assert results["tuned"]["ppl"]["metrics"]["ppl user"] == pytest.approx(want["ppl"], rel=1e-5)
     assert results["base"]["ppl"]["metrics"]["ppl user"] != pytest.approx(want["ppl"], rel=1e-3)
+
+
+def test_eval_run_folder_with_a_broken_adapter_fails_before_the_base(tiny_folder, tmp_path, capsys):
+    from tunelab.config import dump_config, load_config
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    data = {"task": "sft", "sources": [{"name": "x", "path": "x.jsonl", "kind": "instructions"}]}
+    cfg = load_config(None, ["method=lora", f"model.source={tiny_folder}", f"output_dir={run}"], base={"data": data})
+    (run / "config.yaml").write_text(dump_config(cfg))
+    (run / "adapter" / "adapter_config.json").write_text("{broken")
+    assert main(["eval", str(run), "--suite", "ppl", "--n", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "adapter_config.json: not valid JSON" in captured.err and "base: suites" not in captured.out
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
+    assert main(["eval", str(run), "--suite", "ppl", "--n", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "not a readable safetensors file" in captured.err and "base: suites" not in captured.out

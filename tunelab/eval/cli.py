@@ -58,6 +58,24 @@ def _tuned_from_run(run: Path, base_model):
     return load_adapter(base_model, run / "adapter", verbose=False)
 
 
+def _check_adapter_files(folder: Path) -> None:
+    """A readable adapter config and safetensors header (no tensors read), so a broken run fails at once."""
+    from safetensors import safe_open
+
+    from tunelab.errors import TunelabError
+    from tunelab.lora.peft_format import WEIGHTS_NAME, read_adapter_config
+
+    read_adapter_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise TunelabError(f"{folder} has no {WEIGHTS_NAME} (tunelab reads safetensors adapters only)")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise TunelabError(f"{weights}: not a readable safetensors file ({e}); save the adapter again") from None
+
+
 def run(args) -> int:
     import torch
 
@@ -81,6 +99,8 @@ def run(args) -> int:
         from tunelab.config import load_config
 
         base_source = load_config(run_dir / "config.yaml").model.source
+        if not (run_dir / "model").is_dir():  # its adapter loads after the base is scored: check its files now
+            _check_adapter_files(run_dir / "adapter")
     else:
         base_source = args.source
     out = Path(args.out) if args.out else (run_dir / "eval" if run_dir else Path("eval-report"))
