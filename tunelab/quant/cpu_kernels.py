@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+from tunelab.quant import codebooks
+from tunelab.quant.blockwise import NESTED_BLOCK
+
 SOURCE = r"""
 #include <stdint.h>
 #ifdef __AVX2__
@@ -179,8 +182,7 @@ def dequant4(codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor, n: int
 
 @cache
 def _dynamic_map() -> torch.Tensor:
-    from tunelab.quant import codebooks
-
+    assert NESTED_BLOCK == 256  # the C code groups double-quantized scales by 256
     return codebooks.dynamic_map().float().contiguous()
 
 

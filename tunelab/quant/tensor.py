@@ -89,7 +89,8 @@ class QuantizedTensor:
         """The tensor back in `dtype` (default: the original dtype), computed in fp32 like bitsandbytes.
 
         4-bit absmax codes on CUDA go through one Triton kernel (tunelab.quant.triton_kernels) when Triton
-        is installed, with the same numbers as the PyTorch path used everywhere else.
+        is installed, and 4-bit codes to fp32 on CPU through one C kernel (tunelab.quant.cpu_kernels) when
+        a C compiler is; both give the same numbers as the PyTorch path used everywhere else.
 
         workspace: a flat `dtype` tensor of at least numel() + 2 elements on the same device to write
         into (the result is a view of it), e.g. to reuse one buffer across layers.
