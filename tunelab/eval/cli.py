@@ -60,20 +60,15 @@ def _tuned_from_run(run: Path, base_model):
 
 def _check_adapter_files(folder: Path) -> None:
     """A readable adapter config and safetensors header (no tensors read), so a broken run fails at once."""
-    from safetensors import safe_open
-
     from tunelab.errors import TunelabError
     from tunelab.lora.peft_format import WEIGHTS_NAME, read_adapter_config
+    from tunelab.models.load import safetensors_keys
 
     read_adapter_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise TunelabError(f"{folder} has no {WEIGHTS_NAME} (tunelab reads safetensors adapters only)")
-    try:
-        with safe_open(str(weights), "pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        raise TunelabError(f"{weights}: not a readable safetensors file ({e}); save the adapter again") from None
+    safetensors_keys(weights, "save the adapter again")
 
 
 def run(args) -> int:

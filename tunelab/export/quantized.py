@@ -33,17 +33,10 @@ def _quantized_paths(keys) -> list[str]:
 
 def is_quantized_folder(folder: Path) -> bool:
     """True if the folder's safetensors hold bitsandbytes-layout 4-bit weights."""
-    from safetensors import SafetensorError, safe_open
+    from tunelab.models.load import safetensors_keys
 
-    for file in _safetensors_files(folder):
-        try:
-            with safe_open(file, "pt") as f:
-                if _quantized_paths(f.keys()):
-                    return True
-        except (OSError, SafetensorError) as e:  # a truncated or mislabelled file
-            raise TunelabError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); the "
-                               "download or copy may be incomplete: fetch it again") from e
-    return False
+    fix = "the download or copy may be incomplete: fetch it again"
+    return any(_quantized_paths(safetensors_keys(file, fix)) for file in _safetensors_files(folder))
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:

@@ -129,6 +129,18 @@ def _parameters_on_meta():
         torch.nn.Module.register_parameter = register
 
 
+def safetensors_keys(file: Path | str, fix: str) -> list[str]:
+    """The tensor names in a safetensors file's header (no tensor is read); a broken file is one clear error
+    ending in `fix` (what to do about it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return list(f.keys())
+    except (OSError, SafetensorError) as e:  # a truncated or mislabelled file
+        raise TunelabError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); {fix}") from e
+
+
 def shard_files(folder: Path) -> list[Path]:
     """The safetensors files of a HF folder: those `model.safetensors.index.json` names, else model.safetensors."""
     index = folder / "model.safetensors.index.json"
