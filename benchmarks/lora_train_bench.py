@@ -3,7 +3,7 @@
     python benchmarks/lora_train_bench.py                      # all four stacks x two label regimes
     python benchmarks/lora_train_bench.py --stacks tunelab-lora peft-lora --labels all --rounds 4
     python benchmarks/lora_train_bench.py --profile tunelab-lora all      # where one step's time goes
-    python benchmarks/lora_train_bench.py --dequant-time all --rounds 4   # QLoRA: C vs PyTorch dequantize
+    python benchmarks/lora_train_bench.py --kernel-ab dequant all --rounds 4  # C kernel vs PyTorch path
 
 Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256 tokens of real text
 (Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4.
@@ -85,6 +85,7 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
             return model(input_ids=input_ids, labels=lab).loss
     else:
         from tunelab.lora import LoraConfig, apply_lora, lora_param_groups
+        from tunelab.models.fused import fuse_rmsnorm
         from tunelab.quant import quantize_model
         from tunelab.train.loss import causal_lm_loss_sum
         from tunelab.train.malloc import reuse_freed_memory
@@ -93,6 +94,7 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
         if stack == "tunelab-qlora":
             quantize_model(model, dtype="nf4", block_size=64, double_quant=True)
         apply_lora(model, LoraConfig(r=r, alpha=32, target_modules="all-linear"), verbose=False)
+        fuse_rmsnorm(model)  # as tunelab's training runs do
         reuse_freed_memory()  # as tunelab's training loop does, once the model is built
         params = [p for g in lora_param_groups(model, 1e-4) for p in g["params"]]
         batch_ = {"input_ids": input_ids, "labels": lab}
@@ -180,9 +182,11 @@ def _sub(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def dequant_time(labels: str, rounds: int, batch: int, seq: int, r: int) -> None:
-    """tunelab-qlora steps alternating between the C dequantize kernel and the PyTorch path: the step and
-    the time spent inside QuantizedTensor.dequantize (every frozen weight, forward and backward)."""
+def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: int) -> None:
+    """Steps alternating one of tunelab's C kernels on and off (the PyTorch path): `dequant` on
+    tunelab-qlora, also timing every call of QuantizedTensor.dequantize (each frozen weight, forward and
+    backward); `rmsnorm` on tunelab-lora (transformers' LlamaRMSNorm when off)."""
+    from tunelab.models import fused
     from tunelab.quant import cpu_kernels
     from tunelab.quant.tensor import QuantizedTensor
 
@@ -197,26 +201,27 @@ def dequant_time(labels: str, rounds: int, batch: int, seq: int, r: int) -> None
         return out
 
     QuantizedTensor.dequantize = timed
-    step = build_stack("tunelab-qlora", labels, batch, seq, r)
-    lib = cpu_kernels._lib if cpu_kernels.available() else None
+    module = cpu_kernels if kernel == "dequant" else fused
+    step = build_stack("tunelab-qlora" if kernel == "dequant" else "tunelab-lora", labels, batch, seq, r)
+    lib = module._lib if module.available() else None
     if lib is None:
         sys.exit("no C compiler here: nothing to compare")
     step()
     steps = {True: [], False: []}
     for k in range(2 * rounds):
         on = k % 4 in (1, 2)  # off, on, on, off, ...: each mode first as often as the other
-        cpu_kernels._lib = lib if on else None
+        module._lib = lib if on else None
         spent[:] = [0.0, 0]
         t = time.perf_counter()
         step()
         steps[on].append(time.perf_counter() - t)
-        print(f"{'C kernel' if on else 'PyTorch '} step {steps[on][-1]:.2f} s, "
-              f"dequantize {spent[0] * 1e3:.0f} ms in {spent[1]} calls", flush=True)
-    cpu_kernels._lib = lib
+        print(f"{'C kernel' if on else 'PyTorch '} step {steps[on][-1]:.2f} s" + (
+            f", dequantize {spent[0] * 1e3:.0f} ms in {spent[1]} calls" if kernel == "dequant" else ""), flush=True)
+    module._lib = lib
     ratio = statistics.median(b / a for a, b in zip(steps[True], steps[False]))
     on_s, off_s = statistics.median(steps[True]), statistics.median(steps[False])
-    print(f"median step: C kernel {on_s:.2f} s, PyTorch {off_s:.2f} s; PyTorch / C kernel, median over pairs: "
-          f"{ratio:.3f}")
+    print(f"{kernel}: median step: C kernel {on_s:.2f} s, PyTorch {off_s:.2f} s; PyTorch / C kernel, "
+          f"median over pairs: {ratio:.3f}")
 
 
 PAIRS = (("tunelab-lora", "peft-lora"), ("tunelab-qlora", "peft-qlora"))
@@ -233,8 +238,9 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-stack peak-memory processes")
     ap.add_argument("--profile", nargs=2, metavar=("STACK", "LABELS"),
                     help="print torch.profiler's table (self CPU time by op and shape) for one step of one stack")
-    ap.add_argument("--dequant-time", metavar="LABELS",
-                    help="tunelab-qlora steps alternating the C dequantize kernel and the PyTorch path")
+    ap.add_argument("--kernel-ab", nargs=2, metavar=("KERNEL", "LABELS"),
+                    help="steps alternating a C kernel (dequant: on tunelab-qlora; rmsnorm: on tunelab-lora) "
+                         "and the PyTorch path")
     ap.add_argument("--one-memory", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
     ap.add_argument("--one-speed", metavar="LABELS", help=argparse.SUPPRESS)
     ap.add_argument("--out", help="write all measurements as JSON here")
@@ -243,8 +249,10 @@ def main() -> None:
     if args.profile:
         profile_one(*args.profile, args.batch, args.seq, args.r)
         return
-    if args.dequant_time:
-        dequant_time(args.dequant_time, args.rounds, args.batch, args.seq, args.r)
+    if args.kernel_ab:
+        if args.kernel_ab[0] not in ("dequant", "rmsnorm") or args.kernel_ab[1] not in ("all", "half"):
+            ap.error("--kernel-ab takes dequant|rmsnorm and all|half")
+        kernel_ab(*args.kernel_ab, args.rounds, args.batch, args.seq, args.r)
         return
     if args.one_memory:
         print(json.dumps(memory_one(*args.one_memory, args.batch, args.seq, args.r)))

@@ -13,6 +13,7 @@ vocabulary V, batch B, sequence T (N = B*T tokens, Nl label tokens):
   (its log-sum-exp) + 4I (SiLU input and output, up output, down_proj input) + 2 (rsqrt of each norm).
   LoRA/QLoRA: a norm with a frozen weight does not keep its normalised x (4C instead of 6C), plus r per
   adapted linear (the A output); frozen linears keep nothing for themselves (LoRA A keeps their input).
+  The fused RMSNorm (fused_norm) never keeps the normalised x: 4C for full too.
   Shared by all layers: RoPE cos/sin (2d per token), the final norm, the ids.
 - loss: our chunked head saves only dL/dh for label tokens (Nl*C) and, when the head trains, its weight
   gradient (V*C); while computing it, one chunk of logits (min(chunk, Nl) x V) exists (fp32).
@@ -96,6 +97,7 @@ class Setup:
     quant_block: int = 64
     double_quant: bool = True
     loss_chunk: int = 256  # TrainConfig.loss_chunk_tokens
+    fused_norm: bool = False  # tunelab.models.fused's RMSNorm (tunelab train on CPU in fp32 with a C compiler)
 
 
 def adapter_params(arch: Arch, r: int) -> int:
@@ -131,9 +133,12 @@ def activation_bytes(arch: Arch, s: Setup) -> int:
     # the MLP saves the SiLU input and output, the up output and the down_proj input (4I); 2 rsqrt per layer.
     core = 2 * H * d + 2 * Hkv * d + 4 * I + H + 2
     if s.method == "full":
-        # each RMSNorm: its input x, x * rsqrt (for the weight's gradient), its output (the next linear's input)
-        per_token = arch.layers * (core + 6 * C)
-        shared = 2 * C + 1 + 2  # final norm (input, normalised), its rsqrt; int64 ids for the embedding gradient
+        # each RMSNorm: its input x, x * rsqrt (for the weight's gradient; not the fused norm, whose backward
+        # recomputes it from x and 1/rms), its output (the next linear's input)
+        normalised = 0 if s.fused_norm else C
+        per_token = arch.layers * (core + 4 * C + 2 * normalised)
+        # final norm (input, normalised), its rsqrt; int64 ids for the embedding gradient
+        shared = C + normalised + 1 + 2
     else:
         # frozen norm weights: only x and the output (kept by LoRA A); r per adapted linear (A's output).
         # The first norm's input is the frozen embedding (no gradient), so it keeps nothing there.

@@ -30,6 +30,7 @@ def run(args) -> int:
 
     from tunelab.errors import TunelabError
     from tunelab.experiments.cost import Arch, Setup, analytic, measure
+    from tunelab.models import fused
     from tunelab.models.load import model_folder
     from tunelab.quant.tensor import check_block_size
     from transformers import AutoConfig
@@ -42,7 +43,7 @@ def run(args) -> int:
     rows = []
     for method in args.method:
         s = Setup(method, args.batch_size, args.seq_len, args.rank, args.quant_block, not args.no_double_quant,
-                  args.loss_chunk)
+                  args.loss_chunk, fused_norm=fused.available())  # as tunelab train on this machine's CPU
         row = analytic(arch, s)
         if args.measure:
             m = measure(args.model, s, args.steps, glibc_default=args.glibc_default)

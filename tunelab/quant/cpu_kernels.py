@@ -7,28 +7,19 @@ SmolLM2-135M's 1536 x 576 MLP weights about 6x the time of copying the same fp32
 most of its overhead over LoRA. The kernel below does both in one pass and gives the same bits (one fp32
 product, no fused multiply-add: -ffp-contract=off).
 
-The shared library is compiled once per machine into the user's cache folder (0.8 s with gcc here) and loaded
-through ctypes, as Triton and torch.compile build their CPU pieces. Without a compiler, or with
-TUNELAB_C_KERNELS=0, `dequant4()` returns None and callers take the PyTorch path.
+The shared library is compiled on first use (0.8 s with gcc here) by tunelab.ckernels. Without a compiler, or
+with TUNELAB_C_KERNELS=0, `dequant4()` returns None and callers take the PyTorch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from pathlib import Path
 
 import torch
 
+from tunelab import ckernels
 from tunelab.quant import codebooks
 from tunelab.quant.blockwise import NESTED_BLOCK
 
@@ -102,42 +93,10 @@ void tunelab_dequant4(const uint8_t *codes, const float *table, const float *sca
     }
 }
 """
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
-
 PARALLEL_MIN = 1 << 22  # values per thread below which one thread does all (a thread hand-off costs ~50 us)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tunelab" / "kernels"
-
-
-def _build() -> ctypes.CDLL | None:
-    """Compile (once per source, flags, compiler and machine) and load the library; None if impossible."""
-    if os.environ.get("TUNELAB_C_KERNELS", "1") == "0" or sys.platform == "win32":
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return None
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, cc, platform.machine(), platform.node()]).encode()).hexdigest()
-    path = _cache_dir() / f"dequant4-{key[:16]}.so"
-    try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                src, lib = Path(tmp) / "k.c", Path(tmp) / "k.so"
-                src.write_text(SOURCE)
-                subprocess.run([cc, *FLAGS, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
-                os.replace(lib, path)  # atomic: a concurrent process sees no library or a whole one
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    fn = lib.tunelab_dequant4
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int64] * 3
-    fn.restype = None
-    return lib
+_ARGS = [ctypes.c_void_p] * 7 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int64] * 3
 
 
 def available() -> bool:
@@ -145,7 +104,7 @@ def available() -> bool:
     global _lib
     with _lock:
         if _lib is False:
-            _lib = _build()
+            _lib = ckernels.load("dequant4", SOURCE, {"tunelab_dequant4": _ARGS})
     return _lib is not None
 
 
@@ -175,8 +134,8 @@ def dequant4(codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor, n: int
     if step >= n:
         _lib.tunelab_dequant4(*fixed, 0, n, block)
     else:  # large tensors: one part per thread (ctypes lets go of the GIL during each call)
-        list(_pool(-(-n // step)).map(lambda a: _lib.tunelab_dequant4(*fixed, a, min(step, n - a), block),
-                                      range(0, n, step)))
+        list(ckernels.pool(-(-n // step)).map(
+            lambda a: _lib.tunelab_dequant4(*fixed, a, min(step, n - a), block), range(0, n, step)))
     return out[:n]
 
 
@@ -184,8 +143,3 @@ def dequant4(codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor, n: int
 def _dynamic_map() -> torch.Tensor:
     assert NESTED_BLOCK == 256  # the C code groups double-quantized scales by 256
     return codebooks.dynamic_map().float().contiguous()
-
-
-@cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="tunelab-dequant")

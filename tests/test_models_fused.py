@@ -1,0 +1,142 @@
+"""The fused RMSNorm kernel (tunelab.models.fused): against transformers' LlamaRMSNorm and a float64 formula."""
+
+import inspect
+import re
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from tunelab.models import fused
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="needs a C compiler (gcc is on CI)")
+
+
+def _reference64(x, w, eps):
+    """float64 forward, and its autograd gradients, of w * x / sqrt(mean(x^2) + eps)."""
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps))
+    return y, x64, w64
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 64), (7, 67), (1, 1, 576), (130, 8)])
+def test_forward_and_backward_match_float64(shape):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3).requires_grad_()
+    w = torch.empty(shape[-1]).uniform_(0.5, 1.5).requires_grad_()
+    y = fused.rms_norm(x, w, 1e-5)
+    gy = torch.randn(shape)
+    y.backward(gy)
+    y64, x64, w64 = _reference64(x, w, 1e-5)
+    y64.backward(gy.double())
+    # fp32 against float64: a few ulps on y; the gradients sum n (dx) or rows (dw) products
+    torch.testing.assert_close(y.double(), y64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_matches_transformers_llama_rmsnorm_on_a_strided_input():
+    torch.manual_seed(1)
+    norm = LlamaRMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    base = torch.randn(6, 2, 48)
+    x = base.transpose(0, 1).requires_grad_()  # not contiguous: the kernel copies it first
+    ref = norm(x)
+    gy = torch.randn_like(ref)
+    gx_ref, gw_ref = torch.autograd.grad(ref, (x, norm.weight), gy)
+    out = fused.rms_norm(x, norm.weight, norm.variance_epsilon)
+    gx, gw = torch.autograd.grad(out, (x, norm.weight), gy)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_split_across_threads_give_the_same_result(monkeypatch):
+    torch.manual_seed(2)
+    x = torch.randn(301, 40, requires_grad=True)
+    w = torch.randn(40, requires_grad=True)
+    gy = torch.randn(301, 40)
+    one = fused.rms_norm(x, w, 1e-5)
+    g_one = torch.autograd.grad(one, (x, w), gy)
+    monkeypatch.setattr(fused, "PARALLEL_MIN", 1000)  # split a small input as a large one would be
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert len(fused._row_parts(301, 40)) == 3
+    split = fused.rms_norm(x, w, 1e-5)
+    g_split = torch.autograd.grad(split, (x, w), gy)
+    assert torch.equal(split, one) and torch.equal(g_split[0], g_one[0])  # rows are independent
+    torch.testing.assert_close(g_split[1], g_one[1], rtol=1e-6, atol=1e-6)  # dw: summed in another order
+
+
+def _tiny_llama():
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def test_fuse_rmsnorm_keeps_keys_and_gives_the_same_training_gradients():
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (2, 12))
+    ref = model(ids, labels=ids)
+    ref.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    model.zero_grad()
+    assert fused.fuse_rmsnorm(model) == 2 * 2 + 1  # two per layer and the final norm
+    assert type(model.model.norm).__name__ == "FusedLlamaRMSNorm"
+    assert isinstance(model.model.norm, LlamaRMSNorm) and list(model.state_dict()) == keys
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():  # every weight, the norms' own included (full fine-tuning)
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_other_dtypes_and_autocast_take_the_modules_own_forward(monkeypatch):
+    model = _tiny_llama()
+    fused.fuse_rmsnorm(model)
+    calls = []
+    monkeypatch.setattr(fused, "rms_norm", lambda *a: calls.append(1) or fused._RMSNorm.apply(*a))
+    norm = model.model.norm
+    x = torch.randn(3, 32)
+    norm(x)
+    assert calls == [1]
+    plain = LlamaRMSNorm(32, eps=norm.variance_epsilon)
+    plain.load_state_dict(norm.state_dict())
+    xb = x.bfloat16()
+    assert torch.equal(norm.bfloat16()(xb), plain.bfloat16()(xb))  # transformers' own formula, bit for bit
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        norm.float()(x)
+    assert calls == [1]
+
+
+def test_switched_off_changes_nothing(monkeypatch):
+    monkeypatch.setattr(fused, "_lib", None)  # as with TUNELAB_C_KERNELS=0 or no compiler
+    model = _tiny_llama()
+    assert fused.fuse_rmsnorm(model) == 0 and type(model.model.norm) is LlamaRMSNorm
+
+
+def _body(cls) -> str:
+    """A class's forward source without its docstring, comments and the class-specific names."""
+    src = inspect.getsource(cls.forward)
+    src = re.sub(r'"""[\s\S]*?"""', "", src)
+    src = re.sub(r"#.*", "", src)
+    return re.sub(r"\s+", " ", src).strip()
+
+
+def test_the_listed_norm_classes_have_llamas_formula():
+    import importlib
+
+    llama = _body(LlamaRMSNorm)
+    found = 0
+    for name in fused.NORM_CLASSES:
+        family = name.removesuffix("RMSNorm").lower()
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            continue
+        assert _body(getattr(module, name)) == llama, f"{name}.forward differs from LlamaRMSNorm's"
+        found += 1
+    assert found >= 3

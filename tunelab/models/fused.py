@@ -1,0 +1,170 @@
+"""RMSNorm as one C loop forward and one backward, for fp32 training on CPU.
+
+transformers' LlamaRMSNorm runs pow, mean, add, rsqrt and two multiplies, each a pass over memory, and
+autograd keeps their intermediates for a backward of about ten more ops. The bundled model runs 61 of them a
+training step (two per decoder layer and the final norm), so at batch 4 x 256 they cost about 0.4 s of a
+5.5 s LoRA step (benchmarks/lora_floor_probe.py). Here the forward reads x once to sum its squares and
+once to write y, and keeps x and one number per row (1 / rms); the backward reads x and dy once each.
+
+`fuse_rmsnorm(model)` gives each RMSNorm module of a known formula a subclass whose forward calls the
+kernel on contiguous-able fp32 CPU input outside autocast and the module's own forward otherwise. Weights,
+state_dict keys and saved files are unchanged. The kernel is built by tunelab.ckernels; without a C
+compiler (or with TUNELAB_C_KERNELS=0) every module keeps its own forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from functools import cache
+
+import torch
+from torch import nn
+
+from tunelab import ckernels
+
+SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+
+/* Rows [r0, r1) of x (rows x n): y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps), kept in rstd[row].
+   The same products and order as transformers' LlamaRMSNorm; the sum of squares is vectorised. */
+void tunelab_rms_fwd(const float *x, const float *w, float *y, float *rstd, int64_t r0, int64_t r1,
+                     int64_t n, float eps) {
+    for (int64_t i = r0; i < r1; i++) {
+        const float *xi = x + i * n;
+        float *yi = y + i * n, ss = 0.0f;
+#pragma omp simd reduction(+:ss)
+        for (int64_t j = 0; j < n; j++) ss += xi[j] * xi[j];
+        float r = 1.0f / sqrtf(ss / (float)n + eps);
+        rstd[i] = r;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) yi[j] = w[j] * (xi[j] * r);
+    }
+}
+
+/* With g = w * dy: dx = r * g - x * r^3 * sum(g * x) / n; dw += dy * (x * r) summed over the rows.
+   dx or dw may be NULL (not needed). */
+void tunelab_rms_bwd(const float *dy, const float *x, const float *w, const float *rstd, float *dx, float *dw,
+                     int64_t r0, int64_t r1, int64_t n) {
+    for (int64_t i = r0; i < r1; i++) {
+        const float *xi = x + i * n, *gi = dy + i * n;
+        float r = rstd[i];
+        if (dx) {
+            float *di = dx + i * n, dot = 0.0f;
+#pragma omp simd reduction(+:dot)
+            for (int64_t j = 0; j < n; j++) dot += (gi[j] * w[j]) * xi[j];
+            float c = r * r * r * (dot / (float)n);
+#pragma omp simd
+            for (int64_t j = 0; j < n; j++) di[j] = r * (gi[j] * w[j]) - xi[j] * c;
+        }
+        if (dw) {
+#pragma omp simd
+            for (int64_t j = 0; j < n; j++) dw[j] += gi[j] * (xi[j] * r);
+        }
+    }
+}
+"""
+_SIGNATURES = {
+    "tunelab_rms_fwd": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_float],
+    "tunelab_rms_bwd": [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3,
+}
+# transformers classes whose forward is LlamaRMSNorm's formula, w * (x * rsqrt(mean(x^2) + eps)) in fp32
+# (tests/test_models_fused.py checks their source against Llama's). Gemma's (1 + w) is not among them.
+NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+PARALLEL_MIN = 1 << 22  # values per thread below which one thread does all (a thread hand-off costs ~50 us)
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+
+
+def available() -> bool:
+    """Whether the compiled kernel can be used in this process (builds it on the first call)."""
+    global _lib
+    with _lock:
+        if _lib is False:
+            _lib = ckernels.load("rmsnorm", SOURCE, _SIGNATURES)
+    return _lib is not None
+
+
+def _row_parts(rows: int, n: int) -> list[tuple[int, int]]:
+    """[r0, r1) row ranges: one for small inputs, one per torch thread above PARALLEL_MIN values each."""
+    parts = max(1, min(torch.get_num_threads(), rows * n // PARALLEL_MIN))
+    step = -(-rows // parts)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _each(parts: list[tuple[int, int]], call) -> None:
+    """call(k, r0, r1) for each part; on torch's thread count of pool threads when there are several."""
+    if len(parts) == 1:
+        call(0, *parts[0])
+    else:
+        list(ckernels.pool(len(parts)).map(lambda k: call(k, *parts[k]), range(len(parts))))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        n = x.shape[-1]
+        x = x.contiguous()  # (..., n)
+        rows = x.numel() // n
+        y = torch.empty_like(x)
+        rstd = torch.empty(rows, dtype=torch.float32)  # (rows,) 1 / rms per row, for the backward
+        _each(_row_parts(rows, n), lambda k, r0, r1: _lib.tunelab_rms_fwd(
+            x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), r0, r1, n, eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.shape[-1]
+        rows = x.numel() // n
+        dy = dy.contiguous()
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        parts = _row_parts(rows, n)
+        dw = torch.zeros(len(parts), n, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        _each(parts, lambda k, r0, r1: _lib.tunelab_rms_bwd(
+            dy.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), None if dx is None else dx.data_ptr(),
+            None if dw is None else dw[k].data_ptr(), r0, r1, n))
+        return dx, None if dw is None else dw.sum(0), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2, -1) + eps)) through the kernel; fp32 CPU tensors, kernel available."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 on CPU outside autocast, a contiguous weight of the last dimension's size, and the kernel built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.device.type == "cpu" and weight.is_contiguous() and weight.dim() == 1
+            and x.dim() >= 1 and x.shape[-1] == weight.numel() and x.numel() > 0
+            and not torch.is_autocast_enabled("cpu") and available())
+
+
+def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if fusable(hidden_states, self.weight):
+        return rms_norm(hidden_states, self.weight, float(self.variance_epsilon))
+    return super(type(self), self).forward(hidden_states)
+
+
+@cache
+def _fused_class(cls: type) -> type:
+    return type(f"Fused{cls.__name__}", (cls,), {"forward": _forward, "__module__": __name__,
+                                                 "__doc__": f"{cls.__name__} with tunelab's fused CPU kernel."})
+
+
+def fuse_rmsnorm(model: nn.Module) -> int:
+    """Give every RMSNorm of a known formula (NORM_CLASSES) the fused forward; returns how many.
+
+    Nothing changes where the kernel cannot be built; a module is changed in place (its class), so
+    parameters, hooks and state_dict keys stay as they were."""
+    if not available():
+        return 0
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ in NORM_CLASSES and hasattr(module, "variance_epsilon"):
+            module.__class__ = _fused_class(cls)
+            count += 1
+    return count
