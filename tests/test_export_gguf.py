@@ -105,3 +105,17 @@ def test_unsupported_inputs_name_what_is_wrong(tmp_path):
     with pytest.raises(TunelabError, match="dtype must be one of"):
         export_gguf(make_tiny_llama(), make_tiny_tokenizer(), tmp_path / "x.gguf", "q4_k")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_an_earlier_gguf_is_replaced_anything_else_refused(tmp_path):
+    model, tok = make_tiny_llama(), make_tiny_tokenizer()
+    path = export_gguf(model, tok, tmp_path / "m.gguf", "f16")
+    export_gguf(model, tok, path, "f32")  # a new export over an old one: replaced
+    assert gguf.GGUFReader(path).tensors[0].tensor_type.name == "F32"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(TunelabError, match="exists and is not a GGUF file"):
+        export_gguf(model, tok, notes)
+    with pytest.raises(TunelabError, match="is a folder"):
+        export_gguf(model, tok, tmp_path)
+    assert notes.read_text() == "my notes" and not list(tmp_path.glob(".*tmp"))

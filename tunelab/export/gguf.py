@@ -65,6 +65,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         raise TunelabError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_exportable(model)
     out = Path(out)
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -83,6 +84,16 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         if os.path.exists(tmp):
             os.remove(tmp)
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """An earlier GGUF file at `out` is replaced (as an export folder is); anything else is refused."""
+    if out.is_dir():
+        raise TunelabError(f"{out} is a folder; give the GGUF file's path, e.g. {out / 'model.gguf'}")
+    if out.exists():
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise TunelabError(f"{out} exists and is not a GGUF file; choose a new path or remove it")
 
 
 def _write_hparams(writer, config, dtype: str, name: str) -> None:
