@@ -1,5 +1,6 @@
 """The fused RMSNorm kernel (tunelab.models.fused): against transformers' LlamaRMSNorm and a float64 formula."""
 
+import copy
 import inspect
 import re
 
@@ -87,6 +88,8 @@ def test_fuse_rmsnorm_keeps_keys_and_gives_the_same_training_gradients():
     assert fused.fuse_rmsnorm(model) == 2 * 2 + 1  # two per layer and the final norm
     assert type(model.model.norm).__name__ == "FusedLlamaRMSNorm"
     assert isinstance(model.model.norm, LlamaRMSNorm) and list(model.state_dict()) == keys
+    twin = copy.deepcopy(model)
+    assert type(twin.model.norm) is type(model.model.norm)
     out = model(ids, labels=ids)
     out.loss.backward()
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)

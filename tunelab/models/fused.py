@@ -150,8 +150,10 @@ def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 @cache
 def _fused_class(cls: type) -> type:
-    return type(f"Fused{cls.__name__}", (cls,), {"forward": _forward, "__module__": __name__,
-                                                 "__doc__": f"{cls.__name__} with tunelab's fused CPU kernel."})
+    fused = type(f"Fused{cls.__name__}", (cls,), {"forward": _forward, "__module__": __name__,
+                                                  "__doc__": f"{cls.__name__} with tunelab's fused CPU kernel."})
+    globals()[fused.__name__] = fused  # found by name, so copy and pickle treat it as any class
+    return fused
 
 
 def fuse_rmsnorm(model: nn.Module) -> int:
