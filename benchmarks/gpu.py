@@ -175,7 +175,9 @@ def peft_stack(model: nn.Module, quantized: bool):
 def make_stack(name: str, shape: dict, device: torch.device, dtype: torch.dtype, checkpointing: bool):
     model = build_base(shape, device, dtype)
     if checkpointing:  # before PEFT wraps it, on the Hugging Face model itself (as tunelab/train/run.py)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from tunelab.train.run import enable_checkpointing
+
+        enable_checkpointing(model)
     make = tunelab_stack if name.startswith("tunelab") else peft_stack
     model, loss_fn = make(model, quantized=name.endswith("qlora"))
     params = same_adapter_init(model)

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from tunelab.models import fused
+from tunelab.train.run import enable_checkpointing
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="needs a C compiler (gcc is on CI)")
 
@@ -143,3 +144,20 @@ def test_the_listed_norm_classes_have_llamas_formula():
         assert _body(getattr(module, name)) == llama, f"{name}.forward differs from LlamaRMSNorm's"
         found += 1
     assert found >= 3
+
+
+def test_under_gradient_checkpointing_the_same_gradients():
+    """The norm's backward runs on the recomputed forward (non-reentrant checkpointing, as tunelab train)."""
+    model = _tiny_llama()
+    fused.fuse_rmsnorm(model)
+    ids = torch.randint(0, 96, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    enable_checkpointing(model)
+    calls = []
+    model.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *_: calls.append(1))
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == 2  # forward, then again in backward: the layer really is checkpointed
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-6, atol=1e-9, msg=name)

@@ -15,6 +15,7 @@ from tunelab.cli import main
 from tunelab.lora import LoraConfig, apply_lora
 from tunelab.quant import Linear4bit, quantize_model
 from tunelab.train.loss import causal_lm_loss_sum
+from tunelab.train.run import enable_checkpointing
 
 BATCH = {"input_ids": torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))}
 BATCH["labels"] = BATCH["input_ids"].clone()
@@ -46,7 +47,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
     """use_reentrant=False (as tunelab/train/run.py): every adapter gets its gradient, equal to no checkpointing."""
     model = _adapted(method)
     loss, grads = _loss_and_grads(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     calls = []  # a pre-hook: the recomputation in backward stops once it has what backward needs (torch's
     # non-reentrant early stop), before the mlp's forward returns
     model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))

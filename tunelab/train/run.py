@@ -70,6 +70,15 @@ def _freeze_patterns(model, cfg) -> list[str]:
     return [rf"layers\.{i}\." for i in last] + [r"(^|\.)norm\.weight$"] + list(cfg.train.trainable)
 
 
+def enable_checkpointing(model) -> None:
+    """transformers' non-reentrant activation checkpointing: each decoder layer is recomputed in backward."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name goes in v6
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def prepare_method(model, cfg: RunConfig) -> list[dict]:
     """Freeze / quantize / add adapters as the method says; return AdamW parameter groups. Every method
     gets the fused RMSNorm (one C loop per norm on CPU in fp32, tunelab.models.fused; elsewhere unchanged)."""
@@ -171,7 +180,7 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None):
     groups = prepare_method(model, cfg)
     model.to(device)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
