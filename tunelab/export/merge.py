@@ -58,11 +58,10 @@ def save_hf_folder(model: nn.Module, tokenizer, out: str | os.PathLike) -> Path:
     The generation config's eos_token_id lists the tokenizer's EOS too (a chat model's turn end, e.g.
     ChatML's <|im_end|>), so transformers' generate stops where the chat template ends a turn.
     """
-    from tunelab.train.checkpoint import atomic_folder
+    from tunelab.train.checkpoint import atomic_folder, check_model_folder_dest
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise TunelabError(f"{out} exists and is not a model folder; choose an empty or new folder")
+    check_model_folder_dest(out)
     eos = stop_ids(model, tokenizer)
     model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]

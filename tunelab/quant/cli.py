@@ -40,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if args.save and (args.dtype not in ("nf4", "fp4") or args.scheme != "absmax"):
         raise TunelabError("--save writes bitsandbytes' 4-bit layout, which holds nf4/fp4 absmax weights; "
                            "drop --save or use --dtype nf4/fp4")
-    if args.save:
-        _check_save_folder(args.save)
+    if args.save:  # before the model loads
+        from tunelab.train.checkpoint import check_model_folder_dest
+
+        check_model_folder_dest(args.save, "--save ")
     model_dir = _resolve(args.model)
     import torch
     from safetensors import SafetensorError
@@ -73,14 +75,6 @@ def _resolve(model: str) -> Path:
     from tunelab.models.load import model_folder
 
     return model_folder(str(path))  # refuses a folder whose weights are pickle files only
-
-
-def _check_save_folder(out: Path) -> None:
-    """--save replaces a model folder; it must not land on a file or on a folder of other things."""
-    if out.exists() and not out.is_dir():
-        raise TunelabError(f"--save {out} is a file; give a folder (new, empty, or a model folder to replace)")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise TunelabError(f"--save {out} exists and is not a model folder; choose an empty or new folder")
 
 
 def quantize_report(model, dtype: str, block_size: int, double_quant: bool, scheme: str, skip: tuple[str, ...]):

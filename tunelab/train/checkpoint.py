@@ -70,6 +70,15 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def check_model_folder_dest(out: Path, what: str = "") -> None:
+    """A model folder may replace an earlier model folder (it has config.json), never a file or a folder of
+    other things; `what` prefixes the message (e.g. the flag that named the path)."""
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"{what}{out} is a file; give a folder (new, empty, or a model folder to replace)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise TunelabError(f"{what}{out} exists and is not a model folder; choose an empty or new folder")
+
+
 def atomic_folder(dest: Path, write) -> None:
     """Call write(tmp_folder), add a manifest, then rename into `dest` (replacing an older one)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
