@@ -6,13 +6,15 @@
     python benchmarks/lora_train_bench.py --kernel-ab dequant all --rounds 4  # C kernel vs PyTorch path
 
 Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256 tokens of real text
-(Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4.
+(Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4 (torch's fused kernel, for all).
 
-Speed: per label regime, one process builds every stack and runs them in rounds, one step of each stack
-per round, back to back (each compared pair adjacent, the order reversed every other round). This
-machine's speed drifts by up to 1.5x over minutes, so stacks timed in separate processes minutes apart
-are not comparable; steps seconds apart are. Each ratio is the median over rounds of the ratio of the two
-stacks' steps within a round.
+Speed: per label regime, each stack lives in its own worker process (as each would for a user: PEFT's with
+glibc's default malloc, ours with the setting of tunelab/train/malloc.py) and the workers step in lockstep:
+rounds of one step of each stack, back to back, only one worker running at a time (each compared pair
+adjacent, the order reversed every other round). This machine's speed drifts by up to 1.5x over minutes,
+so stacks timed minutes apart are not comparable; steps seconds apart are. Each ratio is the median over
+rounds of the ratio of the two stacks' steps within a round. `--same-process` builds every stack in one
+process instead (runs 5-11 of docs/lora.md), where PEFT's stacks share our malloc setting.
 Memory: each stack alone in its own process (so bitsandbytes', PEFT's and our allocations do not mix):
 the rise of the peak resident set over two training steps above the resident set of the built model
 (Linux: VmHWM reset through /proc/self/clear_refs), optimizer state included.
@@ -34,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 STACKS = ("tunelab-lora", "peft-lora", "tunelab-qlora", "peft-qlora")
+EXTRA_STACKS = ("peft-lora-reuse",)  # PEFT LoRA with tunelab's malloc setting: what that setting is worth to it
 
 
 def _rss_kib(field: str) -> int:
@@ -80,6 +83,10 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=32, target_modules="all-linear"))
         params = [p for p in model.parameters() if p.requires_grad]
+        if stack.endswith("-reuse"):
+            from tunelab.train.malloc import reuse_freed_memory
+
+            reuse_freed_memory()
 
         def loss_fn():
             return model(input_ids=input_ids, labels=lab).loss
@@ -103,7 +110,8 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
             s, n = causal_lm_loss_sum(model, batch_)
             return s / n
     model.train()
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    # torch's fused AdamW for every stack: what tunelab's training loop uses, and transformers' Trainer's default
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
     def step():
         loss = loss_fn()
@@ -148,31 +156,90 @@ def profile_one(stack: str, labels: str, batch: int, seq: int, r: int, rows: int
         sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=60))
 
 
-def speed_interleaved(stacks: list[str], labels: str, rounds: int, batch: int, seq: int, r: int) -> dict:
-    """All stacks in this one process; each round runs one step of every stack back to back, so the steps
-    compared in a round are seconds apart and share the machine's state. The order (STACKS: each tunelab
-    stack next to its PEFT counterpart) is reversed every other round, so each compared pair runs
-    adjacent and each stack goes first as often as its partner."""
+def _timed(step) -> dict:
+    """One step with its wall time and the kernel's share (system CPU seconds, page faults)."""
+    r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    loss = step()
+    wall = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"time": wall, "loss": loss, "kernel": (r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt)}
+
+
+def worker(stack: str, labels: str, batch: int, seq: int, r: int) -> None:
+    """One stack in this process, stepping on command: reads `step` lines on stdin, answers each with a
+    JSON line (on the original stdout; anything else printed goes to stderr). Idle while it waits."""
+    import os
+
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    step = build_stack(stack, labels, batch, seq, r)
+    step()  # warm-up
+    import torch
+
+    print(json.dumps({"ready": stack, "threads": torch.get_num_threads()}), file=out, flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        print(json.dumps(_timed(step)), file=out, flush=True)
+
+
+def _rounds(stacks: list[str], labels: str, rounds: int, run_step) -> dict:
+    """Each round runs one step of every stack back to back, so the steps compared in a round are seconds
+    apart and share the machine's state. The order (STACKS: each tunelab stack next to its PEFT
+    counterpart) is reversed every other round, so each compared pair runs adjacent and each stack goes
+    first as often as its partner."""
+    times, losses, kernel = ({s: [] for s in stacks} for _ in range(3))
+    for k in range(rounds):
+        for s in stacks if k % 2 == 0 else stacks[::-1]:
+            one = run_step(s)
+            times[s].append(one["time"])
+            losses[s].append(one["loss"])
+            kernel[s].append(one["kernel"])
+        print(f"  {labels} round {k}: " + " ".join(f"{s} {times[s][-1]:.2f}" for s in stacks),
+              file=sys.stderr, flush=True)
+    return {"times": times, "losses": losses, "kernel": kernel}
+
+
+def speed_lockstep(stacks: list[str], labels: str, rounds: int, shape: list[str]) -> dict:
+    """One worker process per stack, started one after the other (each builds its model and takes a
+    warm-up step alone), then stepped in lockstep: only the worker asked for a step runs."""
+    procs, threads = {}, {}
+    try:
+        for s in stacks:
+            procs[s] = subprocess.Popen([sys.executable, __file__, "--worker", s, labels, *shape],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            threads[s] = _reply(procs[s], s)["threads"]
+
+        def run_step(s: str) -> dict:
+            procs[s].stdin.write("step\n")
+            procs[s].stdin.flush()
+            return _reply(procs[s], s)
+
+        res = _rounds(stacks, labels, rounds, run_step)
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
+    return {"labels": labels, "mode": "one process per stack, lockstep", **res, "threads": threads}
+
+
+def _reply(proc, stack: str) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        sys.exit(f"the {stack} worker stopped (exit {proc.wait()}); its stderr is above")
+    return json.loads(line)
+
+
+def speed_same_process(stacks: list[str], labels: str, rounds: int, batch: int, seq: int, r: int) -> dict:
+    """All stacks in this one process (how runs 5-11 of docs/lora.md measured): PEFT's stacks then share
+    the malloc setting our stacks make."""
     import torch
 
     steps = {s: build_stack(s, labels, batch, seq, r) for s in stacks}
     for s in stacks:
         steps[s]()  # warm-up
-    times = {s: [] for s in stacks}
-    losses = {s: [] for s in stacks}
-    kernel = {s: [] for s in stacks}  # (system CPU seconds, page faults) per step: the kernel's share
-    for k in range(rounds):
-        order = stacks if k % 2 == 0 else stacks[::-1]  # compared pairs run back to back, in both orders
-        for s in order:
-            r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            losses[s].append(steps[s]())
-            times[s].append(time.perf_counter() - t)
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            kernel[s].append((r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
-        print(f"  {labels} round {k}: " + " ".join(f"{s} {times[s][-1]:.2f}" for s in stacks),
-              file=sys.stderr, flush=True)
-    return {"labels": labels, "times": times, "losses": losses, "kernel": kernel,
-            "threads": torch.get_num_threads()}
+    res = _rounds(stacks, labels, rounds, lambda s: _timed(steps[s]))
+    return {"labels": labels, "mode": "one process", **res, "threads": torch.get_num_threads()}
 
 
 def _sub(args: list[str]) -> dict:
@@ -229,7 +296,8 @@ PAIRS = (("tunelab-lora", "peft-lora"), ("tunelab-qlora", "peft-qlora"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS)
+    ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS + EXTRA_STACKS,
+                    help="peft-lora-reuse: PEFT LoRA with tunelab's malloc setting (not in the default set)")
     ap.add_argument("--labels", nargs="+", default=["all", "half"], choices=["all", "half"])
     ap.add_argument("--rounds", type=int, default=8, help="timed steps per stack (one per round)")
     ap.add_argument("--batch", type=int, default=4)
@@ -242,7 +310,10 @@ def main() -> None:
                     help="steps alternating a C kernel (dequant: on tunelab-qlora; rmsnorm: on tunelab-lora) "
                          "and the PyTorch path")
     ap.add_argument("--one-memory", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
+    ap.add_argument("--same-process", action="store_true",
+                    help="build every stack in one process (the method of runs 5-11) instead of one worker each")
     ap.add_argument("--one-speed", metavar="LABELS", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help="write all measurements as JSON here")
     args = ap.parse_args()
     shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r)]
@@ -257,14 +328,20 @@ def main() -> None:
     if args.one_memory:
         print(json.dumps(memory_one(*args.one_memory, args.batch, args.seq, args.r)))
         return
+    if args.worker:
+        worker(*args.worker, args.batch, args.seq, args.r)
+        return
     if args.one_speed:
-        print(json.dumps(speed_interleaved(args.stacks, args.one_speed, args.rounds, args.batch, args.seq,
-                                           args.r)))
+        print(json.dumps(speed_same_process(args.stacks, args.one_speed, args.rounds, args.batch, args.seq,
+                                            args.r)))
         return
     speed, memory = {}, {}
     for labels in args.labels:
-        speed[labels] = _sub(["--one-speed", labels, "--stacks", *args.stacks, "--rounds", str(args.rounds),
-                              *shape])
+        if args.same_process:
+            speed[labels] = _sub(["--one-speed", labels, "--stacks", *args.stacks, "--rounds", str(args.rounds),
+                                  *shape])
+        else:
+            speed[labels] = speed_lockstep(args.stacks, labels, args.rounds, shape)
         if not args.no_memory:
             for stack in args.stacks:
                 memory[labels, stack] = _sub(["--one-memory", stack, labels, *shape])["peak_train_mib"]
@@ -301,6 +378,7 @@ def main() -> None:
                 print(f"  {labels}: {ours} / {theirs} peak memory: "
                       f"{memory[labels, ours] / memory[labels, theirs]:.2f}x")
         ratio(labels, "tunelab-qlora", "tunelab-lora", "tunelab-qlora step / tunelab-lora step")
+        ratio(labels, "peft-lora", "peft-lora-reuse", "peft-lora step / peft-lora-reuse step")
 
 
 if __name__ == "__main__":

@@ -199,10 +199,11 @@ def load(folder: Path, model, optimizer) -> dict:
     with torch.no_grad():
         for n, t in weights.items():
             fsdp.local(params[n]).copy_(fsdp.local(fsdp.shard_like(t, params[n])))
+    fused = optimizer.defaults.get("fused")  # torch's fused AdamW keeps its step count on the parameter's device
     for key, t in load_file(folder / "optimizer.safetensors").items():
         name, k = key.split("::")
         p = params[name]
-        optimizer.state[p][k] = fsdp.shard_like(t, p) if k != "step" else t
+        optimizer.state[p][k] = fsdp.shard_like(t, p) if k != "step" else t.to(p.device) if fused else t
     rng = load_file(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
