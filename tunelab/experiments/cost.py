@@ -214,6 +214,7 @@ def _measure_here(source: str, s: Setup, steps: int, seed: int = 0) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tunelab.models.load import model_folder
+    from tunelab.train.loop import adamw
     from tunelab.train.loss import causal_lm_loss_sum
     from tunelab.train.run import prepare_method
 
@@ -224,7 +225,7 @@ def _measure_here(source: str, s: Setup, steps: int, seed: int = 0) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_folder(source), dtype=torch.float32)
     groups = prepare_method(model, cfg)
     model.train()
-    opt = torch.optim.AdamW(groups, lr=1e-5)
+    opt = adamw(groups, lr=1e-5)  # as tunelab train steps
     params = [p for g in groups for p in g["params"]]
     gen = torch.Generator().manual_seed(seed)
     vocab = model.get_output_embeddings().out_features
