@@ -4,6 +4,7 @@
     python benchmarks/lora_train_bench.py --stacks tunelab-lora peft-lora --labels all --rounds 4
     python benchmarks/lora_train_bench.py --profile tunelab-lora all      # where one step's time goes
     python benchmarks/lora_train_bench.py --kernel-ab dequant all --rounds 4  # C kernel vs PyTorch path
+    python benchmarks/lora_train_bench.py --pool docs/bench/lora_bench9.json docs/bench/lora_bench1[0-2].json
 
 Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256 tokens of real text
 (Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4 (torch's fused kernel, for all).
@@ -292,6 +293,29 @@ def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: in
 
 
 PAIRS = (("tunelab-lora", "peft-lora"), ("tunelab-qlora", "peft-qlora"))
+TARGETS = (("all", "peft-lora", "tunelab-lora", "LoRA speed / PEFT's", ">= 1.15"),
+           ("all", "peft-qlora", "tunelab-qlora", "QLoRA speed / PEFT + bitsandbytes'", ">= 1.25"),
+           ("all", "tunelab-qlora", "tunelab-lora", "QLoRA step / LoRA step", "<= 1.05"),
+           ("half", "peft-lora", "tunelab-lora", "LoRA speed / PEFT's", ">= 1.3"),
+           ("half", "peft-qlora", "tunelab-qlora", "QLoRA speed / PEFT + bitsandbytes'", ">= 1.4"))
+
+
+def pool(files: list[str], boot: int = 2000) -> None:
+    """Issue 8's ratios over the rounds of several runs' JSONs together: the median of the per-round
+    ratios and its 90% bootstrap interval (rounds resampled with replacement, seed 0)."""
+    import random
+
+    rng = random.Random(0)
+    runs = [json.load(open(f))["speed"] for f in files]
+    print("| labels | ratio | target | rounds | median | 90% interval |\n|---|---|---|---|---|---|")
+    for labels, num, den, what, target in TARGETS:
+        rs = [a / b for run in runs if labels in run for a, b in zip(run[labels]["times"].get(num, []),
+                                                                      run[labels]["times"].get(den, []))]
+        if not rs:
+            continue
+        meds = sorted(statistics.median(rng.choices(rs, k=len(rs))) for _ in range(boot))
+        print(f"| {labels} | {what} | {target} | {len(rs)} | {statistics.median(rs):.3f} | "
+              f"{meds[int(0.05 * boot)]:.3f}-{meds[int(0.95 * boot) - 1]:.3f} |")
 
 
 def main() -> None:
@@ -315,8 +339,14 @@ def main() -> None:
     ap.add_argument("--one-speed", metavar="LABELS", help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help="write all measurements as JSON here")
+    ap.add_argument("--pool", nargs="+", metavar="JSON",
+                    help="print issue 8's ratios over the rounds of these runs (--out files) together, with 90%% "
+                         "bootstrap intervals, and exit")
     args = ap.parse_args()
     shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r)]
+    if args.pool:
+        pool(args.pool)
+        return
     if args.profile:
         profile_one(*args.profile, args.batch, args.seq, args.r)
         return
