@@ -306,7 +306,7 @@ def pool(files: list[str], boot: int = 2000) -> None:
     import random
 
     rng = random.Random(0)
-    runs = [json.load(open(f))["speed"] for f in files]
+    runs = [json.loads(Path(f).read_text())["speed"] for f in files]
     print("| labels | ratio | target | rounds | median | 90% interval |\n|---|---|---|---|---|---|")
     for labels, num, den, what, target in TARGETS:
         rs = [a / b for run in runs if labels in run for a, b in zip(run[labels]["times"].get(num, []),
