@@ -107,3 +107,29 @@ def test_config_takes_adamw8bit_and_refuses_unknown_optimizers():
     assert TrainConfig(optimizer="adamw8bit").optimizer == "adamw8bit"
     with pytest.raises(Exception, match="optimizer"):
         TrainConfig(optimizer="adam9bit")
+
+
+def test_loop_adamw_is_torchs_fused_kernel_with_the_default_update():
+    """tunelab.train.loop.adamw (what `tunelab train` steps with) takes torch's fused kernel for float CPU
+    parameters, given as groups or a list, and 10 of its steps equal torch's default (foreach) AdamW to
+    1e-6; a parameter the fused kernel cannot take (complex) keeps the default."""
+    import copy
+
+    from tunelab.train.loop import adamw
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    ours = copy.deepcopy(ref)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    o_ours = adamw([{"params": list(ours.parameters())}], lr=1e-2, weight_decay=0.1)
+    assert o_ours.defaults["fused"] and not o_ref.defaults["fused"]
+    for _ in range(10):
+        for m, o in ((ref, o_ref), (ours, o_ours)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert adamw(list(ours.parameters()), lr=1e-3).defaults["fused"]
+    assert not adamw([torch.zeros(2, dtype=torch.complex64, requires_grad=True)], lr=1e-3).defaults["fused"]
