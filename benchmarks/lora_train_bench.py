@@ -93,7 +93,7 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
             return model(input_ids=input_ids, labels=lab).loss
     else:
         from tunelab.lora import LoraConfig, apply_lora, lora_param_groups
-        from tunelab.models.fused import fuse_rmsnorm
+        from tunelab.models.fused import fuse
         from tunelab.quant import quantize_model
         from tunelab.train.loss import causal_lm_loss_sum
         from tunelab.train.malloc import reuse_freed_memory
@@ -102,7 +102,7 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
         if stack == "tunelab-qlora":
             quantize_model(model, dtype="nf4", block_size=64, double_quant=True)
         apply_lora(model, LoraConfig(r=r, alpha=32, target_modules="all-linear"), verbose=False)
-        fuse_rmsnorm(model)  # as tunelab's training runs do
+        fuse(model)  # fused RMSNorm and SwiGLU, as tunelab's training runs do
         reuse_freed_memory()  # as tunelab's training loop does, once the model is built
         params = [p for g in lora_param_groups(model, 1e-4) for p in g["params"]]
         batch_ = {"input_ids": input_ids, "labels": lab}
@@ -253,7 +253,8 @@ def _sub(args: list[str]) -> dict:
 def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: int) -> None:
     """Steps alternating one of tunelab's C kernels on and off (the PyTorch path): `dequant` on
     tunelab-qlora, also timing every call of QuantizedTensor.dequantize (each frozen weight, forward and
-    backward); `rmsnorm` on tunelab-lora (transformers' LlamaRMSNorm when off)."""
+    backward); `fused` on tunelab-lora: the RMSNorm and SwiGLU of tunelab.models.fused (transformers'
+    modules when off; `rmsnorm` before the SwiGLU kernel existed)."""
     from tunelab.models import fused
     from tunelab.quant import cpu_kernels
     from tunelab.quant.tensor import QuantizedTensor
@@ -331,7 +332,7 @@ def main() -> None:
     ap.add_argument("--profile", nargs=2, metavar=("STACK", "LABELS"),
                     help="print torch.profiler's table (self CPU time by op and shape) for one step of one stack")
     ap.add_argument("--kernel-ab", nargs=2, metavar=("KERNEL", "LABELS"),
-                    help="steps alternating a C kernel (dequant: on tunelab-qlora; rmsnorm: on tunelab-lora) "
+                    help="steps alternating a C kernel (dequant: on tunelab-qlora; fused, RMSNorm and SwiGLU: on tunelab-lora) "
                          "and the PyTorch path")
     ap.add_argument("--one-memory", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
     ap.add_argument("--same-process", action="store_true",
@@ -351,8 +352,8 @@ def main() -> None:
         profile_one(*args.profile, args.batch, args.seq, args.r)
         return
     if args.kernel_ab:
-        if args.kernel_ab[0] not in ("dequant", "rmsnorm") or args.kernel_ab[1] not in ("all", "half"):
-            ap.error("--kernel-ab takes dequant|rmsnorm and all|half")
+        if args.kernel_ab[0] not in ("dequant", "fused") or args.kernel_ab[1] not in ("all", "half"):
+            ap.error("--kernel-ab takes dequant|fused and all|half")
         kernel_ab(*args.kernel_ab, args.rounds, args.batch, args.seq, args.r)
         return
     if args.one_memory:

@@ -14,15 +14,15 @@ from conftest import make_tiny_llama
 from tunelab.experiments import cost_cli
 from tunelab.experiments.cost import Arch, Setup, analytic
 from tunelab.lora import LoraConfig, apply_lora, count_parameters
-from tunelab.models.fused import fuse_rmsnorm
+from tunelab.models.fused import fuse
 from tunelab.quant import model_nbytes, quantize_model
 from tunelab.train.loss import causal_lm_loss_sum
 
 
-def _prepared(method: str, tied: bool, fused_norm: bool = False):
+def _prepared(method: str, tied: bool, fused: bool = False):
     m = make_tiny_llama(num_hidden_layers=3, tie_word_embeddings=tied).train()
-    if fused_norm:
-        assert fuse_rmsnorm(m) == 7
+    if fused:
+        assert fuse(m) == 7 + 3  # RMSNorms, MLPs
     if method == "qlora":
         quantize_model(m, block_size=32)
     if method == "full":
@@ -53,14 +53,14 @@ def _saved_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("fused_norm", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-def test_analytic_counts_match_the_model(method, tied, fused_norm):
+def test_analytic_counts_match_the_model(method, tied, fused):
     B, T = 2, 32
-    model = _prepared(method, tied, fused_norm)
+    model = _prepared(method, tied, fused)
     arch = Arch.from_hf(model.config)
-    a = analytic(arch, Setup(method, B, T, r=4, quant_block=32, fused_norm=fused_norm))
+    a = analytic(arch, Setup(method, B, T, r=4, quant_block=32, fused=fused))
     trainable, total = count_parameters(model)
     assert a["trainable"] == trainable and a["total_params"] == total
     assert a["weights"] == model_nbytes(model)  # exact: fp32 tensors, packed codes, absmax, nested state

@@ -1,4 +1,4 @@
-"""The fused RMSNorm kernel (tunelab.models.fused): against transformers' LlamaRMSNorm and a float64 formula."""
+"""The fused RMSNorm and SwiGLU kernels (tunelab.models.fused): against transformers' modules and float64 formulas."""
 
 import copy
 import inspect
@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from tunelab.models import fused
 from tunelab.train.run import enable_checkpointing
@@ -120,6 +120,7 @@ def test_switched_off_changes_nothing(monkeypatch):
     monkeypatch.setattr(fused, "_lib", None)  # as with TUNELAB_C_KERNELS=0 or no compiler
     model = _tiny_llama()
     assert fused.fuse_rmsnorm(model) == 0 and type(model.model.norm) is LlamaRMSNorm
+    assert fused.fuse(model) == 0 and type(model.model.layers[0].mlp) is LlamaMLP
 
 
 def _body(cls) -> str:
@@ -130,18 +131,20 @@ def _body(cls) -> str:
     return re.sub(r"\s+", " ", src).strip()
 
 
-def test_the_listed_norm_classes_have_llamas_formula():
+@pytest.mark.parametrize(("names", "llama_cls", "suffix"), [(fused.NORM_CLASSES, LlamaRMSNorm, "RMSNorm"),
+                                                            (fused.MLP_CLASSES, LlamaMLP, "MLP")])
+def test_the_listed_classes_have_llamas_formula(names, llama_cls, suffix):
     import importlib
 
-    llama = _body(LlamaRMSNorm)
+    llama = _body(llama_cls)
     found = 0
-    for name in fused.NORM_CLASSES:
-        family = name.removesuffix("RMSNorm").lower()
+    for name in names:
+        family = name.removesuffix(suffix).lower()
         try:
             module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         except ImportError:
             continue
-        assert _body(getattr(module, name)) == llama, f"{name}.forward differs from LlamaRMSNorm's"
+        assert _body(getattr(module, name)) == llama, f"{name}.forward differs from {llama_cls.__name__}'s"
         found += 1
     assert found >= 3
 
@@ -161,3 +164,92 @@ def test_under_gradient_checkpointing_the_same_gradients():
     assert len(calls) == 2  # forward, then again in backward: the layer really is checkpointed
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 64), (7, 67), (1, 1), (2, 300, 513)])
+def test_swiglu_matches_float64(shape):
+    torch.manual_seed(4)
+    g = (torch.randn(shape) * 6).requires_grad_()  # into exp's tails: silu(-36) ~ -8e-15, silu(36) = 36
+    u = torch.randn(shape).requires_grad_()
+    with torch.no_grad():
+        g.view(-1)[:2] = torch.tensor([-100.0, 100.0])[: g.numel()]  # exp(100) overflows fp32: inf, not NaN
+    h = fused.swiglu(g, u)
+    dh = torch.randn(shape)
+    h.backward(dh)
+    g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+    h64 = torch.nn.functional.silu(g64) * u64
+    h64.backward(dh.double())
+    torch.testing.assert_close(h.double(), h64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g.grad.double(), g64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u.grad.double(), u64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_split_across_threads_gives_the_same_result(monkeypatch):
+    torch.manual_seed(5)
+    g, u = torch.randn(33, 70, requires_grad=True), torch.randn(33, 70, requires_grad=True)
+    dh = torch.randn(33, 70)
+    one = fused.swiglu(g, u)
+    g_one = torch.autograd.grad(one, (g, u), dh)
+    monkeypatch.setattr(fused, "SWIGLU_PARALLEL_MIN", 500)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert len(fused._value_parts(33 * 70)) == 3
+    split = fused.swiglu(g, u)
+    g_split = torch.autograd.grad(split, (g, u), dh)
+    # a range's last few values take the scalar expf, the others libmvec's vector one: a few ulps apart
+    torch.testing.assert_close(split, one, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g_split, g_one):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd keeps for backward over one forward."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type == "cpu":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    return sum(seen.values()), loss
+
+
+def test_fused_swiglu_same_training_gradients_and_one_tensor_less_kept():
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (2, 12))
+    before, ref = _saved_bytes(model, ids)
+    ref.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    model.zero_grad()
+    assert fused.fuse_swiglu(model) == 2 and type(model.model.layers[1].mlp).__name__ == "FusedLlamaMLP"
+    assert isinstance(model.model.layers[1].mlp, LlamaMLP) and list(model.state_dict()) == keys
+    after, out = _saved_bytes(model, ids)
+    out.backward()
+    assert before - after == 2 * (2 * 12 * 64) * 4  # silu(gate) no more: per layer, tokens x intermediate fp32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert fused.fuse(_tiny_llama()) == 2 * 2 + 1 + 2  # norms and MLPs
+
+
+def test_swiglu_other_dtypes_autocast_and_activations_keep_the_modules_own_forward(monkeypatch):
+    model = _tiny_llama()
+    fused.fuse_swiglu(model)
+    calls = []
+    monkeypatch.setattr(fused, "swiglu", lambda *a: calls.append(1) or fused._SwiGLU.apply(*a))
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 32)
+    mlp(x)
+    assert calls == [1]
+    plain = LlamaMLP(model.config)
+    plain.load_state_dict(mlp.state_dict())
+    xb = x.bfloat16()
+    assert torch.equal(mlp.bfloat16()(xb), plain.bfloat16()(xb))  # transformers' own formula, bit for bit
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mlp.float()(x)
+    assert calls == [1]
+    cfg = copy.deepcopy(model.config)
+    cfg.hidden_act = "gelu"
+    assert fused.fuse_swiglu(LlamaForCausalLM(cfg)) == 0  # another activation: left alone

@@ -31,14 +31,15 @@ def cache_dir() -> Path:
     return Path(base) / "tunelab" / "kernels"
 
 
-def load(stem: str, source: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
-    """Compile `source` (once) and load it; set each function's ctypes argtypes; None if impossible."""
+def load(stem: str, source: str, signatures: dict[str, list], extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Compile `source` (once) and load it; set each function's ctypes argtypes; None if impossible.
+    `extra`: more compiler arguments, after the source file (e.g. "-lm")."""
     if os.environ.get("TUNELAB_C_KERNELS", "1") == "0" or sys.platform == "win32":
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None
-    key = hashlib.sha256("\0".join([source, *FLAGS, cc, platform.machine(), platform.node()]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([source, *FLAGS, *extra, cc, platform.machine(), platform.node()]).encode()).hexdigest()
     path = cache_dir() / f"{stem}-{key[:16]}.so"
     try:
         if not path.exists():
@@ -46,7 +47,7 @@ def load(stem: str, source: str, signatures: dict[str, list]) -> ctypes.CDLL | N
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 src, lib = Path(tmp) / "k.c", Path(tmp) / "k.so"
                 src.write_text(source)
-                subprocess.run([cc, *FLAGS, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+                subprocess.run([cc, *FLAGS, str(src), "-o", str(lib), *extra], check=True, capture_output=True, timeout=120)
                 os.replace(lib, path)  # atomic: a concurrent process sees no library or a whole one
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):

@@ -13,7 +13,8 @@ vocabulary V, batch B, sequence T (N = B*T tokens, Nl label tokens):
   (its log-sum-exp) + 4I (SiLU input and output, up output, down_proj input) + 2 (rsqrt of each norm).
   LoRA/QLoRA: a norm with a frozen weight does not keep its normalised x (4C instead of 6C), plus r per
   adapted linear (the A output); frozen linears keep nothing for themselves (LoRA A keeps their input).
-  The fused RMSNorm (fused_norm) never keeps the normalised x: 4C for full too.
+  tunelab's fused kernels (`fused`: tunelab.models.fused) change two terms: the fused RMSNorm never keeps the
+  normalised x (4C for full too), the fused SwiGLU keeps no SiLU output (3I).
   Shared by all layers: RoPE cos/sin (2d per token), the final norm, the ids.
 - loss: our chunked head saves only dL/dh for label tokens (Nl*C) and, when the head trains, its weight
   gradient (V*C); while computing it, one chunk of logits (min(chunk, Nl) x V) exists (fp32).
@@ -97,7 +98,7 @@ class Setup:
     quant_block: int = 64
     double_quant: bool = True
     loss_chunk: int = 256  # TrainConfig.loss_chunk_tokens
-    fused_norm: bool = False  # tunelab.models.fused's RMSNorm (tunelab train on CPU in fp32 with a C compiler)
+    fused: bool = False  # tunelab.models.fused's RMSNorm and SwiGLU (tunelab train on CPU, fp32, a C compiler)
 
 
 def adapter_params(arch: Arch, r: int) -> int:
@@ -130,12 +131,13 @@ def activation_bytes(arch: Arch, s: Setup) -> int:
     """Tensors autograd saves in the decoder (not the loss), fp32."""
     C, I, H, Hkv, d = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
     # SDPA saves q, k, v (GQA: k, v at Hkv heads), its output (the o_proj input) and H log-sum-exps;
-    # the MLP saves the SiLU input and output, the up output and the down_proj input (4I); 2 rsqrt per layer.
-    core = 2 * H * d + 2 * Hkv * d + 4 * I + H + 2
+    # the MLP saves the SiLU input and output, the up output and the down_proj input (4I; the fused SwiGLU
+    # keeps no SiLU output: 3I); 2 rsqrt per layer.
+    core = 2 * H * d + 2 * Hkv * d + (3 if s.fused else 4) * I + H + 2
     if s.method == "full":
         # each RMSNorm: its input x, x * rsqrt (for the weight's gradient; not the fused norm, whose backward
         # recomputes it from x and 1/rms), its output (the next linear's input)
-        normalised = 0 if s.fused_norm else C
+        normalised = 0 if s.fused else C
         per_token = arch.layers * (core + 4 * C + 2 * normalised)
         # final norm (input, normalised), its rsqrt; int64 ids for the embedding gradient
         shared = C + normalised + 1 + 2

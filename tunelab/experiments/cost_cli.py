@@ -43,7 +43,7 @@ def run(args) -> int:
     rows = []
     for method in args.method:
         s = Setup(method, args.batch_size, args.seq_len, args.rank, args.quant_block, not args.no_double_quant,
-                  args.loss_chunk, fused_norm=fused.available())  # as tunelab train on this machine's CPU
+                  args.loss_chunk, fused=fused.available())  # as tunelab train on this machine's CPU
         row = analytic(arch, s)
         if args.measure:
             m = measure(args.model, s, args.steps, glibc_default=args.glibc_default)

@@ -65,15 +65,42 @@ void tunelab_rms_bwd(const float *dy, const float *x, const float *w, const floa
         }
     }
 }
+
+/* SwiGLU over values [a, b): h = silu(g) * u, silu(g) = g / (1 + exp(-g)) as PyTorch's SiLU computes it.
+   On x86-64 glibc, expf vectorises through glibc's libmvec (its vector variants, declared as math.h does
+   under -ffast-math, which we do not use; -fno-math-errno -lm). */
+#if defined(__GLIBC__) && defined(__x86_64__)
+float expf(float) __attribute__((simd("notinbranch")));
+#endif
+void tunelab_swiglu_fwd(const float *g, const float *u, float *h, int64_t a, int64_t b) {
+#pragma omp simd
+    for (int64_t i = a; i < b; i++) h[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
+}
+
+/* dg = (dh * u) * s * (1 + g * (1 - s)) with s = sigmoid(g) (PyTorch's silu_backward), du = dh * (g * s). */
+void tunelab_swiglu_bwd(const float *g, const float *u, const float *dh, float *dg, float *du, int64_t a,
+                        int64_t b) {
+#pragma omp simd
+    for (int64_t i = a; i < b; i++) {
+        float e = expf(-g[i]), s = 1.0f / (1.0f + e);
+        dg[i] = (dh[i] * u[i]) * (s * (1.0f + g[i] * (1.0f - s)));
+        du[i] = dh[i] * (g[i] * s);
+    }
+}
 """
 _SIGNATURES = {
     "tunelab_rms_fwd": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_float],
     "tunelab_rms_bwd": [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3,
+    "tunelab_swiglu_fwd": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2,
+    "tunelab_swiglu_bwd": [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2,
 }
 # transformers classes whose forward is LlamaRMSNorm's formula, w * (x * rsqrt(mean(x^2) + eps)) in fp32
 # (tests/test_models_fused.py checks their source against Llama's). Gemma's (1 + w) is not among them.
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+# transformers classes whose forward is LlamaMLP's, down(act(gate(x)) * up(x)); fused when act is SiLU.
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 PARALLEL_MIN = 1 << 22  # values per thread below which one thread does all (a thread hand-off costs ~50 us)
+SWIGLU_PARALLEL_MIN = 1 << 17  # the same for SwiGLU, whose exp makes each value dearer
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 
@@ -83,7 +110,7 @@ def available() -> bool:
     global _lib
     with _lock:
         if _lib is False:
-            _lib = ckernels.load("rmsnorm", SOURCE, _SIGNATURES)
+            _lib = ckernels.load("fused", SOURCE, _SIGNATURES, extra=("-fno-math-errno", "-lm"))
     return _lib is not None
 
 
@@ -130,6 +157,41 @@ class _RMSNorm(torch.autograd.Function):
         return dx, None if dw is None else dw.sum(0), None
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(g) * u in one pass; keeps g and u (not silu(g)), one (tokens, intermediate) tensor less than
+    SiLU and the product keep between them."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        g, u = g.contiguous(), u.contiguous()
+        h = torch.empty_like(g)
+        _each(_value_parts(g.numel()), lambda k, a, b: _lib.tunelab_swiglu_fwd(
+            g.data_ptr(), u.data_ptr(), h.data_ptr(), a, b))
+        ctx.save_for_backward(g, u)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        dh = dh.contiguous()
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        _each(_value_parts(g.numel()), lambda k, a, b: _lib.tunelab_swiglu_bwd(
+            g.data_ptr(), u.data_ptr(), dh.data_ptr(), dg.data_ptr(), du.data_ptr(), a, b))
+        return dg, du
+
+
+def _value_parts(n: int) -> list[tuple[int, int]]:
+    """[a, b) value ranges for SwiGLU: one per torch thread above SWIGLU_PARALLEL_MIN values each."""
+    parts = max(1, min(torch.get_num_threads(), n // SWIGLU_PARALLEL_MIN))
+    step = -(-n // parts)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u through the kernel; fp32 CPU tensors of one shape, kernel available."""
+    return _SwiGLU.apply(g, u)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x * rsqrt(mean(x^2, -1) + eps)) through the kernel; fp32 CPU tensors, kernel available."""
     return _RMSNorm.apply(x, weight, eps)
@@ -143,18 +205,50 @@ def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and available())
 
 
-def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+def _cpu_fp32(*ts: torch.Tensor) -> bool:
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+            and not torch.is_autocast_enabled("cpu") and available())
+
+
+def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if fusable(hidden_states, self.weight):
         return rms_norm(hidden_states, self.weight, float(self.variance_epsilon))
     return super(type(self), self).forward(hidden_states)
 
 
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    g, u = self.gate_proj(x), self.up_proj(x)  # LlamaMLP's order
+    if g.shape == u.shape and g.numel() and _cpu_fp32(g, u):
+        return self.down_proj(swiglu(g, u))
+    return self.down_proj(self.act_fn(g) * u)
+
+
 @cache
 def _fused_class(cls: type) -> type:
-    fused = type(f"Fused{cls.__name__}", (cls,), {"forward": _forward, "__module__": __name__,
+    forward = _norm_forward if cls.__name__ in NORM_CLASSES else _mlp_forward
+    fused = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__,
                                                   "__doc__": f"{cls.__name__} with tunelab's fused CPU kernel."})
     globals()[fused.__name__] = fused  # found by name, so copy and pickle treat it as any class
     return fused
+
+
+def fuse(model: nn.Module) -> int:
+    """fuse_rmsnorm and fuse_swiglu: what `tunelab train` does to every model; returns how many modules."""
+    return fuse_rmsnorm(model) + fuse_swiglu(model)
+
+
+def fuse_swiglu(model: nn.Module) -> int:
+    """Give every MLP of LlamaMLP's formula (MLP_CLASSES) whose activation is SiLU the fused SwiGLU; returns
+    how many. Changed in place (the class), as fuse_rmsnorm does."""
+    if not available():
+        return 0
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ in MLP_CLASSES and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
+            module.__class__ = _fused_class(cls)
+            count += 1
+    return count
 
 
 def fuse_rmsnorm(model: nn.Module) -> int:

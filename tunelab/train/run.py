@@ -11,7 +11,7 @@ import torch
 
 from tunelab.config import RunConfig, dump_config
 from tunelab.errors import TunelabError
-from tunelab.models.fused import fuse_rmsnorm
+from tunelab.models.fused import fuse
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, resolve_dtype
 from tunelab.train import checkpoint
 from tunelab.train.checkpoint import atomic_folder
@@ -81,8 +81,9 @@ def enable_checkpointing(model) -> None:
 
 def prepare_method(model, cfg: RunConfig) -> list[dict]:
     """Freeze / quantize / add adapters as the method says; return AdamW parameter groups. Every method
-    gets the fused RMSNorm (one C loop per norm on CPU in fp32, tunelab.models.fused; elsewhere unchanged)."""
-    fuse_rmsnorm(model)
+    gets the fused RMSNorm and SwiGLU (one C loop each on CPU in fp32, tunelab.models.fused; elsewhere
+    unchanged)."""
+    fuse(model)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
