@@ -1,7 +1,8 @@
 """Small C kernels for the CPU, compiled with the system's C compiler on first use and loaded via ctypes.
 
 PyTorch on CPU runs one pass over memory per op; a few chains of ops that tunelab runs on every training
-step are much faster as one loop (4-bit dequantize: tunelab.quant.cpu_kernels; RMSNorm: tunelab.models.fused).
+step are much faster as one loop (4-bit dequantize: tunelab.quant.cpu_kernels; RMSNorm and SwiGLU:
+tunelab.models.fused).
 Each library is compiled once per source, flags, compiler and machine into the user's cache folder (about
 1 s with gcc) and written atomically, as Triton and torch.compile build their CPU pieces. Without a
 compiler, on Windows, or with TUNELAB_C_KERNELS=0, `load()` returns None and callers take their PyTorch path.
