@@ -7,7 +7,8 @@ Every stack trains the same random model (built directly in bf16 on the device, 
 all linears (lm_head excluded), the same adapter init, AdamW, bf16 autocast, on the same random token batches;
 each stack runs with and without gradient checkpointing (use_reentrant=False), one after another, freeing
 memory in between:
-    tunelab-lora   tunelab.lora over the bf16 linears, tunelab's chunked cross-entropy
+    tunelab-lora   tunelab.lora over the bf16 linears (the fused LoRA autograd), tunelab's chunked cross-entropy
+                   (--loss-chunk tokens a chunk), fused RMSNorm and SwiGLU (Triton on CUDA), as `tunelab train`
     peft-lora      PEFT over the same linears, Hugging Face's loss (full logits)
     tunelab-qlora  tunelab.quant NF4 (block 64, double quant) + tunelab.lora
     peft-bnb-qlora bitsandbytes Linear4bit NF4 (block 64, double quant, bf16 compute) + PEFT
@@ -15,8 +16,10 @@ Norms, embeddings and lm_head stay bf16 in all four (no prepare_model_for_kbit_t
 Per stack: median s/step of the timed steps after warm-up, tokens/s, peak memory of training
 (torch.cuda.max_memory_allocated, reset after the model is built), and the loss of each step: tunelab's
 losses are compared with the reference's, step by step. Before the stacks: NF4 dequantize throughput
-(bitsandbytes, tunelab Triton, tunelab PyTorch) against the card's copy bandwidth. Prints a Markdown table; --out writes JSON
-(rewritten after every stack, so a run cut short keeps what it measured).
+(bitsandbytes, tunelab Triton, tunelab PyTorch) against the card's copy bandwidth. --profile adds one more
+step per stack under torch.profiler: its kernel time by group (matmul, attention, Triton, the rest) and top
+kernels. Prints Markdown tables; --out writes JSON (rewritten after every stack, so a run cut short keeps
+what it measured).
 """
 
 from __future__ import annotations
@@ -121,17 +124,19 @@ def same_adapter_init(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, p in trainable]
 
 
-def tunelab_stack(model: nn.Module, quantized: bool):
+def tunelab_stack(model: nn.Module, quantized: bool, loss_chunk: int):
     from tunelab.lora import LoraConfig, apply_lora
+    from tunelab.models.fused import fuse
     from tunelab.quant import quantize_model
     from tunelab.train.loss import causal_lm_loss_sum
 
+    fuse(model)  # RMSNorm and SwiGLU as one kernel each way (Triton on CUDA), as `tunelab train` does
     if quantized:
         quantize_model(model, "nf4", block_size=BLOCK, double_quant=True)  # lm_head stays bf16
     apply_lora(model, LoraConfig(r=RANK, alpha=ALPHA, target_modules="all-linear"), verbose=False)
 
     def loss_fn(batch: dict) -> torch.Tensor:
-        s, n = causal_lm_loss_sum(model, batch)  # chunked head + cross-entropy, 1024 tokens a chunk
+        s, n = causal_lm_loss_sum(model, batch, loss_chunk)  # chunked head + cross-entropy
         return s / n
 
     return model, loss_fn
@@ -158,7 +163,7 @@ def bnb_quantize(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def peft_stack(model: nn.Module, quantized: bool):
+def peft_stack(model: nn.Module, quantized: bool, loss_chunk: int = 0):  # loss_chunk: unused (HF loss)
     import peft
 
     if quantized:
@@ -172,14 +177,15 @@ def peft_stack(model: nn.Module, quantized: bool):
     return model, loss_fn
 
 
-def make_stack(name: str, shape: dict, device: torch.device, dtype: torch.dtype, checkpointing: bool):
+def make_stack(name: str, shape: dict, device: torch.device, dtype: torch.dtype, checkpointing: bool,
+               loss_chunk: int = 1024):
     model = build_base(shape, device, dtype)
     if checkpointing:  # before PEFT wraps it, on the Hugging Face model itself (as tunelab/train/run.py)
         from tunelab.train.run import enable_checkpointing
 
         enable_checkpointing(model)
     make = tunelab_stack if name.startswith("tunelab") else peft_stack
-    model, loss_fn = make(model, quantized=name.endswith("qlora"))
+    model, loss_fn = make(model, quantized=name.endswith("qlora"), loss_chunk=loss_chunk)
     params = same_adapter_init(model)
     return model, loss_fn, params
 
@@ -199,7 +205,7 @@ def run_stack(name: str, checkpointing: bool, args, shape: dict, device: torch.d
     row = {"stack": name, "checkpointing": checkpointing}
     free(device)
     t0 = time.perf_counter()
-    model, loss_fn, params = make_stack(name, shape, device, args.dtype, checkpointing)
+    model, loss_fn, params = make_stack(name, shape, device, args.dtype, checkpointing, args.loss_chunk)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sync(device)
     row["build_s"] = time.perf_counter() - t0
@@ -209,26 +215,81 @@ def run_stack(name: str, checkpointing: bool, args, shape: dict, device: torch.d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
+
+    def train_step(batch: dict) -> float:
+        with autocast(device, args.dtype):
+            loss = loss_fn(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
     try:
         for batch in data:
             sync(device)
             t = time.perf_counter()
-            with autocast(device, args.dtype):
-                loss = loss_fn(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            losses.append(train_step(batch))
             sync(device)
             times.append(time.perf_counter() - t)
-            losses.append(float(loss.detach()))
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        if args.profile:  # one more step, after the timed ones: where its time goes
+            row["profile"] = profile_step(lambda: train_step(data[-1]), device)
     finally:
         del model, loss_fn, params, opt
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         free(device)
     step = statistics.median(times[args.warmup:])
     row.update(s_per_step=step, tokens_per_s=args.batch * args.seq / step, peak_gib=peak, losses=losses,
                step_times=times)
     return row
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's group in a profile: matmul, attention, triton (ours), or elementwise/other."""
+    low = name.lower()
+    if any(k in low for k in ("gemm", "xmma", "cutlass", "nvjet", "cublas", "addmm", "matmul", "aten::mm",
+                              "aten::bmm", "aten::linear")):
+        return "matmul"
+    if any(k in low for k in ("flash", "attention", "fmha")):
+        return "attention"
+    if "triton" in low or low.startswith("_"):
+        return "triton"
+    return "elementwise/other"
+
+
+def profile_step(step, device: torch.device, top: int = 12) -> dict:
+    """torch.profiler over one training step: wall time, device (kernel) time by group and the top kernels.
+
+    On CUDA the kernels' self time, on CPU the operators' (a CPU has no kernels apart from them)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    wall = time.perf_counter() - t
+    rows = []
+    for evt in prof.key_averages():
+        if cuda:  # the kernels themselves (their launching operators would count them twice)
+            if evt.device_type != DeviceType.CUDA:
+                continue
+            us = evt.self_device_time_total
+        else:
+            if not evt.key.startswith("aten::") or evt.key in ("aten::empty", "aten::to", "aten::_to_copy"):
+                continue
+            us = evt.self_cpu_time_total
+        if us > 0:
+            rows.append((evt.key, us / 1e6, evt.count))
+    total = sum(r[1] for r in rows)
+    groups: dict[str, float] = {}
+    for name, sec, _ in rows:
+        groups[kernel_kind(name)] = groups.get(kernel_kind(name), 0.0) + sec
+    rows.sort(key=lambda r: -r[1])
+    return {"wall_s": wall, "device_s": total, "groups_s": groups,
+            "top": [{"name": n[:120], "s": sec, "calls": c} for n, sec, c in rows[:top]]}
 
 
 # ---- dequantize throughput -------------------------------------------------------------------------------
@@ -351,6 +412,19 @@ def markdown(result: dict) -> str:
             lines.append(f"- bnb: {d['bnb_error']}")
         if d.get("triton_configs"):
             lines.append("- triton (bytes/program, warps): " + ", ".join(f"{k} {v:.3g}" for k, v in d["triton_configs"].items()))
+    profiled = [r for r in result["rows"] if r.get("profile")]
+    if profiled:
+        lines += ["", "Profile of one step (torch.profiler; device time = sum of kernels' self time, by group):", "",
+                  "| stack | grad ckpt | wall s | device s | matmul | attention | triton | elementwise/other |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in profiled:
+            p, g = r["profile"], r["profile"]["groups_s"]
+            lines.append(f"| {r['stack']} | {r['checkpointing']} | {p['wall_s']:.3f} | {p['device_s']:.3f} | "
+                         + " | ".join(f"{g.get(k, 0.0):.3f}" for k in ("matmul", "attention", "triton", "elementwise/other"))
+                         + " |")
+        for r in profiled:
+            lines.append(f"\ntop kernels, {r['stack']} checkpointing={r['checkpointing']}: "
+                         + "; ".join(f"{t['name'][:60]} {t['s'] * 1e3:.1f} ms x{t['calls']}" for t in r["profile"]["top"][:8]))
     lines += ["", "goals: " + "; ".join(f"{k} {'>=' if k != 'qlora_memory' else '<='} {v}" for k, v in GOALS.items())]
     return "\n".join(lines)
 
@@ -370,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stacks", default=",".join(STACKS), help=f"comma-separated subset of {','.join(STACKS)}")
     p.add_argument("--checkpointing", default="on,off", help="on, off or on,off")
     p.add_argument("--dequant-reps", type=int, help="timed dequantize calls (default 50; --tiny 5)")
+    p.add_argument("--loss-chunk", type=int, default=1024,
+                   help="tokens per chunk of tunelab's head + cross-entropy (train.loss_chunk_tokens; default 1024)")
+    p.add_argument("--profile", action="store_true", help="profile one more step per stack (torch.profiler)")
     p.add_argument("--out", type=Path, help="JSON results file (rewritten after each stack)")
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -280,3 +280,48 @@ def test_fused_forward_backward_equal_the_plain_composition(quantized, x_grad):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("base_kind", ["bf16", "fp32", "4bit"])
+def test_fused_under_bf16_autocast_equals_float64_within_bf16_rounding(base_kind):
+    """Under autocast (CUDA's path, here on CPU) the fused layer runs in bf16 with fp32 adapters, as the
+    unfused layers do: output and gradients within bf16 rounding of float64 math on the same bf16-rounded
+    operands; A's and B's gradients fp32, x's in x's dtype; closer than the unfused composition's error."""
+    from tunelab.lora.layer import LoRALinear
+    from tunelab.quant import Linear4bit
+
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(96, 80)
+    base = {"bf16": lambda: lin.to(torch.bfloat16), "fp32": lambda: lin,
+            "4bit": lambda: Linear4bit.from_linear(lin.to(torch.bfloat16))}[base_kind]()
+    layer = LoRALinear(base, r=8, alpha=16)
+    assert layer.lora_A.weight.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(80, 8, generator=g) * 0.1)
+    x = torch.randn(4, 16, 96, generator=g, requires_grad=True)
+    gy = torch.randn(4, 16, 80, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert "Fused" in type(y.grad_fn).__name__ and y.dtype == torch.bfloat16
+    ga, gb, gx = torch.autograd.grad(y, [layer.lora_A.weight, layer.lora_B.weight, x], gy)
+    assert ga.dtype == gb.dtype == gx.dtype == torch.float32
+
+    def bf(t):  # what autocast feeds the matmuls, then float64
+        return t.detach().to(torch.bfloat16).double()
+    w = bf(base.dequantize_weight(torch.bfloat16) if base_kind == "4bit" else base.weight)
+    bias = 0 if base.bias is None else bf(base.bias)
+    a, b = bf(layer.lora_A.weight).requires_grad_(), bf(layer.lora_B.weight).requires_grad_()
+    xr = bf(x).requires_grad_()
+    u = (xr @ a.t()).to(torch.bfloat16).double()  # u is kept in bf16 by both paths
+    ref = xr @ w.t() + bias + layer.scale * (u @ b.t())
+    ref_ga, ref_gb, ref_gx = torch.autograd.grad(ref, [a, b, xr], gy.double())
+
+    def rel(got, want):
+        return float((got.double() - want).norm() / want.norm())
+    assert rel(y, ref) < 4e-3
+    for got, want in ((ga, ref_ga), (gb, ref_gb), (gx, ref_gx)):
+        assert rel(got, want) < 1e-2
+    # The unfused composition (PEFT's order of operations) rounds more often: fused is at least as close.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = (base(x) + layer.lora_B(layer.lora_A(x)) * layer.scale)
+    assert rel(y, ref) <= rel(plain, ref) * 1.05

@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+if __name__ == "__main__":  # imported (for CASES), it must not switch the importing process to the interpreter
+    os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's tunelab
 
 import torch

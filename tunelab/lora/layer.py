@@ -77,8 +77,9 @@ class LoRALinear(nn.Module):
         self._merge_factor = None  # DoRA's m / ||W + dW|| at merge time, to unmerge exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled and not self.merged and self._fusable(x):
-            return _FusedLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scale)
+        dtype = self._fused_dtype(x) if self.enabled and not self.merged else None
+        if dtype is not None:
+            return _FusedLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scale, dtype)
         result = self.base(x)
         if not self.enabled or self.merged:
             return result
@@ -108,16 +109,22 @@ class LoRALinear(nn.Module):
         # m is fp32 over a 4-bit base: come back to the base output's dtype, as PEFT does.
         return ((g - 1) * base_out + g * lora * self.scale).to(result.dtype)
 
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """Plain LoRA, no dropout, one dtype throughout, no autocast: _FusedLoRA computes the same."""
-        if self.use_dora or self.dropout is not None or torch.is_autocast_enabled(x.device.type):
-            return False
-        base = self.base
-        if isinstance(base, nn.Linear):
-            dtype = base.weight.dtype
-        else:
-            dtype = base.compute_dtype or x.dtype
-        return x.dtype == dtype == self.lora_A.weight.dtype
+    def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype _FusedLoRA computes in, or None where it does not apply (DoRA, dropout).
+
+        Under autocast: autocast's dtype (bf16 on CUDA), as the unfused layers' matmuls would run, over a
+        base of any float dtype. Without: only when x, the base and the adapter share one dtype.
+        """
+        if self.use_dora or self.dropout is not None:
+            return None
+        base, device = self.base, x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            if isinstance(base, nn.Linear) or base.compute_dtype in (None, dtype):
+                return dtype
+            return None
+        dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype or x.dtype
+        return dtype if x.dtype == dtype == self.lora_A.weight.dtype else None
 
     @staticmethod
     def _row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -196,10 +203,11 @@ class ModuleToSave(nn.Module):
 
 
 def _dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen base weight (out, in) for one matmul: the parameter itself, or the 4-bit weight
-    de-quantized into the shared scratch buffer (valid until the next de-quantization)."""
+    """The frozen base weight (out, in) in `dtype` for one matmul: the parameter itself (cast if it is
+    another dtype, as autocast would), or the 4-bit weight de-quantized into the shared scratch buffer
+    (valid until the next de-quantization)."""
     if isinstance(base, nn.Linear):
-        return base.weight
+        return base.weight.to(dtype)
     return base.qweight.dequantize(dtype, workspace=dequant_workspace(base.qweight, dtype))
 
 
@@ -211,31 +219,39 @@ class _FusedLoRA(torch.autograd.Function):
     input gradients); here `scale` rides in the GEMMs' alpha and the second product accumulates into the
     first (addmm). Saves x (a view, as any linear does), u = x A^T (tokens, r), and nothing of W: over a
     4-bit base, W is de-quantized again in backward, as tunelab.quant.Linear4bit does.
+
+    Every product runs in `dtype` with autocast off inside: under bf16 autocast x, A, B (fp32 adapters)
+    and W are cast to bf16 as autocast casts them for the unfused layers, and A's and B's gradients come
+    back in their own dtype. The sum is rounded once (the unfused layers round B's output, its scaling and
+    the sum: three times).
     """
 
     @staticmethod
-    def forward(ctx, x, a, b, base, scale):
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        w = _dense_weight(base, x.dtype)  # (out, in)
-        out = x2 @ w.t() if base.bias is None else torch.addmm(base.bias, x2, w.t())
-        u = x2 @ a.t()  # (T, r)
-        out.addmm_(u, b.t(), alpha=scale)
+    def forward(ctx, x, a, b, base, scale, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
+            w = _dense_weight(base, dtype)  # (out, in)
+            out = x2 @ w.t() if base.bias is None else torch.addmm(base.bias.to(dtype), x2, w.t())
+            u = x2 @ a.to(dtype).t()  # (T, r)
+            out.addmm_(u, b.to(dtype).t(), alpha=scale)
         ctx.save_for_backward(x2, u, a, b)
-        ctx.base, ctx.scale, ctx.shape = base, scale, x.shape
+        ctx.base, ctx.scale, ctx.shape, ctx.dtype, ctx.x_dtype = base, scale, x.shape, dtype, x.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x2, u, a, b = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (T, out)
-        v = g @ b  # (T, r)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ _dense_weight(ctx.base, g.dtype)  # (T, in)
-            grad_x.addmm_(v, a, alpha=ctx.scale)
-            grad_x = grad_x.view(ctx.shape)
-        if ctx.needs_input_grad[1]:
-            grad_a = torch.mm(v.t(), x2).mul_(ctx.scale)  # (r, in)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.mm(g.t(), u).mul_(ctx.scale)  # (out, r)
-        return grad_x, grad_a, grad_b, None, None
+        dtype = ctx.dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (T, out)
+            v = g @ b.to(dtype)  # (T, r)
+            grad_x = grad_a = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ _dense_weight(ctx.base, dtype)  # (T, in)
+                grad_x.addmm_(v, a.to(dtype), alpha=ctx.scale)
+                grad_x = grad_x.view(ctx.shape).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_a = torch.mm(v.t(), x2).to(a.dtype).mul_(ctx.scale)  # (r, in)
+            if ctx.needs_input_grad[2]:
+                grad_b = torch.mm(g.t(), u).to(b.dtype).mul_(ctx.scale)  # (out, r)
+        return grad_x, grad_a, grad_b, None, None, None

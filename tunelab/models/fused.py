@@ -12,15 +12,18 @@ fused SwiGLU keeps gate and up only and recomputes the sigmoid in its one backwa
 intermediate) fp32 tensor less per layer, 180 MiB of a LoRA step of the bundled model at batch 4 x 256.
 
 `fuse(model)` (what `tunelab train` applies) gives each RMSNorm and MLP module of a known formula a
-subclass whose forward calls the kernel on fp32 CPU input outside autocast and the module's own formula
-otherwise. Weights, state_dict keys and saved files are unchanged. The kernels are built by
-tunelab.ckernels; without a C compiler (or with TUNELAB_C_KERNELS=0) every module keeps its own forward.
+subclass whose forward calls the kernel on fp32 CPU input outside autocast, tunelab.models.triton_fused's
+Triton kernels on CUDA input (bf16 under autocast, the same roundings as the module's formula), and the
+module's own formula otherwise. Weights, state_dict keys and saved files are unchanged. The C kernels are
+built by tunelab.ckernels; without a C compiler (or with TUNELAB_C_KERNELS=0), and without CUDA and Triton
+(or with TUNELAB_TRITON=0), every module keeps its own forward.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
+import warnings
 from functools import cache
 
 import torch
@@ -214,17 +217,61 @@ def _cpu_fp32(*ts: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and available())
 
 
+def _gpu(*ts: torch.Tensor):
+    """tunelab.models.triton_fused when its Triton kernels serve these CUDA tensors, else None.
+
+    A kernel that fails (a Triton too old or broken for this card) warns once and is not tried again in
+    this process: the module's own formula computes the same.
+    """
+    if ts[0].device.type != "cuda" or _gpu_broken:
+        return None
+    from tunelab.models import triton_fused
+
+    return triton_fused if triton_fused.serves(*ts) else None
+
+
+_gpu_broken = False
+
+
+def _on_gpu(kernel, fallback):
+    """kernel(), or fallback() for good after the first failure (with a warning saying why)."""
+    global _gpu_broken
+    try:
+        return kernel()
+    except Exception as e:  # noqa: BLE001 - e.g. Triton's compiler failing on an untested card
+        _gpu_broken = True
+        warnings.warn(f"tunelab's fused Triton kernels failed ({type(e).__name__}: {e}); using PyTorch ops instead",
+                      stacklevel=3)
+        return fallback()
+
+
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if fusable(hidden_states, self.weight):
         return rms_norm(hidden_states, self.weight, float(self.variance_epsilon))
-    return super(type(self), self).forward(hidden_states)
+    gpu = _gpu(hidden_states, self.weight)
+    plain = lambda: super(type(self), self).forward(hidden_states)  # noqa: E731
+    if gpu is not None:
+        return _on_gpu(lambda: gpu.rms_norm(hidden_states, self.weight, float(self.variance_epsilon)), plain)
+    return plain()
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     g, u = self.gate_proj(x), self.up_proj(x)  # LlamaMLP's order
     if g.shape == u.shape and g.numel() and _cpu_fp32(g, u):
         return self.down_proj(swiglu(g, u))
+    gpu = _gpu(g, u) if g.shape == u.shape else None
+    if gpu is not None:
+        return self.down_proj(_on_gpu(lambda: gpu.swiglu(g, u), lambda: self.act_fn(g) * u))
     return self.down_proj(self.act_fn(g) * u)
+
+
+def gpu_kernels() -> bool:
+    """Whether the Triton kernels of tunelab.models.triton_fused can serve this process (a CUDA device)."""
+    if not torch.cuda.is_available() or _gpu_broken:
+        return False
+    from tunelab.models import triton_fused
+
+    return triton_fused.AVAILABLE
 
 
 @cache
@@ -244,7 +291,7 @@ def fuse(model: nn.Module) -> int:
 def fuse_swiglu(model: nn.Module) -> int:
     """Give every MLP of LlamaMLP's formula (MLP_CLASSES) whose activation is SiLU the fused SwiGLU; returns
     how many. Changed in place (the class), as fuse_rmsnorm does."""
-    if not available():
+    if not (available() or gpu_kernels()):
         return 0
     count = 0
     for module in model.modules():
@@ -260,7 +307,7 @@ def fuse_rmsnorm(model: nn.Module) -> int:
 
     Nothing changes where the kernel cannot be built; a module is changed in place (its class), so
     parameters, hooks and state_dict keys stay as they were."""
-    if not available():
+    if not (available() or gpu_kernels()):
         return 0
     count = 0
     for module in model.modules():
