@@ -342,18 +342,27 @@ def dequant_bench(shape: tuple[int, int], device: torch.device, reps: int) -> di
 
 
 def triton_sweep(qt, out, moved: int, device: torch.device, reps: int) -> dict:
-    """TB/s of the kernel at other (bytes per program, warps) settings, to choose the defaults on this card."""
+    """TB/s of both kernels at other launch settings, to choose the defaults on this card: the per-byte
+    kernel (bytes per program, warps) and the block-tiled bf16 one ("pairs", bytes per program, warps)."""
     from tunelab.quant import triton_kernels as tk
 
-    default = (tk.BYTES_PER_PROGRAM, tk.NUM_WARPS)
+    default = (tk.BYTES_PER_PROGRAM, tk.NUM_WARPS, tk.PAIRS, tk.PAIRS_BYTES, tk.PAIRS_WARPS)
     found = {}
+
+    def rate() -> float:
+        return moved / timed(lambda: tk.dequantize_4bit(qt, torch.bfloat16, out), device, reps) / 1e12
+
     try:
-        for cfg in ((512, 2), (512, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8)):
+        tk.PAIRS = False
+        for cfg in ((512, 2), (1024, 4), (2048, 8)):
             tk.BYTES_PER_PROGRAM, tk.NUM_WARPS = cfg
-            found[f"{cfg[0]}B/{cfg[1]}w"] = moved / timed(lambda: tk.dequantize_4bit(qt, torch.bfloat16, out),
-                                                          device, reps) / 1e12
+            found[f"{cfg[0]}B/{cfg[1]}w"] = rate()
+        tk.PAIRS = True
+        for cfg in ((1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)):
+            tk.PAIRS_BYTES, tk.PAIRS_WARPS = cfg
+            found[f"pairs {cfg[0]}B/{cfg[1]}w"] = rate()
     finally:
-        tk.BYTES_PER_PROGRAM, tk.NUM_WARPS = default
+        tk.BYTES_PER_PROGRAM, tk.NUM_WARPS, tk.PAIRS, tk.PAIRS_BYTES, tk.PAIRS_WARPS = default
     return found
 
 

@@ -30,7 +30,9 @@ def interpreted():
 def test_interpreted_kernel_equals_pytorch_path_bit_for_bit(interpreted):
     from triton_interp_cases import CASES
 
-    assert len(interpreted) == len(CASES) + 1  # + the bf16 ties case
+    bf16 = sum(c[5] == torch.bfloat16 for c in CASES)
+    assert len(interpreted) == 2 * (len(CASES) + 1) - (len(CASES) - bf16)  # bf16 cases + ties: both kernels
+    assert sum("per-byte" in r["case"] for r in interpreted) == bf16 + 1
     bad = [r for r in interpreted if not r["equal"]]
     assert not bad, bad
     assert interpreted[2]["numel"] == 7 and interpreted[0]["numel"] == 600 * 64 + 37  # odd counts, not padded

@@ -54,14 +54,20 @@ def test_no_label_tokens_gives_zero_loss():
     assert n == 0 and float(total.detach()) == 0.0
 
 
+@pytest.mark.parametrize("shift_always", [False, True])
 @pytest.mark.parametrize("head_trains", [True, False])
 @pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (400.0, 0.0), (1.0, -200.0), (1.0, 95.0)])
-def test_head_loss_matches_torch_cross_entropy_for_any_logit_range(scale, shift, head_trains):
+def test_head_loss_matches_torch_cross_entropy_for_any_logit_range(scale, shift, head_trains, shift_always,
+                                                                   monkeypatch):
     """Plain logits take the exp-without-shift path; huge ones (overflow), very negative ones (underflow)
     and a constant +95 (every exp overflows) take the max-shifted path. Bias and head gradients included;
-    a frozen head runs in (16 tokens x 7 vocabulary rows) tiles, so some tiles overflow and some not."""
+    a frozen head runs in (16 tokens x 7 vocabulary rows) tiles, so some tiles overflow and some not.
+    shift_always: the GPU's way, every token chunk shifted by its max without a host check."""
+    from tunelab.train import loss as loss_mod
     from tunelab.train.loss import linear_cross_entropy_sum
 
+    if shift_always:
+        monkeypatch.setattr(loss_mod, "_shift_always", lambda z: True)
     g = torch.Generator().manual_seed(3)
     h = torch.randn(37, 16, generator=g, requires_grad=True)
     head = torch.nn.Linear(16, 50)

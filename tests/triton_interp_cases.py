@@ -34,22 +34,25 @@ CASES = [
     ("nf4", 4096, True, (3 * 4096 + 1,), torch.float32, torch.bfloat16),
     ("nf4", 64, True, (300, 130), torch.bfloat16, torch.bfloat16),
     ("nf4", 64, True, (300, 130), torch.float16, torch.float16),
+    ("nf4", 64, True, (1000 * 64 + 38,), torch.float32, torch.bfloat16),  # even, short last block, 4 nested groups
 ]
 
 
-def run_case(quant_type, block_size, double_quant, shape, wdtype, odtype) -> dict:
+def run_case(quant_type, block_size, double_quant, shape, wdtype, odtype, pairs=True) -> dict:
     gen = torch.Generator().manual_seed(block_size + len(shape))
     w = (torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen) ** 3).to(wdtype)  # varied block scales
     qt = quantize(w, quant_type, block_size=block_size, double_quant=double_quant)
+    triton_kernels.PAIRS = pairs  # bf16, even counts: the block-tiled kernel, or the per-byte one
     ours = triton_kernels.dequantize_4bit(qt, odtype)
     ref = qt.dequantize(odtype).reshape(-1)  # the PyTorch path (CPU tensors never take the kernel)
     diff = (ours.double() - ref.double()).abs().max().item()
-    name = f"{quant_type}{'+dq' if double_quant else ''} block {block_size} {tuple(shape)} {wdtype}->{odtype}"
+    name = (f"{quant_type}{'+dq' if double_quant else ''} block {block_size} {tuple(shape)} {wdtype}->{odtype}"
+            + ("" if pairs else " per-byte kernel"))
     return {"case": name, "equal": ours.dtype == odtype and torch.equal(ours, ref), "max_abs_diff": diff,
             "numel": ours.numel()}
 
 
-def ties_case() -> dict:
+def ties_case(pairs=True) -> dict:
     """bf16 rounding at exact ties (fp32 products whose low 16 bits are 0x8000): to even, as CUDA and PyTorch.
 
     Random data almost never lands on a tie, so pick block scales s where nf4 value v * s does, found by
@@ -64,11 +67,13 @@ def ties_case() -> dict:
     data = (cols.to(torch.uint8) * 17).repeat_interleave(32)  # both nibbles = the code: 64 values per block
     qt = QuantizedTensor(data=data, scales=s[rows].contiguous(), shape=torch.Size([64 * len(rows)]),
                          dtype=torch.float32, quant_type="nf4", block_size=64)
+    triton_kernels.PAIRS = pairs
     ours = triton_kernels.dequantize_4bit(qt, torch.bfloat16)
     ref = qt.dequantize(torch.bfloat16)
-    return {"case": f"bf16 ties ({len(rows)} blocks)", "equal": len(rows) == 64 and torch.equal(ours, ref),
+    return {"case": f"bf16 ties ({len(rows)} blocks){'' if pairs else ' per-byte kernel'}", "equal": len(rows) == 64 and torch.equal(ours, ref),
             "max_abs_diff": (ours.double() - ref.double()).abs().max().item(), "numel": ours.numel()}
 
 
 if __name__ == "__main__":
-    print(json.dumps([run_case(*c) for c in CASES] + [ties_case()]))
+    per_byte = [run_case(*c, pairs=False) for c in CASES if c[5] == torch.bfloat16] + [ties_case(pairs=False)]
+    print(json.dumps([run_case(*c) for c in CASES] + [ties_case()] + per_byte))

@@ -31,6 +31,10 @@ AVAILABLE = triton is not None and os.environ.get("TUNELAB_TRITON", "1") != "0"
 # Packed bytes per program: 1024 bytes -> 2048 outputs, 8 bytes in and 16 outputs per thread at 4 warps.
 BYTES_PER_PROGRAM = 1024
 NUM_WARPS = 4
+# bf16 output of an even count: the block-tiled kernel (_dequant4_bf16_pairs_kernel), which decodes each
+# block's scale once and writes both values of a byte as one 32-bit word. Its launch: bytes per program, warps.
+PAIRS = True
+PAIRS_BYTES, PAIRS_WARPS = 2048, 4
 
 
 def serves(qt) -> bool:
@@ -68,6 +72,31 @@ if triton is not None:
             tl.store(out_ptr + e, vals.to(out_ptr.dtype.element_ty), mask=e < n)
 
 
+    @triton.jit
+    def _dequant4_bf16_pairs_kernel(codes_ptr, book_ptr, scales_ptr, nested_ptr, dmap_ptr, offset_ptr, out_ptr,
+                                    nbytes, HALF_BLOCK: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr,
+                                    ROWS: tl.constexpr):
+        """ROWS quantization blocks per program as a (ROWS, HALF_BLOCK) tile of bytes: each block's scale is
+        loaded (and decoded, with double quant) once, not once per byte; out_ptr is an int32 view of the
+        bf16 output, byte j -> word j = bf16(2j) | bf16(2j + 1) << 16 (little-endian element order)."""
+        blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+        j = blocks[:, None] * HALF_BLOCK + tl.arange(0, HALF_BLOCK)[None, :]  # (ROWS, HALF_BLOCK) byte index
+        in_range = j < nbytes
+        block_ok = blocks * HALF_BLOCK < nbytes
+        byte = tl.load(codes_ptr + j, mask=in_range, other=0).to(tl.int32)
+        if DOUBLE:
+            nested = tl.load(scales_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
+            scale = tl.load(dmap_ptr + nested) * tl.load(nested_ptr + blocks // NESTED, mask=block_ok, other=0)
+            scale = scale + tl.load(offset_ptr)  # launched without fp fusion: two roundings, as PyTorch
+        else:
+            scale = tl.load(scales_ptr + blocks, mask=block_ok, other=0.0)
+        hi = (tl.load(book_ptr + (byte >> 4)) * scale[:, None]).to(tl.uint32, bitcast=True)
+        lo = (tl.load(book_ptr + (byte & 15)) * scale[:, None]).to(tl.uint32, bitcast=True)
+        hi = (hi + 0x7FFF + ((hi >> 16) & 1)) >> 16  # round to nearest even, as _dequant4_kernel
+        lo = (lo + 0x7FFF + ((lo >> 16) & 1)) >> 16
+        tl.store(out_ptr + j, (hi | (lo << 16)).to(tl.int32, bitcast=True), mask=in_range)
+
+
 @lru_cache(maxsize=None)
 def _book16(quant_type: str, device: torch.device) -> torch.Tensor:
     """The fp32 code book padded to 16 entries (int4 uses 15 patterns; the 16th never occurs)."""
@@ -90,8 +119,17 @@ def dequantize_4bit(qt, dtype: torch.dtype, out: torch.Tensor | None = None) -> 
     else:  # unused by the kernel (DOUBLE is a compile-time False), any valid pointer will do
         nested = dmap = offset = qt.scales
     nbytes = (n + 1) // 2
-    grid = (triton.cdiv(nbytes, BYTES_PER_PROGRAM),)
     bf16 = dtype == torch.bfloat16
+    if PAIRS and bf16 and n % 2 == 0 and out.data_ptr() % 4 == 0:
+        half = qt.block_size // 2
+        rows = max(1, PAIRS_BYTES // half)
+        grid = (triton.cdiv(triton.cdiv(nbytes, half), rows),)
+        _dequant4_bf16_pairs_kernel[grid](qt.data, _book16(qt.quant_type, device), qt.scales, nested, dmap, offset,
+                                          out[:n].view(torch.int32), nbytes, HALF_BLOCK=half,
+                                          NESTED=blockwise.NESTED_BLOCK, DOUBLE=qt.double_quant, ROWS=rows,
+                                          num_warps=PAIRS_WARPS, enable_fp_fusion=False)
+        return out[:n]
+    grid = (triton.cdiv(nbytes, BYTES_PER_PROGRAM),)
     _dequant4_kernel[grid](qt.data, _book16(qt.quant_type, device), qt.scales, nested, dmap, offset,
                            out.view(torch.int16) if bf16 else out, n, HALF_BLOCK=qt.block_size // 2,
                            NESTED=blockwise.NESTED_BLOCK, DOUBLE=qt.double_quant, BF16=bf16, BYTES=BYTES_PER_PROGRAM, num_warps=NUM_WARPS, enable_fp_fusion=False)

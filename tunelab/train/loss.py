@@ -126,6 +126,12 @@ def _frozen_head(h, w, b, targets, grad_h, chunk, blocks) -> torch.Tensor:
     return loss
 
 
+def _shift_always(z: torch.Tensor) -> bool:
+    """On a GPU always shift by the row max: one more pass over the chunk's logits, where the check for the
+    fast path (a host read of the sums) would stall the device once per chunk."""
+    return z.device.type != "cpu"
+
+
 def _exp_logits(hc, w, b, yc, buf):
     """(e, target, m, s) of one chunk: e = exp(logits - m) (n, V) fp32, in `buf` when given; target =
     logits[y] (n,); m the per-row shift (0 on the fast path); s = e.sum(1). CE = log(s) + m - target."""
@@ -137,6 +143,9 @@ def _exp_logits(hc, w, b, yc, buf):
 
     z = logits()
     target = z.gather(1, yc[:, None]).squeeze(1)
+    if _shift_always(z):
+        m = z.amax(1)
+        return z, target, m, z.sub_(m[:, None]).exp_().sum(1)
     s = z.exp_().sum(1)
     m = torch.zeros_like(s)
     if not bool(((s >= _MIN_SUM) & torch.isfinite(s)).all()):  # rare: large or tiny logits; shift by the max
