@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command a session with a GPU runs (about 8 minutes; installs nothing, needs no network):
+# The one command a session with a GPU runs (about 3 minutes on an H200; installs nothing, needs no network):
 #     bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT (default ./gpu_out)
 # 1. what is installed (torch + CUDA, triton, bitsandbytes, peft, transformers) and the card;
 # 2. benchmarks/gpu.py --profile on the Llama-3-8B shape   (table: $OUT/gpu_bench.log, JSON: $OUT/gpu_bench.json)
