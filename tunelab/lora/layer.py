@@ -228,14 +228,17 @@ class _FusedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, base, scale, dtype):
+        ctx_dtypes = (a.dtype, b.dtype)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
             w = _dense_weight(base, dtype)  # (out, in)
             out = x2 @ w.t() if base.bias is None else torch.addmm(base.bias.to(dtype), x2, w.t())
-            u = x2 @ a.to(dtype).t()  # (T, r)
-            out.addmm_(u, b.to(dtype).t(), alpha=scale)
+            a, b = a.to(dtype), b.to(dtype)  # kept for backward: no second cast there (small: r rows)
+            u = x2 @ a.t()  # (T, r)
+            out.addmm_(u, b.t(), alpha=scale)
         ctx.save_for_backward(x2, u, a, b)
         ctx.base, ctx.scale, ctx.shape, ctx.dtype, ctx.x_dtype = base, scale, x.shape, dtype, x.dtype
+        ctx.ab_dtypes = ctx_dtypes
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -244,14 +247,14 @@ class _FusedLoRA(torch.autograd.Function):
         dtype = ctx.dtype
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (T, out)
-            v = g @ b.to(dtype)  # (T, r)
+            v = g @ b  # (T, r)
             grad_x = grad_a = grad_b = None
             if ctx.needs_input_grad[0]:
                 grad_x = g @ _dense_weight(ctx.base, dtype)  # (T, in)
-                grad_x.addmm_(v, a.to(dtype), alpha=ctx.scale)
+                grad_x.addmm_(v, a, alpha=ctx.scale)
                 grad_x = grad_x.view(ctx.shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
-                grad_a = torch.mm(v.t(), x2).to(a.dtype).mul_(ctx.scale)  # (r, in)
+                grad_a = torch.mm(v.t(), x2).to(ctx.ab_dtypes[0]).mul_(ctx.scale)  # (r, in)
             if ctx.needs_input_grad[2]:
-                grad_b = torch.mm(g.t(), u).to(b.dtype).mul_(ctx.scale)  # (out, r)
+                grad_b = torch.mm(g.t(), u).to(ctx.ab_dtypes[1]).mul_(ctx.scale)  # (out, r)
         return grad_x, grad_a, grad_b, None, None, None
