@@ -46,6 +46,22 @@ def serves(qt) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _block_scale(scales_ptr, nested_ptr, dmap_ptr, offset_ptr, block, mask, NESTED: tl.constexpr,
+                     DOUBLE: tl.constexpr):
+        """The fp32 absmax of quantization block(s) `block`; double-quantized ones decoded as
+        dynamic_map[code] * nested_absmax[block // NESTED] + offset (two roundings: launched without fp fusion)."""
+        if DOUBLE:
+            code = tl.load(scales_ptr + block, mask=mask, other=0).to(tl.int32)
+            return tl.load(dmap_ptr + code) * tl.load(nested_ptr + block // NESTED, mask=mask, other=0) + tl.load(offset_ptr)
+        return tl.load(scales_ptr + block, mask=mask, other=0.0)
+
+    @triton.jit
+    def _bf16_bits(v):
+        """fp32 `v` rounded to nearest even bf16, as its 16 bits in a uint32 (Triton's interpreter truncates)."""
+        bits = v.to(tl.uint32, bitcast=True)
+        return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+
+    @triton.jit
     def _dequant4_kernel(codes_ptr, book_ptr, scales_ptr, nested_ptr, dmap_ptr, offset_ptr, out_ptr, n,
                          HALF_BLOCK: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr,
                          BF16: tl.constexpr, BYTES: tl.constexpr):
@@ -56,18 +72,11 @@ if triton is not None:
         hi = tl.load(book_ptr + (byte >> 4))  # the 16-entry fp32 code book, from L1
         lo = tl.load(book_ptr + (byte & 15))
         block = j // HALF_BLOCK  # elements 2j and 2j+1 share a block: block sizes are even
-        if DOUBLE:
-            nested = tl.load(scales_ptr + block, mask=in_range, other=0).to(tl.int32)
-            scale = tl.load(dmap_ptr + nested) * tl.load(nested_ptr + block // NESTED, mask=in_range, other=0)
-            scale = scale + tl.load(offset_ptr)  # launched without fp fusion: two roundings, as PyTorch
-        else:
-            scale = tl.load(scales_ptr + block, mask=in_range, other=0.0)
+        scale = _block_scale(scales_ptr, nested_ptr, dmap_ptr, offset_ptr, block, in_range, NESTED, DOUBLE)
         vals = tl.interleave(hi * scale, lo * scale)  # (2 * BYTES,): element order 2j, 2j+1
         e = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-        if BF16:  # out_ptr: int16 view of bf16; round to nearest even by hand (Triton's interpreter truncates)
-            bits = vals.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            tl.store(out_ptr + e, (bits >> 16).to(tl.int16), mask=e < n)
+        if BF16:  # out_ptr: int16 view of bf16
+            tl.store(out_ptr + e, _bf16_bits(vals).to(tl.int16), mask=e < n)
         else:
             tl.store(out_ptr + e, vals.to(out_ptr.dtype.element_ty), mask=e < n)
 
@@ -84,16 +93,9 @@ if triton is not None:
         in_range = j < nbytes
         block_ok = blocks * HALF_BLOCK < nbytes
         byte = tl.load(codes_ptr + j, mask=in_range, other=0).to(tl.int32)
-        if DOUBLE:
-            nested = tl.load(scales_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
-            scale = tl.load(dmap_ptr + nested) * tl.load(nested_ptr + blocks // NESTED, mask=block_ok, other=0)
-            scale = scale + tl.load(offset_ptr)  # launched without fp fusion: two roundings, as PyTorch
-        else:
-            scale = tl.load(scales_ptr + blocks, mask=block_ok, other=0.0)
-        hi = (tl.load(book_ptr + (byte >> 4)) * scale[:, None]).to(tl.uint32, bitcast=True)
-        lo = (tl.load(book_ptr + (byte & 15)) * scale[:, None]).to(tl.uint32, bitcast=True)
-        hi = (hi + 0x7FFF + ((hi >> 16) & 1)) >> 16  # round to nearest even, as _dequant4_kernel
-        lo = (lo + 0x7FFF + ((lo >> 16) & 1)) >> 16
+        scale = _block_scale(scales_ptr, nested_ptr, dmap_ptr, offset_ptr, blocks, block_ok, NESTED, DOUBLE)
+        hi = _bf16_bits(tl.load(book_ptr + (byte >> 4)) * scale[:, None])
+        lo = _bf16_bits(tl.load(book_ptr + (byte & 15)) * scale[:, None])
         tl.store(out_ptr + j, (hi | (lo << 16)).to(tl.int32, bitcast=True), mask=in_range)
 
 
