@@ -273,8 +273,9 @@ def profile_step(step, device: torch.device, top: int = 12) -> dict:
     wall = time.perf_counter() - t
     rows = []
     for evt in prof.key_averages():
-        if cuda:  # the kernels themselves (their launching operators would count them twice)
-            if evt.device_type != DeviceType.CUDA:
+        if cuda:  # the kernels themselves (their launching operators would count them twice, and so would
+            # the device-side ranges of annotations such as "Optimizer.step#AdamW.step")
+            if evt.device_type != DeviceType.CUDA or "#" in evt.key or evt.key.startswith("ProfilerStep"):
                 continue
             us = evt.self_device_time_total
         else:

@@ -228,7 +228,7 @@ class _FusedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, base, scale, dtype):
-        ctx_dtypes = (a.dtype, b.dtype)
+        ctx.ab_dtypes = (a.dtype, b.dtype)  # the gradients go back in these
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
             w = _dense_weight(base, dtype)  # (out, in)
@@ -238,7 +238,6 @@ class _FusedLoRA(torch.autograd.Function):
             out.addmm_(u, b.t(), alpha=scale)
         ctx.save_for_backward(x2, u, a, b)
         ctx.base, ctx.scale, ctx.shape, ctx.dtype, ctx.x_dtype = base, scale, x.shape, dtype, x.dtype
-        ctx.ab_dtypes = ctx_dtypes
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
