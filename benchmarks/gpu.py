@@ -439,6 +439,26 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def pooled(results: list[dict]) -> str:
+    """Markdown: per comparison, the median s/step of every timed step (after warm-up) of the given runs
+    together, ours and the reference's, and their ratio (the reference's over ours: a tokens/s ratio)."""
+    steps: dict[tuple, list[float]] = {}
+    for res in results:
+        for r in res["rows"]:
+            if "step_times" in r:
+                steps.setdefault((r["stack"], r["checkpointing"]), []).extend(r["step_times"][res["warmup"]:])
+    lines = [f"{len(results)} runs pooled", "",
+             "| ours vs reference | grad ckpt | steps | ours median s | reference median s | tokens/s ratio |",
+             "|---|---|---|---|---|---|"]
+    for ours, ref in REFERENCE.items():
+        for ckpt in (True, False):
+            a, b = steps.get((ours, ckpt)), steps.get((ref, ckpt))
+            if a and b:
+                ma, mb = statistics.median(a), statistics.median(b)
+                lines.append(f"| {ours} / {ref} | {ckpt} | {len(a)} / {len(b)} | {ma:.3f} | {mb:.3f} | {mb / ma:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="2 small layers, 2 x 64 tokens (runs on a CPU)")
@@ -458,7 +478,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens per chunk of tunelab's head + cross-entropy (train.loss_chunk_tokens; default 1024)")
     p.add_argument("--profile", action="store_true", help="profile one more step per stack (torch.profiler)")
     p.add_argument("--out", type=Path, help="JSON results file (rewritten after each stack)")
+    p.add_argument("--pool", type=Path, nargs="+", metavar="JSON",
+                   help="measure nothing: the ratios over the timed steps of these runs' JSON files together")
     args = p.parse_args(argv)
+    if args.pool:
+        print(pooled([json.loads(f.read_text()) for f in args.pool]))
+        return 0
     device = torch.device(args.device)
     shape = dict(TINY if args.tiny else LLAMA3_8B)
     if args.layers:
