@@ -4,6 +4,7 @@
     python benchmarks/lora_train_bench.py --stacks tunelab-lora peft-lora --labels all --rounds 4
     python benchmarks/lora_train_bench.py --profile tunelab-lora all      # where one step's time goes
     python benchmarks/lora_train_bench.py --kernel-ab dequant all --rounds 4  # C kernel vs PyTorch path
+    python benchmarks/lora_train_bench.py --kernel-ab last half --rounds 8    # last layer on labels only
     python benchmarks/lora_train_bench.py --pool docs/bench/lora_bench9.json docs/bench/lora_bench1[0-2].json
 
 Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256 tokens of real text
@@ -251,13 +252,15 @@ def _sub(args: list[str]) -> dict:
 
 
 def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: int) -> None:
-    """Steps alternating one of tunelab's C kernels on and off (the PyTorch path): `dequant` on
-    tunelab-qlora, also timing every call of QuantizedTensor.dequantize (each frozen weight, forward and
-    backward); `fused` on tunelab-lora: the RMSNorm and SwiGLU of tunelab.models.fused (transformers'
-    modules when off; `rmsnorm` before the SwiGLU kernel existed)."""
+    """Steps alternating one of tunelab's shortcuts on and off: `dequant`, the C kernel on tunelab-qlora
+    (off: the PyTorch path), also timing every call of QuantizedTensor.dequantize (each frozen weight,
+    forward and backward); `fused` on tunelab-lora: the RMSNorm and SwiGLU C kernels of
+    tunelab.models.fused (off: transformers' modules; `rmsnorm` before the SwiGLU kernel existed); `last`
+    on tunelab-lora: the last decoder layer on labelled positions only (tunelab.train.loss; off: whole)."""
     from tunelab.models import fused
     from tunelab.quant import cpu_kernels
     from tunelab.quant.tensor import QuantizedTensor
+    from tunelab.train import loss
 
     spent = [0.0, 0]
     plain = QuantizedTensor.dequantize
@@ -270,27 +273,34 @@ def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: in
         return out
 
     QuantizedTensor.dequantize = timed
-    module = cpu_kernels if kernel == "dequant" else fused
     step = build_stack("tunelab-qlora" if kernel == "dequant" else "tunelab-lora", labels, batch, seq, r)
-    lib = module._lib if module.available() else None
-    if lib is None:
-        sys.exit("no C compiler here: nothing to compare")
+    if kernel == "last":
+        classes = loss.DECODER_CLASSES
+        switch = lambda on: setattr(loss, "DECODER_CLASSES", classes if on else ())  # noqa: E731
+        names = ("last layer on labels", "last layer whole   ")
+    else:
+        module = cpu_kernels if kernel == "dequant" else fused
+        lib = module._lib if module.available() else None
+        if lib is None:
+            sys.exit("no C compiler here: nothing to compare")
+        switch = lambda on: setattr(module, "_lib", lib if on else None)  # noqa: E731
+        names = ("C kernel", "PyTorch ")
     step()
     steps = {True: [], False: []}
     for k in range(2 * rounds):
         on = k % 4 in (1, 2)  # off, on, on, off, ...: each mode first as often as the other
-        module._lib = lib if on else None
+        switch(on)
         spent[:] = [0.0, 0]
         t = time.perf_counter()
         step()
         steps[on].append(time.perf_counter() - t)
-        print(f"{'C kernel' if on else 'PyTorch '} step {steps[on][-1]:.2f} s" + (
+        print(f"{names[0] if on else names[1]} step {steps[on][-1]:.2f} s" + (
             f", dequantize {spent[0] * 1e3:.0f} ms in {spent[1]} calls" if kernel == "dequant" else ""), flush=True)
-    module._lib = lib
+    switch(True)
     ratio = statistics.median(b / a for a, b in zip(steps[True], steps[False]))
     on_s, off_s = statistics.median(steps[True]), statistics.median(steps[False])
-    print(f"{kernel}: median step: C kernel {on_s:.2f} s, PyTorch {off_s:.2f} s; PyTorch / C kernel, "
-          f"median over pairs: {ratio:.3f}")
+    print(f"{kernel}: median step: {names[0].strip()} {on_s:.2f} s, {names[1].strip()} {off_s:.2f} s; "
+          f"off / on, median over pairs: {ratio:.3f}")
 
 
 PAIRS = (("tunelab-lora", "peft-lora"), ("tunelab-qlora", "peft-qlora"))
@@ -332,8 +342,8 @@ def main() -> None:
     ap.add_argument("--profile", nargs=2, metavar=("STACK", "LABELS"),
                     help="print torch.profiler's table (self CPU time by op and shape) for one step of one stack")
     ap.add_argument("--kernel-ab", nargs=2, metavar=("KERNEL", "LABELS"),
-                    help="steps alternating a C kernel (dequant: on tunelab-qlora; fused, RMSNorm and SwiGLU: on tunelab-lora) "
-                         "and the PyTorch path")
+                    help="steps alternating a shortcut on and off: dequant (C kernel, tunelab-qlora), fused (RMSNorm "
+                         "and SwiGLU C kernels, tunelab-lora), last (last layer on labelled positions only, tunelab-lora)")
     ap.add_argument("--one-memory", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
     ap.add_argument("--same-process", action="store_true",
                     help="build every stack in one process (the method of runs 5-11) instead of one worker each")
@@ -352,8 +362,8 @@ def main() -> None:
         profile_one(*args.profile, args.batch, args.seq, args.r)
         return
     if args.kernel_ab:
-        if args.kernel_ab[0] not in ("dequant", "fused") or args.kernel_ab[1] not in ("all", "half"):
-            ap.error("--kernel-ab takes dequant|fused and all|half")
+        if args.kernel_ab[0] not in ("dequant", "fused", "last") or args.kernel_ab[1] not in ("all", "half"):
+            ap.error("--kernel-ab takes dequant|fused|last and all|half")
         kernel_ab(*args.kernel_ab, args.rounds, args.batch, args.seq, args.r)
         return
     if args.one_memory:

@@ -91,3 +91,112 @@ def test_head_loss_matches_torch_cross_entropy_for_any_logit_range(scale, shift,
     for got, want in pairs:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert (head.weight.grad is None) != head_trains
+
+
+def _prompt_batch(vocab=512, T=23, prompts=(6, 11, 8), pad_last=0, seed=2):
+    """Rows whose first `prompts[i]` tokens carry no loss; the last row right-padded by `pad_last`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(prompts), T), generator=g)
+    labels = ids.clone()
+    for i, p in enumerate(prompts):
+        labels[i, :p] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    if pad_last:
+        mask = torch.ones_like(ids)
+        mask[-1, -pad_last:] = 0
+        labels[-1, -pad_last:] = -100
+        batch["attention_mask"] = mask
+    return batch
+
+
+def _rows_seen(model):
+    """Positions each decoder layer's MLP receives, per layer, recorded by hooks."""
+    seen = []
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda m, a, o, i=i: seen.append((i, a[0].shape[1])))
+    return seen
+
+
+def _tiny(arch: str, attn: str):
+    import transformers
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, attn_implementation=attn)
+    torch.manual_seed(0)
+    if arch == "llama":
+        return make_tiny_llama(attn_implementation=attn)
+    if arch == "qwen2":  # biased q/k/v
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common)).eval()  # q/k norms
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    total, n = causal_lm_loss_sum(model, batch)
+    (total / n).backward()
+    return total / n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pad_last", [0, 4])
+def test_last_layer_skips_prompt_positions(arch, attn, pad_last, monkeypatch):
+    """With every row's loss starting at position >= 5, the last layer of a Llama-formula decoder runs its
+    queries, MLP and norms on positions 5.. only (Qwen3, whose attention norms q and k, runs whole). Loss
+    and every gradient equal those of the whole last layer to float64 rounding (with SDPA), and
+    transformers' full-logits ones to the float32 loss sum's (as in the test above)."""
+    from tunelab.train import loss as loss_mod
+
+    model = _tiny(arch, attn).double()
+    model.requires_grad_(True)
+    model.lm_head.requires_grad_(False)  # a trained head's logits go through float32; a frozen one stays float64
+    batch = _prompt_batch(pad_last=pad_last)
+    ref = model(**batch).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with monkeypatch.context() as m:
+        m.setattr(loss_mod, "DECODER_CLASSES", ())
+        whole, whole_grads = _loss_and_grads(model, batch)
+
+    seen = _rows_seen(model)
+    loss, grads = _loss_and_grads(model, batch)
+    T, start = batch["input_ids"].shape[1], 5  # labels[:, 6] is the first label: position 5 predicts it
+    assert seen == [(0, T), (1, T if arch == "qwen3" else T - start)]
+    assert "forward" not in vars(model.model.layers[-1])  # the layer's own forward is back
+    torch.testing.assert_close(loss, whole, rtol=1e-12 if attn == "sdpa" else 1e-6, atol=0)
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-6, atol=1e-6)
+    assert grads.keys() == whole_grads.keys() == ref_grads.keys()
+    # transformers' eager attention takes its softmax in float32; the skip's SDPA stays in float64
+    tight = dict(rtol=1e-10, atol=1e-13) if attn == "sdpa" else dict(rtol=1e-5, atol=1e-7)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, whole_grads[name], **tight, msg=name)
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_last_layer_skip_under_gradient_checkpointing_and_lora(monkeypatch):
+    """LoRA adapters on every linear, gradient checkpointing on, training mode: the same loss and adapter
+    gradients as the whole last layer."""
+    from tunelab.lora import LoraConfig, apply_lora
+    from tunelab.train import loss as loss_mod
+    from tunelab.train.run import enable_checkpointing
+
+    model = apply_lora(make_tiny_llama().double(), LoraConfig(r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    enable_checkpointing(model)
+    model.train()
+    assert model.model.layers[-1].gradient_checkpointing
+    batch = _prompt_batch()
+    with monkeypatch.context() as m:
+        m.setattr(loss_mod, "DECODER_CLASSES", ())
+        whole, whole_grads = _loss_and_grads(model, batch)
+    seen = _rows_seen(model)
+    loss, grads = _loss_and_grads(model, batch)
+    assert (1, batch["input_ids"].shape[1] - 5) in seen
+    torch.testing.assert_close(loss, whole, rtol=1e-12, atol=0)
+    assert grads and grads.keys() == whole_grads.keys()
+    assert all("lora_" in k for k in grads)
+    for k, g in grads.items():
+        torch.testing.assert_close(g, whole_grads[k], rtol=1e-10, atol=1e-13, msg=k)
