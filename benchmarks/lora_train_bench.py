@@ -103,7 +103,7 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
         if stack == "tunelab-qlora":
             quantize_model(model, dtype="nf4", block_size=64, double_quant=True)
         apply_lora(model, LoraConfig(r=r, alpha=32, target_modules="all-linear"), verbose=False)
-        fuse(model)  # fused RMSNorm and SwiGLU, as tunelab's training runs do
+        fuse(model)  # fused RMSNorm, SwiGLU and rotary embedding, as tunelab's training runs do
         reuse_freed_memory()  # as tunelab's training loop does, once the model is built
         params = [p for g in lora_param_groups(model, 1e-4) for p in g["params"]]
         batch_ = {"input_ids": input_ids, "labels": lab}
@@ -255,8 +255,10 @@ def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: in
     """Steps alternating one of tunelab's shortcuts on and off: `dequant`, the C kernel on tunelab-qlora
     (off: the PyTorch path), also timing every call of QuantizedTensor.dequantize (each frozen weight,
     forward and backward); `fused` on tunelab-lora: the RMSNorm and SwiGLU C kernels of
-    tunelab.models.fused (off: transformers' modules; `rmsnorm` before the SwiGLU kernel existed); `last`
-    on tunelab-lora: the last decoder layer on labelled positions only (tunelab.train.loss; off: whole)."""
+    tunelab.models.fused (off: transformers' modules; `rmsnorm` before the SwiGLU kernel existed; with the
+    rotary kernel since it exists); `rotary` on tunelab-lora: the rotary embedding's kernel alone (off:
+    transformers' ops); `last` on tunelab-lora: the last decoder layer on labelled positions only
+    (tunelab.train.loss; off: whole)."""
     from tunelab.models import fused
     from tunelab.quant import cpu_kernels
     from tunelab.quant.tensor import QuantizedTensor
@@ -278,6 +280,10 @@ def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: in
         classes = loss.DECODER_CLASSES
         switch = lambda on: setattr(loss, "DECODER_CLASSES", classes if on else ())  # noqa: E731
         names = ("last layer on labels", "last layer whole   ")
+    elif kernel == "rotary":
+        real = fused._rotary_fusable
+        switch = lambda on: setattr(fused, "_rotary_fusable", real if on else lambda *a: False)  # noqa: E731
+        names = ("rotary kernel", "rotary PyTorch")
     else:
         module = cpu_kernels if kernel == "dequant" else fused
         lib = module._lib if module.available() else None
@@ -342,8 +348,9 @@ def main() -> None:
     ap.add_argument("--profile", nargs=2, metavar=("STACK", "LABELS"),
                     help="print torch.profiler's table (self CPU time by op and shape) for one step of one stack")
     ap.add_argument("--kernel-ab", nargs=2, metavar=("KERNEL", "LABELS"),
-                    help="steps alternating a shortcut on and off: dequant (C kernel, tunelab-qlora), fused (RMSNorm "
-                         "and SwiGLU C kernels, tunelab-lora), last (last layer on labelled positions only, tunelab-lora)")
+                    help="steps alternating a shortcut on and off: dequant (C kernel, tunelab-qlora), fused (RMSNorm, "
+                         "SwiGLU and rotary C kernels, tunelab-lora), rotary (its kernel alone), last (last layer on "
+                         "labelled positions only, tunelab-lora)")
     ap.add_argument("--one-memory", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
     ap.add_argument("--same-process", action="store_true",
                     help="build every stack in one process (the method of runs 5-11) instead of one worker each")
@@ -362,8 +369,8 @@ def main() -> None:
         profile_one(*args.profile, args.batch, args.seq, args.r)
         return
     if args.kernel_ab:
-        if args.kernel_ab[0] not in ("dequant", "fused", "last") or args.kernel_ab[1] not in ("all", "half"):
-            ap.error("--kernel-ab takes dequant|fused|last and all|half")
+        if args.kernel_ab[0] not in ("dequant", "fused", "rotary", "last") or args.kernel_ab[1] not in ("all", "half"):
+            ap.error("--kernel-ab takes dequant|fused|rotary|last and all|half")
         kernel_ab(*args.kernel_ab, args.rounds, args.batch, args.seq, args.r)
         return
     if args.one_memory:

@@ -231,7 +231,7 @@ def test_fused_swiglu_same_training_gradients_and_one_tensor_less_kept():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert fused.fuse(_tiny_llama()) == 2 * 2 + 1 + 2  # norms and MLPs
+    assert fused.fuse(_tiny_llama()) == 2 * 2 + 1 + 2 + 2  # norms, MLPs and attention modules
 
 
 def test_swiglu_other_dtypes_autocast_and_activations_keep_the_modules_own_forward(monkeypatch):
@@ -282,3 +282,98 @@ def test_a_failing_gpu_kernel_warns_once_and_the_module_formula_takes_over(monke
         got = model(ids).logits
     assert calls == ["norm"] and fused._gpu_broken  # the first failure switched the kernels off
     torch.testing.assert_close(got, plain(ids).logits, rtol=0, atol=0)
+
+
+def _rope_inputs(batch_cos: int, layout: str, seed: int = 4):
+    """q (2, 3, 5, 8) as transformers makes it (a transposed (B, T, H, D) view) or contiguous; cos and sin
+    of one row or of every batch row."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, T, D = 2, 3, 5, 8
+    if layout == "transposed":
+        q = torch.randn(B, T, H * D, generator=g).view(B, T, H, D).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, T, D, generator=g)
+    cos, sin = torch.randn(batch_cos, T, D, generator=g), torch.randn(batch_cos, T, D, generator=g)
+    return q.requires_grad_(), cos, sin, torch.randn(B, H, T, D, generator=g)
+
+
+@pytest.mark.parametrize("batch_cos", [1, 2])
+@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
+@pytest.mark.parametrize("grad_layout", ["contiguous", "transposed"])
+def test_rotary_gives_transformers_bits_forward_and_backward(batch_cos, layout, grad_layout):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+    q, cos, sin, gy = _rope_inputs(batch_cos, layout)
+    if grad_layout == "transposed":
+        gy = gy.transpose(1, 2).contiguous().transpose(1, 2)
+    ref = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+    (g_ref,) = torch.autograd.grad(ref, q, gy)
+    assert fused._rotary_fusable(q, cos, sin)
+    out = fused.rotary(q, cos, sin)
+    (g_out,) = torch.autograd.grad(out, q, gy)
+    assert torch.equal(out, ref) and torch.equal(g_out, g_ref)
+    assert out.stride() == q.stride()  # the input's layout, as transformers' ops keep it
+    q2, k2 = fused._fused_apply_rotary(apply_rotary_pos_emb)(q, q[:, :1], cos, sin)
+    assert torch.equal(q2, ref) and torch.equal(k2, ref[:, :1])
+
+
+def test_rotary_rows_split_across_threads_give_the_same_result(monkeypatch):
+    q, cos, sin, gy = _rope_inputs(1, "transposed")
+    one = fused.rotary(q, cos, sin)
+    (g_one,) = torch.autograd.grad(one, q, gy)
+    monkeypatch.setattr(fused, "PARALLEL_MIN", 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    split = fused.rotary(q, cos, sin)
+    (g_split,) = torch.autograd.grad(split, q, gy)
+    assert torch.equal(split, one) and torch.equal(g_split, g_one)
+
+
+def test_fuse_rotary_routes_llama_attention_and_keeps_every_gradient(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)  # restored after
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (2, 12))
+    ref = model(ids, labels=ids)
+    ref.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    calls = []
+    real = fused._rope
+    monkeypatch.setattr(fused, "_rope", lambda *a: calls.append(a[-1]) or real(*a))
+    assert fused.fuse_rotary(model) == 2 and fused.fuse_rotary(model) == 2  # the second call wraps nothing again
+    assert modeling_llama.apply_rotary_pos_emb.tunelab_original is not None
+    assert not hasattr(modeling_llama.apply_rotary_pos_emb.tunelab_original, "tunelab_original")
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert calls.count(0) == 4 and calls.count(1) == 4  # q and k of two layers, forward and backward
+    assert torch.equal(out.logits, ref.logits)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    calls.clear()
+    model.double()(ids)  # float64 takes transformers' own formula
+    assert calls == []
+
+
+def test_the_listed_attention_modules_have_llamas_rotary():
+    import importlib
+
+    from transformers.models.llama import modeling_llama
+
+    def source(module, name):
+        fn = getattr(module, name)
+        return _body_of(getattr(fn, "tunelab_original", fn))
+
+    found = 0
+    for name in fused.ATTN_CLASSES:
+        family = name.removesuffix("Attention").lower()
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        for fn in ("apply_rotary_pos_emb", "rotate_half"):
+            assert source(module, fn) == source(modeling_llama, fn), f"{family}'s {fn} differs from Llama's"
+        found += 1
+    assert found == len(fused.ATTN_CLASSES)
+
+
+def _body_of(fn) -> str:
+    src = re.sub(r'"""[\s\S]*?"""', "", inspect.getsource(fn))
+    return re.sub(r"\s+", " ", re.sub(r"#.*", "", src)).strip()

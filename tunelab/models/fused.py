@@ -1,4 +1,5 @@
-"""RMSNorm and SwiGLU as one C loop forward and one backward each, for fp32 training on CPU.
+"""RMSNorm, SwiGLU and the rotary embedding as one C loop forward and one backward each, for fp32 training
+on CPU.
 
 transformers' LlamaRMSNorm runs pow, mean, add, rsqrt and two multiplies, each a pass over memory, and
 autograd keeps their intermediates for a backward of about ten more ops. The bundled model runs 61 of them a
@@ -11,7 +12,12 @@ The MLP's SiLU(gate) * up keeps the gate output, the SiLU output and the up outp
 fused SwiGLU keeps gate and up only and recomputes the sigmoid in its one backward pass: one (tokens,
 intermediate) fp32 tensor less per layer, 180 MiB of a LoRA step of the bundled model at batch 4 x 256.
 
-`fuse(model)` (what `tunelab train` applies) gives each RMSNorm and MLP module of a known formula a
+The rotary embedding (x * cos + rotate_half(x) * sin on q and k) is six ops forward in transformers (two
+slices, a negation, a cat, two products and a sum) and more in backward; in a profiled LoRA step of the
+bundled model at batch 4 x 256 they took over 100 ms, one loop each way 45 ms (same bits; docs/lora.md).
+
+`fuse(model)` (what `tunelab train` applies) routes the rotary embedding of Llama-formula attention
+modules through the kernel (fuse_rotary) and gives each RMSNorm and MLP module of a known formula a
 subclass whose forward calls the kernel on fp32 CPU input outside autocast, tunelab.models.triton_fused's
 Triton kernels on CUDA input (bf16 under autocast, the same roundings as the module's formula), and the
 module's own formula otherwise. Weights, state_dict keys and saved files are unchanged. The C kernels are
@@ -22,6 +28,7 @@ built by tunelab.ckernels; without a C compiler (or with TUNELAB_C_KERNELS=0), a
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 import warnings
 from functools import cache
@@ -94,16 +101,60 @@ void tunelab_swiglu_bwd(const float *g, const float *u, const float *dh, float *
         du[i] = dh[i] * (g[i] * s);
     }
 }
+
+/* Rotary embedding of the rows of x (..., D), enumerated as (b, i, j) with i < n1, j < n2 (row r0 up to r1),
+   at element offset b * sb + i * s1 + j * s2 (the last dimension contiguous); out has x's strides. cos and
+   sin of a row sit at b * cb + i * c1 + j * c2 (0 for the head dimension, and for b when one row of cos
+   serves every batch row). The caller orders (i, j) as x lies in memory: (head, time) or (time, head).
+   Forward: out = x * c + rotate_half(x) * s with rotate_half(x) = cat(-x2, x1), transformers' products
+   and order. Backward (bwd = 1, x = dy): its transpose, out = x * c + cat(x2 * s2, -(x1 * s1)), the sums
+   autograd forms through rotate_half. */
+void tunelab_rope(const float *x, float *out, const float *cs, const float *sn, int64_t r0, int64_t r1,
+                  int64_t n1, int64_t n2, int64_t D, int64_t sb, int64_t s1, int64_t s2, int64_t cb, int64_t c1,
+                  int64_t c2, int bwd) {
+    int64_t d2 = D / 2, j = r0 % n2, i = (r0 / n2) % n1, b = r0 / (n1 * n2);
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t o = b * sb + i * s1 + j * s2, co = b * cb + i * c1 + j * c2;
+        const float *xi = x + o, *c = cs + co, *s = sn + co;
+        float *oi = out + o;
+        if (!bwd) {
+#pragma omp simd
+            for (int64_t k = 0; k < d2; k++) {
+                float lo = xi[k], hi = xi[k + d2];
+                oi[k] = lo * c[k] + (-hi) * s[k];
+                oi[k + d2] = hi * c[k + d2] + lo * s[k + d2];
+            }
+        } else {
+#pragma omp simd
+            for (int64_t k = 0; k < d2; k++) {
+                float lo = xi[k], hi = xi[k + d2];
+                oi[k] = lo * c[k] + hi * s[k + d2];
+                oi[k + d2] = hi * c[k + d2] + (-(lo * s[k]));
+            }
+        }
+        if (++j == n2) {
+            j = 0;
+            if (++i == n1) {
+                i = 0;
+                b++;
+            }
+        }
+    }
+}
 """
 _SIGNATURES = {
     "tunelab_rms_fwd": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_float],
     "tunelab_rms_bwd": [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3,
     "tunelab_swiglu_fwd": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2,
     "tunelab_swiglu_bwd": [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2,
+    "tunelab_rope": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_int],
 }
 # transformers classes whose forward is LlamaRMSNorm's formula, w * (x * rsqrt(mean(x^2) + eps)) in fp32
 # (tests/test_models_fused.py checks their source against Llama's). Gemma's (1 + w) is not among them.
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+# transformers attention classes whose module's apply_rotary_pos_emb is Llama's (checked against Llama's source
+# in tests/test_models_fused.py): fuse_rotary routes it through the kernel.
+ATTN_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 # transformers classes whose forward is LlamaMLP's, down(act(gate(x)) * up(x)); fused when act is SiLU.
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 PARALLEL_MIN = 1 << 22  # values per thread below which one thread does all (a thread hand-off costs ~50 us)
@@ -185,6 +236,68 @@ class _SwiGLU(torch.autograd.Function):
         _each(_value_parts(g.numel()), lambda k, a, b: _lib.tunelab_swiglu_bwd(
             g.data_ptr(), u.data_ptr(), dh.data_ptr(), dg.data_ptr(), du.data_ptr(), a, b))
         return dg, du
+
+
+class _Rotary(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin for x (B, H, T, D) in one pass each way; keeps only cos and sin."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope(x, cos, sin, 0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rope(dy, cos, sin, 1), None, None
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bwd: int) -> torch.Tensor:
+    """The kernel's output, in x's strides where they are dense (a transposed (B, T, H, D) view stays
+    one: transformers' q and k), else contiguous."""
+    out = torch.empty_like(x)
+    if out.stride() != x.stride() or x.stride(-1) != 1:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+    B, H, T, D = x.shape
+    sb, sh, st = x.stride()[:3]
+    cb, ct = (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
+    # rows in memory order: a transposed (B, T, H, D) view goes time-major
+    n1, n2, s1, s2, c1, c2 = (H, T, sh, st, 0, ct) if sh >= st else (T, H, st, sh, ct, 0)
+    _each(_row_parts(B * H * T, D), lambda k, r0, r1: _lib.tunelab_rope(
+        x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), r0, r1, n1, n2, D, sb, s1, s2, cb, c1, c2,
+        bwd))
+    return out
+
+
+def _rotary_fusable(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """x (B, H, T, D) and cos, sin (1 or B, T, D), fp32 on CPU, cos's last dimension contiguous, no gradient
+    through cos and sin (transformers computes them from a buffer), kernel available."""
+    return (x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape and cos.stride() == sin.stride()
+            and cos.shape[1:] == x.shape[2:] and cos.shape[0] in (1, x.shape[0]) and x.shape[-1] % 2 == 0
+            and cos.stride(-1) == 1 and x.numel() > 0
+            and not (cos.requires_grad or sin.requires_grad) and _cpu_fp32(x, cos, sin))
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of x (B, H, T, D) with cos, sin (1 or B, T, D): through the kernel
+    where it serves (the same bits), else the formula."""
+    if _rotary_fusable(x, cos, sin):
+        return _Rotary.apply(x, cos, sin)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _fused_apply_rotary(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if unsqueeze_dim == 1 and _rotary_fusable(q, cos, sin) and _rotary_fusable(k, cos, sin):
+            return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb.tunelab_original = original
+    apply_rotary_pos_emb.__doc__ = original.__doc__
+    return apply_rotary_pos_emb
 
 
 def _value_parts(n: int) -> list[tuple[int, int]]:
@@ -284,8 +397,30 @@ def _fused_class(cls: type) -> type:
 
 
 def fuse(model: nn.Module) -> int:
-    """fuse_rmsnorm and fuse_swiglu: what `tunelab train` does to every model; returns how many modules."""
-    return fuse_rmsnorm(model) + fuse_swiglu(model)
+    """fuse_rmsnorm, fuse_swiglu and fuse_rotary: what `tunelab train` does to every model; returns how many
+    modules."""
+    return fuse_rmsnorm(model) + fuse_swiglu(model) + fuse_rotary(model)
+
+
+def fuse_rotary(model: nn.Module) -> int:
+    """Route the rotary embedding of every attention module of Llama's formula (ATTN_CLASSES) through the C
+    kernel; returns how many modules. transformers' attention calls its modeling module's
+    apply_rotary_pos_emb, so that function is replaced in the module (once): on fp32 CPU tensors it runs the
+    kernel, on anything else the original. The results are the same bits either way, so other models of
+    the same architecture in the process are unaffected."""
+    if not available():
+        return 0
+    count = 0
+    for module in model.modules():
+        cls = next((c for c in type(module).__mro__ if c.__name__ in ATTN_CLASSES), None)
+        home = sys.modules.get(cls.__module__) if cls is not None else None
+        original = getattr(home, "apply_rotary_pos_emb", None)
+        if original is None:
+            continue
+        if not hasattr(original, "tunelab_original"):
+            home.apply_rotary_pos_emb = _fused_apply_rotary(original)
+        count += 1
+    return count
 
 
 def fuse_swiglu(model: nn.Module) -> int:

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tunelab.models.fused import rotary
+
 IGNORE = -100
 
 
@@ -235,9 +237,8 @@ class _LastLayerFrom:
         q = attn.q_proj(x[:, s:]).view(B, T - s, -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # (B or 1, 1, T, head_dim)
-        q = q * cos[:, :, s:] + _rotate_half(q) * sin[:, :, s:]
-        k = k * cos + _rotate_half(k) * sin
+        cos, sin = position_embeddings  # (B or 1, T, head_dim)
+        q, k = rotary(q, cos[:, s:], sin[:, s:]), rotary(k, cos, sin)
         if attention_mask is None:  # causal: query s + i sees keys 0 .. s + i
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[s:]
         else:
@@ -247,11 +248,6 @@ class _LastLayerFrom:
                                            enable_gqa=q.shape[1] != k.shape[1])
         h = hidden_states[:, s:] + attn.o_proj(o.transpose(1, 2).reshape(B, T - s, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _last_layer_from(body, batch: dict, start: int) -> _LastLayerFrom:
