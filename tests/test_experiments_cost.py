@@ -22,7 +22,7 @@ from tunelab.train.loss import causal_lm_loss_sum
 def _prepared(method: str, tied: bool, fused: bool = False):
     m = make_tiny_llama(num_hidden_layers=3, tie_word_embeddings=tied).train()
     if fused:
-        assert fuse(m) == 7 + 3  # RMSNorms, MLPs
+        assert fuse(m) == 7 + 3 + 3  # RMSNorms, MLPs, attention modules (rotary)
     if method == "qlora":
         quantize_model(m, block_size=32)
     if method == "full":
