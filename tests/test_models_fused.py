@@ -313,8 +313,11 @@ def test_rotary_gives_transformers_bits_forward_and_backward(batch_cos, layout, 
     (g_out,) = torch.autograd.grad(out, q, gy)
     assert torch.equal(out, ref) and torch.equal(g_out, g_ref)
     assert out.stride() == q.stride()  # the input's layout, as transformers' ops keep it
-    q2, k2 = fused._fused_apply_rotary(apply_rotary_pos_emb)(q, q[:, :1], cos, sin)
+    routed = fused._fused_apply_rotary(apply_rotary_pos_emb)
+    q2, k2 = routed(q, q[:, :1], cos, sin)
     assert torch.equal(q2, ref) and torch.equal(k2, ref[:, :1])
+    qt, _ = routed(q.transpose(1, 2), q.transpose(1, 2), cos, sin, unsqueeze_dim=2)  # another layout: transformers'
+    assert torch.equal(qt.transpose(1, 2), ref)
 
 
 def test_rotary_rows_split_across_threads_give_the_same_result(monkeypatch):

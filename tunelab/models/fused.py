@@ -290,10 +290,11 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def _fused_apply_rotary(original):
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if unsqueeze_dim == 1 and _rotary_fusable(q, cos, sin) and _rotary_fusable(k, cos, sin):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        plain = not args and kwargs.get("unsqueeze_dim", 1) == 1 and len(kwargs) <= 1  # transformers' own call
+        if plain and _rotary_fusable(q, cos, sin) and _rotary_fusable(k, cos, sin):
             return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
-        return original(q, k, cos, sin, unsqueeze_dim)
+        return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.tunelab_original = original
     apply_rotary_pos_emb.__doc__ = original.__doc__
