@@ -125,10 +125,7 @@ def test_switched_off_changes_nothing(monkeypatch):
 
 def _body(cls) -> str:
     """A class's forward source without its docstring, comments and the class-specific names."""
-    src = inspect.getsource(cls.forward)
-    src = re.sub(r'"""[\s\S]*?"""', "", src)
-    src = re.sub(r"#.*", "", src)
-    return re.sub(r"\s+", " ", src).strip()
+    return _body_of(cls.forward)
 
 
 @pytest.mark.parametrize(("names", "llama_cls", "suffix"), [(fused.NORM_CLASSES, LlamaRMSNorm, "RMSNorm"),
@@ -378,5 +375,6 @@ def test_the_listed_attention_modules_have_llamas_rotary():
 
 
 def _body_of(fn) -> str:
+    """A function's source without its docstring and comments, whitespace collapsed."""
     src = re.sub(r'"""[\s\S]*?"""', "", inspect.getsource(fn))
     return re.sub(r"\s+", " ", re.sub(r"#.*", "", src)).strip()
