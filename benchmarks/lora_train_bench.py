@@ -48,6 +48,31 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
+def machine() -> dict:
+    """What a run ran on: speeds and ratios are not comparable across CPUs (AVX2 against AVX-512 GEMMs)."""
+    import os
+    import platform
+
+    import torch
+
+    info = {"cpus": os.cpu_count(), "torch": torch.__version__, "simd": torch.backends.cpu.get_cpu_capability()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["model"] = fields.get("model name", platform.processor())
+        info["flags"] = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx", "amx", "fma")))
+        caches = Path("/sys/devices/system/cpu/cpu0/cache")
+        info["caches"] = {f"L{(d / 'level').read_text().strip()}{(d / 'type').read_text().strip()[0]}":
+                          (d / "size").read_text().strip() for d in sorted(caches.glob("index*"))}
+    except OSError:  # not Linux
+        info["model"] = platform.processor()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent)
+    info["commit"] = commit.stdout.strip() or None
+    return info
+
+
 def _batch(tok, batch: int, seq: int, labels: str):
     import pydoc_data.topics
     import torch
@@ -356,7 +381,8 @@ def main() -> None:
                     help="build every stack in one process (the method of runs 5-11) instead of one worker each")
     ap.add_argument("--one-speed", metavar="LABELS", help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=2, metavar=("STACK", "LABELS"), help=argparse.SUPPRESS)
-    ap.add_argument("--out", help="write all measurements as JSON here")
+    ap.add_argument("--out", help="write all measurements (and the machine's CPU) as JSON here")
+    ap.add_argument("--machine", action="store_true", help="print the machine record that --out writes, and exit")
     ap.add_argument("--pool", nargs="+", metavar="JSON",
                     help="print issue 8's ratios over the rounds of these runs (--out files) together, with 90%% "
                          "bootstrap intervals, and exit")
@@ -364,6 +390,9 @@ def main() -> None:
     shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r)]
     if args.pool:
         pool(args.pool)
+        return
+    if args.machine:
+        print(json.dumps(machine(), indent=1))
         return
     if args.profile:
         profile_one(*args.profile, args.batch, args.seq, args.r)
@@ -396,7 +425,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"speed": speed, "memory": {f"{k[0]} {k[1]}": v for k, v in memory.items()},
-                       "args": vars(args)}, f, indent=1)
+                       "args": vars(args), "machine": machine()}, f, indent=1)
 
     tokens = args.batch * args.seq
     print("\n| labels | stack | median s/step | tokens/s | steps (s) | peak train MiB |\n|---|---|---|---|---|---|")
