@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tunelab.quant as tq
+from bnb_reference import dequantize_4bit as bnb_dequantize_4bit
 from tunelab.quant import QuantError, QuantizedTensor, blockwise
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -57,12 +58,22 @@ def test_matches_bitsandbytes_bytes_scales_and_values(quant_type, shape):
         if double_quant:
             assert torch.equal(ours.nested_absmax, state.state2.absmax), case
             assert ours.offset.item() == state.offset.item(), case
-        ref = bnbf.dequantize_4bit(packed, state).reshape(shape)
+        ref = bnb_dequantize_4bit(packed, state).reshape(shape)
         got = ours.dequantize()
         assert got.dtype == dtype and got.shape == x.shape
         torch.testing.assert_close(got.float(), ref.float(), rtol=1e-6, atol=0)
         for out_dtype in (torch.float32, torch.bfloat16):  # dequantize to a requested dtype
             assert ours.dequantize(out_dtype).dtype == out_dtype
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_route_equals_bitsandbytes_where_its_kernel_is_right(double_quant, dtype):
+    # bnb_reference takes bitsandbytes' generic path where its AVX-512 CPU kernel is wrong (blocks across
+    # rows); on shapes where that kernel is right both must agree bit for bit, nested scales included
+    x = (torch.randn(48, 256, generator=torch.Generator().manual_seed(5)) * 0.02).to(dtype)
+    packed, state = _bnb(x, "nf4", 64, double_quant)
+    assert torch.equal(bnb_dequantize_4bit(packed, state, generic=True), bnbf.dequantize_4bit(packed, state))
 
 
 def test_long_tensor_with_many_chunks_matches_bitsandbytes(monkeypatch):
@@ -74,7 +85,7 @@ def test_long_tensor_with_many_chunks_matches_bitsandbytes(monkeypatch):
         packed, state = _bnb(x, quant_type, 64, True)
         ours = tq.quantize(x, quant_type, double_quant=True)
         assert torch.equal(ours.data, packed.view(-1)) and torch.equal(ours.scales, state.absmax)
-        ref = bnbf.dequantize_4bit(packed, state).view(-1)
+        ref = bnb_dequantize_4bit(packed, state).view(-1)
         assert torch.equal(ours.dequantize(), ref)
         assert torch.equal(ours.dequantize(torch.bfloat16), ref.bfloat16())  # converting copy per step
     half = x.bfloat16()  # fp16/bf16 input: widened per step
@@ -94,7 +105,7 @@ def test_edge_values_match_bitsandbytes():
             packed, state = _bnb(x, quant_type, 64, dq)
             ours = tq.quantize(x, quant_type, double_quant=dq)
             assert torch.equal(ours.data, packed.view(-1)) and torch.equal(ours.scales, state.absmax)
-            assert torch.equal(ours.dequantize(), bnbf.dequantize_4bit(packed, state).view(-1))
+            assert torch.equal(ours.dequantize(), bnb_dequantize_4bit(packed, state).view(-1))
 
 
 def test_nibble_order_is_high_then_low():
@@ -116,7 +127,7 @@ def test_state_dict_round_trips_both_ways(double_quant):
     # ours -> bitsandbytes: its QuantState reads our keys and dequantizes to our values
     state = QuantState.from_dict({k.removeprefix("layer.weight."): v for k, v in sd.items() if k != "layer.weight"},
                                  device=torch.device("cpu"))
-    assert torch.equal(bnbf.dequantize_4bit(sd["layer.weight"], state), ours.dequantize())
+    assert torch.equal(bnb_dequantize_4bit(sd["layer.weight"], state), ours.dequantize())
     # bitsandbytes -> ours: its as_dict(packed=True) is byte-identical, JSON included, and reads back
     packed, bstate = _bnb(x, "nf4", 64, double_quant)
     theirs = {"layer.weight": packed, **{"layer.weight." + k: v for k, v in bstate.as_dict(packed=True).items()}}
@@ -138,7 +149,7 @@ def test_bitsandbytes_linear4bit_checkpoint_loads():
     sd = layer.state_dict()
     ours = QuantizedTensor.from_bnb_state_dict(sd)
     assert ours.quant_type == "fp4" and ours.shape == (48, 128)
-    assert torch.equal(ours.dequantize(), bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    assert torch.equal(ours.dequantize(), bnb_dequantize_4bit(layer.weight.data, layer.weight.quant_state))
 
 
 def test_bad_state_dict_is_a_clear_error():

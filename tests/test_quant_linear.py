@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import tunelab.quant as tq
+from bnb_reference import dequantize_4bit as bnb_dequantize_4bit
 from tunelab.quant import Linear4bit, QuantizedTensor, model_nbytes, quantize_model
 
 
@@ -92,7 +93,7 @@ def test_state_dict_has_bitsandbytes_keys_and_loads_into_bitsandbytes():
     # ours -> bitsandbytes: Params4bit.from_prequantized is how transformers loads such checkpoints
     stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
     weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu")
-    deq = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    deq = bnb_dequantize_4bit(weight.data, weight.quant_state)
     assert torch.equal(deq, layer.dequantize_weight())
 
 
