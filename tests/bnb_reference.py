@@ -2,8 +2,9 @@
 
 bitsandbytes 0.50's native CPU dequantize (the one it picks where torch reports AVX-512) reads the codes of
 an (m, n) weight row by row, so it is wrong wherever a block spans two rows (n not a multiple of the block
-size, n even; odd n already goes to its generic path): on (64, 64) at block 128 its own round trip is 2-3x
-worse than at block 64, while its bytes and scales equal ours. There the reference is bitsandbytes' own
+size, n even; odd n already goes to its generic path): on (64, 64) at block 128 its round trip is several
+times worse than its generic path's (`python tests/bnb_reference.py` prints both), while its bytes and
+scales equal ours. There the reference is bitsandbytes' own
 generic implementation, the one its CPU backend falls back to for other shapes; everywhere else, and on
 every other device, `bitsandbytes.functional.dequantize_4bit` itself.
 """
@@ -31,3 +32,15 @@ def dequantize_4bit(packed: torch.Tensor, state, generic: bool = False) -> torch
                                        _get_4bit_code(state.quant_type, packed.device), state.blocksize, shape,
                                        state.dtype)
     return out.t() if packed.shape[0] == 1 else out  # bitsandbytes' shim for a transposed packed weight
+
+
+if __name__ == "__main__":  # python tests/bnb_reference.py: where bitsandbytes' own kernel and generic path differ
+    import bitsandbytes.functional as bnbf
+
+    print(f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    for shape, block in [((64, 128), 64), ((64, 64), 64), ((64, 64), 128), ((64, 64), 256), ((40, 96), 64)]:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
+        packed, state = bnbf.quantize_4bit(x, blocksize=block, quant_type="nf4")
+        native, generic = bnbf.dequantize_4bit(packed, state), dequantize_4bit(packed, state, generic=True)
+        print(f"{str(shape):>10} block {block:>3}: kernel == generic {torch.equal(native, generic)!s:>5}, "
+              f"round-trip max error kernel {(native - x).abs().max():.4f} generic {(generic - x).abs().max():.4f}")
