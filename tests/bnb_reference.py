@@ -4,9 +4,9 @@ bitsandbytes 0.50's native CPU dequantize (the one it picks where torch reports 
 an (m, n) weight row by row, so it is wrong wherever a block spans two rows (n not a multiple of the block
 size, n even; odd n already goes to its generic path): on (64, 64) at block 128 its round trip is several
 times worse than its generic path's (`python tests/bnb_reference.py` prints both), while its bytes and
-scales equal ours. There the reference is bitsandbytes' own
-generic implementation, the one its CPU backend falls back to for other shapes; everywhere else, and on
-every other device, `bitsandbytes.functional.dequantize_4bit` itself.
+scales equal ours. There the reference is bitsandbytes' own generic implementation, the one its CPU
+backend falls back to for other shapes; everywhere else, and on every other device,
+`bitsandbytes.functional.dequantize_4bit` itself.
 """
 
 from __future__ import annotations
