@@ -52,10 +52,16 @@ def machine() -> dict:
     """What a run ran on: speeds and ratios are not comparable across CPUs (AVX2 against AVX-512 GEMMs)."""
     import os
     import platform
+    from importlib import metadata
 
     import torch
 
     info = {"cpus": os.cpu_count(), "torch": torch.__version__, "simd": torch.backends.cpu.get_cpu_capability()}
+    for package in ("transformers", "peft", "bitsandbytes"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = None
     try:
         text = Path("/proc/cpuinfo").read_text()
         fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
