@@ -181,13 +181,18 @@ def test_external_sigkill_at_random_times_then_resume(setup, shm_tmp):
         rng = random.Random(1000 + trial)
         out = shm_tmp / f"x{trial}"
         cfg = run_config(ws, out, train=TRAIN, lora=LORA)
-        wait_for, delay = rng.randint(1, STEPS - 3), rng.uniform(0, 0.05)
+        wait_for, fraction = rng.randint(2, STEPS - 3), rng.random()
         p = _start(cfg)
-        target = out / "checkpoints" / f"{checkpoint.PREFIX}{wait_for:08d}"
+        folder = out / "checkpoints" / checkpoint.PREFIX
+        target, before = Path(f"{folder}{wait_for:08d}"), Path(f"{folder}{wait_for - 1:08d}")
         deadline = time.time() + 120
         while not target.exists() and p.is_alive() and time.time() < deadline:
             time.sleep(0.002)
-        time.sleep(delay)
+        try:  # a random time within the next step (the last one's length), so 2+ steps stay to resume
+            step_s = target.stat().st_mtime - before.stat().st_mtime
+        except FileNotFoundError:
+            step_s = 0.05
+        time.sleep(fraction * step_s)
         os.kill(p.pid, signal.SIGKILL)
         p.join()
         assert p.exitcode == -signal.SIGKILL, "the run finished before it was killed"
