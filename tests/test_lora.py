@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_llama
 from torch import nn
 
+from numerics import assert_within, lora_forward_bound
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.lora import (
     LoraConfig,
@@ -63,12 +64,12 @@ def test_layer_forward_matches_float64_formula(use_dora, use_rslora):
     W, b, A, B = (t.detach().double() for t in (base.weight, base.bias, layer.lora_A.weight, layer.lora_B.weight))
     scale = 6 / (math.sqrt(4) if use_rslora else 4)
     assert layer.scale == pytest.approx(scale)
-    W2 = W + scale * B @ A
+    W2, factor = W + scale * B @ A, None
     if use_dora:  # DoRA: m * V / ||V||_row, V = W + scale B A (Liu et al. 2024, eq. 5)
-        m = layer.lora_magnitude_vector.detach().double()
-        W2 = (m / W2.norm(dim=1))[:, None] * W2
-    expected = x.double() @ W2.T + b
-    assert torch.allclose(layer(x).double(), expected, atol=1e-5)
+        factor = layer.lora_magnitude_vector.detach().double() / W2.norm(dim=1)
+        W2 = factor[:, None] * W2
+    bound = lora_forward_bound(x, W, b, A, B, scale, factor)
+    assert_within(layer(x), x.double() @ W2.T + b, bound, "LoRA layer against float64")
 
 
 def test_init_kaiming_and_gaussian_with_zero_b():

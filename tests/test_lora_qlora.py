@@ -8,6 +8,7 @@ import torch
 from conftest import make_tiny_llama
 from torch import nn
 
+from numerics import assert_within, lora_forward_bound
 from tunelab.errors import TunelabError
 from tunelab.lora import (
     LoraConfig,
@@ -92,10 +93,12 @@ def test_qlora_layer_matches_float64_formula_on_dequantized_weight(use_dora):
     x = torch.randn(3, 128)
     W, b, A, B = (t.detach().double() for t in (base.dequantize_weight(), base.bias, layer.lora_A.weight,
                                                 layer.lora_B.weight))
-    W2 = W + 2.0 * B @ A
+    W2, factor = W + 2.0 * B @ A, None
     if use_dora:
-        W2 = (layer.lora_magnitude_vector.detach().double() / W2.norm(dim=1))[:, None] * W2
-    assert torch.allclose(layer(x).double(), x.double() @ W2.T + b, atol=1e-5)
+        factor = layer.lora_magnitude_vector.detach().double() / W2.norm(dim=1)
+        W2 = factor[:, None] * W2
+    bound = lora_forward_bound(x, W, b, A, B, 2.0, factor)
+    assert_within(layer(x), x.double() @ W2.T + b, bound, "QLoRA layer against float64")
 
 
 def test_qlora_merge_goes_into_full_precision_weights(tmp_path):
