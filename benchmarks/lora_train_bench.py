@@ -6,6 +6,7 @@
     python benchmarks/lora_train_bench.py --kernel-ab dequant all --rounds 4  # C kernel vs PyTorch path
     python benchmarks/lora_train_bench.py --kernel-ab last half --rounds 8    # last layer on labels only
     python benchmarks/lora_train_bench.py --pool docs/bench/lora_bench9.json docs/bench/lora_bench1[0-2].json
+    python benchmarks/lora_train_bench.py --malloc jemalloc   # every stack on jemalloc (LD_PRELOAD)
 
 Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256 tokens of real text
 (Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4 (torch's fused kernel, for all).
@@ -19,7 +20,15 @@ rounds of the ratio of the two stacks' steps within a round. `--same-process` bu
 process instead (runs 5-11 of docs/lora.md), where PEFT's stacks share our malloc setting.
 Memory: each stack alone in its own process (so bitsandbytes', PEFT's and our allocations do not mix):
 the rise of the peak resident set over two training steps above the resident set of the built model
-(Linux: VmHWM reset through /proc/self/clear_refs), optimizer state included.
+(Linux: VmHWM reset through /proc/self/clear_refs), optimizer state included; and the largest total of
+live tensors over a third step (torch's memory profiler: tensors created minus destroyed), which does not
+depend on the allocator.
+Allocator (--malloc): `shipped` (default) runs each stack as a user gets it: PEFT's on glibc's default
+malloc, ours with tunelab/train/malloc.py's setting. `glibc-tuned` gives every stack that setting;
+`jemalloc` and `tcmalloc` preload that allocator into every stack's process (Debian:
+`apt-get install libjemalloc2 libtcmalloc-minimal4`), where glibc's setting has no effect.
+Correctness: the stacks train the same model from the same start on the same batch, so their losses must
+agree (LOSS_RTOL) and fall over the rounds; the run exits 1 when they do not (after writing --out).
 Labels: `all` = every token carries loss (pretraining-like); `half` = the first half of each row is
 prompt (-100), as in SFT.
 """
@@ -39,6 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 STACKS = ("tunelab-lora", "peft-lora", "tunelab-qlora", "peft-qlora")
 EXTRA_STACKS = ("peft-lora-reuse",)  # PEFT LoRA with tunelab's malloc setting: what that setting is worth to it
+MALLOCS = {"shipped": None, "glibc-tuned": None, "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+           "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
+# The stacks compute the same losses to float32 rounding: 5e-6 relative apart over 16 steps in runs 20-25.
+# A stack whose gradients were wrong or missing drifts from its twin by ~1e-2 within a few steps.
+LOSS_RTOL = 1e-4
 
 
 def _rss_kib(field: str) -> int:
@@ -92,7 +106,7 @@ def _batch(tok, batch: int, seq: int, labels: str):
     return input_ids, lab
 
 
-def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
+def build_stack(stack: str, labels: str, batch: int, seq: int, r: int, malloc: str = "shipped"):
     """One stack ready to train: returns step() -> loss, running forward, backward and an AdamW step."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,7 +130,7 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=32, target_modules="all-linear"))
         params = [p for p in model.parameters() if p.requires_grad]
-        if stack.endswith("-reuse"):
+        if stack.endswith("-reuse") or malloc == "glibc-tuned":
             from tunelab.train.malloc import reuse_freed_memory
 
             reuse_freed_memory()
@@ -156,22 +170,41 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int):
     return step
 
 
-def memory_one(stack: str, labels: str, batch: int, seq: int, r: int) -> dict:
+def memory_one(stack: str, labels: str, batch: int, seq: int, r: int, malloc: str = "shipped") -> dict:
     """Peak training memory of one stack, alone in this process: the rise of the peak resident set over
     two training steps above the resident set of the built model, after malloc_trim has handed back what
     loading left free (so every stack starts from its model alone). Counts activations, gradients, AdamW's
-    state and the loss's buffers."""
+    state and the loss's buffers. Then the live-tensor peak of a third step (live_peak_mib)."""
     import ctypes
 
-    step = build_stack(stack, labels, batch, seq, r)
+    step = build_stack(stack, labels, batch, seq, r, malloc)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     base_kib = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     step()
     loss = step()
-    return {"stack": stack, "labels": labels, "peak_train_mib": (_rss_kib("VmHWM") - base_kib) / 1024,
+    rss = (_rss_kib("VmHWM") - base_kib) / 1024
+    return {"stack": stack, "labels": labels, "peak_train_mib": rss, "live_peak_mib": live_peak_mib(step),
             "loss": loss}
+
+
+def live_peak_mib(step) -> float:
+    """The largest total of tensors alive at once during one step, above those alive before it: torch's
+    memory profiler's timeline (a private API, torch 2.13), tensors created minus tensors destroyed in time
+    order. AdamW's state exists before the step (steps 1-2 made it) and is not counted; the step's
+    activations, temporaries, loss buffers and gradients (made and freed within it: set_to_none) are. The
+    allocator's own overhead is not in it."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    live = peak = 0
+    for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda row: row[0]):
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def profile_one(stack: str, labels: str, batch: int, seq: int, r: int, rows: int = 40) -> None:
@@ -198,14 +231,14 @@ def _timed(step) -> dict:
     return {"time": wall, "loss": loss, "kernel": (r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt)}
 
 
-def worker(stack: str, labels: str, batch: int, seq: int, r: int) -> None:
+def worker(stack: str, labels: str, batch: int, seq: int, r: int, malloc: str) -> None:
     """One stack in this process, stepping on command: reads `step` lines on stdin, answers each with a
     JSON line (on the original stdout; anything else printed goes to stderr). Idle while it waits."""
     import os
 
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    step = build_stack(stack, labels, batch, seq, r)
+    step = build_stack(stack, labels, batch, seq, r, malloc)
     step()  # warm-up
     import torch
 
@@ -240,7 +273,8 @@ def speed_lockstep(stacks: list[str], labels: str, rounds: int, shape: list[str]
     try:
         for s in stacks:
             procs[s] = subprocess.Popen([sys.executable, __file__, "--worker", s, labels, *shape],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env=_malloc_env(shape))
             threads[s] = _reply(procs[s], s)["threads"]
 
         def run_step(s: str) -> dict:
@@ -263,20 +297,34 @@ def _reply(proc, stack: str) -> dict:
     return json.loads(line)
 
 
-def speed_same_process(stacks: list[str], labels: str, rounds: int, batch: int, seq: int, r: int) -> dict:
+def speed_same_process(stacks: list[str], labels: str, rounds: int, batch: int, seq: int, r: int,
+                       malloc: str) -> dict:
     """All stacks in this one process (how runs 5-11 of docs/lora.md measured): PEFT's stacks then share
     the malloc setting our stacks make."""
     import torch
 
-    steps = {s: build_stack(s, labels, batch, seq, r) for s in stacks}
+    steps = {s: build_stack(s, labels, batch, seq, r, malloc) for s in stacks}
     for s in stacks:
         steps[s]()  # warm-up
     res = _rounds(stacks, labels, rounds, lambda s: _timed(steps[s]))
     return {"labels": labels, "mode": "one process", **res, "threads": torch.get_num_threads()}
 
 
+def _malloc_env(args: list[str]) -> dict:
+    """The environment of a stack's process: LD_PRELOAD of the allocator named by `--malloc` in args."""
+    import os
+
+    lib = MALLOCS[args[args.index("--malloc") + 1]]
+    if lib is None:
+        return dict(os.environ)
+    if not Path(lib).exists():
+        sys.exit(f"{lib} is missing: apt-get install libjemalloc2 libtcmalloc-minimal4")
+    return {**os.environ, "LD_PRELOAD": lib}
+
+
 def _sub(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], check=False, stdout=subprocess.PIPE, text=True)
+    out = subprocess.run([sys.executable, __file__, *args], check=False, stdout=subprocess.PIPE, text=True,
+                         env=_malloc_env(args))
     if out.returncode:
         sys.exit(f"{' '.join(args)} failed (exit {out.returncode}); its stderr is above")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -376,6 +424,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-stack peak-memory processes")
+    ap.add_argument("--malloc", choices=list(MALLOCS), default="shipped",
+                    help="the allocator of every stack's process (see the module's docstring)")
     ap.add_argument("--profile", nargs=2, metavar=("STACK", "LABELS"),
                     help="print torch.profiler's table (self CPU time by op and shape) for one step of one stack")
     ap.add_argument("--kernel-ab", nargs=2, metavar=("KERNEL", "LABELS"),
@@ -393,7 +443,7 @@ def main() -> None:
                     help="print issue 8's ratios over the rounds of these runs (--out files) together, with 90%% "
                          "bootstrap intervals, and exit")
     args = ap.parse_args()
-    shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r)]
+    shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r), "--malloc", args.malloc]
     if args.pool:
         pool(args.pool)
         return
@@ -409,16 +459,16 @@ def main() -> None:
         kernel_ab(*args.kernel_ab, args.rounds, args.batch, args.seq, args.r)
         return
     if args.one_memory:
-        print(json.dumps(memory_one(*args.one_memory, args.batch, args.seq, args.r)))
+        print(json.dumps(memory_one(*args.one_memory, args.batch, args.seq, args.r, args.malloc)))
         return
     if args.worker:
-        worker(*args.worker, args.batch, args.seq, args.r)
+        worker(*args.worker, args.batch, args.seq, args.r, args.malloc)
         return
     if args.one_speed:
         print(json.dumps(speed_same_process(args.stacks, args.one_speed, args.rounds, args.batch, args.seq,
-                                            args.r)))
+                                            args.r, args.malloc)))
         return
-    speed, memory = {}, {}
+    speed, memory, live = {}, {}, {}
     for labels in args.labels:
         if args.same_process:
             speed[labels] = _sub(["--one-speed", labels, "--stacks", *args.stacks, "--rounds", str(args.rounds),
@@ -427,39 +477,72 @@ def main() -> None:
             speed[labels] = speed_lockstep(args.stacks, labels, args.rounds, shape)
         if not args.no_memory:
             for stack in args.stacks:
-                memory[labels, stack] = _sub(["--one-memory", stack, labels, *shape])["peak_train_mib"]
+                one = _sub(["--one-memory", stack, labels, *shape])
+                memory[labels, stack], live[labels, stack] = one["peak_train_mib"], one["live_peak_mib"]
+    problems = check_losses(speed)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"speed": speed, "memory": {f"{k[0]} {k[1]}": v for k, v in memory.items()},
-                       "args": vars(args), "machine": machine()}, f, indent=1)
+                       "live_memory": {f"{k[0]} {k[1]}": v for k, v in live.items()}, "malloc": args.malloc,
+                       "loss_check": problems or "passed", "args": vars(args), "machine": machine()}, f, indent=1)
+    report(args, speed, memory, live)
+    if problems:
+        sys.exit("loss check failed:\n  " + "\n  ".join(problems))
+    print(f"\nloss check passed: each pair's losses within {LOSS_RTOL:g} relative at every step, every loss falls")
 
+
+def check_losses(speed: dict) -> list[str]:
+    """What is wrong with the stacks' losses: a pair (ours, PEFT's) apart by more than LOSS_RTOL at some
+    step, or a stack whose loss did not fall over the rounds (one fixed batch: it must)."""
+    problems = []
+    for labels, res in speed.items():
+        losses = res["losses"]
+        for stack, ls in losses.items():
+            if len(ls) > 1 and not ls[-1] < ls[0]:
+                problems.append(f"{labels} {stack}: loss {ls[0]:.5f} -> {ls[-1]:.5f} did not fall")
+        for ours, theirs in PAIRS + (("peft-lora", "peft-lora-reuse"),):
+            if ours in losses and theirs in losses:
+                worst = max(abs(a - b) / abs(b) for a, b in zip(losses[ours], losses[theirs]))
+                if worst > LOSS_RTOL:
+                    problems.append(f"{labels} {ours} vs {theirs}: losses {worst:.2e} apart (> {LOSS_RTOL:g})")
+    return problems
+
+
+def report(args, speed: dict, memory: dict, live: dict) -> None:
+    """Markdown tables: per stack the step time, the time net of system CPU time, memory; then the ratios."""
     tokens = args.batch * args.seq
-    print("\n| labels | stack | median s/step | tokens/s | steps (s) | peak train MiB |\n|---|---|---|---|---|---|")
+    print(f"\nallocator: {args.malloc}\n\n| labels | stack | median s/step | net of system s/step | tokens/s | "
+          "steps (s) | peak train MiB (RSS rise) | live-tensor peak MiB |\n|---|---|---|---|---|---|---|---|")
     for labels in args.labels:
         for stack in args.stacks:
-            t = speed[labels]["times"][stack]
-            mem = memory.get((labels, stack))
-            print(f"| {labels} | {stack} | {statistics.median(t):.2f} | {tokens / statistics.median(t):.0f} | "
-                  f"{' '.join(f'{x:.2f}' for x in t)} | {'-' if mem is None else f'{mem:.0f}'} |")
+            t, k = speed[labels]["times"][stack], speed[labels]["kernel"][stack]
+            net = statistics.median(a - b[0] for a, b in zip(t, k))
+            mem, lv = memory.get((labels, stack)), live.get((labels, stack))
+            print(f"| {labels} | {stack} | {statistics.median(t):.2f} | {net:.2f} | {tokens / statistics.median(t):.0f} | "
+                  f"{' '.join(f'{x:.2f}' for x in t)} | {'-' if mem is None else f'{mem:.0f}'} | "
+                  f"{'-' if lv is None else f'{lv:.0f}'} |")
     print("\nkernel time per step (median system CPU s, page faults):")
     for labels in args.labels:
         for stack in args.stacks:
             k = speed[labels]["kernel"][stack]
             print(f"  {labels} {stack}: {statistics.median(x[0] for x in k):.2f} s, "
                   f"{statistics.median(x[1] for x in k):.0f} faults")
-    print("\nratios, the median over rounds of the ratio within a round (min-max in brackets):")
+    print("\nratios, the median over rounds of the ratio within a round (min-max in brackets); net: of system time:")
+
     def ratio(labels, num, den, label):
-        times = speed[labels]["times"]
+        times, kernel = speed[labels]["times"], speed[labels]["kernel"]
         if num in times and den in times:
             rs = sorted(a / b for a, b in zip(times[num], times[den]))
-            print(f"  {labels}: {label}: {statistics.median(rs):.3f} [{rs[0]:.3f}-{rs[-1]:.3f}]")
+            net = statistics.median((a - ka[0]) / (b - kb[0]) for a, b, ka, kb in
+                                    zip(times[num], times[den], kernel[num], kernel[den]))
+            print(f"  {labels}: {label}: {statistics.median(rs):.3f} [{rs[0]:.3f}-{rs[-1]:.3f}], net {net:.3f}")
 
     for labels in args.labels:
         for ours, theirs in PAIRS:
             ratio(labels, theirs, ours, f"{ours} / {theirs} speed (tokens/s)")
-            if (labels, ours) in memory and (labels, theirs) in memory:
-                print(f"  {labels}: {ours} / {theirs} peak memory: "
-                      f"{memory[labels, ours] / memory[labels, theirs]:.2f}x")
+            for name, table in (("peak memory (RSS rise)", memory), ("live-tensor peak", live)):
+                if (labels, ours) in table and (labels, theirs) in table:
+                    print(f"  {labels}: {ours} / {theirs} {name}: {table[labels, ours] / table[labels, theirs]:.2f}x")
         ratio(labels, "tunelab-qlora", "tunelab-lora", "tunelab-qlora step / tunelab-lora step")
         ratio(labels, "peft-lora", "peft-lora-reuse", "peft-lora step / peft-lora-reuse step")
 
