@@ -115,6 +115,12 @@ class TrainConfig(_Strict):
     reference path: the model's own modules, its own forward for the loss (full logits: more memory on a large
     vocabulary) and plain LoRA layers. `strict`: like auto, but stop with an error on the first speed-up that
     cannot run."""
+
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
     loss_chunk_tokens: int = Field(256, gt=0)
     """Label tokens per chunk of head + cross-entropy when the head trains or runs in half precision (a frozen
     fp32 head, as in lora/qlora, uses fixed 1024 x 2048 tiles; tunelab/train/loss.py): full-vocabulary logits
