@@ -233,3 +233,37 @@ def test_docs_hold_the_table():
 
     doc = (Path(__file__).parent.parent / "docs" / "families.md").read_text()
     assert families.markdown() in doc
+
+
+@pytest.mark.parametrize("case", ["gemma2", "granite", "qwen3_moe-router-loss"])
+def test_tunelab_train_logs_the_models_own_loss(case, tmp_path):
+    """The real CLI (`tunelab train`, method=full) on a saved tiny model of the family: the first logged loss
+    (before any update) on the one example is the model's own forward's loss on it."""
+    import json
+
+    from conftest import make_tiny_tokenizer
+    from tiny_run import losses, run_config
+
+    from tunelab.cli import main
+
+    tok = make_tiny_tokenizer()
+    config_cls, extra, model_cls = CASES[case]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**{**_COMMON, **extra, "vocab_size": len(tok)}))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, 3.0)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    row = {"prompt": "Reverse: alpha beta gamma", "response": "gamma beta alpha"}
+    (tmp_path / "sft.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = run_config(tmp_path, tmp_path / "run", method="full", train={"max_steps": 1, "batch_size": 1})
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    from tunelab.config import load_config
+    from tunelab.data import build_datasets
+
+    run = load_config(cfg)
+    example = build_datasets(run.data, tok, run.train.seq_len, run.train.seed)[0][0]
+    ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+    with torch.no_grad():
+        want = float(model.train()(input_ids=ids, labels=labels).loss)
+    assert losses(tmp_path / "run")[0] == pytest.approx(want, rel=1e-5)

@@ -195,7 +195,8 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None):
 
     train_set, eval_set = build_datasets(cfg.data, tok, cfg.train.seq_len, cfg.train.seed)
     kernels = accel.choose(model, cfg.train.kernels, device)  # the one reading of train.kernels
-    accel.report(kernels)
+    if rank == 0:
+        accel.report(kernels)
     groups = prepare_method(model, cfg, kernels)
     model.to(device)
     if cfg.train.gradient_checkpointing:
