@@ -356,8 +356,9 @@ def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: in
     QuantizedTensor.dequantize = timed
     step = build_stack("tunelab-qlora" if kernel == "dequant" else "tunelab-lora", labels, batch, seq, r)
     if kernel == "last":
-        classes = loss.DECODER_CLASSES
-        switch = lambda on: setattr(loss, "DECODER_CLASSES", classes if on else ())  # noqa: E731
+        real = loss._last_layer_from
+        whole = lambda body, batch, start: real(body, batch, 0)  # noqa: E731
+        switch = lambda on: setattr(loss, "_last_layer_from", real if on else whole)  # noqa: E731
         names = ("last layer on labels", "last layer whole   ")
     elif kernel == "rotary":
         real = fused._rotary_fusable

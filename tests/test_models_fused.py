@@ -154,22 +154,43 @@ def _body(cls) -> str:
     return _body_of(cls.forward)
 
 
-@pytest.mark.parametrize(("names", "llama_cls", "suffix"), [(fused.NORM_CLASSES, LlamaRMSNorm, "RMSNorm"),
-                                                            (fused.MLP_CLASSES, LlamaMLP, "MLP")])
-def test_the_listed_classes_have_llamas_formula(names, llama_cls, suffix):
+def _family_modules():
+    """(family, its transformers modeling module) for every family of the table."""
     import importlib
 
+    from tunelab.models.families import FAMILIES
+
+    for fam in FAMILIES.values():
+        name = fam.model_type.removesuffix("_text")  # gemma3_text lives in models/gemma3
+        yield fam, importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+
+
+def _activation(model_type: str) -> str:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(model_type)
+    return getattr(cfg, "hidden_act", None) or cfg.hidden_activation
+
+
+@pytest.mark.parametrize(("field", "llama_cls"), [("norm", LlamaRMSNorm), ("mlp", LlamaMLP)])
+def test_the_table_claims_llamas_formula_only_where_it_is(field, llama_cls):
+    """Every RMSNorm / MLP class the family table names has LlamaRMSNorm's / LlamaMLP's forward, source for
+    source; and no family leaves out a class of Llama's formula (the table claims all that apply)."""
     llama = _body(llama_cls)
-    found = 0
-    for name in names:
-        family = name.removesuffix(suffix).lower()
-        try:
-            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:
-            continue
-        assert _body(getattr(module, name)) == llama, f"{name}.forward differs from {llama_cls.__name__}'s"
-        found += 1
-    assert found >= 3
+    suffix = "RMSNorm" if field == "norm" else "MLP"
+    claimed = 0
+    for fam, module in _family_modules():
+        name = getattr(fam, field)
+        if name is not None:
+            assert _body(getattr(module, name)) == llama, f"{fam.model_type}: {name}.forward differs from Llama's"
+            claimed += 1
+        else:
+            same = [c for n, c in vars(module).items() if n.endswith(suffix) and isinstance(c, type)
+                    and _body(c) == llama]
+            if field == "mlp" and _activation(fam.model_type) != "silu":
+                same = []  # LlamaMLP's formula with another activation: no SwiGLU
+            assert not same, f"{fam.model_type}: {same} has Llama's formula but the table does not claim it"
+    assert claimed >= 8
 
 
 def test_under_gradient_checkpointing_the_same_gradients():
@@ -385,9 +406,7 @@ def test_fuse_rotary_routes_llama_attention_and_keeps_every_gradient(monkeypatch
     assert calls == []
 
 
-def test_the_listed_attention_modules_have_llamas_rotary():
-    import importlib
-
+def test_the_tables_attention_modules_have_llamas_rotary():
     from transformers.models.llama import modeling_llama
 
     def source(module, name):
@@ -397,14 +416,15 @@ def test_the_listed_attention_modules_have_llamas_rotary():
             fn = inspect.getclosurevars(type(fn).forward).nonlocals["func"]  # whose forward calls it
         return _body_of(fn)
 
-    found = 0
-    for name in fused.ATTN_CLASSES:
-        family = name.removesuffix("Attention").lower()
-        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        for fn in ("apply_rotary_pos_emb", "rotate_half"):
-            assert source(module, fn) == source(modeling_llama, fn), f"{family}'s {fn} differs from Llama's"
-        found += 1
-    assert found == len(fused.ATTN_CLASSES)
+    llama = {fn: source(modeling_llama, fn) for fn in ("apply_rotary_pos_emb", "rotate_half")}
+    claimed = 0
+    for fam, module in _family_modules():
+        same = all(source(module, fn) == llama[fn] for fn in llama)
+        assert same == (fam.attention is not None), f"{fam.model_type}'s rotary: Llama's {same}, claimed {not same}"
+        if fam.attention is not None:
+            assert isinstance(getattr(module, fam.attention), type)
+            claimed += 1
+    assert claimed >= 8
 
 
 def _body_of(fn) -> str:

@@ -45,8 +45,8 @@ def _poison(monkeypatch, at_call: int, how: str) -> None:
 
     real, calls = loop.causal_lm_loss_sum, {"n": 0}
 
-    def loss(model, batch, chunk):
-        s, n = real(model, batch, chunk)
+    def loss(model, batch, chunk, kernels=None):
+        s, n = real(model, batch, chunk, kernels)
         calls["n"] += 1
         if calls["n"] == at_call:
             if how == "loss":

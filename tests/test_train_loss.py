@@ -139,9 +139,16 @@ def _tiny(arch: str, attn: str):
     return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common)).eval()  # q/k norms
 
 
-def _loss_and_grads(model, batch):
+def _loss_and_grads(model, batch, last_layer=True):
+    """Loss and gradients through the chunked head, with or without the last-layer shortcut."""
+    import dataclasses
+
+    from tunelab.models.kernels import choose
+
+    kernels = choose(model, "auto")
+    kernels = dataclasses.replace(kernels, last_layer=kernels.last_layer and last_layer)
     model.zero_grad(set_to_none=True)
-    total, n = causal_lm_loss_sum(model, batch)
+    total, n = causal_lm_loss_sum(model, batch, kernels=kernels)
     (total / n).backward()
     return total / n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
@@ -150,13 +157,11 @@ def _loss_and_grads(model, batch):
 # Left padding over position 5 leaves query rows that see only padding: transformers' own eager loss is NaN
 # there (float64), so that case runs with SDPA only.
 @pytest.mark.parametrize(("attn", "pad_last"), [("sdpa", 0), ("sdpa", 4), ("sdpa", -7), ("eager", 0), ("eager", 4)])
-def test_last_layer_skips_prompt_positions(arch, attn, pad_last, monkeypatch):
+def test_last_layer_skips_prompt_positions(arch, attn, pad_last):
     """With every row's loss starting at position >= 5, the last layer of a Llama-formula decoder runs its
     queries, MLP and norms on positions 5.. only (Qwen3, whose attention norms q and k, runs whole). Loss
     and every gradient equal those of the whole last layer to float64 rounding (with SDPA), and
     transformers' full-logits ones to the float32 loss sum's (as in the test above)."""
-    from tunelab.train import loss as loss_mod
-
     model = _tiny(arch, attn).double()
     model.requires_grad_(True)
     model.lm_head.requires_grad_(False)  # a trained head's logits go through float32; a frozen one stays float64
@@ -164,9 +169,7 @@ def test_last_layer_skips_prompt_positions(arch, attn, pad_last, monkeypatch):
     ref = model(**batch).loss
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    with monkeypatch.context() as m:
-        m.setattr(loss_mod, "DECODER_CLASSES", ())
-        whole, whole_grads = _loss_and_grads(model, batch)
+    whole, whole_grads = _loss_and_grads(model, batch, last_layer=False)
 
     seen = _rows_seen(model)
     loss, grads = _loss_and_grads(model, batch)
@@ -183,11 +186,10 @@ def test_last_layer_skips_prompt_positions(arch, attn, pad_last, monkeypatch):
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_last_layer_skip_under_gradient_checkpointing_and_lora(monkeypatch):
+def test_last_layer_skip_under_gradient_checkpointing_and_lora():
     """LoRA adapters on every linear, gradient checkpointing on, training mode: the same loss and adapter
     gradients as the whole last layer."""
     from tunelab.lora import LoraConfig, apply_lora
-    from tunelab.train import loss as loss_mod
     from tunelab.train.run import enable_checkpointing
 
     model = apply_lora(make_tiny_llama().double(), LoraConfig(r=4, alpha=8))
@@ -198,9 +200,7 @@ def test_last_layer_skip_under_gradient_checkpointing_and_lora(monkeypatch):
     model.train()
     assert model.model.layers[-1].gradient_checkpointing
     batch = _prompt_batch()
-    with monkeypatch.context() as m:
-        m.setattr(loss_mod, "DECODER_CLASSES", ())
-        whole, whole_grads = _loss_and_grads(model, batch)
+    whole, whole_grads = _loss_and_grads(model, batch, last_layer=False)
     seen = _rows_seen(model)
     loss, grads = _loss_and_grads(model, batch)
     assert (1, batch["input_ids"].shape[1] - 5) in seen

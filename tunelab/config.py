@@ -108,6 +108,19 @@ class TrainConfig(_Strict):
     """`adamw8bit`: AdamW with its two moments stored in 8 bits, blockwise (tunelab/train/optim8bit.py): 2
     bytes of state per parameter instead of 8; one process or DDP (not FSDP)."""
     gradient_checkpointing: bool = False
+    kernels: Literal["auto", "off", "strict"] = "auto"
+    """Speed-ups (tunelab/models/kernels.py): `auto` runs those the family table (docs/families.md) claims for
+    this model and that can run here (a C compiler on CPU, Triton on CUDA), and prints one line naming what it
+    turned off and why; a model family not in the table trains through the model's own forward. `off`: the
+    reference path: the model's own modules, its own forward for the loss (full logits: more memory on a large
+    vocabulary) and plain LoRA layers. `strict`: like auto, but stop with an error on the first speed-up that
+    cannot run."""
+
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
     loss_chunk_tokens: int = Field(256, gt=0)
     """Label tokens per chunk of head + cross-entropy when the head trains or runs in half precision (a frozen
     fp32 head, as in lora/qlora, uses fixed 1024 x 2048 tiles; tunelab/train/loss.py): full-vocabulary logits

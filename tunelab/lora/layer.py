@@ -72,6 +72,7 @@ class LoRALinear(nn.Module):
             with torch.no_grad():
                 norm = self._row_norm(base_weight(base, dtype))
             self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
+        self.fused = True  # False: the plain composition below, never _FusedLoRA (train.kernels=off)
         self.enabled = True  # False: the layer is exactly its base (see disable_adapters)
         self.merged = False  # True: the update is folded into base.weight (see merge / unmerge)
         self._merge_factor = None  # DoRA's m / ||W + dW|| at merge time, to unmerge exactly
@@ -115,7 +116,7 @@ class LoRALinear(nn.Module):
         Under autocast: autocast's dtype (bf16 on CUDA), as the unfused layers' matmuls would run, over a
         base of any float dtype. Without: only when x, the base and the adapter share one dtype.
         """
-        if self.use_dora or self.dropout is not None:
+        if self.use_dora or self.dropout is not None or not self.fused:
             return None
         base, device = self.base, x.device.type
         if torch.is_autocast_enabled(device):

@@ -16,9 +16,9 @@ The rotary embedding (x * cos + rotate_half(x) * sin on q and k) is six ops forw
 slices, a negation, a cat, two products and a sum) and more in backward; in a profiled LoRA step of the
 bundled model at batch 4 x 256 they took over 100 ms, one loop each way 45 ms (same bits; docs/lora.md).
 
-`fuse(model)` (what `tunelab train` applies) routes the rotary embedding of Llama-formula attention
-modules through the kernel (fuse_rotary) and gives each RMSNorm and MLP module of a known formula a
-subclass whose forward calls the kernel on fp32 CPU input outside autocast, tunelab.models.triton_fused's
+`fuse(model)` (what `tunelab train` applies with train.kernels=auto, tunelab.models.kernels) routes the
+rotary embedding of Llama-formula attention modules through the kernel (fuse_rotary) and gives each RMSNorm
+and MLP module of Llama's formula (the family table, tunelab.models.families, names them) a subclass whose forward calls the kernel on fp32 CPU input outside autocast, tunelab.models.triton_fused's
 Triton kernels on CUDA input (bf16 under autocast, the same roundings as the module's formula), and the
 module's own formula otherwise. Weights, state_dict keys and saved files are unchanged. The C kernels are
 built by tunelab.ckernels; without a C compiler (or with TUNELAB_C_KERNELS=0), and without CUDA and Triton
@@ -149,14 +149,6 @@ _SIGNATURES = {
     "tunelab_swiglu_bwd": [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2,
     "tunelab_rope": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_int],
 }
-# transformers classes whose forward is LlamaRMSNorm's formula, w * (x * rsqrt(mean(x^2) + eps)) in fp32
-# (tests/test_models_fused.py checks their source against Llama's). Gemma's (1 + w) is not among them.
-NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-# transformers attention classes whose module's apply_rotary_pos_emb is Llama's (checked against Llama's source
-# in tests/test_models_fused.py): fuse_rotary routes it through the kernel.
-ATTN_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
-# transformers classes whose forward is LlamaMLP's, down(act(gate(x)) * up(x)); fused when act is SiLU.
-MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 PARALLEL_MIN = 1 << 22  # values per thread below which one thread does all (a thread hand-off costs ~50 us)
 SWIGLU_PARALLEL_MIN = 1 << 17  # the same for SwiGLU, whose exp makes each value dearer
 _lock = threading.Lock()
@@ -389,66 +381,72 @@ def gpu_kernels() -> bool:
 
 
 @cache
-def _fused_class(cls: type) -> type:
-    forward = _norm_forward if cls.__name__ in NORM_CLASSES else _mlp_forward
+def _fused_class(cls: type, forward) -> type:
     fused = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__,
                                                   "__doc__": f"{cls.__name__} with tunelab's fused CPU kernel."})
     globals()[fused.__name__] = fused  # found by name, so copy and pickle treat it as any class
     return fused
 
 
-def fuse(model: nn.Module) -> int:
-    """fuse_rmsnorm, fuse_swiglu and fuse_rotary: what `tunelab train` does to every model; returns how many
+def fuse(model: nn.Module, norm: bool = True, swiglu: bool = True, rotary: bool = True) -> int:
+    """fuse_rmsnorm, fuse_swiglu and fuse_rotary, each where asked: what `tunelab train` does to a model of a
+    family in tunelab.models.families with train.kernels=auto (tunelab.models.kernels); returns how many
     modules."""
-    return fuse_rmsnorm(model) + fuse_swiglu(model) + fuse_rotary(model)
+    return ((fuse_rmsnorm(model) if norm else 0) + (fuse_swiglu(model) if swiglu else 0)
+            + (fuse_rotary(model) if rotary else 0))
+
+
+def _family_class(model: nn.Module, field: str) -> type | None:
+    """The class the family table names in `field` (norm, mlp, attention) for this model, or None."""
+    from tunelab.models.families import family_of, module_class
+
+    family = family_of(getattr(model, "config", None))
+    return None if family is None else module_class(model, getattr(family, field))
 
 
 def fuse_rotary(model: nn.Module) -> int:
-    """Route the rotary embedding of every attention module of Llama's formula (ATTN_CLASSES) through the C
-    kernel; returns how many modules. transformers' attention calls its modeling module's
-    apply_rotary_pos_emb, so that function is replaced in the module (once): on fp32 CPU tensors it runs the
-    kernel, on anything else the original. The results are the same bits either way, so other models of
-    the same architecture in the process are unaffected."""
-    if not available():
+    """Route the rotary embedding of every attention module whose family's apply_rotary_pos_emb is Llama's
+    (the table's `attention` class) through the C kernel; returns how many modules. transformers'
+    attention calls its modeling module's apply_rotary_pos_emb, so that function is replaced in the module
+    (once): on fp32 CPU tensors it runs the kernel, on anything else the original. The results are the same
+    bits either way, so other models of the same architecture in the process are unaffected."""
+    cls = _family_class(model, "attention")
+    if not available() or cls is None:
         return 0
-    count = 0
-    for module in model.modules():
-        cls = next((c for c in type(module).__mro__ if c.__name__ in ATTN_CLASSES), None)
-        home = sys.modules.get(cls.__module__) if cls is not None else None
-        original = getattr(home, "apply_rotary_pos_emb", None)
-        if original is None:
-            continue
-        if not hasattr(original, "tunelab_original"):
-            home.apply_rotary_pos_emb = _fused_apply_rotary(original)
-        count += 1
-    return count
+    home = sys.modules.get(cls.__module__)
+    original = getattr(home, "apply_rotary_pos_emb", None)
+    count = sum(type(module) is cls for module in model.modules())
+    if count and original is not None and not hasattr(original, "tunelab_original"):
+        home.apply_rotary_pos_emb = _fused_apply_rotary(original)
+    return count if original is not None else 0
 
 
 def fuse_swiglu(model: nn.Module) -> int:
-    """Give every MLP of LlamaMLP's formula (MLP_CLASSES) whose activation is SiLU the fused SwiGLU; returns
-    how many. Changed in place (the class), as fuse_rmsnorm does."""
-    if not (available() or gpu_kernels()):
+    """Give every MLP of LlamaMLP's formula (the family table's `mlp` class) whose activation is SiLU the
+    fused SwiGLU; returns how many. Changed in place (the class), as fuse_rmsnorm does."""
+    cls = _family_class(model, "mlp")
+    if not (available() or gpu_kernels()) or cls is None:
         return 0
     count = 0
     for module in model.modules():
-        cls = type(module)
-        if cls.__name__ in MLP_CLASSES and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
-            module.__class__ = _fused_class(cls)
+        if type(module) is cls and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
+            module.__class__ = _fused_class(cls, _mlp_forward)
             count += 1
     return count
 
 
 def fuse_rmsnorm(model: nn.Module) -> int:
-    """Give every RMSNorm of a known formula (NORM_CLASSES) the fused forward; returns how many.
+    """Give every RMSNorm of Llama's formula (the family table's `norm` class) the fused forward; returns how
+    many.
 
     Nothing changes where the kernel cannot be built; a module is changed in place (its class), so
     parameters, hooks and state_dict keys stay as they were."""
-    if not (available() or gpu_kernels()):
+    cls = _family_class(model, "norm")
+    if not (available() or gpu_kernels()) or cls is None:
         return 0
     count = 0
     for module in model.modules():
-        cls = type(module)
-        if cls.__name__ in NORM_CLASSES and hasattr(module, "variance_epsilon"):
-            module.__class__ = _fused_class(cls)
+        if type(module) is cls and hasattr(module, "variance_epsilon"):
+            module.__class__ = _fused_class(cls, _norm_forward)
             count += 1
     return count

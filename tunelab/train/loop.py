@@ -24,12 +24,12 @@ from tunelab.train.optim8bit import AdamW8bit
 class _LossModule(nn.Module):
     """Wraps a causal LM so that DDP and FSDP see the loss computation as its forward."""
 
-    def __init__(self, model, chunk: int):
+    def __init__(self, model, chunk: int, kernels=None):
         super().__init__()
-        self.model, self.chunk = model, chunk
+        self.model, self.chunk, self.kernels = model, chunk, kernels
 
     def forward(self, batch):
-        return causal_lm_loss_sum(self.model, batch, self.chunk)
+        return causal_lm_loss_sum(self.model, batch, self.chunk, self.kernels)
 
 
 def adamw(param_groups, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -143,7 +143,7 @@ def _plot(metrics_path: Path, out_png: Path) -> None:
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, chunk: int,
-                  max_batches: int | None = None) -> float:
+                  max_batches: int | None = None, kernels=None) -> float:
     """Mean next-token loss (nats per label token) over the examples, in a fixed order."""
     was_training = model.training
     model.eval()
@@ -152,7 +152,7 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, dev
     for i in starts:
         batch = collate(examples[i : i + batch_size], pad_id, device)
         with _autocast(device):
-            s, n = causal_lm_loss_sum(model, batch, chunk)
+            s, n = causal_lm_loss_sum(model, batch, chunk, kernels)
         total, count = total + float(s), count + n
     model.train(was_training)
     total, count = _all_sum(total, device), _all_sum(count, device)
@@ -174,9 +174,10 @@ def _autocast(device):
 
 
 def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir: Path, *, param_groups,
-               pad_id: int, resume: bool = False, device=None, progress: bool = True) -> dict:
+               pad_id: int, resume: bool = False, device=None, progress: bool = True, kernels=None) -> dict:
     """Train `model` on tokenized examples; cfg is a TrainConfig. Returns a summary of the run.
 
+    `kernels`: the speed-ups the loss runs (tunelab.models.kernels.choose; default auto for the model).
     Examples are dicts of input_ids / labels (-100 = no loss) / optional position_ids. The example order of
     step s is a function of (seed, s) alone, so a resumed run sees exactly the batches it would have seen.
     """
@@ -195,7 +196,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     ckpt_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
 
-    net = _LossModule(model, cfg.loss_chunk_tokens)
+    net = _LossModule(model, cfg.loss_chunk_tokens, kernels)
     sharded = world > 1 and cfg.distributed == "fsdp"
     no_sync = nullcontext  # gradient accumulation without synchronising (one process: nothing to skip)
     if sharded:  # before the optimizer: FSDP replaces each parameter by its shard
@@ -298,7 +299,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
                 gathered = fsdp.root_gathered(net) if sharded else nullcontext()
                 with _explain_oom(cfg, step), gathered:
                     last_eval = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, device,
-                                              cfg.loss_chunk_tokens, cfg.eval_batches)
+                                              cfg.loss_chunk_tokens, cfg.eval_batches, kernels)
                 record["eval_loss"] = last_eval
         if log and (done % cfg.log_every == 0 or "eval_loss" in record or done == total_steps):
             try:

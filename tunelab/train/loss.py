@@ -42,19 +42,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     A frozen head in fp32/fp64 goes through vocabulary slices (_frozen_head); a trained head, or a
     half-precision one, through chunks of `chunk` tokens with the full vocabulary (_token_chunks).
+
+    softcap: the logits are z' = cap * tanh(z / cap) (Gemma's final_logit_softcapping), and each gradient
+    w.r.t. z is the one w.r.t. z' times dz'/dz = 1 - tanh(z / cap)^2.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk: int, blocks: tuple[int, int]):
+    def forward(ctx, h, weight, bias, targets, chunk: int, blocks: tuple[int, int], softcap: float | None):
         w = weight.to(h.dtype)
         b = None if bias is None else bias.to(h.dtype)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
         if grad_w is None and grad_b is None and h.dtype in (torch.float32, torch.float64):
-            loss = _frozen_head(h, w, b, targets, grad_h, chunk, blocks)
+            loss = _frozen_head(h, w, b, targets, grad_h, chunk, blocks, softcap)
         else:
-            loss = _token_chunks(h, w, b, targets, chunk, grad_h, grad_w, grad_b)
+            loss = _token_chunks(h, w, b, targets, chunk, grad_h, grad_w, grad_b, softcap)
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
         ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -68,42 +71,48 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gw = gw.to(ctx.dtypes[0])
         if gb is not None:
             gb = gb.to(ctx.dtypes[1])
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
-def _token_chunks(h, w, b, targets, chunk, grad_h, grad_w, grad_b) -> torch.Tensor:
+def _token_chunks(h, w, b, targets, chunk, grad_h, grad_w, grad_b, softcap=None) -> torch.Tensor:
     """Summed CE over chunks of `chunk` tokens x the whole vocabulary; fills the given gradients."""
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], device=h.device) if h.dtype == torch.float32 else None
     for i in range(0, h.shape[0], chunk):
         hc, yc = h[i : i + chunk], targets[i : i + chunk]
-        e, target, m, s = _exp_logits(hc, w, b, yc, buf)  # e (n, V); the rest (n,)
+        e, target, m, s, d = _exp_logits(hc, w, b, yc, buf, softcap)  # e, d (n, V); the rest (n,)
         loss += (s.log() + m - target).sum()
         inv_s = s.reciprocal()  # (n,)
+        dy = None  # softcap: dz'/dz at the targets (n,), and e becomes e * dz'/dz
+        if d is not None:
+            dy = d.gather(1, yc[:, None]).squeeze(1)
+            e.mul_(d)
         if grad_h is not None:
             gh = grad_h[i : i + chunk]
             torch.mm(e.to(h.dtype), w, out=gh)
-            gh.mul_(inv_s[:, None].to(h.dtype)).sub_(w[yc])
+            gh.mul_(inv_s[:, None].to(h.dtype)).sub_(w[yc] if dy is None else w[yc] * dy[:, None].to(h.dtype))
         if grad_w is not None:
             grad_w += e.t() @ (hc.float() * inv_s[:, None])
-            grad_w.index_add_(0, yc, hc.float(), alpha=-1.0)
+            grad_w.index_add_(0, yc, hc.float() if dy is None else hc.float() * dy[:, None], alpha=-1.0)
         if grad_b is not None:
             grad_b += e.t() @ inv_s
-            grad_b.index_add_(0, yc, torch.ones_like(inv_s), alpha=-1.0)
+            grad_b.index_add_(0, yc, torch.ones_like(inv_s) if dy is None else dy, alpha=-1.0)
     return loss
 
 
-def _frozen_head(h, w, b, targets, grad_h, chunk, blocks) -> torch.Tensor:
+def _frozen_head(h, w, b, targets, grad_h, chunk, blocks, softcap=None) -> torch.Tensor:
     """Summed CE for a head that does not train, in (tokens x vocabulary) tiles; fills grad_h if given.
 
     Per block of tokens, for each vocabulary slice W_j: z = exp(h W_j^T + b_j) in one reused tile,
     s += row sums of z, G += z W_j. At the end dCE/dh = G / s - W[y] and CE = log s - h . W[y] - b[y].
     A block whose sums overflow or underflow is redone by _token_chunks, which shifts by the row max.
+    softcap: z is capped in the tile, and G sums z * (1 - tanh^2) W_j (in a second tile).
     """
     tb, vb = blocks
     n_all, vocab = h.shape[0], w.shape[0]
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     tile = torch.empty(min(tb, n_all) * min(vb, vocab), dtype=h.dtype, device=h.device)
+    dtile = torch.empty_like(tile) if softcap else None
     for i in range(0, n_all, tb):
         hc, yc = h[i : i + tb], targets[i : i + tb]
         n = hc.shape[0]
@@ -114,14 +123,19 @@ def _frozen_head(h, w, b, targets, grad_h, chunk, blocks) -> torch.Tensor:
             z = torch.mm(hc, wj.t(), out=tile[: n * wj.shape[0]].view(n, wj.shape[0]))
             if b is not None:
                 z.add_(b[j : j + vb])
+            d = None if dtile is None else _softcap_(z, softcap, dtile[: z.numel()].view_as(z))
             s += z.exp_().sum(1)
             if g is not None:
-                g.addmm_(z, wj)
+                g.addmm_(z if d is None else z.mul_(d), wj)
         if not bool(((s >= _MIN_SUM) & torch.isfinite(s)).all()):  # rare: redo with the max shift
-            loss += _token_chunks(hc, w, b, yc, chunk, g, None, None)
+            loss += _token_chunks(hc, w, b, yc, chunk, g, None, None, softcap)
             continue
         wy = w[yc]  # (n, C)
         target = (hc * wy).sum(1) if b is None else (hc * wy).sum(1) + b[yc]
+        if softcap:
+            target = target[:, None]
+            wy = wy * _softcap_(target, softcap, torch.empty_like(target))  # (n, C) * dz'/dz at the targets
+            target = target.squeeze(1)
         loss += (s.log() - target).sum()
         if g is not None:
             g.div_(s[:, None]).sub_(wy)
@@ -134,73 +148,126 @@ def _shift_always(z: torch.Tensor) -> bool:
     return z.device.type != "cpu"
 
 
-def _exp_logits(hc, w, b, yc, buf):
-    """(e, target, m, s) of one chunk: e = exp(logits - m) (n, V) fp32, in `buf` when given; target =
-    logits[y] (n,); m the per-row shift (0 on the fast path); s = e.sum(1). CE = log(s) + m - target."""
+def _softcap_(z: torch.Tensor, cap: float, d: torch.Tensor) -> torch.Tensor:
+    """z <- cap * tanh(z / cap) in place (the ops and order of Gemma's forward); returns d = 1 - tanh(z / cap)^2
+    = dz'/dz, written into `d` (z's shape)."""
+    t = z.div_(cap).tanh_()
+    torch.mul(t, t, out=d).neg_().add_(1.0)
+    t.mul_(cap)
+    return d
+
+
+def _exp_logits(hc, w, b, yc, buf, softcap=None):
+    """(e, target, m, s, d) of one chunk: e = exp(logits - m) (n, V) fp32, in `buf` when given; target =
+    logits[y] (n,); m the per-row shift (0 on the fast path); s = e.sum(1). CE = log(s) + m - target.
+    softcap: the logits are capped, and d (n, V) is the derivative of the cap (else None)."""
+    d = None
+
     def logits():
+        nonlocal d
         if buf is None:
-            return F.linear(hc, w, b).float()
-        out = torch.mm(hc, w.t(), out=buf[: hc.shape[0]])
-        return out if b is None else out.add_(b)
+            out = F.linear(hc, w, b).float()
+        else:
+            out = torch.mm(hc, w.t(), out=buf[: hc.shape[0]])
+            out = out if b is None else out.add_(b)
+        if softcap:
+            d = _softcap_(out, softcap, torch.empty_like(out) if d is None else d)
+        return out
 
     z = logits()
     target = z.gather(1, yc[:, None]).squeeze(1)
     if _shift_always(z):
         m = z.amax(1)
-        return z, target, m, z.sub_(m[:, None]).exp_().sum(1)
+        return z, target, m, z.sub_(m[:, None]).exp_().sum(1), d
     s = z.exp_().sum(1)
     m = torch.zeros_like(s)
     if not bool(((s >= _MIN_SUM) & torch.isfinite(s)).all()):  # rare: large or tiny logits; shift by the max
         z = logits()
         m = z.amax(1)
         s = z.sub_(m[:, None]).exp_().sum(1)
-    return z, target, m, s
+    return z, target, m, s, d
 
 
 def linear_cross_entropy_sum(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = 256,
-                             blocks: tuple[int, int] | None = None):
+                             blocks: tuple[int, int] | None = None, logits: tuple[str, float] | None = None):
     """Summed cross-entropy of `head(h)` against `targets`; h (N, C), targets (N,) without -100.
 
     chunk: tokens per chunk (with the whole vocabulary) when the head trains or runs in half precision;
-    blocks: (tokens, vocabulary rows) per tile for a frozen fp32/fp64 head (default TOKEN_BLOCK, VOCAB_BLOCK).
+    blocks: (tokens, vocabulary rows) per tile for a frozen fp32/fp64 head (default TOKEN_BLOCK, VOCAB_BLOCK);
+    logits: the family's transform of head(h) (tunelab.models.families.logits_transform): ("scale", s)
+    multiplies them (as s * h through the head: autograd carries s to h and the bias), ("softcap", cap) caps
+    them inside the chunks.
     """
     blocks = (TOKEN_BLOCK, VOCAB_BLOCK) if blocks is None else tuple(blocks)
-    return _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, chunk, blocks)
+    bias, softcap = head.bias, None
+    if logits is not None and logits[0] == "scale":
+        h, bias = h * logits[1], None if bias is None else bias * logits[1]
+    elif logits is not None:
+        softcap = logits[1]
+    return _LinearCrossEntropy.apply(h, head.weight, bias, targets, chunk, blocks, softcap)
 
 
-def causal_lm_loss_sum(model, batch: dict, chunk: int = 256) -> tuple[torch.Tensor, int]:
+def causal_lm_loss_sum(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[torch.Tensor, int]:
     """(summed next-token loss, number of label tokens) of a Hugging Face causal LM on a batch.
 
     `batch["labels"]` follows the Hugging Face convention: aligned with input_ids, -100 where no loss;
-    position t predicts labels[t + 1]. Where every row's first loss falls at position s > 0 (a prompt), the
-    last decoder layer computes its outputs for positions s.. only (see `_last_layer_from`).
+    position t predicts labels[t + 1]. `kernels` (tunelab.models.kernels.choose; default: train.kernels=auto
+    for this model) says the path: the chunked head + loss with the family's logits transform, and where
+    every row's first loss falls at position s > 0 (a prompt), the last decoder layer computes its outputs
+    for positions s.. only (see `_last_layer_from`); or, for `off` and a family not in the table, the
+    model's own forward (`reference_loss_sum`).
     """
+    if kernels is None:
+        from tunelab.models.kernels import choose
+
+        kernels = choose(model, "auto", batch["input_ids"].device)
+    if not kernels.chunked_head:
+        return reference_loss_sum(model, batch)
     body = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
     targets = batch["labels"][:, 1:]  # (B, T-1)
     keep = targets != IGNORE
     cols = keep.any(0).nonzero()
     start = int(cols[0]) if cols.numel() else 0
-    layer = _last_layer_from(body, batch, start)
+    layer = _last_layer_from(body, batch, start if kernels.last_layer else 0)
+    extra = {"output_router_logits": True} if kernels.router_aux else {}
     with layer:
         out = body(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
             use_cache=False,
+            **extra,
         )
     start = layer.start  # 0 where the last layer ran whole
     hidden = out.last_hidden_state[:, :-1]  # (B, T-1-start, C)
     keep = keep[:, start:]
     h, y = hidden[keep], targets[:, start:][keep]  # (N, C), (N,)
-    return linear_cross_entropy_sum(h, head, y, chunk), int(y.numel())
+    total = linear_cross_entropy_sum(h, head, y, chunk, logits=kernels.logits)
+    if kernels.router_aux:
+        # the model's forward adds coef * aux to its mean loss; to the sum, coef * aux * count
+        total = total + model.router_aux_loss_coef * _router_aux_loss(model, out, batch) * y.numel()
+    return total, int(y.numel())
 
 
-# Decoder layers whose forward is LlamaDecoderLayer's (pre-norm attention and MLP, residual adds) over an
-# attention of Llama's formula (q/k/v/o projections, rotary on q and k, no q/k norms), which
-# _LastLayerFrom re-implements for a suffix of query positions. tests/test_train_loss.py checks the result
-# against the whole layer for each.
-DECODER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+def _router_aux_loss(model, out, batch: dict) -> torch.Tensor:
+    """transformers' own load_balancing_loss_func of the model's modeling module, called as its forward
+    calls it: the router logits of every layer, the model's expert counts, the (B, T) attention mask."""
+    import sys
+
+    balance = sys.modules[type(model).__module__].load_balancing_loss_func
+    return balance(out.router_logits, model.num_experts, model.num_experts_per_tok, batch.get("attention_mask"))
+
+
+def reference_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """The model's own forward with labels (full logits, its own logits transform and auxiliary losses):
+    its mean loss times the label count, so the loop normalises it as the chunked sum."""
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"), labels=batch["labels"] if n else None, use_cache=False)
+    if n == 0:  # no label token: transformers' mean would be 0 / 0
+        return out.logits.sum() * 0.0, 0
+    return out.loss * n, n
 
 
 class _LastLayerFrom:
@@ -251,11 +318,17 @@ class _LastLayerFrom:
 
 
 def _last_layer_from(body, batch: dict, start: int) -> _LastLayerFrom:
-    """_LastLayerFrom(last layer, start) where it applies; else one that changes nothing (start 0)."""
+    """_LastLayerFrom(last layer, start) where it applies; else one that changes nothing (start 0).
+
+    The caller passes start 0 unless the family table says its decoder layer is LlamaDecoderLayer's
+    (pre-norm attention and MLP, residual adds) over an attention of Llama's formula (q/k/v/o projections,
+    rotary on q and k), which _LastLayerFrom re-implements for a suffix of query positions
+    (tests/test_train_loss.py checks the result against the whole layer). Here: no q/k norms, SDPA or
+    eager attention, the sequence within the sliding window."""
     layers = getattr(body, "layers", None)
     layer = layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
     T = batch["input_ids"].shape[1]
-    if start <= 0 or layer is None or not any(c.__name__ in DECODER_CLASSES for c in type(layer).__mro__):
+    if start <= 0 or layer is None:
         return _LastLayerFrom(layer, 0)
     if getattr(layer, "gradient_checkpointing", False) and type(layer).__call__ is not nn.Module.__call__:
         # transformers < 5 checkpoints in __call__ and would replay the layer's own forward in backward,

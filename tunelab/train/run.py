@@ -11,7 +11,7 @@ import torch
 
 from tunelab.config import RunConfig, dump_config
 from tunelab.errors import TunelabError
-from tunelab.models.fused import fuse
+from tunelab.models import kernels as accel
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, resolve_dtype
 from tunelab.train import checkpoint
 from tunelab.train.checkpoint import atomic_folder
@@ -79,11 +79,14 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def prepare_method(model, cfg: RunConfig) -> list[dict]:
-    """Freeze / quantize / add adapters as the method says; return AdamW parameter groups. Every method
-    gets the fused RMSNorm and SwiGLU (one C loop each on CPU in fp32, tunelab.models.fused; elsewhere
-    unchanged)."""
-    fuse(model)
+def prepare_method(model, cfg: RunConfig, kernels: accel.Kernels | None = None) -> list[dict]:
+    """Freeze / quantize / add adapters as the method says; return AdamW parameter groups. `kernels`
+    (default: tunelab.models.kernels.choose for cfg.train.kernels, reported) says which speed-ups the model
+    gets: the fused RMSNorm, SwiGLU and rotary modules here, the fused LoRA layers below."""
+    if kernels is None:
+        kernels = accel.choose(model, cfg.train.kernels)
+        accel.report(kernels)
+    accel.apply(model, kernels)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -98,7 +101,7 @@ def prepare_method(model, cfg: RunConfig) -> list[dict]:
         if not named:
             raise TunelabError("method=freeze: no parameter matches train.train_last_layers / train.trainable")
         return _decay_groups(named, cfg.train.weight_decay)
-    from tunelab.lora import LoraConfig, apply_lora, lora_param_groups
+    from tunelab.lora import LoraConfig, apply_lora, lora_layers, lora_param_groups
     from tunelab.quant import Linear4bit, quantize_model
 
     if cfg.method == "qlora" and not any(isinstance(m, Linear4bit) for m in model.modules()):
@@ -112,8 +115,21 @@ def prepare_method(model, cfg: RunConfig) -> list[dict]:
                 if prm.dtype.is_floating_point:
                     prm.data = prm.data.clone()
     lcfg = LoraConfig(**cfg.lora.model_dump())
+    _say_unadapted_experts(model, cfg.method)
     apply_lora(model, lcfg)
+    for _, layer in lora_layers(model):
+        layer.fused = kernels.fused_lora
     return lora_param_groups(model, cfg.train.lr, cfg.train.weight_decay, lcfg.loraplus_ratio)
+
+
+def _say_unadapted_experts(model, method: str) -> None:
+    """One line where LoRA leaves weights of 3 or more dimensions (mixture-of-experts experts in transformers
+    5) untouched: `all-linear` and named targets adapt linear layers only, and qlora quantizes those only."""
+    experts = sorted({re.sub(r"\.\d+\.", ".N.", n) for n, p in model.named_parameters() if p.ndim >= 3})
+    if experts:
+        what = "frozen, not adapted" + (" and not quantized" if method == "qlora" else "")
+        print(f"tunelab: method={method}: {', '.join(experts)} (expert weights, 3-D) stay {what}: LoRA on "
+              "expert weights is not supported yet; the attention and dense layers train")
 
 
 def inside(out: Path, name: str) -> Path:
@@ -178,7 +194,10 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None):
     from tunelab.data import build_datasets
 
     train_set, eval_set = build_datasets(cfg.data, tok, cfg.train.seq_len, cfg.train.seed)
-    groups = prepare_method(model, cfg)
+    kernels = accel.choose(model, cfg.train.kernels, device)  # the one reading of train.kernels
+    if rank == 0:
+        accel.report(kernels)
+    groups = prepare_method(model, cfg, kernels)
     model.to(device)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
@@ -189,7 +208,8 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None):
             inside(out, name)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
     summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
-                         pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress)
+                         pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
+                         kernels=kernels)
     whole = _gather_outputs(model, cfg) if cfg.train.distributed == "fsdp" and _world_size() > 1 else None
     if rank == 0:
         summary["output"] = str(save_outputs(model, tok, cfg, out, whole))

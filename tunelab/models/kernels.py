@@ -1,0 +1,108 @@
+"""The kernels switch, `train.kernels: auto | off | strict`: which speed-ups one model instance runs.
+
+The speed-ups and their reference twins (what `off` runs):
+- chunked head + loss (tunelab/train/loss.py, with the family's logits transform inside) -> the model's own
+  forward with labels, full logits (its loss is a mean; we take it times the label count, so the loop's
+  normalisation is the same);
+- last-layer shortcut (loss.py) -> the last decoder layer run whole; it is part of the chunked path;
+- fused RMSNorm, SwiGLU, rotary (tunelab/models/fused.py; C on CPU, Triton on CUDA for the first two) ->
+  the model's own modules;
+- fused LoRA autograd (tunelab/lora/layer.py `_FusedLoRA`) -> base(x) + scale * B(A(x)).
+
+`auto` runs what the family table (tunelab.models.families) claims for this family and what can run here,
+and prints one line naming what it turned off and why; a family not in the table runs the reference path.
+`strict` raises a TunelabError naming the first speed-up that cannot run. The 4-bit dequantize kernels are
+not switched here (they give PyTorch's bits; TUNELAB_C_KERNELS=0 / TUNELAB_TRITON=0 turn them off, and also
+make the C / Triton kernels above unavailable, which `auto` reports and `strict` refuses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tunelab.errors import TunelabError
+from tunelab.models import fused
+from tunelab.models.families import Family, family_of, logits_transform
+
+MODES = ("auto", "off", "strict")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The speed-ups one model instance runs (from `choose`); the loss and prepare_method read it."""
+
+    mode: str
+    family: Family | None
+    chunked_head: bool = False
+    last_layer: bool = False
+    norm: bool = False
+    swiglu: bool = False
+    rotary: bool = False
+    fused_lora: bool = False
+    logits: tuple[str, float] | None = None
+    """The family's logits transform as the chunked head applies it: ("softcap", cap), ("scale", s) or None."""
+    router_aux: bool = False
+    """Add the router's load-balancing loss as the model's forward does (output_router_logits is on)."""
+    off: tuple[str, ...] = ()
+    """"speed-up: why" for each one turned off."""
+
+
+def _c_or_triton(device_type: str) -> str | None:
+    """Why the fused RMSNorm / SwiGLU kernels cannot run on this device type, or None if they can."""
+    if device_type == "cuda":
+        return None if fused.gpu_kernels() else "no Triton (or TUNELAB_TRITON=0)"
+    return None if fused.available() else "no C compiler (or TUNELAB_C_KERNELS=0)"
+
+
+def choose(model: nn.Module, mode: str, device: torch.device | str | None = None) -> Kernels:
+    """The speed-ups for `model` under train.kernels=`mode` on `device` (default: CUDA if visible, else CPU).
+
+    Prints nothing; `report` says what `auto` turned off."""
+    if mode not in MODES:
+        raise TunelabError(f"train.kernels={mode!r}: use one of {', '.join(MODES)}")
+    config = model.config
+    family = family_of(config)
+    if mode == "off":
+        return Kernels(mode, family, off=("all: train.kernels=off",))
+    device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if family is None:
+        why = (f"model_type {getattr(config, 'model_type', None)!r} is not in tunelab's family table "
+               "(tunelab/models/families.py)")
+        if mode == "strict":
+            raise TunelabError(f"train.kernels=strict: {why}, so no speed-up can run; use train.kernels=auto "
+                               "(the model's own forward) or add the family to the table")
+        return Kernels(mode, None, fused_lora=True, off=(f"chunked head and fused modules: {why}; the loss is "
+                                                          "the model's own forward",))
+    on, off = {}, []
+    missing = _c_or_triton(device_type)
+    wanted = {"norm": family.norm, "swiglu": family.mlp, "rotary": family.attention}
+    names = {"norm": "fused RMSNorm", "swiglu": "fused SwiGLU", "rotary": "fused rotary"}
+    for key, claimed in wanted.items():
+        if not claimed:
+            continue  # the family's module has another formula: its own module is the only path
+        why = "no CUDA kernel" if key == "rotary" and device_type == "cuda" else missing
+        if why and mode == "strict" and not (key == "rotary" and device_type == "cuda"):
+            raise TunelabError(f"train.kernels=strict: {names[key]} cannot run for {family.model_type} on "
+                               f"{device_type}: {why}; use train.kernels=auto to run without it")
+        on[key] = why is None
+        if why:
+            off.append(f"{names[key]}: {why}")
+    router = family.router_aux and bool(getattr(config, "output_router_logits", False))
+    return Kernels(mode, family, chunked_head=True, last_layer=family.decoder is not None, fused_lora=True,
+                   logits=logits_transform(family, config), router_aux=router, off=tuple(off), **on)
+
+
+def report(kernels: Kernels) -> None:
+    """The one line `auto` prints when it turned something off (nothing when all runs)."""
+    if kernels.mode == "auto" and kernels.off:
+        print(f"tunelab: train.kernels=auto turned off: {'; '.join(kernels.off)}")
+
+
+def apply(model: nn.Module, kernels: Kernels) -> int:
+    """Give the model the fused modules `kernels` switches on (in place); returns how many modules."""
+    if kernels.family is None:
+        return 0
+    return fused.fuse(model, norm=kernels.norm, swiglu=kernels.swiglu, rotary=kernels.rotary)
