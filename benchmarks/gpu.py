@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py --out gpu.json            # Llama-3-8B shape, random bf16 weights, 2 x 2048 tokens
     python benchmarks/gpu.py --tiny --out tiny.json    # a few small layers: tests the script on a CPU in < 1 min
+    python benchmarks/gpu.py --rounds 3 --out gpu.json  # every stack 3 times, the order reversed every round
 
 Every stack trains the same random model (built directly in bf16 on the device, seeded) with r=16 adapters on
 all linears (lm_head excluded), the same adapter init, AdamW, bf16 autocast, on the same random token batches;
@@ -12,10 +13,18 @@ memory in between:
     peft-lora      PEFT over the same linears, Hugging Face's loss (full logits)
     tunelab-qlora  tunelab.quant NF4 (block 64, double quant) + tunelab.lora
     peft-bnb-qlora bitsandbytes Linear4bit NF4 (block 64, double quant, bf16 compute) + PEFT
-Norms, embeddings and lm_head stay bf16 in all four (no prepare_model_for_kbit_training upcast).
+    peft-liger-lora, peft-liger-bnb-qlora   the two above with Liger-Kernel (liger-kernel 0.8) on the base
+                   model: fused linear cross-entropy, RMSNorm, SwiGLU and RoPE (--liger-ops), as a competent
+                   GPU user runs PEFT. Liger patches transformers' Llama module (RoPE) for the process; the
+                   patch is undone after the stack. On a CPU (Triton's interpreter, TRITON_INTERPRET=1) Liger
+                   0.8.5's RMSNorm and SwiGLU kernels fail on float scalars, so the default there is flce,rope.
+Norms, embeddings and lm_head stay bf16 in all of them (no prepare_model_for_kbit_training upcast).
 Per stack: median s/step of the timed steps after warm-up, tokens/s, peak memory of training
-(torch.cuda.max_memory_allocated, reset after the model is built), and the loss of each step: tunelab's
-losses are compared with the reference's, step by step. Before the stacks: NF4 dequantize throughput
+(torch.cuda.max_memory_allocated, reset after the model is built), and the loss of each step. Every stack
+trains on one fixed batch (--data fixed, the default), so the loss must fall: the loss check fails (exit 1)
+when a stack's loss does not fall by more than its rounding, or when tunelab's loss trajectory leaves its
+reference's by more than LOSS_RTOL (relative, any step); a stack that computed no or wrong gradients fails
+it. --rounds repeats every stack, the order reversed every other round, and pools the timed steps. Before the stacks: NF4 dequantize throughput
 (bitsandbytes, tunelab Triton, tunelab PyTorch) against the card's copy bandwidth. --profile adds one more
 step per stack under torch.profiler: its kernel time by group (matmul, attention, Triton, the rest) and top
 kernels. Prints Markdown tables; --out writes JSON (rewritten after every stack, so a run cut short keeps
@@ -28,13 +37,14 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
 import time
 import traceback
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -46,11 +56,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
-TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+# Every size a multiple of 64: bitsandbytes 0.50's AVX-512 CPU dequantize is wrong where a 4-bit block spans
+# two rows (docs/quantization.md), which the loss check caught with intermediate_size 352 (3.8e-4 apart).
+TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rope_theta=500000.0, rms_norm_eps=1e-5,
             tie_word_embeddings=False)
-STACKS = ("tunelab-qlora", "peft-bnb-qlora", "tunelab-lora", "peft-lora")  # the run order: QLoRA first
-REFERENCE = {"tunelab-lora": "peft-lora", "tunelab-qlora": "peft-bnb-qlora"}
+STACKS = ("tunelab-qlora", "peft-bnb-qlora", "peft-liger-bnb-qlora", "tunelab-lora", "peft-lora",
+          "peft-liger-lora")  # the run order: QLoRA first
+REFERENCES = (("tunelab-lora", "peft-lora"), ("tunelab-lora", "peft-liger-lora"),
+              ("tunelab-qlora", "peft-bnb-qlora"), ("tunelab-qlora", "peft-liger-bnb-qlora"))
+# Loss trajectories of two stacks on the same fixed batch: bf16 autocast rounds differently in each stack's
+# fusions (2.5e-4 apart seen on an H200 over 10 steps); fp32 only by summation order (5e-6 on a CPU).
+LOSS_RTOL = {torch.bfloat16: 2e-3, torch.float32: 1e-4}
 GOALS = {"qlora_speed": 1.5, "qlora_memory": 0.8, "lora_speed": 1.3, "dequant_of_copy": 0.7}
 RANK, ALPHA, BLOCK = 16, 32, 64
 
@@ -177,24 +194,59 @@ def peft_stack(model: nn.Module, quantized: bool, loss_chunk: int = 0):  # loss_
     return model, loss_fn
 
 
+def liger(model: nn.Module, ops: list[str]) -> None:
+    """Liger-Kernel's Llama kernels on this model (before PEFT wraps it): `ops` of flce (fused linear
+    cross-entropy), rope, rms_norm, swiglu."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope="rope" in ops, rms_norm="rms_norm" in ops, swiglu="swiglu" in ops,
+                                cross_entropy=False, fused_linear_cross_entropy="flce" in ops, model=model)
+
+
+@contextmanager
+def restored(module):
+    """Undo, on exit, what anything did to `module`'s attributes and to its classes' (Liger replaces
+    transformers' functions in the module, for the process): later stacks get transformers' own."""
+    classes = {c: dict(vars(c)) for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__}
+    saved = dict(vars(module))
+    try:
+        yield
+    finally:
+        for key in set(vars(module)) - set(saved):
+            delattr(module, key)
+        for key, value in saved.items():
+            if vars(module).get(key) is not value:
+                setattr(module, key, value)
+        for cls, attrs in classes.items():
+            for key in set(vars(cls)) - set(attrs):
+                delattr(cls, key)
+            for key, value in attrs.items():
+                if key not in ("__dict__", "__weakref__") and vars(cls).get(key) is not value:
+                    setattr(cls, key, value)
+
+
 def make_stack(name: str, shape: dict, device: torch.device, dtype: torch.dtype, checkpointing: bool,
-               loss_chunk: int = 1024):
+               loss_chunk: int = 1024, liger_ops: tuple[str, ...] = ()):
     model = build_base(shape, device, dtype)
     if checkpointing:  # before PEFT wraps it, on the Hugging Face model itself (as tunelab/train/run.py)
         from tunelab.train.run import enable_checkpointing
 
         enable_checkpointing(model)
+    if "liger" in name:
+        liger(model, list(liger_ops))
     make = tunelab_stack if name.startswith("tunelab") else peft_stack
     model, loss_fn = make(model, quantized=name.endswith("qlora"), loss_chunk=loss_chunk)
     params = same_adapter_init(model)
     return model, loss_fn, params
 
 
-def batches(shape: dict, batch: int, seq: int, steps: int, device: torch.device) -> list[dict]:
-    """Random token batches, the same in every stack; labels = inputs (every token counts)."""
+def batches(shape: dict, batch: int, seq: int, steps: int, device: torch.device, fixed: bool = True) -> list[dict]:
+    """Random token batches, the same in every stack; labels = inputs (every token counts). `fixed`: one
+    batch every step, which the model learns, so the loss falls (fresh random tokens each step cannot)."""
     out = []
     for k in range(steps):
-        ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1000 + k))
+        seed = 1000 if fixed else 1000 + k
+        ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
         ids = ids.to(device)
         out.append({"input_ids": ids, "labels": ids})
     return out
@@ -205,13 +257,14 @@ def run_stack(name: str, checkpointing: bool, args, shape: dict, device: torch.d
     row = {"stack": name, "checkpointing": checkpointing}
     free(device)
     t0 = time.perf_counter()
-    model, loss_fn, params = make_stack(name, shape, device, args.dtype, checkpointing, args.loss_chunk)
+    model, loss_fn, params = make_stack(name, shape, device, args.dtype, checkpointing, args.loss_chunk,
+                                        tuple(args.liger_ops.split(",")))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sync(device)
     row["build_s"] = time.perf_counter() - t0
     row["weights_gib"] = allocated_gib(device)
     row["trainable"] = sum(p.numel() for p in params)
-    data = batches(shape, args.batch, args.seq, args.warmup + args.steps, device)
+    data = batches(shape, args.batch, args.seq, args.warmup + args.steps, device, args.data == "fixed")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
@@ -239,7 +292,7 @@ def run_stack(name: str, checkpointing: bool, args, shape: dict, device: torch.d
         free(device)
     step = statistics.median(times[args.warmup:])
     row.update(s_per_step=step, tokens_per_s=args.batch * args.seq / step, peak_gib=peak, losses=losses,
-               step_times=times)
+               step_times=times, timed=times[args.warmup:])
     return row
 
 
@@ -371,20 +424,43 @@ def triton_sweep(qt, out, moved: int, device: torch.device, reps: int) -> dict:
 
 
 def compare(rows: list[dict]) -> list[dict]:
-    """tunelab vs its reference at the same checkpointing: speed and memory ratios, loss agreement."""
-    found = {(r["stack"], r["checkpointing"]): r for r in rows if "s_per_step" in r}
+    """tunelab vs each reference at the same checkpointing: speed (the timed steps of every round pooled),
+    memory (the largest peak) and loss agreement (the first round's trajectories, step by step)."""
+    found: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "s_per_step" in r:
+            found.setdefault((r["stack"], r["checkpointing"]), []).append(r)
     out = []
-    for ours, ref in REFERENCE.items():
+    for ours, ref in REFERENCES:
         for ckpt in (True, False):
             a, b = found.get((ours, ckpt)), found.get((ref, ckpt))
             if not a or not b:
                 continue
-            rel = [abs(x - y) / abs(y) for x, y in zip(a["losses"], b["losses"])]
-            out.append({"ours": ours, "reference": ref, "checkpointing": ckpt,
-                        "speed_ratio": a["tokens_per_s"] / b["tokens_per_s"],
-                        "memory_ratio": None if math.isnan(b["peak_gib"]) else a["peak_gib"] / b["peak_gib"],
+            rel = [abs(x - y) / abs(y) for x, y in zip(a[0]["losses"], b[0]["losses"])]
+            step_a = statistics.median(t for r in a for t in r["timed"])
+            step_b = statistics.median(t for r in b for t in r["timed"])
+            peak_a, peak_b = max(r["peak_gib"] for r in a), max(r["peak_gib"] for r in b)
+            out.append({"ours": ours, "reference": ref, "checkpointing": ckpt, "rounds": min(len(a), len(b)),
+                        "speed_ratio": step_b / step_a,
+                        "memory_ratio": None if math.isnan(peak_b) else peak_a / peak_b,
                         "loss_rel_diff_max": max(rel), "loss_rel_diff_first": rel[0]})
     return out
+
+
+def loss_problems(result: dict, dtype: torch.dtype, fixed: bool) -> list[str]:
+    """What the loss check finds wrong: on a fixed batch a stack whose loss did not fall by more than 5x
+    LOSS_RTOL (relative), or a pair whose trajectories are more than LOSS_RTOL apart at some step."""
+    tol = LOSS_RTOL[dtype]
+    problems = []
+    for r in result["rows"]:
+        if "losses" in r and fixed and not r["losses"][-1] < r["losses"][0] * (1 - 5 * tol):
+            problems.append(f"{r['stack']} (checkpointing {r['checkpointing']}): loss {r['losses'][0]:.4f} -> "
+                            f"{r['losses'][-1]:.4f} did not fall by more than {5 * tol:g} relative")
+    for c in result["comparisons"]:
+        if c["loss_rel_diff_max"] > tol:
+            problems.append(f"{c['ours']} vs {c['reference']} (checkpointing {c['checkpointing']}): losses "
+                            f"{c['loss_rel_diff_max']:.2e} apart (> {tol:g})")
+    return problems
 
 
 def gib(x: float) -> str:
@@ -450,7 +526,7 @@ def pooled(results: list[dict]) -> str:
     lines = [f"{len(results)} runs pooled", "",
              "| ours vs reference | grad ckpt | steps | ours median s | reference median s | tokens/s ratio |",
              "|---|---|---|---|---|---|"]
-    for ours, ref in REFERENCE.items():
+    for ours, ref in REFERENCES:
         for ckpt in (True, False):
             a, b = steps.get((ours, ckpt)), steps.get((ref, ckpt))
             if a and b:
@@ -477,6 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-chunk", type=int, default=1024,
                    help="tokens per chunk of tunelab's head + cross-entropy (train.loss_chunk_tokens; default 1024)")
     p.add_argument("--profile", action="store_true", help="profile one more step per stack (torch.profiler)")
+    p.add_argument("--rounds", type=int, default=1, help="run every stack this many times, the order reversed "
+                   "every other round; speed ratios pool the timed steps of all rounds")
+    p.add_argument("--data", choices=("fixed", "fresh"), default="fixed",
+                   help="fixed: one batch every step, so the loss must fall (the loss check); fresh: new tokens")
+    p.add_argument("--liger-ops", help="Liger kernels of the peft-liger stacks, comma-separated of flce,rope,"
+                   "rms_norm,swiglu (default: all four on CUDA; flce,rope on a CPU, see the docstring)")
     p.add_argument("--out", type=Path, help="JSON results file (rewritten after each stack)")
     p.add_argument("--pool", type=Path, nargs="+", metavar="JSON",
                    help="measure nothing: the ratios over the timed steps of these runs' JSON files together")
@@ -492,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.liger_ops is None:
+        args.liger_ops = "flce,rope,rms_norm,swiglu" if device.type == "cuda" else "flce,rope"
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Liger's Triton kernels on a CPU; read when they load
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {"device": name, "torch": torch.__version__, "model": "tiny" if args.tiny else "llama3-8b-shape",
               "shape": shape, "dtype": str(args.dtype), "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
@@ -509,22 +595,34 @@ def main(argv: list[str] | None = None) -> int:
         result["dequant"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     save()
     ckpts = [{"on": True, "off": False}[c] for c in args.checkpointing.split(",")]
-    for ckpt in ckpts:
-        for stack in args.stacks.split(","):
-            if stack not in STACKS:
-                p.error(f"unknown stack {stack!r}; choose from {', '.join(STACKS)}")
-            print(f"== {stack} checkpointing={ckpt}", flush=True)
-            try:
-                row = run_stack(stack, ckpt, args, shape, device)
-                print(f"   {row['s_per_step']:.3f} s/step, {row['tokens_per_s']:,.0f} tokens/s, peak {gib(row['peak_gib'])} GiB,"
-                      f" losses {[round(x, 4) for x in row['losses']]}", flush=True)
-            except Exception as e:  # noqa: BLE001 - one stack failing (OOM, a missing package) must not lose the rest
-                traceback.print_exc()
-                row = {"stack": stack, "checkpointing": ckpt, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-                free(device)
-            result["rows"].append(row)
-            save()
+    stacks = args.stacks.split(",")
+    for stack in stacks:
+        if stack not in STACKS:
+            p.error(f"unknown stack {stack!r}; choose from {', '.join(STACKS)}")
+    from transformers.models.llama import modeling_llama
+
+    for k in range(args.rounds):
+        for ckpt in ckpts:
+            for stack in stacks if k % 2 == 0 else stacks[::-1]:
+                print(f"== round {k}: {stack} checkpointing={ckpt}", flush=True)
+                try:
+                    with restored(modeling_llama) if "liger" in stack else nullcontext():
+                        row = run_stack(stack, ckpt, args, shape, device)
+                    print(f"   {row['s_per_step']:.3f} s/step, {row['tokens_per_s']:,.0f} tokens/s, peak "
+                          f"{gib(row['peak_gib'])} GiB, losses {[round(x, 4) for x in row['losses']]}", flush=True)
+                except Exception as e:  # noqa: BLE001 - one stack failing (OOM, a missing package) must not lose the rest
+                    traceback.print_exc()
+                    row = {"stack": stack, "checkpointing": ckpt, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+                    free(device)
+                result["rows"].append({**row, "round": k})
+                save()
     print(markdown(result))
+    problems = loss_problems(result, args.dtype, args.data == "fixed")
+    failed = [r["stack"] for r in result["rows"] if "error" in r]
+    if problems or failed:
+        print("\nloss check failed:\n  " + "\n  ".join(problems + [f"{s}: did not run" for s in failed]))
+        return 1
+    print(f"\nloss check passed: every loss fell, every pair within {LOSS_RTOL[args.dtype]:g} relative at every step")
     return 0
 
 

@@ -11,7 +11,7 @@ rm -rf .gpu_site && mkdir -p .gpu_site
 python -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHL" \
   bitsandbytes==0.50.2 peft==0.21.2 pydantic==2.13.4 pydantic_core==2.46.4 annotated-types==0.7.0 \
-  typing-inspection==0.4.2 datasketch==2.0.0
+  typing-inspection==0.4.2 datasketch==2.0.0 liger-kernel==0.8.5
 for w in "$WHL"/*.whl; do python -m zipfile -e "$w" .gpu_site; done
 # bitsandbytes ships a library per CUDA / ROCm / XPU version (125 MB in all): keep CUDA 13's and the CPU one.
 find .gpu_site/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda13*' ! -name '*_cpu.so' -delete
