@@ -3,13 +3,17 @@
     python benchmarks/quant_bench.py [--size 4096] [--repeats 7]
 
 For a size x size fp32 weight: quantize NF4 + double quant, dequantize to fp32; ours and bitsandbytes'
-alternate in every repeat and the medians are compared. Also times dequantize of a 576x1536 weight
-(SmolLM2's MLP) since that is what a QLoRA step pays per layer.
+run back to back in every repeat (which goes first alternates), and the ratio is taken within each repeat:
+the median ratio, its min-max, and a 90% bootstrap interval of the median (repeats resampled, seed 0), since
+the machine's speed drifts over seconds by more than a target's margin (one script gave 3.9x, 6.5x, 7.1x).
+Also times dequantize of a 576x1536 weight (SmolLM2's MLP), what a QLoRA step pays per layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
+import random
 import statistics
 import time
 
@@ -26,14 +30,27 @@ def _time(fn, sync) -> float:
     return time.perf_counter() - t0
 
 
-def side_by_side(ours, theirs, repeats: int, sync) -> tuple[float, float]:
-    """Median seconds of `ours` and `theirs`, alternating (one warm-up each)."""
+def side_by_side(ours, theirs, repeats: int, sync) -> tuple[float, float, str]:
+    """Median seconds of `ours` and `theirs` (one warm-up each, then pairs in alternating order), and the
+    speed-up theirs / ours as the median of the per-pair ratios with its spread."""
     ours(), theirs()
     a, b = [], []
-    for _ in range(repeats):
-        a.append(_time(ours, sync))
-        b.append(_time(theirs, sync))
-    return statistics.median(a), statistics.median(b)
+    for k in range(repeats):
+        if k % 2:
+            b.append(_time(theirs, sync))
+            a.append(_time(ours, sync))
+        else:
+            a.append(_time(ours, sync))
+            b.append(_time(theirs, sync))
+    return statistics.median(a), statistics.median(b), spread([y / x for x, y in zip(a, b)])
+
+
+def spread(ratios: list[float], boot: int = 2000) -> str:
+    """'median [min-max], 90% interval lo-hi' of per-repeat ratios (bootstrap of the median, seed 0)."""
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(boot))
+    return (f"{statistics.median(ratios):5.2f}x [{min(ratios):.2f}-{max(ratios):.2f}], 90% interval "
+            f"{meds[int(0.05 * boot)]:.2f}-{meds[int(0.95 * boot) - 1]:.2f}")
 
 
 def run(device: str, size: int, repeats: int) -> None:
@@ -42,18 +59,17 @@ def run(device: str, size: int, repeats: int) -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)
     w = torch.randn(size, size, device=device)
-    print(f"\n== {device}: {size}x{size} fp32, torch threads {torch.get_num_threads()}, {repeats} repeats ==")
-    q_ours, q_bnb = side_by_side(lambda: tq.quantize(w, "nf4", 64, double_quant=True),
+    cpu = f"{platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}"
+    print(f"\n== {device}: {size}x{size} fp32, torch threads {torch.get_num_threads()}, {repeats} repeats; {cpu} ==")
+    q_ours, q_bnb, q_ratio = side_by_side(lambda: tq.quantize(w, "nf4", 64, double_quant=True),
                                  lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
                                  repeats, sync)
-    print(f"quantize nf4+dq   ours {q_ours * 1e3:8.1f} ms   bitsandbytes {q_bnb * 1e3:8.1f} ms   "
-          f"speed-up {q_bnb / q_ours:5.2f}x")
+    print(f"quantize nf4+dq   ours {q_ours * 1e3:8.1f} ms   bitsandbytes {q_bnb * 1e3:8.1f} ms   speed-up {q_ratio}")
     qt = tq.quantize(w, "nf4", 64, double_quant=True)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     assert torch.equal(packed.view(-1), qt.data), "packed bytes differ from bitsandbytes"
-    d_ours, d_bnb = side_by_side(qt.dequantize, lambda: bnbf.dequantize_4bit(packed, state), repeats, sync)
-    print(f"dequantize fp32   ours {d_ours * 1e3:8.1f} ms   bitsandbytes {d_bnb * 1e3:8.1f} ms   "
-          f"speed-up {d_bnb / d_ours:5.2f}x")
+    d_ours, d_bnb, d_ratio = side_by_side(qt.dequantize, lambda: bnbf.dequantize_4bit(packed, state), repeats, sync)
+    print(f"dequantize fp32   ours {d_ours * 1e3:8.1f} ms   bitsandbytes {d_bnb * 1e3:8.1f} ms   speed-up {d_ratio}")
     if device == "cuda":
         copy_s = statistics.median(_time(lambda: w.clone(), sync) for _ in range(repeats))
         nbytes_dq = qt.nbytes + w.numel() * 4  # read packed + state, write fp32
@@ -62,14 +78,14 @@ def run(device: str, size: int, repeats: int) -> None:
     small = torch.randn(576, 1536, device=device)
     qs = tq.quantize(small, "nf4", 64, double_quant=True)
     ps, ss = bnbf.quantize_4bit(small, blocksize=64, quant_type="nf4", compress_statistics=True)
-    s_ours, s_bnb = side_by_side(qs.dequantize, lambda: bnbf.dequantize_4bit(ps, ss), repeats * 5, sync)
-    print(f"dequantize 576x1536  ours {s_ours * 1e3:6.2f} ms   bitsandbytes {s_bnb * 1e3:6.2f} ms")
+    s_ours, s_bnb, s_ratio = side_by_side(qs.dequantize, lambda: bnbf.dequantize_4bit(ps, ss), repeats * 5, sync)
+    print(f"dequantize 576x1536  ours {s_ours * 1e3:6.2f} ms   bitsandbytes {s_bnb * 1e3:6.2f} ms   speed-up {s_ratio}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     args = parser.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
