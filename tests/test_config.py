@@ -17,6 +17,12 @@ def test_defaults_and_typed_overrides():
     assert cfg.method == "lora" and cfg.quant.dtype == "nf4" and cfg.quant.block_size == 64
 
 
+def test_default_packing_is_padded():
+    """Packed rows let an example attend to the others in its row (HF eager/SDPA, issue 25): the default must
+    keep examples apart, one per row."""
+    assert load_config(None, [], base={"data": DATA}).data.packing == "padded"
+
+
 @pytest.mark.parametrize("override, needle", [
     ("train.lrr=1", "unknown key `train.lrr`"),
     ("train.lr=fast", "`train.lr`"),

@@ -82,7 +82,9 @@ class DataConfig(BaseModel):
         None, description="None = the tokenizer's chat template; else a named fallback: chatml or plain"
     )
     packing: Literal["packed", "padded"] = Field(
-        "packed", description="packed: rows of exactly seq_len tokens; padded: one example per row, <= seq_len"
+        "padded", description="padded (the default): one example per row, <= seq_len; packed: rows of exactly "
+        "seq_len tokens, in which HF eager/SDPA attention lets an example attend to the earlier ones in its row "
+        "(docs/data.md, Packing), so it is opt-in"
     )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents/records held out for eval")
     eval_path: str | None = Field(None, description="a separate eval file (same formats); overrides eval_fraction")
