@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from tunelab.config import RunConfig, dump_config
 from tunelab.errors import TunelabError
 from tunelab.models.fused import fuse
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, resolve_dtype
-from tunelab.train import checkpoint
+from tunelab.train import checkpoint, outdir
 from tunelab.train.checkpoint import atomic_folder
 from tunelab.train.loop import train_loop
 
@@ -168,26 +169,60 @@ def save_outputs(model, tok, cfg: RunConfig, out: Path, whole: dict | None = Non
     return dest
 
 
-def run_training(cfg: RunConfig, progress: bool = True, model=None):
-    """Train as `cfg` says; returns (summary, trained model). `model=(model, tokenizer)` skips loading."""
+def _rank0_decides(fn):
+    """fn() on rank 0, its result (or its TunelabError) shared with every process of a torchrun job, so that
+    all of them write to the one folder rank 0 picked (run folders are named by the clock)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except TunelabError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise TunelabError(value)
+    return value
+
+
+def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = "run", overwrite: bool = False):
+    """Train as `cfg` says; returns (summary, trained model). `model=(model, tokenizer)` skips loading.
+
+    The output folder is settled first (tunelab.train.outdir): `cfg.output_dir`, refused when it holds another
+    run unless resume or `overwrite`; or, when unset, a new `runs/<name>-<UTC time>`.
+    """
     device = pick_device(cfg.train.device)
     init_distributed(device)
     rank = int(os.environ.get("RANK", "0"))
-    torch.manual_seed(cfg.train.seed)
-    model, tok = model or build_model(cfg, device)
-    from tunelab.data import build_datasets
+    out, made = _rank0_decides(lambda: outdir.claim(cfg.output_dir, name, cfg.resume, overwrite))
+    cfg = cfg.model_copy(update={"output_dir": str(out)})  # config.yaml records where the run is
+    try:
+        torch.manual_seed(cfg.train.seed)
+        model, tok = model or build_model(cfg, device)
+        from tunelab.data import build_datasets
 
-    train_set, eval_set = build_datasets(cfg.data, tok, cfg.train.seq_len, cfg.train.seed)
-    groups = prepare_method(model, cfg)
+        train_set, eval_set = build_datasets(cfg.data, tok, cfg.train.seq_len, cfg.train.seed)
+        groups = prepare_method(model, cfg)
+    except BaseException:
+        if made and rank == 0:
+            with suppress(OSError):  # the new folder, still empty: nothing ran
+                out.rmdir()
+        raise
     model.to(device)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
-    out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json"):
-            inside(out, name)  # every path a run writes; adapter/ or model/ are checked when written
+        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json"):
+            inside(out, f)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
+        if made:
+            outdir.point_latest(out)
+            print(f"tunelab: this run writes to {out} ({out.parent / 'latest'} points to it)")
     summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
                          pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress)
     whole = _gather_outputs(model, cfg) if cfg.train.distributed == "fsdp" and _world_size() > 1 else None
