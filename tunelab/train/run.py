@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from tunelab.config import RunConfig, dump_config
+from tunelab.data.validate import check as check_data
 from tunelab.errors import TunelabError
 from tunelab.models.fused import fuse
-from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, resolve_dtype
+from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, model_folder, resolve_dtype
 from tunelab.train import checkpoint, outdir
 from tunelab.train.checkpoint import atomic_folder
 from tunelab.train.loop import train_loop
@@ -55,6 +56,22 @@ def build_model(cfg: RunConfig, device: torch.device):
         quant = cfg.quant if cfg.method == "qlora" else None
         model, tok = load_pretrained(cfg.model.source, dtype, cfg.model.trust_remote_code, quant)
     return model, tok
+
+
+def early_tokenizer(cfg: RunConfig):
+    """The run's tokenizer without its model, so the data can be checked and built before the model loads;
+    None where that is not cheap or not safe: a .gguf source (its tokenizer comes out of the conversion) and
+    trust_remote_code (load_pretrained warns before any shipped code runs)."""
+    if cfg.model.source == "scratch":
+        tok_src = cfg.model.scratch.tokenizer
+        if tok_src == "bundled":
+            from tunelab.models.bundled import tokenizer_dir
+
+            tok_src = tokenizer_dir()
+        return load_tokenizer(tok_src)
+    if cfg.model.trust_remote_code or Path(cfg.model.source).suffix == ".gguf":
+        return None
+    return load_tokenizer(model_folder(cfg.model.source))
 
 
 def _decay_groups(named_params, weight_decay: float) -> list[dict]:
@@ -169,6 +186,14 @@ def save_outputs(model, tok, cfg: RunConfig, out: Path, whole: dict | None = Non
     return dest
 
 
+def _data(cfg: RunConfig, tok, out: Path):
+    """The checked, built (train, eval) rows."""
+    from tunelab.data import build_datasets
+
+    check_data(cfg.data, tok)
+    return build_datasets(cfg.data, tok, cfg.train.seq_len, cfg.train.seed)
+
+
 def _rank0_decides(fn):
     """fn() on rank 0, its result (or its TunelabError) shared with every process of a torchrun job, so that
     all of them write to the one folder rank 0 picked (run folders are named by the clock)."""
@@ -201,11 +226,14 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
     out, made = _rank0_decides(lambda: outdir.claim(cfg.output_dir, name, cfg.resume, overwrite))
     cfg = cfg.model_copy(update={"output_dir": str(out)})  # config.yaml records where the run is
     try:
+        # the data first, in seconds: paths, formats, first records; then templates and the whole build with
+        # the tokenizer alone; only then the model (minutes for a large one)
+        check_data(cfg.data)
+        early = model[1] if model else early_tokenizer(cfg)
+        data = _data(cfg, early, out) if early is not None else None
         torch.manual_seed(cfg.train.seed)
         model, tok = model or build_model(cfg, device)
-        from tunelab.data import build_datasets
-
-        train_set, eval_set = build_datasets(cfg.data, tok, cfg.train.seq_len, cfg.train.seed)
+        train_set, eval_set = data or _data(cfg, tok, out)  # a .gguf source: its tokenizer came with the model
         groups = prepare_method(model, cfg)
     except BaseException:
         if made and rank == 0:
