@@ -95,6 +95,11 @@ class DataConfig(BaseModel):
     skip_bad_rows: bool = Field(False, description="skip (and count) malformed rows instead of stopping with an error")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="quality filters")
     seed: int = Field(0, description="shuffling, eval split and mixture order")
+    prepared: str | None = Field(
+        None, description="folder of the prepared (tokenized) data: `tunelab data prepare` writes it, `tunelab "
+        "train` reuses it while its manifest matches and rebuilds it when not; None = `output_dir/prepared`"
+    )
+    num_proc: int = Field(1, ge=1, description="processes that tokenize in parallel (1: in this process)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:

@@ -187,11 +187,14 @@ def save_outputs(model, tok, cfg: RunConfig, out: Path, whole: dict | None = Non
 
 
 def _data(cfg: RunConfig, tok, out: Path):
-    """The checked, built (train, eval) rows."""
-    from tunelab.data import build_datasets
+    """The checked (train, eval) rows: the prepared ones in data.prepared (default output_dir/prepared) when
+    their manifest matches, so a resumed run never tokenizes again; else built, and written there by rank 0."""
+    from tunelab.data import prepared
 
     check_data(cfg.data, tok)
-    return build_datasets(cfg.data, tok, cfg.train.seq_len, cfg.train.seed)
+    folder = Path(cfg.data.prepared) if cfg.data.prepared else inside(out, "prepared")
+    return prepared.load_or_build(cfg.data, tok, cfg.train.seq_len, cfg.train.seed, folder,
+                                  write_it=int(os.environ.get("RANK", "0")) == 0)
 
 
 def _rank0_decides(fn):
