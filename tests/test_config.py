@@ -64,6 +64,7 @@ def test_bad_yaml_files(tmp_path, text, needle):
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, args, needle):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"sources": [{"name": "x", "path": str(tmp_path / "x.jsonl")}]}}))
+    (tmp_path / "x.jsonl").write_text('{"prompt": "What is two plus two?", "response": "Four."}\n')  # data passes
     assert main([a.replace("{cfg}", str(cfg)) for a in args]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -40,15 +40,19 @@ def init_distributed(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def _scratch_tokenizer(cfg: RunConfig):
+    tok_src = cfg.model.scratch.tokenizer
+    if tok_src == "bundled":
+        from tunelab.models.bundled import tokenizer_dir
+
+        tok_src = tokenizer_dir()
+    return load_tokenizer(tok_src)
+
+
 def build_model(cfg: RunConfig, device: torch.device):
     dtype = resolve_dtype(cfg.model.dtype, device)
     if cfg.model.source == "scratch":
-        tok_src = cfg.model.scratch.tokenizer
-        if tok_src == "bundled":
-            from tunelab.models.bundled import tokenizer_dir
-
-            tok_src = tokenizer_dir()
-        tok = load_tokenizer(tok_src)
+        tok = _scratch_tokenizer(cfg)
         model = from_scratch(cfg.model.scratch, tok, dtype, cfg.train.seed)
     else:
         # qlora: quantized shard by shard as it loads, never whole in 16/32 bits (prepare_method then finds
@@ -63,12 +67,7 @@ def early_tokenizer(cfg: RunConfig):
     None where that is not cheap or not safe: a .gguf source (its tokenizer comes out of the conversion) and
     trust_remote_code (load_pretrained warns before any shipped code runs)."""
     if cfg.model.source == "scratch":
-        tok_src = cfg.model.scratch.tokenizer
-        if tok_src == "bundled":
-            from tunelab.models.bundled import tokenizer_dir
-
-            tok_src = tokenizer_dir()
-        return load_tokenizer(tok_src)
+        return _scratch_tokenizer(cfg)
     if cfg.model.trust_remote_code or Path(cfg.model.source).suffix == ".gguf":
         return None
     return load_tokenizer(model_folder(cfg.model.source))
