@@ -262,13 +262,16 @@ def test_resume_from_a_checkpoint_of_another_config(ws, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["adapter", "checkpoints"])
 def test_outputs_cannot_escape_output_dir(ws, tmp_path, capsys, name):
-    """A link planted inside output_dir must not redirect a write outside it."""
+    """A link planted inside output_dir must not redirect a write outside it (a new run refuses the folder as
+    holding a run already; resuming there gets as far as the first write)."""
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     out = tmp_path / "run"
     out.mkdir()
     os.symlink(outside, out / name)
     _fails(["train", str(run_config(ws, out, train={"max_steps": 1})), "--no-progress"], capsys,
+           f"output_dir {out} already holds an unfinished run ({name})")
+    _fails(["train", str(run_config(ws, out, train={"max_steps": 1}, resume=True)), "--no-progress"], capsys,
            str(out / name), "outside output_dir")
     assert not list(outside.iterdir())
     BAD_INPUTS.append(f"output:{name}_symlink")
@@ -278,7 +281,7 @@ def test_outputs_cannot_escape_output_dir(ws, tmp_path, capsys, name):
 def test_an_output_path_that_cannot_be_used(ws, tmp_path, capsys):
     """An OSError from a path the user gave (a file where a folder goes, a folder where a file goes) is one line."""
     a_file = _write(tmp_path / "notes.txt", "mine\n")
-    _fails(["train", str(run_config(ws, a_file)), "--no-progress"], capsys, str(a_file), "File exists")
+    _fails(["train", str(run_config(ws, a_file)), "--no-progress"], capsys, str(a_file), "is a file")
     assert a_file.read_text() == "mine\n"
     _fails(["cost", str(ws / "model"), "--json", str(tmp_path)], capsys, str(tmp_path), "Is a directory")
     BAD_INPUTS.extend(["output:train_dir_is_a_file", "output:cost_json_is_a_folder"])

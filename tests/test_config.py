@@ -17,6 +17,12 @@ def test_defaults_and_typed_overrides():
     assert cfg.method == "lora" and cfg.quant.dtype == "nf4" and cfg.quant.block_size == 64
 
 
+def test_default_packing_is_padded():
+    """Packed rows let an example attend to the others in its row (HF eager/SDPA, issue 25): the default must
+    keep examples apart, one per row."""
+    assert load_config(None, [], base={"data": DATA}).data.packing == "padded"
+
+
 @pytest.mark.parametrize("override, needle", [
     ("train.lrr=1", "unknown key `train.lrr`"),
     ("train.lr=fast", "`train.lr`"),
@@ -58,6 +64,7 @@ def test_bad_yaml_files(tmp_path, text, needle):
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, args, needle):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"sources": [{"name": "x", "path": str(tmp_path / "x.jsonl")}]}}))
+    (tmp_path / "x.jsonl").write_text('{"prompt": "What is two plus two?", "response": "Four."}\n')  # data passes
     assert main([a.replace("{cfg}", str(cfg)) for a in args]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -134,7 +134,7 @@ def test_batch_encoder_equals_tokenizer_call(bundled_tokenizer, tiny_tokenizer):
 
 def test_build_datasets_pretrain_contract(tiny_tokenizer):
     cfg = DataConfig(task="pretrain", sources=[SourceConfig(name="prose", path="local:prose")], max_tokens=20_000,
-                     eval_fraction=0.1)
+                     eval_fraction=0.1, packing="packed")
     built = build(cfg, tiny_tokenizer, 128)
     assert sum(len(r["input_ids"]) for r in built.train) == -(-20_000 // 128) * 128
     assert all(len(r["input_ids"]) == 128 for r in built.train + built.eval) and built.eval

@@ -32,8 +32,27 @@ COMMANDS = {
 }
 
 
+DESCRIPTION = """\
+tunelab: pretrain, fine-tune and evaluate language models from one YAML config, on a laptop CPU
+or a CUDA GPU. Methods: full, freeze, LoRA and QLoRA (LoRA over a frozen 4-bit base); tasks:
+pretraining on a weighted data mixture and supervised fine-tuning with loss on responses only;
+then evaluation (perplexity, tasks, hallucination, prompt injection) and export (merged Hugging
+Face folder, GGUF for llama.cpp and Ollama)."""
+
+EPILOG = """\
+a first run:
+  tunelab quickstart                        QLoRA on the bundled SmolLM2-135M, quality before/after
+  tunelab train configs/lora-sft.yaml       a new run in runs/lora-sft-<UTC time>/ (runs/latest)
+  tunelab eval runs/latest                  evaluate it
+`tunelab COMMAND --help` shows a command's options."""
+
+
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0])
+    from tunelab import __version__
+
+    parser = argparse.ArgumentParser(prog="tunelab", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -95,8 +95,9 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0)
     """Steps between eval-loss measurements (0: only at the end)."""
     eval_batches: int = Field(8, gt=0)
-    save_every: int = Field(0, ge=0)
-    """Steps between checkpoints (0: only at the end)."""
+    save_every: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    """Steps between checkpoints; 0: only at the end; `auto`: about ten checkpoints a run, at most 500 steps
+    apart (ceil(total_steps / 10), capped at 500), so a crash costs at most a tenth of the run."""
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     seed: int = 0
@@ -140,9 +141,12 @@ class RunConfig(_Strict):
     lora: LoraSection = LoraSection()
     data: DataConfig
     train: TrainConfig = TrainConfig()
-    output_dir: str = "runs/latest"
+    output_dir: str | None = None
+    """Where the run writes. None: a new folder `runs/<config name>-<UTC time>` for every run, with the symlink
+    `runs/latest` to the newest. A folder that already holds a run is refused unless resume=true (continue it)
+    or `tunelab train --overwrite` (replace it)."""
     resume: bool = False
-    """Continue from the latest complete checkpoint in output_dir."""
+    """Continue from the latest complete checkpoint in output_dir (unset: the newest run of this config name)."""
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

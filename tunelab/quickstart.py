@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
+    p.add_argument("--out", default=None, help="run folder (default: a new runs/quickstart-<UTC time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--method", choices=["qlora", "lora"], default="qlora")
     p.add_argument("--train-per-family", type=int, default=32, help="training pairs per trained family")
     p.add_argument("--eval-per-family", type=int, default=8, help="held-out items per family")
@@ -43,15 +44,18 @@ def run(args) -> int:
     from tunelab.eval.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES, evaluate_items, generate_items
     from tunelab.train.run import build_model, pick_device, run_training
 
+    from tunelab.train import outdir
+
     t_start = time.time()
-    out = Path(args.out)
-    overrides = [f"method={args.method}", f"model.source={args.model}", f"output_dir={out}",
-                 f"train.lr={args.lr}", f"train.epochs={args.epochs}"]
+    overrides = [f"method={args.method}", f"model.source={args.model}", f"train.lr={args.lr}",
+                 f"train.epochs={args.epochs}"]
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     cfg = load_config(None, overrides, base=QUICKSTART)  # a bad flag fails here, before anything is written
-    if out.exists() and not out.is_dir():
-        raise TunelabError(f"--out {out} is a file; give a folder for the run")
+    if args.out is not None:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise TunelabError(f"--out {args.out} is a file; give a folder for the run")
+        replaced = outdir.check_free(Path(args.out), resume=False, overwrite=args.overwrite)
 
     train_items = generate_items(TRAIN_FAMILIES, args.train_per_family, seed=1)
     seen = {it.prompt for it in train_items}
@@ -60,6 +64,13 @@ def run(args) -> int:
 
     torch.manual_seed(cfg.train.seed)
     model, tok = build_model(cfg, pick_device(cfg.train.device))  # a bad --model fails here, before any file
+    if args.out is None:
+        out = outdir.new_run_dir("quickstart")
+        outdir.point_latest(out)
+    else:
+        out = Path(args.out)
+        outdir.clear(out, replaced)
+    cfg.output_dir = str(out)
     _write_jsonl(out / "data" / "train.jsonl", train_items)
     _write_jsonl(out / "data" / "eval.jsonl", test_items)
     cfg.data.sources[0].path = str(out / "data" / "train.jsonl")

@@ -1,4 +1,5 @@
-"""`tunelab data ...`: build a local corpus, inspect a mixture, filter a file, scan for prompt injection."""
+"""`tunelab data ...`: build a local corpus, inspect a mixture, filter a file, scan for prompt injection,
+prepare a run's tokenized data."""
 
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("max-symbol-ratio", "min-alnum-ratio", "max-repeated-line-ratio", "max-repeated-ngram-ratio"):
         p.add_argument(f"--{name}", type=float, default=None, help="(negative = off)")
 
+    p = sub.add_parser("prepare", help="tokenize, filter, mask and pack a run config's data into memory-mapped "
+                       "shards with a manifest; `tunelab train` reuses them while the manifest matches")
+    p.add_argument("config", help="a run config (its model's tokenizer, train.seq_len and train.seed are used)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="as for tunelab train, e.g. train.seq_len=1024")
+    p.add_argument("--out", default=None, help="the prepared folder (default: the config's data.prepared); "
+                   "train with data.prepared=DIR to reuse it")
+    p.add_argument("--num-proc", type=int, default=None, help="tokenizing processes (default: data.num_proc)")
+
     p = sub.add_parser("scan", help="flag examples whose text carries instructions aimed at the model")
     p.add_argument("file")
     p.add_argument("--fail-on-find", action="store_true", help="exit 1 when anything is found")
@@ -51,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"build-corpus": _build_corpus, "inspect": _inspect, "filter": _filter, "scan": _scan}[args.data_command](args)
+    return {"build-corpus": _build_corpus, "inspect": _inspect, "filter": _filter, "scan": _scan,
+            "prepare": _prepare}[args.data_command](args)
 
 
 def write_jsonl_atomic(path: str | Path, records) -> int:
@@ -185,6 +195,30 @@ def _inspect(args) -> int:
     for s in built.report.sources:
         for text in s.samples[: args.samples]:
             print(f"\n--- sample from {s.name} ---\n{text[:400]}" + (" [...]" if len(text) > 400 else ""))
+    return 0
+
+
+def _prepare(args) -> int:
+    from tunelab.config import load_config
+    from tunelab.data import prepared
+    from tunelab.data.validate import check
+    from tunelab.errors import ConfigError
+    from tunelab.models.load import load_tokenizer, model_folder
+    from tunelab.train.run import early_tokenizer
+
+    overrides = list(args.overrides) + ([f"data.num_proc={args.num_proc}"] if args.num_proc is not None else [])
+    cfg = load_config(args.config, overrides)
+    out = args.out or cfg.data.prepared
+    if not out:
+        raise ConfigError("give --out DIR, or set data.prepared in the config (then `tunelab train` finds it there)")
+    check(cfg.data)  # paths, formats and first records before the tokenizer loads
+    tok = early_tokenizer(cfg)
+    if tok is None:  # a .gguf source (converted once, cached) or trust_remote_code (asked for in the config)
+        tok = load_tokenizer(model_folder(cfg.model.source), cfg.model.trust_remote_code)
+    check(cfg.data, tok)
+    train, eval_ = prepared.load_or_build(cfg.data, tok, cfg.train.seq_len, cfg.train.seed, Path(out))
+    print(f"prepared data in {out}: {len(train)} train rows, {len(eval_)} eval rows; train on it with: "
+          f"tunelab train {args.config} data.prepared={out}")
     return 0
 
 

@@ -82,7 +82,9 @@ class DataConfig(BaseModel):
         None, description="None = the tokenizer's chat template; else a named fallback: chatml or plain"
     )
     packing: Literal["packed", "padded"] = Field(
-        "packed", description="packed: rows of exactly seq_len tokens; padded: one example per row, <= seq_len"
+        "padded", description="padded (the default): one example per row, <= seq_len; packed: rows of exactly "
+        "seq_len tokens, in which HF eager/SDPA attention lets an example attend to the earlier ones in its row "
+        "(docs/data.md, Packing), so it is opt-in"
     )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents/records held out for eval")
     eval_path: str | None = Field(None, description="a separate eval file (same formats); overrides eval_fraction")
@@ -93,6 +95,11 @@ class DataConfig(BaseModel):
     skip_bad_rows: bool = Field(False, description="skip (and count) malformed rows instead of stopping with an error")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="quality filters")
     seed: int = Field(0, description="shuffling, eval split and mixture order")
+    prepared: str | None = Field(
+        None, description="folder of the prepared (tokenized) data: `tunelab data prepare` writes it, `tunelab "
+        "train` reuses it while its manifest matches and rebuilds it when not; None = `output_dir/prepared`"
+    )
+    num_proc: int = Field(1, ge=1, description="processes that tokenize in parallel (1: in this process)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:

@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
 import random
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -83,7 +86,8 @@ def build(cfg: DataConfig, tokenizer, seq_len: int, seed: int | None = None) -> 
     qfilter = QualityFilter(cfg.filters)
     report.filters = qfilter.report
     make = _pretrain if cfg.task == "pretrain" else _sft
-    train_docs, eval_docs = make(cfg, tokenizer, seq_len, seed, qfilter, report)
+    with _pool(tokenizer, cfg.num_proc) as pool:
+        train_docs, eval_docs = make(cfg, tokenizer, seq_len, seed, qfilter, report, pool)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.packing == "packed":
         rows = lambda docs: list(pack(docs, seq_len, pad_id, split_docs=cfg.task == "pretrain"))  # noqa: E731
@@ -100,18 +104,58 @@ def build(cfg: DataConfig, tokenizer, seq_len: int, seed: int | None = None) -> 
     return Built(train, eval_, report)
 
 
-def batch_encoder(tokenizer):
+_worker_tokenizer = None  # in a pool's worker process: the tokenizer it was started with
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+@contextmanager
+def _pool(tokenizer, num_proc: int):
+    """`num_proc` worker processes holding the tokenizer, or None for num_proc=1. Work is handed out in order
+    and results come back in order, so the rows are the same for any num_proc. Forked where the OS can (as
+    `datasets.map(num_proc)` does): a spawned worker would re-run the launching script, which `tunelab`'s
+    entry points do not guard; the workers only tokenize (no torch), so the threads a fork leaves behind are
+    not used there."""
+    if num_proc <= 1:
+        yield None
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        yield pool
+
+
+def _encode_texts(texts: list[str]) -> list[list[int]]:  # runs in a worker
+    return batch_encoder(_worker_tokenizer)(texts)
+
+
+def batch_encoder(tokenizer, pool: ProcessPoolExecutor | None = None):
     """texts -> token id lists, no special tokens added. A fast tokenizer's Rust `encode_batch_fast` (no
-    offsets) gives the same ids as `tokenizer(texts)` for less CPU (data_bench.py); else `tokenizer(texts)`."""
+    offsets) gives the same ids as `tokenizer(texts)` for less CPU (data_bench.py); else `tokenizer(texts)`.
+    With a pool, each call's texts are cut into one part per worker."""
+    if pool is not None:
+        n = pool._max_workers
+
+        def encode(texts):
+            parts = [texts[k::n] for k in range(n)]  # interleaved: equal work even when lengths trend
+            out: list = [None] * len(texts)
+            for k, ids in enumerate(pool.map(_encode_texts, parts)):
+                out[k::n] = ids
+            return out
+
+        return encode
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
         return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _pretrain(cfg: DataConfig, tokenizer, seq_len, seed, qfilter, report):
+def _pretrain(cfg: DataConfig, tokenizer, seq_len, seed, qfilter, report, pool=None):
     """Draw the mixture; (ids, labels) documents for train and eval (labels = ids: plain LM loss)."""
-    encode, eos = batch_encoder(tokenizer), tokenizer.eos_token_id
+    encode, eos = batch_encoder(tokenizer, pool), tokenizer.eos_token_id
     eval_fraction = 0.0 if cfg.eval_path else cfg.eval_fraction
     streams = [
         SourceStream(src, encode, eos, seq_len, qfilter, seed,
@@ -171,7 +215,7 @@ def _repeat(items: list, epochs: float | None, rng: random.Random) -> list:
     return items * whole + rng.sample(items, round(frac * len(items)))
 
 
-def _sft(cfg: DataConfig, tokenizer, seq_len, seed, qfilter, report):
+def _sft(cfg: DataConfig, tokenizer, seq_len, seed, qfilter, report, pool=None):
     """SFT records of every source (weights do not apply: each record is used `epochs` times, default
     once), split into train/eval, encoded with loss on responses only."""
     rng = random.Random(seed)
@@ -197,18 +241,40 @@ def _sft(cfg: DataConfig, tokenizer, seq_len, seed, qfilter, report):
             qfilter.report.remove("eval_overlap", sft.prompt_key(messages))
         train = [(r, s) for r, s in train if sft.prompt_key(r[0]) not in seen]
     rng.shuffle(train)
-    train_docs = [_encode_sft(m, where, tokenizer, seq_len, cfg, report, stats) for (m, where), stats in
-                  tqdm(train, desc="sft", unit="ex", disable=None, leave=False)]
-    eval_docs = [_encode_sft(m, where, tokenizer, seq_len, cfg, report, None) for m, where in eval_]
+    encoded = _encode_all([m for (m, _), _ in train], tokenizer, seq_len, cfg.template, pool)
+    train_docs = [_count(enc, where, seq_len, cfg, report, stats) for enc, ((_, where), stats) in zip(encoded, train)]
+    encoded = _encode_all([m for m, _ in eval_], tokenizer, seq_len, cfg.template, pool)
+    eval_docs = [_count(enc, where, seq_len, cfg, report, None) for enc, (_, where) in zip(encoded, eval_)]
     return [d for d in train_docs if d], [d for d in eval_docs if d]
 
 
-def _encode_sft(messages, where, tokenizer, seq_len, cfg: DataConfig, report: DataReport, stats: SourceStats | None):
-    """(ids, labels) for one conversation, or None when skipped (skip_bad_rows); counts truncations."""
+def _try_encode(messages, tokenizer, seq_len: int, template) -> sft.Encoded | sft.RecordError:
     try:
-        enc = sft.encode({"messages": messages}, tokenizer, seq_len, cfg.template, "chat")
+        return sft.encode({"messages": messages}, tokenizer, seq_len, template, "chat")
     except sft.RecordError as e:
-        err = DataError(*where, str(e))
+        return e
+
+
+def _encode_record(job) -> sft.Encoded | sft.RecordError:  # runs in a worker
+    messages, seq_len, template = job
+    return _try_encode(messages, _worker_tokenizer, seq_len, template)
+
+
+def _encode_all(conversations: list, tokenizer, seq_len: int, template, pool) -> list:
+    """sft.encode of each conversation (an Encoded, or the RecordError it raised), in order."""
+    if pool is None:
+        return [_try_encode(m, tokenizer, seq_len, template)
+                for m in tqdm(conversations, desc="sft", unit="ex", disable=None, leave=False)]
+    jobs = [(m, seq_len, template) for m in conversations]
+    return list(tqdm(pool.map(_encode_record, jobs, chunksize=64), total=len(jobs), desc="sft", unit="ex",
+                     disable=None, leave=False))
+
+
+def _count(enc, where, seq_len, cfg: DataConfig, report: DataReport, stats: SourceStats | None):
+    """(ids, labels) of one encoded conversation, or None when it failed and skip_bad_rows skips it; counts
+    truncations and tokens in the report."""
+    if isinstance(enc, sft.RecordError):
+        err = DataError(*where, str(enc))
         if not cfg.skip_bad_rows:
             raise err from None
         report.skipped.append(err)

@@ -133,7 +133,7 @@ def run_cell(cell_dir: Path, keep_outputs: bool = False) -> dict:
     extras = json.loads((cell_dir / "cell.json").read_text())["extras"]
     model, tok = build_model(cfg, pick_device(cfg.train.device))
     try:
-        summary, model = run_training(cfg, progress=False, model=(model, tok))
+        summary, model = run_training(cfg, progress=False, model=(model, tok), overwrite=True)  # an unfinished cell restarts
     except TunelabError as e:
         if "non-finite" not in str(e):
             raise

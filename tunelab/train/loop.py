@@ -62,6 +62,13 @@ def collate(examples: list[dict], pad_id: int, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def save_interval(save_every: int | str, total_steps: int) -> int:
+    """Steps between checkpoints: `auto` is ceil(total_steps / 10) capped at 500 (TrainConfig.save_every)."""
+    if save_every == "auto":
+        return max(1, min(500, math.ceil(total_steps / 10)))
+    return save_every
+
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to min_ratio at the last step."""
     if step < warmup:
@@ -192,6 +199,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
             "(train.batch_size x train.grad_accum x processes): lower train.batch_size or add data"
         )
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    save_every = save_interval(cfg.save_every, total_steps)
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
@@ -314,7 +322,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         if bar:
             bar.update(1)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss", "tok_per_s") if k in record})
-        if cfg.save_every and done % cfg.save_every == 0 or done == total_steps:
+        if save_every and done % save_every == 0 or done == total_steps:
             tensors = checkpoint.gather(model, optimizer) if rank == 0 or sharded else None  # FSDP: collective
             if rank == 0:
                 ckpt = checkpoint.save(ckpt_root, done, tensors,

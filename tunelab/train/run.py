@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import suppress
 from pathlib import Path
 
 import torch
 
 from tunelab.config import RunConfig, dump_config
+from tunelab.data.validate import check as check_data
 from tunelab.errors import TunelabError
 from tunelab.models import kernels as accel
-from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, resolve_dtype
-from tunelab.train import checkpoint
+from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, model_folder, resolve_dtype
+from tunelab.train import checkpoint, outdir
 from tunelab.train.checkpoint import atomic_folder
 from tunelab.train.loop import train_loop
 
@@ -38,15 +40,19 @@ def init_distributed(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def _scratch_tokenizer(cfg: RunConfig):
+    tok_src = cfg.model.scratch.tokenizer
+    if tok_src == "bundled":
+        from tunelab.models.bundled import tokenizer_dir
+
+        tok_src = tokenizer_dir()
+    return load_tokenizer(tok_src)
+
+
 def build_model(cfg: RunConfig, device: torch.device):
     dtype = resolve_dtype(cfg.model.dtype, device)
     if cfg.model.source == "scratch":
-        tok_src = cfg.model.scratch.tokenizer
-        if tok_src == "bundled":
-            from tunelab.models.bundled import tokenizer_dir
-
-            tok_src = tokenizer_dir()
-        tok = load_tokenizer(tok_src)
+        tok = _scratch_tokenizer(cfg)
         model = from_scratch(cfg.model.scratch, tok, dtype, cfg.train.seed)
     else:
         # qlora: quantized shard by shard as it loads, never whole in 16/32 bits (prepare_method then finds
@@ -54,6 +60,17 @@ def build_model(cfg: RunConfig, device: torch.device):
         quant = cfg.quant if cfg.method == "qlora" else None
         model, tok = load_pretrained(cfg.model.source, dtype, cfg.model.trust_remote_code, quant)
     return model, tok
+
+
+def early_tokenizer(cfg: RunConfig):
+    """The run's tokenizer without its model, so the data can be checked and built before the model loads;
+    None where that is not cheap or not safe: a .gguf source (its tokenizer comes out of the conversion) and
+    trust_remote_code (load_pretrained warns before any shipped code runs)."""
+    if cfg.model.source == "scratch":
+        return _scratch_tokenizer(cfg)
+    if cfg.model.trust_remote_code or Path(cfg.model.source).suffix == ".gguf":
+        return None
+    return load_tokenizer(model_folder(cfg.model.source))
 
 
 def _decay_groups(named_params, weight_decay: float) -> list[dict]:
@@ -184,29 +201,77 @@ def save_outputs(model, tok, cfg: RunConfig, out: Path, whole: dict | None = Non
     return dest
 
 
-def run_training(cfg: RunConfig, progress: bool = True, model=None):
-    """Train as `cfg` says; returns (summary, trained model). `model=(model, tokenizer)` skips loading."""
+def _data(cfg: RunConfig, tok, out: Path):
+    """The checked (train, eval) rows: the prepared ones in data.prepared (default output_dir/prepared) when
+    their manifest matches, so a resumed run never tokenizes again; else built, and written there by rank 0."""
+    from tunelab.data import prepared
+
+    check_data(cfg.data, tok)
+    folder = Path(cfg.data.prepared) if cfg.data.prepared else inside(out, "prepared")
+    return prepared.load_or_build(cfg.data, tok, cfg.train.seq_len, cfg.train.seed, folder,
+                                  write_it=int(os.environ.get("RANK", "0")) == 0)
+
+
+def _rank0_decides(fn):
+    """fn() on rank 0, its result (or its TunelabError) shared with every process of a torchrun job, so that
+    all of them write to the one folder rank 0 picked (run folders are named by the clock)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except TunelabError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise TunelabError(value)
+    return value
+
+
+def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = "run", overwrite: bool = False):
+    """Train as `cfg` says; returns (summary, trained model). `model=(model, tokenizer)` skips loading.
+
+    The output folder is settled first (tunelab.train.outdir): `cfg.output_dir`, refused when it holds another
+    run unless resume or `overwrite`; or, when unset, a new `runs/<name>-<UTC time>`.
+    """
     device = pick_device(cfg.train.device)
     init_distributed(device)
     rank = int(os.environ.get("RANK", "0"))
-    torch.manual_seed(cfg.train.seed)
-    model, tok = model or build_model(cfg, device)
-    from tunelab.data import build_datasets
-
-    train_set, eval_set = build_datasets(cfg.data, tok, cfg.train.seq_len, cfg.train.seed)
-    kernels = accel.choose(model, cfg.train.kernels, device)  # the one reading of train.kernels
-    if rank == 0:
-        accel.report(kernels)
-    groups = prepare_method(model, cfg, kernels)
+    out, made = _rank0_decides(lambda: outdir.claim(cfg.output_dir, name, cfg.resume, overwrite))
+    cfg = cfg.model_copy(update={"output_dir": str(out)})  # config.yaml records where the run is
+    try:
+        # the data first, in seconds: paths, formats, first records; then templates and the whole build with
+        # the tokenizer alone; only then the model (minutes for a large one)
+        check_data(cfg.data)
+        early = model[1] if model else early_tokenizer(cfg)
+        data = _data(cfg, early, out) if early is not None else None
+        torch.manual_seed(cfg.train.seed)
+        model, tok = model or build_model(cfg, device)
+        train_set, eval_set = data or _data(cfg, tok, out)  # a .gguf source: its tokenizer came with the model
+        kernels = accel.choose(model, cfg.train.kernels, device)  # the one reading of train.kernels
+        if rank == 0:
+            accel.report(kernels)
+        groups = prepare_method(model, cfg, kernels)
+    except BaseException:
+        if made and rank == 0:
+            with suppress(OSError):  # the new folder, still empty: nothing ran
+                out.rmdir()
+        raise
     model.to(device)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
-    out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json"):
-            inside(out, name)  # every path a run writes; adapter/ or model/ are checked when written
+        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json"):
+            inside(out, f)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
+        if made:
+            outdir.point_latest(out)
+            print(f"tunelab: this run writes to {out} ({out.parent / 'latest'} points to it)")
     summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
                          pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
                          kernels=kernels)
