@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 
 import pytest
 import torch
@@ -81,17 +80,11 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _own_forward(model, batch, monkeypatch):
-    """(loss, gradients) of the model's own forward on an untouched copy, with transformers' own rotary
-    (fuse_rotary replaces a modeling module's function for the whole process; it gives the same bits)."""
+def _own_forward(model, batch):
+    """(loss, gradients) of the model's own forward on an untouched copy."""
     plain = copy.deepcopy(model)
-    home = sys.modules[type(plain).__module__]
-    rope = getattr(home, "apply_rotary_pos_emb", None)
-    with monkeypatch.context() as m:
-        if rope is not None:
-            m.setattr(home, "apply_rotary_pos_emb", getattr(rope, "tunelab_original", rope))
-        loss = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        loss.backward()
+    loss = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    loss.backward()
     return loss.detach(), _grads(plain)
 
 
@@ -120,7 +113,7 @@ def test_loss_and_gradients_equal_the_models_own(case, mode, head_trains, monkey
     model.requires_grad_(True)
     model.get_output_embeddings().requires_grad_(head_trains)
     batch = _batch()
-    want, want_grads = _own_forward(model, batch, monkeypatch)
+    want, want_grads = _own_forward(model, batch)
     if mode == "auto-no-C":
         monkeypatch.setattr(fused, "_lib", None)
     k = kernels.choose(model, mode.removesuffix("-no-C"), "cpu")
@@ -142,7 +135,7 @@ def test_without_the_transform_the_loss_would_be_wrong(case, monkeypatch):
     gives another loss than the model's own, by more than 1%."""
     model = _model(case)
     batch = _batch()
-    want, _ = _own_forward(model, batch, monkeypatch)
+    want, _ = _own_forward(model, batch)
     k = dataclasses.replace(kernels.choose(model, "auto", "cpu"), logits=None, router_aux=False)
     total, n = causal_lm_loss_sum(model, batch, kernels=k)
     assert abs(float(total.detach() / n) - float(want)) > 0.01 * float(want)
@@ -170,7 +163,7 @@ def test_an_unknown_family_trains_on_its_own_forward_with_one_line(capsys, monke
     model = _unknown()
     assert families.family_of(model.config) is None
     batch = _batch()
-    want, want_grads = _own_forward(model, batch, monkeypatch)
+    want, want_grads = _own_forward(model, batch)
     k = kernels.choose(model, "auto", "cpu")
     kernels.report(k)
     out = capsys.readouterr().out
@@ -267,3 +260,39 @@ def test_tunelab_train_logs_the_models_own_loss(case, tmp_path):
     with torch.no_grad():
         want = float(model.train()(input_ids=ids, labels=labels).loss)
     assert losses(tmp_path / "run")[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_no_transformers_function_or_class_is_replaced_for_the_process():
+    """Every family prepared as `tunelab train` does (auto: fused modules, LoRA), one loss and backward:
+    afterwards every attribute of every transformers modeling module, and of every class defined there, is
+    the object it was before. A base and a tuned model in one process are then independent."""
+    import sys as _sys
+
+    from tunelab.config import load_config
+    from tunelab.models import kernels
+    from tunelab.train.run import prepare_method
+
+    def snapshot():
+        mods = {n: m for n, m in _sys.modules.items() if n.startswith("transformers.models.") and ".modeling_" in n}
+        seen = {}
+        for name, mod in mods.items():
+            seen[name] = dict(vars(mod))
+            for attr, value in vars(mod).items():
+                if isinstance(value, type) and value.__module__ == name:
+                    seen[f"{name}.{attr}"] = dict(vars(value))
+        return seen
+
+    for case in CASES:
+        _model(case)  # import every modeling module first
+    before = snapshot()
+    cfg = load_config(None, ["method=lora"], base=_DATA)
+    for case in CASES:
+        model = _model(case)
+        k = kernels.choose(model, "auto", "cpu")
+        prepare_method(model, cfg, k)
+        total, n = causal_lm_loss_sum(model, _batch(), kernels=k)
+        (total / n).backward()
+    after = snapshot()
+    changed = [f"{where}.{key}" for where, attrs in before.items() for key, value in attrs.items()
+               if after[where].get(key, value) is not value and not key.startswith("__")]
+    assert not changed, changed[:10]

@@ -382,7 +382,7 @@ def test_rotary_rows_split_across_threads_give_the_same_result(monkeypatch):
 def test_fuse_rotary_routes_llama_attention_and_keeps_every_gradient(monkeypatch):
     from transformers.models.llama import modeling_llama
 
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)  # restored after
+    transformers_own = modeling_llama.apply_rotary_pos_emb
     model = _tiny_llama()
     ids = torch.randint(0, 96, (2, 12))
     ref = model(ids, labels=ids)
@@ -393,8 +393,8 @@ def test_fuse_rotary_routes_llama_attention_and_keeps_every_gradient(monkeypatch
     real = fused._rope
     monkeypatch.setattr(fused, "_rope", lambda *a: calls.append(a[-1]) or real(*a))
     assert fused.fuse_rotary(model) == 2 and fused.fuse_rotary(model) == 2  # the second call wraps nothing again
-    assert modeling_llama.apply_rotary_pos_emb.tunelab_original is not None
-    assert not hasattr(modeling_llama.apply_rotary_pos_emb.tunelab_original, "tunelab_original")
+    assert type(model.model.layers[0].self_attn).__name__ == "FusedLlamaAttention"
+    assert modeling_llama.apply_rotary_pos_emb is transformers_own  # transformers' module is left as it was
     out = model(ids, labels=ids)
     out.loss.backward()
     assert calls.count(0) == 4 and calls.count(1) == 4  # q and k of two layers, forward and backward
@@ -404,6 +404,20 @@ def test_fuse_rotary_routes_llama_attention_and_keeps_every_gradient(monkeypatch
     calls.clear()
     model.double()(ids)  # float64 takes transformers' own formula
     assert calls == []
+    other = _tiny_llama()  # a second model in the process, not fused: transformers' own rotary
+    other(ids, labels=ids).loss.backward()
+    assert calls == []
+
+
+def test_fused_model_copies_and_pickles_as_itself():
+    import pickle
+
+    model = _tiny_llama()
+    fused.fuse(model)
+    ids = torch.randint(0, 96, (2, 7))
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(twin.model.layers[1].self_attn) is type(model.model.layers[1].self_attn)
+        assert torch.equal(twin(ids).logits, model(ids).logits)
 
 
 def test_the_tables_attention_modules_have_llamas_rotary():

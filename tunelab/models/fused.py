@@ -18,9 +18,11 @@ bundled model at batch 4 x 256 they took over 100 ms, one loop each way 45 ms (s
 
 `fuse(model)` (what `tunelab train` applies with train.kernels=auto, tunelab.models.kernels) routes the
 rotary embedding of Llama-formula attention modules through the kernel (fuse_rotary) and gives each RMSNorm
-and MLP module of Llama's formula (the family table, tunelab.models.families, names them) a subclass whose forward calls the kernel on fp32 CPU input outside autocast, tunelab.models.triton_fused's
+and MLP module of Llama's formula (the family table, tunelab.models.families, names them) a subclass
+whose forward calls the kernel on fp32 CPU input outside autocast, tunelab.models.triton_fused's
 Triton kernels on CUDA input (bf16 under autocast, the same roundings as the module's formula), and the
-module's own formula otherwise. Weights, state_dict keys and saved files are unchanged. The C kernels are
+module's own formula otherwise. Only the given model's modules change (their class, in place; no function
+of transformers is replaced). Weights, state_dict keys and saved files are unchanged. The C kernels are
 built by tunelab.ckernels; without a C compiler (or with TUNELAB_C_KERNELS=0), and without CUDA and Triton
 (or with TUNELAB_TRITON=0), every module keeps its own forward.
 """
@@ -28,8 +30,9 @@ built by tunelab.ckernels; without a C compiler (or with TUNELAB_C_KERNELS=0), a
 from __future__ import annotations
 
 import ctypes
-import sys
+import inspect
 import threading
+import types
 import warnings
 from functools import cache
 
@@ -406,19 +409,37 @@ def _family_class(model: nn.Module, field: str) -> type | None:
 
 def fuse_rotary(model: nn.Module) -> int:
     """Route the rotary embedding of every attention module whose family's apply_rotary_pos_emb is Llama's
-    (the table's `attention` class) through the C kernel; returns how many modules. transformers'
-    attention calls its modeling module's apply_rotary_pos_emb, so that function is replaced in the module
-    (once): on fp32 CPU tensors it runs the kernel, on anything else the original. The results are the same
-    bits either way, so other models of the same architecture in the process are unaffected."""
+    (the table's `attention` class) through the C kernel; returns how many modules. Each module gets, in
+    place, a subclass whose forward is the attention's own (the same code) reading apply_rotary_pos_emb
+    from a copy of its modeling module's globals in which that name is the kernel's router (on fp32 CPU
+    tensors the kernel, the same bits; on anything else the original). transformers' modules are not
+    touched: other models in the process, and other modules of this one, run transformers' own function."""
     cls = _family_class(model, "attention")
-    if not available() or cls is None:
+    if not available() or cls is None or "apply_rotary_pos_emb" not in inspect.unwrap(cls.forward).__globals__:
         return 0
-    home = sys.modules.get(cls.__module__)
-    original = getattr(home, "apply_rotary_pos_emb", None)
-    count = sum(type(module) is cls for module in model.modules())
-    if count and original is not None and not hasattr(original, "tunelab_original"):
-        home.apply_rotary_pos_emb = _fused_apply_rotary(original)
-    return count if original is not None else 0
+    count = 0
+    for module in model.modules():
+        if type(module) is cls or getattr(type(module), "tunelab_rotary_of", None) is cls:
+            module.__class__ = _rotary_class(cls)
+            count += 1
+    return count
+
+
+@cache
+def _rotary_class(cls: type) -> type:
+    """cls with its forward's code run against globals whose apply_rotary_pos_emb is the kernel's router.
+
+    The forward is taken from under its decorators (inspect.unwrap): the `kernels` package wraps
+    transformers' attention forward to route apply_rotary_pos_emb to a kernel from the Hugging Face hub
+    once `kernelize` is called, which tunelab never does; without that the wrapper calls the same code."""
+    inner = inspect.unwrap(cls.forward)
+    scope = dict(inner.__globals__)  # a copy: the modeling module keeps its own function
+    scope["apply_rotary_pos_emb"] = _fused_apply_rotary(scope["apply_rotary_pos_emb"])
+    forward = types.FunctionType(inner.__code__, scope, inner.__name__, inner.__defaults__, inner.__closure__)
+    forward.__kwdefaults__, forward.__qualname__, forward.__doc__ = inner.__kwdefaults__, inner.__qualname__, inner.__doc__
+    fused = _fused_class(cls, forward)
+    fused.tunelab_rotary_of = cls
+    return fused
 
 
 def fuse_swiglu(model: nn.Module) -> int:
