@@ -78,10 +78,13 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-@cache
 def compiler() -> tuple[str, str] | None:
-    """(path, first line of `cc --version`) of the C compiler, or None."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    """(path, first line of `cc --version`) of the C compiler ($CC, else cc or gcc), or None."""
+    return _compiler(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+
+
+@cache
+def _compiler(cc: str | None) -> tuple[str, str] | None:
     if not cc:
         return None
     try:
