@@ -7,6 +7,8 @@
     python benchmarks/lora_train_bench.py --kernel-ab last half --rounds 8    # last layer on labels only
     python benchmarks/lora_train_bench.py --pool docs/bench/lora_bench9.json docs/bench/lora_bench1[0-2].json
     python benchmarks/lora_train_bench.py --malloc jemalloc   # every stack on jemalloc (LD_PRELOAD)
+    git worktree add /tmp/old c16a7e9 && python benchmarks/lora_train_bench.py --baseline /tmp/old \
+        --stacks tunelab-lora old-tunelab-lora tunelab-qlora old-tunelab-qlora    # this commit against an older one
 
 Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256 tokens of real text
 (Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4 (torch's fused kernel, for all).
@@ -29,6 +31,9 @@ malloc, ours with tunelab/train/malloc.py's setting. `glibc-tuned` gives every s
 `apt-get install libjemalloc2 libtcmalloc-minimal4`), where glibc's setting has no effect.
 Correctness: the stacks train the same model from the same start on the same batch, so their losses must
 agree (LOSS_RTOL) and fall over the rounds; the run exits 1 when they do not (after writing --out).
+Another commit (--baseline DIR, a checkout of it): stacks `old-tunelab-lora` and `old-tunelab-qlora` run
+that checkout's own worker (its script and its tunelab) in the same lockstep rounds, for the no-regression
+checks (this commit's step time against the old one's, round by round).
 Labels: `all` = every token carries loss (pretraining-like); `half` = the first half of each row is
 prompt (-100), as in SFT.
 """
@@ -47,7 +52,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 STACKS = ("tunelab-lora", "peft-lora", "tunelab-qlora", "peft-qlora")
-EXTRA_STACKS = ("peft-lora-reuse",)  # PEFT LoRA with tunelab's malloc setting: what that setting is worth to it
+EXTRA_STACKS = ("peft-lora-reuse",  # PEFT LoRA with tunelab's malloc setting: what that setting is worth to it
+                "old-tunelab-lora", "old-tunelab-qlora")  # another commit's tunelab (--baseline)
 MALLOCS = {"shipped": None, "glibc-tuned": None, "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
            "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 # The stacks compute the same losses to float32 rounding: 5e-6 relative apart over 16 steps in runs 20-25.
@@ -266,13 +272,25 @@ def _rounds(stacks: list[str], labels: str, rounds: int, run_step) -> dict:
     return {"times": times, "losses": losses, "kernel": kernel}
 
 
-def speed_lockstep(stacks: list[str], labels: str, rounds: int, shape: list[str]) -> dict:
+def _worker_command(stack: str, labels: str, shape: list[str], baseline: str | None) -> list[str]:
+    """This script's worker for `stack`; for old-* stacks the baseline checkout's own script, which predates
+    --malloc (so the shipped allocator setting, each stack's own)."""
+    if not stack.startswith("old-"):
+        return [sys.executable, __file__, "--worker", stack, labels, *shape]
+    if baseline is None:
+        sys.exit(f"{stack} needs --baseline DIR (a checkout of the commit to compare with)")
+    i = shape.index("--malloc")
+    return [sys.executable, str(Path(baseline) / "benchmarks" / "lora_train_bench.py"), "--worker",
+            stack.removeprefix("old-"), labels, *shape[:i], *shape[i + 2:]]
+
+
+def speed_lockstep(stacks: list[str], labels: str, rounds: int, shape: list[str], baseline: str | None = None) -> dict:
     """One worker process per stack, started one after the other (each builds its model and takes a
     warm-up step alone), then stepped in lockstep: only the worker asked for a step runs."""
     procs, threads = {}, {}
     try:
         for s in stacks:
-            procs[s] = subprocess.Popen([sys.executable, __file__, "--worker", s, labels, *shape],
+            procs[s] = subprocess.Popen(_worker_command(s, labels, shape, baseline),
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env=_malloc_env(shape))
             threads[s] = _reply(procs[s], s)["threads"]
@@ -390,6 +408,7 @@ def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: in
 
 
 PAIRS = (("tunelab-lora", "peft-lora"), ("tunelab-qlora", "peft-qlora"))
+OLD_PAIRS = (("tunelab-lora", "old-tunelab-lora"), ("tunelab-qlora", "old-tunelab-qlora"))
 TARGETS = (("all", "peft-lora", "tunelab-lora", "LoRA speed / PEFT's", ">= 1.15"),
            ("all", "peft-qlora", "tunelab-qlora", "QLoRA speed / PEFT + bitsandbytes'", ">= 1.25"),
            ("all", "tunelab-qlora", "tunelab-lora", "QLoRA step / LoRA step", "<= 1.05"),
@@ -425,6 +444,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-stack peak-memory processes")
+    ap.add_argument("--baseline", metavar="DIR", help="a checkout of another commit, for the old-* stacks")
     ap.add_argument("--malloc", choices=list(MALLOCS), default="shipped",
                     help="the allocator of every stack's process (see the module's docstring)")
     ap.add_argument("--profile", nargs=2, metavar=("STACK", "LABELS"),
@@ -475,9 +495,9 @@ def main() -> None:
             speed[labels] = _sub(["--one-speed", labels, "--stacks", *args.stacks, "--rounds", str(args.rounds),
                                   *shape])
         else:
-            speed[labels] = speed_lockstep(args.stacks, labels, args.rounds, shape)
+            speed[labels] = speed_lockstep(args.stacks, labels, args.rounds, shape, args.baseline)
         if not args.no_memory:
-            for stack in args.stacks:
+            for stack in (s for s in args.stacks if not s.startswith("old-")):  # the old: speed only
                 one = _sub(["--one-memory", stack, labels, *shape])
                 memory[labels, stack], live[labels, stack] = one["peak_train_mib"], one["live_peak_mib"]
     problems = check_losses(speed)
@@ -501,7 +521,7 @@ def check_losses(speed: dict) -> list[str]:
         for stack, ls in losses.items():
             if len(ls) > 1 and not ls[-1] < ls[0]:
                 problems.append(f"{labels} {stack}: loss {ls[0]:.5f} -> {ls[-1]:.5f} did not fall")
-        for ours, theirs in PAIRS + (("peft-lora", "peft-lora-reuse"),):
+        for ours, theirs in PAIRS + OLD_PAIRS + (("peft-lora", "peft-lora-reuse"),):
             if ours in losses and theirs in losses:
                 worst = max(abs(a - b) / abs(b) for a, b in zip(losses[ours], losses[theirs]))
                 if worst > LOSS_RTOL:
@@ -546,6 +566,8 @@ def report(args, speed: dict, memory: dict, live: dict) -> None:
                     print(f"  {labels}: {ours} / {theirs} {name}: {table[labels, ours] / table[labels, theirs]:.2f}x")
         ratio(labels, "tunelab-qlora", "tunelab-lora", "tunelab-qlora step / tunelab-lora step")
         ratio(labels, "peft-lora", "peft-lora-reuse", "peft-lora step / peft-lora-reuse step")
+        for new, old in OLD_PAIRS:
+            ratio(labels, old, new, f"{new} / {old} speed (this commit / --baseline's)")
 
 
 if __name__ == "__main__":
