@@ -85,3 +85,195 @@ def test_sequence_logps_never_build_full_logits():
         C = model.config.hidden_size
         logits = [s for s in mode.seen if s not in ((V, C), (C, V))]  # the head's weight, its transpose
         assert logits and check(logits), logits
+
+
+# --- Parity with TRL 1.16 (tests only, like PEFT): its own loss code on the same per-sequence log-probs.
+# Losses, rewards and the gradients w.r.t. the log-probs equal ours to 1e-5 relative in float32.
+
+from collections import defaultdict  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from tunelab.train import preference as pref  # noqa: E402
+
+TOL = dict(rtol=1e-5, atol=1e-7)
+_ACC = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t,
+                       unwrap_model=lambda m: m)
+
+
+def _pairs(P=6, seed=0):
+    """Summed log-probs of P pairs (policy and reference, float32 leaves) and token counts 1..11."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 12, (2, P), generator=g).float()
+    logps = -tokens * torch.rand(2, P, generator=g) * 3  # about -3 nats a token at most
+    ref = logps + torch.randn(2, P, generator=g)
+    return logps.requires_grad_(), ref, tokens
+
+
+class _LogProbTable(torch.nn.Module):
+    """A stand-in for the model TRL's trainers call with fused_lm_head=True: row i of input_ids names, in
+    its first token, the entry of `table` that is that sequence's summed log-prob; it returns it as the
+    first per-token log-prob and zeros after, so TRL's sum over positions gives exactly that value."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids, labels=None, **_):
+        rest = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 2)
+        lp = torch.cat([self.table[input_ids[:, 0]][:, None], rest], 1)  # (B, T-1)
+        zeros = torch.zeros_like(lp.detach())
+        return SimpleNamespace(log_probs=lp, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+
+def _rows(table_ids, tokens, T=12):
+    """input_ids naming table entries, and a completion mask with tokens[i] ones per row (IPO reads it)."""
+    ids = torch.zeros(len(table_ids), T, dtype=torch.long)
+    ids[:, 0] = torch.as_tensor(table_ids)
+    mask = (torch.arange(T) < tokens.long()[:, None]).long()
+    return ids, mask
+
+
+def _grad(loss, leaf):
+    (g,) = torch.autograd.grad(loss, leaf)
+    return g
+
+
+def _trl(cls, **attrs):
+    """A TRL trainer object with only the attributes its loss code reads (no model, data or run)."""
+    trainer = cls.__new__(cls)
+    vars(trainer).update(accelerator=_ACC, aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
+                         _total_train_tokens=0, _tp_size=1, **attrs)
+    return trainer
+
+
+def _trl_metrics(trainer):
+    return {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_and_ipo_equal_trl(loss_type):
+    """TRL's DPOTrainer._compute_loss (trl/trainer/dpo_trainer.py) with precomputed reference log-probs."""
+    from trl import DPOTrainer
+
+    logps, ref, tokens = _pairs()
+    P = logps.shape[1]
+    model = _LogProbTable(logps.view(-1)).train()
+    ids, mask = _rows(range(2 * P), tokens.view(-1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask,
+              "ref_chosen_logps": ref[0], "ref_rejected_logps": ref[1]}
+    beta = 0.3
+    trainer = _trl(DPOTrainer, model=model, ref_model=None, precompute_ref_logps=True, ld_alpha=None,
+                   f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], use_weighting=False,
+                   beta=beta, label_smoothing=0.0, args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    want = trainer._compute_loss(model, inputs, return_outputs=False)
+    want_metrics = _trl_metrics(trainer)
+    if loss_type == "sigmoid":
+        got, metrics = pref.dpo_loss(logps[0], logps[1], ref[0], ref[1], beta=beta)
+    else:
+        got, metrics = pref.ipo_loss(logps[0], logps[1], ref[0], ref[1], tokens[0], tokens[1], beta=beta)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(_grad(got, logps), _grad(want, logps), **TOL)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+              "logps/rejected"):
+        assert metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-7), k
+    assert 0 < metrics["rewards/accuracies"] < 1  # the data has pairs on both sides
+
+
+def test_dpo_label_smoothing_equals_trl_conservative_sigmoid():
+    """TRL 1.16's DPO sigmoid ignores label_smoothing (it is used by its robust and EXO losses); the
+    conservative DPO loss with label smoothing is its CPOTrainer.cpo_loss "sigmoid" (trl/experimental/cpo/
+    cpo_trainer.py), which applied to the log-ratios pi - ref is DPO's."""
+    from trl.experimental.cpo import CPOTrainer
+
+    logps, ref, _ = _pairs(seed=1)
+    trainer = _trl(CPOTrainer, loss_type="sigmoid", alpha=0.0, beta=0.2, label_smoothing=0.15)
+    losses, chosen_rewards, rejected_rewards = trainer.cpo_loss(logps[0] - ref[0], logps[1] - ref[1])
+    want = losses.mean()
+    got, metrics = pref.dpo_loss(logps[0], logps[1], ref[0], ref[1], beta=0.2, label_smoothing=0.15)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(_grad(got, logps), _grad(want, logps), **TOL)
+    assert metrics["rewards/chosen"] == pytest.approx(float(chosen_rewards.mean()), rel=1e-5)
+    assert metrics["rewards/rejected"] == pytest.approx(float(rejected_rewards.mean()), rel=1e-5)
+
+
+def _trl_with_forward(trainer, logps, tokens, nll):
+    """TRL's get_batch_loss_metrics with this instance's concatenated_forward giving the length-normalised
+    log-probs (ORPO and SimPO average over the response tokens) and the chosen NLL."""
+    avg = logps / tokens
+    dummy = torch.zeros(1, 1, 1)
+    trainer.concatenated_forward = lambda model, batch: (avg[0], avg[1], dummy, dummy, nll)
+    return trainer.get_batch_loss_metrics(None, {})
+
+
+def test_orpo_equals_trl():
+    """TRL's ORPOTrainer.get_batch_loss_metrics and odds_ratio_loss (trl/experimental/orpo/orpo_trainer.py),
+    given our NLL (TRL's own counts prompt tokens too; ours the responses', as SFT)."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    logps, _, tokens = _pairs(seed=2)
+    got, metrics = pref.orpo_loss(logps[0], logps[1], tokens[0], tokens[1], beta=0.25)
+    nll = -logps[0].sum() / tokens[0].sum()
+    want, want_metrics = _trl_with_forward(_trl(ORPOTrainer, beta=0.25), logps, tokens, nll)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(_grad(got, logps), _grad(want, logps), **TOL)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "nll_loss",
+              "log_odds_ratio", "log_odds_chosen"):
+        assert metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_simpo_equals_trl(label_smoothing):
+    """TRL's CPOTrainer with loss_type="simpo", cpo_alpha=0 (trl/experimental/cpo/cpo_trainer.py)."""
+    from trl.experimental.cpo import CPOTrainer
+
+    logps, _, tokens = _pairs(seed=3)
+    trainer = _trl(CPOTrainer, loss_type="simpo", alpha=0.0, beta=2.0, simpo_gamma=0.7,
+                   label_smoothing=label_smoothing, cpo_alpha=0.0)
+    want, want_metrics = _trl_with_forward(trainer, logps, tokens, torch.tensor(0.0))
+    got, metrics = pref.simpo_loss(logps[0], logps[1], tokens[0], tokens[1], beta=2.0, gamma=0.7,
+                                   label_smoothing=label_smoothing)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(_grad(got, logps), _grad(want, logps), **TOL)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-7), k
+
+
+def test_kl_pairs_are_trls():
+    """TRL pairs each prompt with the previous record's completion within a batch:
+    `[completion_ids[-1]] + completion_ids[:-1]` (trl/trainer/kto_trainer.py, add_kl_completion_ids)."""
+    c = list("abcde")
+    assert [c[i] for i in pref.kl_mismatch(len(c))] == [c[-1]] + c[:-1]
+    assert pref.kl_mismatch(0) == []
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
+def test_kto_equals_trl(weights):
+    """TRL's KTOTrainer._compute_loss with precomputed reference log-probs; the KL sequences are prompt i
+    with completion kl_mismatch(n)[i] (TRL's cycle), their policy log-probs from the same stand-in model."""
+    from trl import KTOTrainer
+
+    g = torch.Generator().manual_seed(4)
+    n = 7
+    desirable = torch.tensor([True, False, True, True, False, False, True])
+    logps = (-torch.rand(n, generator=g) * 20).requires_grad_()
+    ref = logps.detach() + torch.randn(n, generator=g)
+    kl_logps = -torch.rand(n, generator=g) * 20  # policy log-probs of the mismatched pairs
+    ref_kl = kl_logps - torch.rand(n, generator=g)  # KL estimate > 0 here: its clamp does not hide it
+    model = _LogProbTable(torch.cat([logps, kl_logps])).train()
+    ids, mask = _rows(range(n), torch.ones(n))
+    kl_ids, kl_mask = _rows(range(n, 2 * n), torch.ones(n))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask,
+              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(ids), "KL_completion_mask": kl_mask,
+              "label": desirable, "ref_logps": ref, "ref_KL_logps": ref_kl}
+    trainer = _trl(KTOTrainer, model=model, ref_model=None, precompute_ref_logps=True, calculate_KL=True,
+                   loss_type="kto", beta=0.2, desirable_weight=weights[0], undesirable_weight=weights[1],
+                   args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    want = trainer._compute_loss(model, inputs, return_outputs=False)
+    want_metrics = _trl_metrics(trainer)
+    got, metrics = pref.kto_loss(logps, ref, desirable, kl_logps, ref_kl, beta=0.2, desirable_weight=weights[0],
+                                 undesirable_weight=weights[1])
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(_grad(got, logps), _grad(want, logps), **TOL)
+    assert metrics["kl"] > 0
+    for k in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-7), k
