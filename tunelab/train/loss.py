@@ -199,12 +199,41 @@ def linear_cross_entropy_sum(h: torch.Tensor, head: nn.Linear, targets: torch.Te
     them inside the chunks.
     """
     blocks = (TOKEN_BLOCK, VOCAB_BLOCK) if blocks is None else tuple(blocks)
-    bias, softcap = head.bias, None
-    if logits is not None and logits[0] == "scale":
-        h, bias = h * logits[1], None if bias is None else bias * logits[1]
-    elif logits is not None:
-        softcap = logits[1]
+    h, bias, softcap = _transformed(h, head, logits)
     return _LinearCrossEntropy.apply(h, head.weight, bias, targets, chunk, blocks, softcap)
+
+
+def _transformed(h, head: nn.Linear, logits: tuple[str, float] | None):
+    """(h, bias, softcap) with the family's logits transform: a scale goes into h and the bias (autograd
+    carries it back), a softcap is returned for the chunks to apply."""
+    if logits is not None and logits[0] == "scale":
+        return h * logits[1], None if head.bias is None else head.bias * logits[1], None
+    return h, head.bias, None if logits is None else logits[1]
+
+
+def _chunk_log_probs(h, weight, bias, targets, softcap):
+    """log softmax(h W^T + b)[y] of one chunk (n,), in float32 or wider; the chunk's (n, V) logits are
+    freed on return (and rebuilt in backward by the checkpoint around this function)."""
+    z = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap  # Gemma's final_logit_softcapping
+    return z.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def linear_log_probs(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = 256,
+                     logits: tuple[str, float] | None = None) -> torch.Tensor:
+    """Per-token log p(y | h) = log_softmax(head(h))[y], (N,), without the (N, V) logits: chunks of `chunk`
+    tokens, each under activation checkpointing, so forward keeps one chunk's logits at a time and
+    backward recomputes them chunk by chunk. Unlike linear_cross_entropy_sum, every row gets its own
+    gradient weight (a preference loss weighs each sequence differently), so the gradient cannot be
+    formed in forward. logits: the family's transform, as in linear_cross_entropy_sum."""
+    from torch.utils.checkpoint import checkpoint
+
+    h, bias, softcap = _transformed(h, head, logits)
+    parts = [checkpoint(_chunk_log_probs, h[i : i + chunk], head.weight, bias, targets[i : i + chunk], softcap,
+                        use_reentrant=False) for i in range(0, h.shape[0], chunk)]
+    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
 
 
 def causal_lm_loss_sum(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[torch.Tensor, int]:
@@ -223,8 +252,20 @@ def causal_lm_loss_sum(model, batch: dict, chunk: int = 256, kernels=None) -> tu
         kernels = choose(model, "auto", batch["input_ids"].device)
     if not kernels.chunked_head:
         return reference_loss_sum(model, batch)
-    body = getattr(model, model.base_model_prefix)
+    out, h, y, _ = label_hidden(model, batch, kernels)
     head = model.get_output_embeddings()
+    total = linear_cross_entropy_sum(h, head, y, chunk, logits=kernels.logits)
+    if kernels.router_aux:
+        # the model's forward adds coef * aux to its mean loss; to the sum, coef * aux * count
+        total = total + model.router_aux_loss_coef * _router_aux_loss(model, out, batch) * y.numel()
+    return total, int(y.numel())
+
+
+def label_hidden(model, batch: dict, kernels):
+    """The body's last hidden states at the positions that carry a label: (body output, h (N, C), targets
+    (N,), row (N,) the batch row of each). The last decoder layer runs from the first labelled position
+    where kernels.last_layer allows (`_last_layer_from`)."""
+    body = getattr(model, model.base_model_prefix)
     targets = batch["labels"][:, 1:]  # (B, T-1)
     keep = targets != IGNORE
     cols = keep.any(0).nonzero()
@@ -242,12 +283,8 @@ def causal_lm_loss_sum(model, batch: dict, chunk: int = 256, kernels=None) -> tu
     start = layer.start  # 0 where the last layer ran whole
     hidden = out.last_hidden_state[:, :-1]  # (B, T-1-start, C)
     keep = keep[:, start:]
-    h, y = hidden[keep], targets[:, start:][keep]  # (N, C), (N,)
-    total = linear_cross_entropy_sum(h, head, y, chunk, logits=kernels.logits)
-    if kernels.router_aux:
-        # the model's forward adds coef * aux to its mean loss; to the sum, coef * aux * count
-        total = total + model.router_aux_loss_coef * _router_aux_loss(model, out, batch) * y.numel()
-    return total, int(y.numel())
+    row = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+    return out, hidden[keep], targets[:, start:][keep], row
 
 
 def _router_aux_loss(model, out, batch: dict) -> torch.Tensor:
