@@ -31,6 +31,66 @@ MODES = ("auto", "off", "strict")
 
 
 @dataclass(frozen=True)
+class SpeedUp:
+    """One entry of the registry: a speed-up, what it applies to, its reference twin and its parity test."""
+
+    name: str
+    """Its field in Kernels when train.kernels switches it; else a name of its own (switch says how)."""
+    what: str
+    applies_to: str
+    """"all", or the family-table field (norm, mlp, attention, decoder) that must name a class."""
+    reference: str
+    """The twin it must equal: what runs when it is off."""
+    test: str
+    """The parity test (tests/...::name); tests/test_speedups.py checks that each exists."""
+    needs: tuple[str, ...] = ()
+    switch: str = "train.kernels"
+    """How it is turned off; "train.kernels" for the fields of Kernels."""
+
+
+REGISTRY: tuple[SpeedUp, ...] = (
+    SpeedUp("chunked_head", "head + cross-entropy in chunks, the gradient formed in forward, no full-vocabulary "
+            "logits; the family's softcap/scale inside (tunelab/train/loss.py)", "all",
+            "the model's own forward with labels (full logits)", "tests/test_speedups.py::test_parity"),
+    SpeedUp("last_layer", "the last decoder layer on labelled positions only (tunelab/train/loss.py)", "decoder",
+            "the last decoder layer run whole", "tests/test_speedups.py::test_parity", needs=("chunked_head",)),
+    SpeedUp("norm", "RMSNorm as one C loop each way on CPU, Triton on CUDA (tunelab/models/fused.py)", "norm",
+            "the family's own RMSNorm module", "tests/test_speedups.py::test_parity"),
+    SpeedUp("swiglu", "SiLU(gate) * up as one C loop each way on CPU, Triton on CUDA (tunelab/models/fused.py)",
+            "mlp", "the family's own MLP module", "tests/test_speedups.py::test_parity"),
+    SpeedUp("rotary", "the rotary embedding of q and k as one C loop each way (tunelab/models/fused.py)",
+            "attention", "transformers' apply_rotary_pos_emb", "tests/test_speedups.py::test_parity"),
+    SpeedUp("fused_lora", "LoRA's fused autograd: scale folded into the GEMMs, addmm accumulation "
+            "(tunelab/lora/layer.py _FusedLoRA)", "all", "base(x) + scale * B(A(dropout(x)))",
+            "tests/test_speedups.py::test_parity"),
+    SpeedUp("dequant_c", "4-bit dequantize as one C loop (tunelab/quant/cpu_kernels.py)", "all",
+            "the PyTorch dequantize of tunelab/quant/blockwise.py",
+            "tests/test_quant_cpu_kernels.py::test_same_bits_as_the_pytorch_path", switch="TUNELAB_C_KERNELS=0"),
+    SpeedUp("dequant_triton", "4-bit dequantize in Triton on CUDA (tunelab/quant/triton_kernels.py)", "all",
+            "the PyTorch dequantize of tunelab/quant/blockwise.py",
+            "tests/test_quant_triton.py::test_interpreted_kernel_equals_pytorch_path_bit_for_bit",
+            switch="TUNELAB_TRITON=0"),
+    SpeedUp("malloc", "glibc keeps freed blocks for the next step (tunelab/train/malloc.py)", "all",
+            "glibc's default malloc", "tests/test_speedups.py::test_malloc_setting_changes_no_loss",
+            switch="MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment"),
+)
+
+
+def claims(speedup: SpeedUp, family: Family | None) -> bool:
+    """Whether the family table says `speedup` applies to `family` (an unknown family: none)."""
+    return family is not None and (speedup.applies_to == "all" or getattr(family, speedup.applies_to) is not None)
+
+
+def only(model: nn.Module, name: str, device: torch.device | str = "cpu") -> Kernels:
+    """The Kernels of `auto` for this model with only `name` (and what it needs) on: one speed-up against
+    its reference twin, as tests/test_speedups.py's generated parity suite runs them."""
+    full = choose(model, "auto", device)
+    entry = next(e for e in REGISTRY if e.name == name)
+    on = {n: getattr(full, n) for n in (name, *entry.needs)}
+    return Kernels("auto", full.family, logits=full.logits, router_aux=full.router_aux, **on)
+
+
+@dataclass(frozen=True)
 class Kernels:
     """The speed-ups one model instance runs (from `choose`); the loss and prepare_method read it."""
 
