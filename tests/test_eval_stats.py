@@ -7,7 +7,9 @@ import collections
 import numpy as np
 import pytest
 
-from tunelab.eval.stats import Z95, bootstrap_interval, constant_baseline, exact, interval, mean, wilson_interval
+from tunelab.eval.stats import (
+    BASELINE_ITEMS, BASELINE_SEED, Z95, bootstrap_interval, constant_baseline, exact, interval, mean, wilson_interval,
+)
 from tunelab.eval.tasks import Item, generate_items
 
 
@@ -54,22 +56,24 @@ def test_interval_picks_wilson_for_0_1_scores_and_bootstrap_for_partial_credit()
     assert exact([1.0, 0.99, 0.0, 1.0]) == [1.0, 0.0, 0.0, 1.0]
 
 
-def test_constant_baseline_is_the_majority_class_of_a_label_family():
-    items = generate_items(["parity", "sentiment"], 25, seed=3)
+def test_constant_baseline_is_the_majority_class_of_a_separate_draw():
+    items = generate_items(["parity", "sentiment", "km_to_m"], 25, seed=3)
     b = constant_baseline(items)
-    for fam in ("parity", "sentiment"):
-        answers = collections.Counter(it.answer for it in items if it.family == fam)
-        top, count = answers.most_common(1)[0]
-        assert b["answers"][fam] == top
+    for fam in ("parity", "sentiment", "km_to_m"):
+        # chosen on 200 other items of the family (never on the evaluated ones), then scored on these
+        ref = collections.Counter(it.answer for it in generate_items([fam], BASELINE_ITEMS, seed=BASELINE_SEED))
+        top = max(ref.values())
+        assert b["answers"][fam] == min(a for a, c in ref.items() if c == top)
         got = [s for s, it in zip(b["scores"], items) if it.family == fam]
-        assert mean(got) == pytest.approx(count / 25)
+        assert mean(got) == pytest.approx(sum(it.answer == b["answers"][fam] for it in items) / 25)
+    assert b["answers"]["parity"] in ("even", "odd") and 0.3 < mean(b["scores"][:25]) < 0.8
 
 
-def test_constant_baseline_counts_partial_credit():
-    # reverse_words gives credit by position; by hand, answer -> its scores on the three items:
-    #   "a b c": 1, 2/3, 2/3 (sum 7/3);  "a b d": 2/3, 1, 1/3 (2);  "a e c": 2/3, 1/3, 1 (2)
-    items = [Item(str(i), "reverse_words", "p", a) for i, a in enumerate(["a b c", "a b d", "a e c"])]
+def test_constant_baseline_of_user_items_counts_partial_credit():
+    # a user family (not built in) takes its own most common answer; "words" gives credit by position
+    answers = ["a b c", "a b c", "a b d", "x y z"]
+    items = [Item(str(i), "mine", "p", a, {"check": "words"}) for i, a in enumerate(answers)]
     b = constant_baseline(items)
-    assert b["answers"] == {"reverse_words": "a b c"}
-    assert b["scores"] == pytest.approx([1, 2 / 3, 2 / 3])
-    assert exact(b["scores"]) == [1.0, 0.0, 0.0]
+    assert b["answers"] == {"mine": "a b c"}
+    assert b["scores"] == pytest.approx([1, 1, 2 / 3, 0])
+    assert exact(b["scores"]) == [1.0, 1.0, 0.0, 0.0]

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from tunelab.eval.injection import STYLES
-from tunelab.eval.stats import exact, interval, mean
+from tunelab.eval.stats import BASELINE_NOTE, exact, interval, mean
 
-EVAL_PER_FAMILY = 12
-CHECK_N = 10
+EVAL_PER_FAMILY = 10
+CHECK_N = 6
 
 
 def add_arguments(p) -> None:
@@ -56,6 +56,24 @@ def _rate_row(name: str, before: list[float], after: list[float], baseline: list
             _pct(mean(baseline)) if baseline is not None else "")
 
 
+class _Clock:
+    """Wall and CPU seconds of each phase and in total. CPU time (this process, all its threads) is what a
+    phase costs even on a shared machine, where its wall time depends on the other load."""
+
+    def __init__(self):
+        self.start = self.last = (time.time(), time.process_time())
+        self.seconds: dict[str, tuple[float, float]] = {}
+
+    def lap(self, name: str) -> None:
+        now = (time.time(), time.process_time())
+        self.seconds[name] = (now[0] - self.last[0], now[1] - self.last[1])
+        self.last = now
+
+    def table(self) -> dict[str, tuple[float, float]]:
+        """{phase: (wall, cpu)} and the total up to the last lap."""
+        return {**self.seconds, "total": (self.last[0] - self.start[0], self.last[1] - self.start[1])}
+
+
 def _measure(model, tok, sets: dict, prose: list[str]) -> dict:
     """Every quality and cost measurement of one model: {"test", "unseen"} task results (evaluate_items),
     the generations of the cost checks with their per-item outcomes ("attack_hits": 1.0 when an attack
@@ -88,7 +106,7 @@ def run(args) -> int:
     from tunelab.eval.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES, generate_items
     from tunelab.train.run import build_model, pick_device, run_training
 
-    t_start = time.time()
+    clock = _Clock()
     out = Path(args.out)
     overrides = [f"method={args.method}", f"model.source={args.model}", f"output_dir={out}",
                  f"train.lr={args.lr}", f"train.epochs={args.epochs}"]
@@ -118,34 +136,30 @@ def run(args) -> int:
     cfg.data.sources[0].path = str(out / "data" / "train.jsonl")
     cfg.data.eval_path = str(out / "data" / "eval.jsonl")
     scan = scan_training_data(cfg.data, {"held-out prose": prose})
-    seconds = {"load": time.time() - t_start}
+    clock.lap("load")
     print(f"\n[1/3] before: {len(sets['test'])} held-out items of trained families, {len(sets['unseen'])} of unseen "
           f"ones, {len(sets['injection'])} attacked documents, {len(sets['hallucination'])} unknown-fact questions, "
           f"held-out prose ({scan.overlap_line('held-out prose')})")
-    t0 = time.time()
     before = {**_measure(model, tok, sets, prose), "eval_loss": _eval_loss(model, tok, cfg)}
-    seconds["before"] = time.time() - t0
+    clock.lap("before")
 
     print(f"\n[2/3] {args.method} on {len(train_items)} instruction pairs ({', '.join(TRAIN_FAMILIES)})")
-    t0 = time.time()
     summary, model = run_training(cfg, model=(model, tok))
-    seconds["train"] = time.time() - t0
+    clock.lap("train")
 
     print("\n[3/3] after")
-    t0 = time.time()
     after = {**_measure(model, tok, sets, prose), "eval_loss": summary["eval_loss"]}
-    seconds["after"] = time.time() - t0
-    seconds["total"] = time.time() - t_start
+    clock.lap("after")
 
-    report = _report(args, cfg, sets, before, after, summary, scan, out, seconds)
+    report = _report(args, cfg, sets, before, after, summary, scan, out, clock)
     (out / "quickstart.md").write_text(report + "\n")
     (out / "quickstart.json").write_text(json.dumps({"before": _strip(before), "after": _strip(after),
-                                                      "train": summary, "seconds": seconds}, indent=1))
+                                                      "train": summary, "seconds": clock.table()}, indent=1))
     print("\n" + report)
     return 0
 
 
-def _report(args, cfg, sets, before, after, summary, scan, out, seconds) -> str:
+def _report(args, cfg, sets, before, after, summary, scan, out, clock) -> str:
     from tunelab.eval.stats import constant_baseline
     from tunelab.eval.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES
 
@@ -186,14 +200,14 @@ def _report(args, cfg, sets, before, after, summary, scan, out, seconds) -> str:
         _table(rows, ("metric", "before [95% CI]", "after [95% CI]", "change", "constant-answer baseline")),
         f"Trained families' score: the 95% intervals before and after {separate}. Intervals: Wilson score "
         "intervals for 0/1 outcomes (exact match, attack success, abstention), percentile bootstrap over items "
-        "(2000 resamples) for partial-credit scores. Constant-answer baseline: per family, the one canonical "
-        "answer that scores best on its items, given to every item. Held-out prose: "
+        f"(2000 resamples) for partial-credit scores. {BASELINE_NOTE} Held-out prose: "
         f"{scan.overlap_line('held-out prose')}.",
         _table(fam_rows, ("family", "n", "before", "after", "constant answer")),
         "Generations (greedy):\n" + "\n".join(examples),
         f"Training: {summary['steps']} steps, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, "
-        f"{summary['seconds']:.0f} s; adapter: {summary['output']}; loss plot: {out / 'loss.png'}; time: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".",
+        f"{summary['seconds']:.0f} s; adapter: {summary['output']}; loss plot: {out / 'loss.png'}.",
+        "Time, wall / CPU seconds (CPU: this process, all threads): "
+        + ", ".join(f"{k} {w:.0f} / {c:.0f}" for k, (w, c) in clock.table().items()) + ".",
     ])
 
 

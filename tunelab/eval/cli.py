@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.eval.stats import BASELINE_NOTE
+
 SUITE_CHOICES = ("tasks", "sensitivity", "ppl", "hallucination", "injection", "all")
 
 
@@ -73,9 +75,7 @@ def _check_adapter_files(folder: Path) -> None:
 
 INTERVAL_NOTE = ("Intervals are 95%: Wilson score intervals for 0/1 outcomes (exact match, attack success, "
                  "abstention and the other rates), percentile bootstrap over items (2000 resamples) for "
-                 "partial-credit scores. Constant-answer baseline: for each family, the one canonical answer "
-                 "that scores best on that family's items, given to every item (the majority class for a "
-                 "label family such as parity).")
+                 "partial-credit scores. " + BASELINE_NOTE)
 
 
 def _training_data_notes(data_cfg, suites: list[str], args, data: dict) -> tuple[set[str] | None, list[str]]:

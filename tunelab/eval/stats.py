@@ -13,6 +13,10 @@ import random
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 BOOTSTRAP_RESAMPLES = 2000
+BASELINE_SEED, BASELINE_ITEMS = 999, 200  # the draw that picks each family's constant answer
+BASELINE_NOTE = (f"Constant-answer baseline: every item of a family gets the family's most common canonical "
+                 f"answer in {BASELINE_ITEMS} other items of it (seed {BASELINE_SEED}; for user data, in its own "
+                 "items): the majority class of a label family such as parity.")
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -66,19 +70,22 @@ def mean(values) -> float | None:
 def constant_baseline(items) -> dict:
     """What a model that always gives one answer per family would score on `items` (task Items).
 
-    For each family the constant is the canonical answer that scores best on that family's items (the
-    majority class for a label family such as parity; a lucky list for a word family), so this is an
-    upper bound on any constant answer taken from the items. Returns {"answers": {family: constant},
-    "scores": per-item scores of the constants (aligned with items)}; `mean(scores)` is the baseline score
-    and `mean(exact(scores))` its exact match.
+    For a built-in family the constant is the most common canonical answer of a separate draw of
+    BASELINE_ITEMS items of that family (seed BASELINE_SEED), so it is chosen without looking at the
+    evaluated items: the majority class of a label family (parity, sentiment), one fixed number or list for
+    the others. A family that is not built in (user data) takes the most common answer of its own items.
+    Returns {"answers": {family: constant}, "scores": per-item scores of the constants (aligned with
+    items)}; `mean(scores)` is the baseline score and `mean(exact(scores))` its exact match.
     """
-    from tunelab.eval.tasks import score
+    import collections
 
-    by_family: dict[str, list] = {}
-    for it in items:
-        by_family.setdefault(it.family, []).append(it)
+    from tunelab.eval.tasks import FAMILIES, generate_items, score
+
     answers = {}
-    for fam, its in by_family.items():
-        candidates = sorted({it.answer for it in its})  # sorted: ties go to the same answer on every run
-        answers[fam] = max(candidates, key=lambda a: sum(score(a, it) for it in its))
-    return {"answers": answers, "scores": [score(answers[it.family], it) for it in items]}
+    for fam in dict.fromkeys(it.family for it in items):
+        ref = generate_items([fam], BASELINE_ITEMS, BASELINE_SEED) if fam in FAMILIES else \
+            [it for it in items if it.family == fam]
+        counts = collections.Counter(it.answer for it in ref)
+        answers[fam] = min(counts, key=lambda a: (-counts[a], a))  # the most common; ties: the first in order
+    return {"answers": answers,
+            "scores": [score(answers[it.family], it) for it in items]}
