@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
 
 from eval_fixtures import one_thread  # noqa: F401  (autouse: 1 torch thread)
 from tunelab.cli import main
+from tunelab.eval.stats import BASELINE_ITEMS, BASELINE_SEED, wilson_interval
+from tunelab.eval.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES, generate_items
 
 
 @pytest.fixture
@@ -26,11 +29,25 @@ def test_eval_all_suites_writes_report(tiny_folder, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert list(results) == ["base"]
     assert set(results["base"]) == {"tasks", "sensitivity", "ppl", "hallucination", "injection"}
-    m = results["base"]["tasks"]["metrics"]
-    assert 0 <= m["held-out families"] <= 1 and "family sort_words" in m
-    assert results["base"]["ppl"]["metrics"]["ppl python-docs"] > 100  # a random model is near-uniform over 512
+    tasks = results["base"]["tasks"]
+    m, ci, baseline = tasks["metrics"], tasks["intervals"], tasks["baselines"]
+    assert "family sort_words score" in m and tasks["detail"]["items"] == 28 and tasks["detail"]["removed"] == 0
+    for name, v in m.items():
+        assert ci[name][0] <= v <= ci[name][1], name
+    assert m["exact match"] <= m["score (partial credit)"]
+    # the constant-answer baseline of a label family: the share of its items with the majority label of
+    # another draw of the family (counted here by hand)
+    ref = collections.Counter(it.answer for it in generate_items(["parity"], BASELINE_ITEMS, seed=BASELINE_SEED))
+    majority = max(ref, key=ref.get)
+    assert baseline["family parity score"] == sum(it.answer == majority for it in generate_items(["parity"], 2, 1234)) / 2
+    assert results["base"]["ppl"]["metrics"]["ppl held-out prose"] > 100  # a random model is near-uniform over 512
+    hal = results["base"]["hallucination"]
+    assert hal["intervals"]["unknown_abstention"] == list(wilson_interval(
+        round(hal["metrics"]["unknown_abstention"] * 2), 2))
     md = (out / "report.md").read_text()
-    assert "## injection" in md and "attack success rate" in md and "| metric | base |" in md
+    assert "## injection" in md and "attack success rate" in md and "| metric | base [95% CI] |" in md
+    assert "constant-answer baseline |" in md and "Wilson score intervals" in md
+    assert "no task items were removed" in md
     assert "<table>" in (out / "report.html").read_text()
 
 
@@ -44,7 +61,8 @@ def test_eval_reads_user_jsonl(tiny_folder, tmp_path):
     assert main(["eval", str(tiny_folder), "--suite", "tasks", "--suite", "ppl", "--data", f"tasks={data}",
                  "--data", f"ppl={texts}", "--out", str(out)]) == 0
     m = json.loads((out / "results.json").read_text())["base"]
-    assert set(m["tasks"]["metrics"]) == {"accuracy", "family user", "family math"}
+    assert set(m["tasks"]["metrics"]) == {"score (partial credit)", "exact match", "family user score",
+                                          "family math score"}
     assert set(m["ppl"]["metrics"]) == {"ppl a", "tokens a"}
 
 
@@ -107,19 +125,19 @@ def test_eval_checks_adapter_data_and_out_before_evaluating(tiny_folder, tmp_pat
     assert "--batch-size must be 1 or more" in capsys.readouterr().err
 
 
-def test_eval_run_folder_rebuilds_the_tuned_model(tiny_folder, tmp_path):
-    """A lora run folder (config.yaml + adapter/): base from model.source, tuned = base + the run's adapter."""
+def _lora_run(run, tiny_folder, data_path):
+    """A lora run folder (config.yaml + adapter/) trained on `data_path`, its adapter random but non-zero;
+    returns the tuned model."""
     import torch
 
     from tunelab.config import dump_config, load_config
     from tunelab.lora import LoraConfig, apply_lora, save_adapter
     from tunelab.models.load import load_pretrained
 
-    run = tmp_path / "run"
     run.mkdir()
     cfg = load_config(None, ["method=lora", f"model.source={tiny_folder}", f"output_dir={run}", "lora.r=4",
                              "lora.alpha=8"], base={"data": {"task": "sft", "sources": [
-                                 {"name": "x", "path": "x.jsonl", "kind": "instructions"}]}})
+                                 {"name": "x", "path": str(data_path), "kind": "instructions"}]}})
     (run / "config.yaml").write_text(dump_config(cfg))
     model, _ = load_pretrained(str(tiny_folder))
     apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=cfg.lora.target_modules), verbose=False)
@@ -128,15 +146,51 @@ def test_eval_run_folder_rebuilds_the_tuned_model(tiny_folder, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     save_adapter(model, run / "adapter")
+    return model
+
+
+def test_eval_run_folder_rebuilds_the_tuned_model(tiny_folder, tmp_path, capsys):
+    """A lora run folder: base from model.source, tuned = base + the run's adapter."""
+    from tunelab.models.load import load_pretrained
+
+    run = tmp_path / "run"
+    model = _lora_run(run, tiny_folder, tmp_path / "x.jsonl")  # its training data is gone: said, not fatal
     texts = tmp_path / "texts.jsonl"
     texts.write_text(json.dumps({"text": "The class statement defines a class. " * 4}) + "\n")
     assert main(["eval", str(run), "--suite", "ppl", "--data", f"ppl={texts}"]) == 0
+    assert "training data cannot be read" not in capsys.readouterr().out  # no built-in items: nothing to check
     results = json.loads((run / "eval" / "results.json").read_text())
     from tunelab.eval.perplexity import perplexity
 
     want = perplexity(model, [json.loads(texts.read_text())["text"]], load_pretrained(str(tiny_folder))[1])
     assert results["tuned"]["ppl"]["metrics"]["ppl user"] == pytest.approx(want["ppl"], rel=1e-5)
     assert results["base"]["ppl"]["metrics"]["ppl user"] != pytest.approx(want["ppl"], rel=1e-3)
+    assert main(["eval", str(run), "--suite", "tasks", "--n", "1", "--skip-base", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "training data cannot be read" in out and "NOT removed" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_eval_run_folder_removes_its_training_prompts_and_checks_the_ppl_text(tiny_folder, tmp_path, capsys):
+    from tunelab.eval.heldout import word_ngrams
+    from tunelab.eval.heldout_prose import PARAGRAPHS
+
+    items = generate_items(TRAIN_FAMILIES + HELDOUT_FAMILIES, 2, seed=1234)  # what `--n 2` evaluates
+    trained = [items[1], items[6], items[27]]
+    records = [it.to_sft() for it in trained] + [{"prompt": "Tell me about rivers.", "response": PARAGRAPHS[1]}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = tmp_path / "run"
+    _lora_run(run, tiny_folder, data)
+    assert main(["eval", str(run), "--suite", "tasks", "--suite", "ppl", "--n", "2"]) == 0
+    assert "Removed 3 of 28 task items" in capsys.readouterr().out
+    results = json.loads((run / "eval" / "results.json").read_text())
+    for label in ("base", "tuned"):
+        assert results[label]["tasks"]["detail"]["items"] == 25 and results[label]["tasks"]["detail"]["removed"] == 3
+    md = (run / "eval" / "report.md").read_text()
+    assert "Removed 3 of 28 task items: their prompt is one of the run's 4 training prompts" in md
+    n_grams = len(set().union(*map(word_ngrams, PARAGRAPHS)))
+    assert f"{len(word_ngrams(PARAGRAPHS[1]))} of {n_grams} word 8-grams and 0 whole documents of `held-out prose`" in md
+    assert "of `task-transcripts` occur" in md
 
 
 def test_eval_run_folder_with_a_broken_adapter_fails_before_the_base(tiny_folder, tmp_path, capsys):

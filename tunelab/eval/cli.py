@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.eval.stats import BASELINE_NOTE
+
 SUITE_CHOICES = ("tasks", "sensitivity", "ppl", "hallucination", "injection", "all")
 
 
@@ -71,6 +73,34 @@ def _check_adapter_files(folder: Path) -> None:
     safetensors_keys(weights, "save the adapter again")
 
 
+INTERVAL_NOTE = ("Intervals are 95%: Wilson score intervals for 0/1 outcomes (exact match, attack success, "
+                 "abstention and the other rates), percentile bootstrap over items (2000 resamples) for "
+                 "partial-credit scores. " + BASELINE_NOTE)
+
+
+def _training_data_notes(data_cfg, suites: list[str], args, data: dict) -> tuple[set[str] | None, list[str]]:
+    """Read the run's training data once: the prompts to drop from the task items, and report lines on how
+    much of the built-in held-out ppl text the run trained on. (None, [warning]) when it cannot be read."""
+    from tunelab.errors import DataError
+    from tunelab.eval.heldout import scan_training_data
+    from tunelab.eval.suites import builtin_ppl_sources
+
+    texts = builtin_ppl_sources(args.n, args.seed) if "ppl" in suites and "ppl" not in data else {}
+    if "tasks" not in suites and not texts:
+        return None, []
+    try:
+        scan = scan_training_data(data_cfg, texts)
+    except DataError as e:
+        line = (f"WARNING: the run's training data cannot be read ({e}): training prompts were NOT removed "
+                "from the task items and the ppl text was NOT checked against it.")
+        print(f"tunelab eval: {line}")
+        return None, [line]
+    notes = [f"Held-out check of the ppl text: {scan.overlap_line(name)}." for name in texts]
+    for line in notes:
+        print(f"tunelab eval: {line}")
+    return scan.prompts, notes
+
+
 def run(args) -> int:
     import torch
 
@@ -90,14 +120,20 @@ def run(args) -> int:
         raise TunelabError(f"{src} is a run folder (it has its own adapter or model); drop --adapter")
     if args.skip_base and run_dir is None and not args.adapter:
         raise TunelabError("--skip-base needs a run folder or --adapter (otherwise there is nothing left to evaluate)")
+    notes = []
+    exclude = None
     if run_dir is not None:
         from tunelab.config import load_config
 
-        base_source = load_config(run_dir / "config.yaml").model.source
+        run_cfg = load_config(run_dir / "config.yaml")
+        base_source = run_cfg.model.source
+        exclude, notes = _training_data_notes(run_cfg.data, suites, args, data)
         if not (run_dir / "model").is_dir():  # its adapter loads after the base is scored: check its files now
             _check_adapter_files(run_dir / "adapter")
     else:
         base_source = args.source
+        if "tasks" in suites:
+            notes = ["Not a run folder: what the model was tuned on is unknown, so no task items were removed."]
     out = Path(args.out) if args.out else (run_dir / "eval" if run_dir else Path("eval-report"))
     if out.exists() and not out.is_dir():
         raise TunelabError(f"--out {out} is a file; give a folder for the report")
@@ -110,7 +146,7 @@ def run(args) -> int:
 
     def evaluate(label: str, m) -> dict:
         print(f"tunelab eval: {label}: suites {', '.join(suites)}")
-        return run_suites(m, tok, suites, args.n, args.seed, args.batch_size, data)
+        return run_suites(m, tok, suites, args.n, args.seed, args.batch_size, data, exclude)
 
     results = {}
     if not args.skip_base:
@@ -123,8 +159,15 @@ def run(args) -> int:
     elif args.adapter:
         results["tuned"] = evaluate("tuned", model)
     tuned_from = f"; tuned: {run_dir or args.adapter}" if "tuned" in results else ""
+    tasks = next((r["tasks"]["detail"] for r in results.values() if "tasks" in r), None)
+    if tasks is not None and exclude is not None:
+        line = (f"Removed {tasks['removed']} of {tasks['removed'] + tasks['items']} task items: their prompt is one "
+                f"of the run's {len(exclude)} training prompts.")
+        print(f"tunelab eval: {line}")
+        notes.insert(0, line)
     notes = [f"Command: `tunelab eval {' '.join(_argv(args))}`",
-             f"Base model: {base_source}{tuned_from}. Seed {args.seed}, n={args.n}, greedy decoding."]
+             f"Base model: {base_source}{tuned_from}. Seed {args.seed}, n={args.n}, greedy decoding.", *notes,
+             INTERVAL_NOTE]
     path = write_report(results, out, f"tunelab eval: {', '.join(suites)}", notes)
     print(path.read_text())
     print(f"tunelab eval: wrote {path}, {out / 'report.html'}, {out / 'report.png'}, {out / 'results.json'}")

@@ -124,8 +124,14 @@ def classify(output: str, item: Item) -> str:
     return "abstain" if _ABSTAIN_RE.search(output) else "wrong"
 
 
+# rate name -> (kind of item, label counted): the rates score_hallucination reports
+RATES = {"known_accuracy": ("known", "correct"), "unknown_abstention": ("unknown", "abstain"),
+         "hallucination_rate": ("unknown", "wrong"), "passage_accuracy": ("passage", "correct"),
+         "unfaithful_rate": ("passage", "wrong")}
+
+
 def score_hallucination(items: list[Item], outputs: list[str]) -> dict:
-    """Rates over each kind of item.
+    """Rates over each kind of item (RATES), the item counts and each item's label by kind ("labels").
 
     known_accuracy: correct on taught facts; unknown_abstention: "I don't know" on never-shown facts;
     hallucination_rate: confident (non-abstaining) answers on never-shown facts; passage_accuracy and
@@ -143,11 +149,5 @@ def score_hallucination(items: list[Item], outputs: list[str]) -> dict:
         v = by_kind.get(kind, [])
         return sum(x == label for x in v) / len(v) if v else None
 
-    return {
-        "known_accuracy": rate("known", "correct"),
-        "unknown_abstention": rate("unknown", "abstain"),
-        "hallucination_rate": rate("unknown", "wrong"),
-        "passage_accuracy": rate("passage", "correct"),
-        "unfaithful_rate": rate("passage", "wrong"),
-        "counts": {k: len(v) for k, v in by_kind.items()},
-    }
+    return {**{name: rate(kind, label) for name, (kind, label) in RATES.items()},
+            "counts": {k: len(v) for k, v in by_kind.items()}, "labels": by_kind}

@@ -19,20 +19,29 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _with_interval(v, ci) -> str:
+    return _fmt(v) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def suite_rows(results: dict[str, dict], suite: str) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of one suite's metrics, models side by side (+ change when there are two)."""
+    """(header, rows) of one suite's metrics, models side by side with their 95% intervals (+ change when
+    there are two, + the constant-answer baseline when the suite has one)."""
     labels = [k for k in results if suite in results[k]]
     names = list(dict.fromkeys(m for k in labels for m in results[k][suite]["metrics"]))
-    header = ["metric", *labels] + (["change"] if len(labels) == 2 else [])
+    baselines = next((results[k][suite]["baselines"] for k in labels if results[k][suite].get("baselines")), {})
+    has_ci = any(ci for k in labels for ci in results[k][suite].get("intervals", {}).values())
+    header = ["metric", *(f"{k} [95% CI]" if has_ci else k for k in labels)] + (["change"] if len(labels) == 2 else [])
+    header += ["constant-answer baseline"] if baselines else []
     rows = []
     for name in names:
         vals = [results[k][suite]["metrics"].get(name) for k in labels]
-        row = [name, *map(_fmt, vals)]
+        row = [name, *(_with_interval(v, results[k][suite].get("intervals", {}).get(name)) for k, v in zip(labels, vals))]
         if len(labels) == 2:
             a, b = vals
             row.append(f"{b - a:+.3f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "")
-        rows.append(row)
-    rows.append(["items/s", *(f"{results[k][suite]['items_per_s']:.2f}" for k in labels)] + [""] * (len(labels) == 2))
+        rows.append(row + ([_fmt(baselines.get(name))] if baselines else []))
+    rows.append(["items/s", *(f"{results[k][suite]['items_per_s']:.2f}" for k in labels)]
+                + [""] * (len(labels) == 2) + [""] * bool(baselines))
     return header, rows
 
 
@@ -55,7 +64,8 @@ def plot_headlines(results: dict[str, dict], path: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    picks = [("tasks", "train families"), ("tasks", "held-out families"), ("tasks", "accuracy"),
+    picks = [("tasks", "train families score (partial credit)"), ("tasks", "train families exact match"),
+             ("tasks", "held-out families score (partial credit)"), ("tasks", "score (partial credit)"),
              ("sensitivity", "spread (best - worst template)"), ("hallucination", "known_accuracy"),
              ("hallucination", "unknown_abstention"), ("hallucination", "hallucination_rate"),
              ("hallucination", "unfaithful_rate"), ("injection", "attack success rate"),

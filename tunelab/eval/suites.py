@@ -1,7 +1,9 @@
 """The suites behind `tunelab eval`: each runs on one (model, tokenizer) and returns its metrics.
 
-A suite result is {"metrics": {name: number or None}, "items_per_s": float, "detail": {...}}; "metrics"
-is what the report puts side by side for the base and the tuned model. Built-in data is generated from
+A suite result is {"metrics": {name: number or None}, "intervals": {name: (lo, hi)}, "baselines": {name:
+number}, "items_per_s": float, "detail": {...}}; "metrics" is what the report puts side by side for the
+base and the tuned model, "intervals" their 95% intervals (tunelab.eval.stats) and "baselines" what a
+constant answer scores on the same items. Built-in data is generated from
 `seed`; `data` (a JSONL path, schemas in tunelab.eval.userdata) replaces it with the user's own.
 """
 
@@ -10,17 +12,16 @@ from __future__ import annotations
 from tunelab.eval import hallucination as H
 from tunelab.eval import injection as J
 from tunelab.eval import userdata
+from tunelab.errors import TunelabError
+from tunelab.eval.heldout import remove_training_prompts
+from tunelab.eval.heldout_prose import PARAGRAPHS
 from tunelab.eval.perplexity import perplexity_by_source
+from tunelab.eval.stats import constant_baseline, exact, interval, mean
 from tunelab.eval.tasks import (
     HELDOUT_FAMILIES, TRAIN_FAMILIES, answer_items, evaluate_items, evaluate_sensitivity, generate_items,
 )
 
 SUITES = ("tasks", "sensitivity", "ppl", "hallucination", "injection")
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def _examples(items, outputs, k: int = 6) -> list[dict]:
@@ -29,34 +30,58 @@ def _examples(items, outputs, k: int = 6) -> list[dict]:
             for it, o in list(zip(items, outputs))[:: max(1, len(items) // k)]][:k]
 
 
-def run_tasks(model, tok, n: int, seed: int, batch_size: int, data: str | None = None) -> dict:
-    """Accuracy per family; the headline numbers are the means over train and over held-out families."""
+def _result(items_per_s: float, detail: dict) -> dict:
+    return {"metrics": {}, "intervals": {}, "baselines": {}, "items_per_s": items_per_s, "detail": detail}
+
+
+def _add(result: dict, name: str, scores: list[float], baseline: list[float] | None = None) -> None:
+    """Metric `name` = mean of per-item `scores`, with its 95% interval (Wilson for 0/1 scores, else a
+    bootstrap over items) and, if given, the mean of the constant-answer baseline's scores on the same items."""
+    result["metrics"][name] = mean(scores)
+    result["intervals"][name] = interval(scores)
+    if baseline is not None:
+        result["baselines"][name] = mean(baseline)
+
+
+def run_tasks(model, tok, n: int, seed: int, batch_size: int, data: str | None = None,
+              exclude: set[str] | None = None) -> dict:
+    """Score (partial credit) and exact match, overall, per group of families and per family, each with a
+    95% interval and the constant-answer baseline. Items whose prompt is in `exclude` (the training prompts
+    of the run being evaluated) are removed first; detail["removed"] says how many."""
     items = userdata.task_items(data) if data else generate_items(TRAIN_FAMILIES + HELDOUT_FAMILIES, n, seed)
+    items, removed = remove_training_prompts(items, exclude or set())
+    if not items:
+        raise TunelabError(f"all {removed} task items are training prompts of the run: use another --seed or --data")
     r = evaluate_items(model, tok, items, batch_size)
-    fams = r["per_family"]
-    metrics = {"accuracy": r["accuracy"]}
-    if not data:
-        metrics["train families"] = _mean(fams[f] for f in TRAIN_FAMILIES)
-        metrics["held-out families"] = _mean(fams[f] for f in HELDOUT_FAMILIES)
-    metrics.update({f"family {f}": v for f, v in fams.items()})
-    return {"metrics": metrics, "items_per_s": r["items_per_s"], "detail": {"examples": _examples(items, r["outputs"])}}
+    base = constant_baseline(items)
+    res = _result(r["items_per_s"], {"items": len(items), "removed": removed, "constant_answers": base["answers"],
+                                     "examples": _examples(items, r["outputs"])})
+    groups = [("", None)] + ([] if data else [("train families ", TRAIN_FAMILIES), ("held-out families ", HELDOUT_FAMILIES)])
+    for prefix, fams in groups:
+        pick = [i for i, it in enumerate(items) if fams is None or it.family in fams]
+        scores, baseline = [r["scores"][i] for i in pick], [base["scores"][i] for i in pick]
+        _add(res, f"{prefix}score (partial credit)", scores, baseline)
+        _add(res, f"{prefix}exact match", exact(scores), exact(baseline))
+    for fam in dict.fromkeys(it.family for it in items):
+        pick = [i for i, it in enumerate(items) if it.family == fam]
+        _add(res, f"family {fam} score", [r["scores"][i] for i in pick], [base["scores"][i] for i in pick])
+    return res
 
 
 def run_sensitivity(model, tok, n: int, seed: int, batch_size: int, data: str | None = None) -> dict:
-    """The held-out families under each of their templates: mean accuracy and spread across templates."""
+    """The held-out families under each of their templates: mean score and spread across templates."""
     r = evaluate_sensitivity(model, tok, HELDOUT_FAMILIES, n, seed, batch_size)
-    metrics = {"mean accuracy over templates": r["mean"], "spread (best - worst template)": r["spread"]}
-    metrics.update({f"{f} by template": " / ".join(f"{a:.2f}" for a in v) for f, v in r["per_template"].items()})
-    return {"metrics": metrics, "items_per_s": r["items_per_s"], "detail": r}
+    res = _result(r["items_per_s"], r)
+    res["metrics"] = {"mean score over templates (partial credit)": r["mean"], "spread (best - worst template)": r["spread"]}
+    res["metrics"].update({f"{f} by template": " / ".join(f"{a:.2f}" for a in v) for f, v in r["per_template"].items()})
+    return res
 
 
 def builtin_ppl_sources(n: int, seed: int) -> dict[str, list[str]]:
-    """Held-out text: CPython reference pages (prose about code) and task transcripts (prompt + answer)."""
-    import pydoc_data.topics
-
-    pages = list(pydoc_data.topics.topics.values())[-max(1, n // 4):]  # the last pages, ~2k tokens each
+    """Held-out text: prose written for tunelab (in no built-in corpus; tunelab.eval.heldout_prose) and
+    transcripts (prompt + answer) of the held-out task families."""
     transcripts = [f"{it.prompt}\n{it.answer}" for it in generate_items(HELDOUT_FAMILIES, max(1, n // 2), seed)]
-    return {"python-docs": pages, "task-transcripts": transcripts}
+    return {"held-out prose": list(PARAGRAPHS), "task-transcripts": transcripts}
 
 
 def run_ppl(model, tok, n: int, seed: int, batch_size: int, data: str | None = None) -> dict:
@@ -66,44 +91,59 @@ def run_ppl(model, tok, n: int, seed: int, batch_size: int, data: str | None = N
     sources = userdata.ppl_sources(data) if data else builtin_ppl_sources(n, seed)
     t0 = time.perf_counter()
     r = perplexity_by_source(model, sources, tok, seq_len=512, batch_size=max(1, batch_size // 2))
-    seconds = time.perf_counter() - t0
-    metrics = {f"ppl {name}": v["ppl"] for name, v in r.items()}
-    metrics.update({f"tokens {name}": v["tokens"] for name, v in r.items()})
-    return {"metrics": metrics, "items_per_s": sum(len(v) for v in sources.values()) / seconds, "detail": r}
+    res = _result(sum(len(v) for v in sources.values()) / (time.perf_counter() - t0), r)
+    res["metrics"] = {f"ppl {name}": v["ppl"] for name, v in r.items()}
+    res["metrics"].update({f"tokens {name}": v["tokens"] for name, v in r.items()})
+    return res
 
 
-def hallucination_eval_items(n: int, seed: int) -> list[H.Item]:
-    """Up to `n` closed-book items each of known and unknown facts, and `n` passage items (built-in facts)."""
-    items = H.question_items(H.make_facts(seed), seed, n_passage=n)
+def hallucination_eval_items(n: int, seed: int, kinds: tuple[str, ...] = ("known", "unknown", "passage")) -> list[H.Item]:
+    """Up to `n` items of each kind: closed-book questions on known and on unknown facts, and passage
+    questions (built-in facts)."""
+    items = H.question_items(H.make_facts(seed), seed, n_passage=n if "passage" in kinds else 0)
     kept, count = [], {}
     for it in items:
         kind = it.meta["kind"]
-        if count.get(kind, 0) < n:
+        if kind in kinds and count.get(kind, 0) < n:
             kept.append(it)
             count[kind] = count.get(kind, 0) + 1
     return kept
 
 
+def hallucination_result(items: list[H.Item], outputs: list[str], items_per_s: float) -> dict:
+    """The hallucination rates of outputs aligned with items, each with its Wilson interval."""
+    s = H.score_hallucination(items, outputs)
+    res = _result(items_per_s, {"counts": s["counts"], "examples": _examples(items, outputs)})
+    for name, (kind, label) in H.RATES.items():
+        _add(res, name, [float(x == label) for x in s["labels"].get(kind, [])])
+    return res
+
+
 def run_hallucination(model, tok, n: int, seed: int, batch_size: int, data: str | None = None) -> dict:
     items = userdata.hallucination_items(data) if data else hallucination_eval_items(n, seed)
     r = answer_items(model, tok, items, batch_size, max_new_tokens=24)
-    s = H.score_hallucination(items, r["outputs"])
-    metrics = {k: v for k, v in s.items() if k != "counts"}
-    return {"metrics": metrics, "items_per_s": r["items_per_s"],
-            "detail": {"counts": s["counts"], "examples": _examples(items, r["outputs"])}}
+    return hallucination_result(items, r["outputs"], r["items_per_s"])
+
+
+def injection_result(items: list[J.Item], outputs: list[str], items_per_s: float) -> dict:
+    """Attack success (overall and per style, Wilson intervals) and task quality on clean and attacked
+    documents (partial credit, bootstrap intervals) of outputs aligned with items."""
+    s = J.score_injection(items, outputs)
+    hit = [(it, o) for it, o in zip(items, outputs) if it.meta["kind"] == "attacked"]
+    res = _result(items_per_s, {"counts": s["counts"], "examples": _examples(*zip(*hit)) if hit else []})
+    _add(res, "attack success rate", [float(x) for v in s["hits"].values() for x in v])
+    _add(res, "clean task quality", s["quality"]["clean"])
+    _add(res, "attacked task quality", s["quality"]["attacked"])
+    for style, v in s["hits"].items():
+        _add(res, f"attack success {style}", [float(x) for x in v])
+    return res
 
 
 def run_injection(model, tok, n: int, seed: int, batch_size: int, data: str | None = None) -> dict:
     """`n` documents (each clean + one attack per style) or the user's file."""
     items = userdata.injection_items(data) if data else J.make_items(n, seed)
     r = answer_items(model, tok, items, batch_size, max_new_tokens=40)
-    s = J.score_injection(items, r["outputs"])
-    metrics = {"attack success rate": s["attack_success_rate"], "clean task quality": s["clean_quality"],
-               "attacked task quality": s["attacked_quality"]}
-    metrics.update({f"attack success {style}": v for style, v in s["by_style"].items()})
-    hit = [(it, o) for it, o in zip(items, r["outputs"]) if it.meta["kind"] == "attacked"]
-    return {"metrics": metrics, "items_per_s": r["items_per_s"],
-            "detail": {"counts": s["counts"], "examples": _examples(*zip(*hit)) if hit else []}}
+    return injection_result(items, r["outputs"], r["items_per_s"])
 
 
 RUNNERS = {"tasks": run_tasks, "sensitivity": run_sensitivity, "ppl": run_ppl,
@@ -111,8 +151,9 @@ RUNNERS = {"tasks": run_tasks, "sensitivity": run_sensitivity, "ppl": run_ppl,
 
 
 def run_suites(model, tok, suites: list[str], n: int, seed: int, batch_size: int = 16,
-               data: dict[str, str] | None = None) -> dict[str, dict]:
-    """{suite: result} for each suite name, in order."""
+               data: dict[str, str] | None = None, exclude: set[str] | None = None) -> dict[str, dict]:
+    """{suite: result} for each suite name, in order; `exclude`: training prompts to drop from the task items."""
     data = data or {}
-    return {s: RUNNERS[s](model, tok, n, seed, batch_size, data.get(s)) for s in suites}
+    extra = {"tasks": {"exclude": exclude}}
+    return {s: RUNNERS[s](model, tok, n, seed, batch_size, data.get(s), **extra.get(s, {})) for s in suites}
 
