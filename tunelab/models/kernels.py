@@ -114,7 +114,11 @@ def _c_or_triton(device_type: str) -> str | None:
     """Why the fused RMSNorm / SwiGLU kernels cannot run on this device type, or None if they can."""
     if device_type == "cuda":
         return None if fused.gpu_kernels() else "no Triton (or TUNELAB_TRITON=0)"
-    return None if fused.available() else "no C compiler (or TUNELAB_C_KERNELS=0)"
+    if fused.available():
+        return None
+    from tunelab import ckernels
+
+    return ckernels.problems.get("fused", "no C compiler (or TUNELAB_C_KERNELS=0)")  # the build's own reason
 
 
 def choose(model: nn.Module, mode: str, device: torch.device | str | None = None) -> Kernels:
