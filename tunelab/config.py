@@ -36,7 +36,10 @@ class ScratchConfig(_Strict):
 
 class ModelConfig(_Strict):
     source: str = "bundled"
-    """`bundled` (SmolLM2-135M-Instruct), a local Hugging Face folder, a `.gguf` file, or `scratch`."""
+    """`bundled` (SmolLM2-135M-Instruct), a local Hugging Face folder, a Hugging Face Hub id (`org/name`,
+    through the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache alone), a `.gguf` file, or `scratch`."""
+    revision: str | None = None
+    """For a Hub id: the branch, tag or commit hash to use (default: main). Pin a commit for reproducible runs."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights' dtype: `auto` is float32 on CPU (the fast path there) and bfloat16 on CUDA."""
     trust_remote_code: bool = False

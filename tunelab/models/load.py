@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -40,15 +41,47 @@ def gguf_folder(path: Path) -> Path:
     return dest
 
 
-def model_folder(source: str) -> Path:
-    """The HF folder for a model source (`bundled`, a folder, or a `.gguf` file)."""
+# A Hugging Face repository id: "org/name" (letters, digits, '-', '_', '.'), as the Hub names repositories.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# What a model needs from its repository: config, safetensors weights, tokenizer and chat template files.
+# Pickled weights (*.bin, *.pt) are never fetched.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def hub_folder(repo_id: str, revision: str | None = None) -> Path:
+    """The snapshot folder of a Hub model in the Hugging Face cache ($HF_HUB_CACHE, ~/.cache/huggingface/hub),
+    downloaded first when online (safetensors and tokenizer files only); with HF_HUB_OFFLINE=1 the cache
+    alone. `revision`: a branch, tag or commit hash (default main)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    at = f"@{revision}" if revision else ""
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise TunelabError(f"model.source: {repo_id}{at}: {type(e).__name__.removesuffix('Error').lower()} on the "
+                           "Hugging Face Hub (check the id and model.revision; a gated model needs `hf auth login`)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else f"the Hub cannot be reached ({str(e).splitlines()[0][:120]})"
+        raise TunelabError(
+            f"model.source: {repo_id}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
+            f"fetch it where the Hub is reachable: `hf download {repo_id}{f' --revision {revision}' if revision else ''} "
+            f"--include {' '.join(repr(p) for p in HUB_FILES)}`, or give a local folder") from None
+
+
+def model_folder(source: str, revision: str | None = None) -> Path:
+    """The HF folder for a model source: `bundled`, a local folder, a `.gguf` file, or a Hub id `org/name`
+    (through the Hugging Face cache, at `revision`)."""
     if source == "bundled":
         return bundled.model_dir()
     path = Path(source).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(source):
+        path = hub_folder(source, revision)
     if not path.exists():
         raise TunelabError(
             f"model.source: {source}: no such file or folder "
-            "(give a local Hugging Face folder, a .gguf file, `bundled`, or `scratch`)"
+            "(give a local Hugging Face folder, a Hub id such as Qwen/Qwen2.5-0.5B-Instruct, a .gguf file, "
+            "`bundled`, or `scratch`)"
         )
     if path.is_file():
         if path.suffix != ".gguf":
@@ -77,7 +110,8 @@ def load_tokenizer(folder: Path | str, trust_remote_code: bool = False):
     return tok
 
 
-def load_pretrained(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, quant=None):
+def load_pretrained(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, quant=None,
+                    revision: str | None = None):
     """(model, tokenizer) from `bundled`, an HF folder or a .gguf file; safetensors only, no remote code by default.
 
     With `quant` (a QuantConfig: dtype, block_size, double_quant) the linears come out as frozen 4-bit
@@ -87,7 +121,7 @@ def load_pretrained(source: str, dtype: torch.dtype = torch.float32, trust_remot
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    folder = model_folder(source)
+    folder = model_folder(source, revision)
     if trust_remote_code:
         code = sorted(p.name for p in Path(folder).glob("*.py")) or ["none found yet"]
         message = (f"model.trust_remote_code=true: Python files shipped with {folder} ({', '.join(code)}) will run "

@@ -58,7 +58,7 @@ def build_model(cfg: RunConfig, device: torch.device):
         # qlora: quantized shard by shard as it loads, never whole in 16/32 bits (prepare_method then finds
         # the linears already 4-bit)
         quant = cfg.quant if cfg.method == "qlora" else None
-        model, tok = load_pretrained(cfg.model.source, dtype, cfg.model.trust_remote_code, quant)
+        model, tok = load_pretrained(cfg.model.source, dtype, cfg.model.trust_remote_code, quant, cfg.model.revision)
     return model, tok
 
 
@@ -70,7 +70,7 @@ def early_tokenizer(cfg: RunConfig):
         return _scratch_tokenizer(cfg)
     if cfg.model.trust_remote_code or Path(cfg.model.source).suffix == ".gguf":
         return None
-    return load_tokenizer(model_folder(cfg.model.source))
+    return load_tokenizer(model_folder(cfg.model.source, cfg.model.revision))
 
 
 def _decay_groups(named_params, weight_decay: float) -> list[dict]:
