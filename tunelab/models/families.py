@@ -99,11 +99,12 @@ def logits_transform(family: Family | None, config) -> tuple[str, float] | None:
 def markdown() -> str:
     """The table of docs/families.md (tests/test_families.py checks the docs hold exactly this)."""
     on = lambda x: "yes" if x else "-"  # noqa: E731
-    rows = ["| model_type | loss = own forward's | logits transform | fused RMSNorm | fused SwiGLU | fused rotary "
-            "| last-layer shortcut | MoE router loss | GGUF arch |", "|" + " --- |" * 9]
+    rows = ["| model_type | loss = own forward's | LoRA, QLoRA = PEFT's | logits transform | fused RMSNorm | fused SwiGLU "
+            "| fused rotary | last-layer shortcut | MoE router loss | GGUF arch |", "|" + " --- |" * 10]
     for f in FAMILIES.values():
         logits = f"{f.logits[0]} `{f.logits[1]}`" if f.logits else "-"
-        rows.append(f"| {f.model_type} | checked | {logits} | {on(f.norm)} | {on(f.mlp)} | {on(f.attention)} | "
+        peft = "experts frozen" if f.experts else "checked"  # tests/test_family_adapters.py (dense families)
+        rows.append(f"| {f.model_type} | checked | {peft} | {logits} | {on(f.norm)} | {on(f.mlp)} | {on(f.attention)} | "
                     f"{on(f.decoder)} | {on(f.router_aux)} | {f.gguf} |")
     return "\n".join(rows) + "\n"
 
