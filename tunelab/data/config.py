@@ -79,7 +79,7 @@ class DataConfig(BaseModel):
         "auto", description="record layout for SFT; auto detects it per record"
     )
     template: str | None = Field(
-        None, description="None = the tokenizer's chat template; else a named fallback: chatml or plain"
+        None, description="None = the tokenizer's chat template; else a named fallback (chatml or plain) or a .jinja file"
     )
     packing: Literal["packed", "padded"] = Field(
         "padded", description="padded (the default): one example per row, <= seq_len; packed: rows of exactly "

@@ -6,18 +6,25 @@ Three record layouts are read (auto-detected per record):
                      (OpenAI and ShareGPT spellings; roles human/gpt/bot/model are mapped)
   prompt_completion  {"prompt", "completion" | "response", "system"?}
 
-The mask rule: a label is the token id on every token of an assistant message's content and on the EOS that
-closes it; every other label is -100. Spans are found by rendering the conversation prefix by prefix with the
-chat template: the text of `messages[:i]` with the generation prompt must be a prefix of the full text, and
-the assistant's content must follow it verbatim. The text is tokenized segment by segment (prompt parts and
-responses apart), so the prompt tokens are exactly those the model sees at inference, and the decoded label
-tokens are exactly the responses plus EOS. A template that injects text (e.g. SmolLM2's default system
-message) is fine; one that rewrites the assistant's text is refused with a clear error.
+The mask rule: a label is the token id on every token of an assistant message's content and on the token
+that closes its turn: the special token the chat template writes right after the content (Llama-3's
+<|eot_id|>, Qwen's <|im_end|>, Gemma's <end_of_turn>, Phi-3's <|end|>, Mistral's </s>), else the EOS token,
+which is then added; every other label is -100. Spans are found by rendering the conversation prefix by
+prefix with the chat template: the text of `messages[:i]` with the generation prompt must be a prefix of the
+full text, and the assistant's content must follow it verbatim, or after text the template puts before
+the final answer only (Qwen3's empty <think></think> block: then it is prompt, as in its non-thinking
+mode). The text is tokenized segment by segment (prompt parts and responses apart), so the prompt tokens
+are exactly those the model sees at inference. A template that injects text (e.g. SmolLM2's default system
+message) is fine; one that rewrites the assistant's text, or rejects the conversation (Gemma's refuses a
+system message), is refused with a clear error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
 
 from tunelab.errors import ConfigError, DataError
 
@@ -120,14 +127,33 @@ def to_messages(example: dict, format: str = "auto") -> list[dict]:
 
 
 def chat_template(tokenizer, template: str | None) -> str:
-    """The Jinja template to render with: the tokenizer's own (None) or a named fallback."""
+    """The Jinja template to render with: the tokenizer's own (None), a named fallback, or a .jinja file."""
     if template is None:
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(f"the tokenizer has no chat template: set data.template to one of {sorted(TEMPLATES)}")
+            raise ConfigError(f"the tokenizer has no chat template: set data.template to one of {sorted(TEMPLATES)} "
+                              "or a .jinja file")
         return tokenizer.chat_template
+    if template.endswith((".jinja", ".j2")):
+        try:
+            return Path(template).expanduser().read_text()
+        except OSError as e:
+            raise ConfigError(f"data.template: {template}: cannot read it ({e.strerror})") from None
     if template not in TEMPLATES:
-        raise ConfigError(f"unknown template {template!r}: use one of {sorted(TEMPLATES)} (or null for the tokenizer's)")
+        raise ConfigError(f"unknown template {template!r}: use one of {sorted(TEMPLATES)}, a .jinja file, "
+                          "or null for the tokenizer's")
     return TEMPLATES[template]
+
+
+def _specials(tokenizer) -> set[str]:
+    """The special tokens' texts: the named ones (eos, pad, ...) and every added token marked special."""
+    return set(getattr(tokenizer, "all_special_tokens", [])) | {
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+
+
+def _turn_end(text: str, tokenizer) -> str | None:
+    """The special token `text` starts with (the longest), if any: what the template closes a turn with."""
+    found = [t for t in _specials(tokenizer) if t and text.startswith(t)]
+    return max(found, key=len) if found else None
 
 
 def segments(messages: list[dict], tokenizer, template: str | None = None) -> list[tuple[str, bool]]:
@@ -137,7 +163,10 @@ def segments(messages: list[dict], tokenizer, template: str | None = None) -> li
     eos = tokenizer.eos_token
 
     def render(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=jinja)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=jinja)
+        except TemplateError as e:  # the template's own raise_exception, e.g. no system role
+            raise RecordError(f"the chat template rejects this conversation: {e}") from None
 
     full = render(messages, False)
     pieces: list[tuple[str, bool]] = []
@@ -151,13 +180,17 @@ def segments(messages: list[dict], tokenizer, template: str | None = None) -> li
             raise RecordError("the chat template does not render this conversation prefix by prefix; set data.template: chatml")
         content = m["content"]
         if not full.startswith(content, start):
-            raise RecordError("the chat template rewrites the assistant's text (e.g. strips it); set data.template: chatml")
+            # text the template puts before the last answer only (Qwen3: an empty think block) is prompt
+            later = full.find(content, start)
+            if i != len(messages) - 1 or later < 0 or not content:
+                raise RecordError("the chat template rewrites the assistant's text (e.g. strips it); set data.template: chatml")
+            start = later
         end = start + len(content)
         pieces.append((full[pos:start], False))
-        # EOS closes every response: the template's own if it emits one right here, else ours.
-        has_eos = full.startswith(eos, end)
-        pieces.append((content + eos, True))
-        pos = end + len(eos) if has_eos else end
+        # The turn's closing token: the template's own special token right here, else the EOS, added.
+        closing = _turn_end(full[end:], tokenizer)
+        pieces.append((content + (closing or eos), True))
+        pos = end + len(closing) if closing else end
     pieces.append((full[pos:], False))
     return [(text, resp) for text, resp in pieces if text]
 
@@ -169,8 +202,8 @@ def encode(example: dict, tokenizer, max_len: int, template: str | None = None, 
     input_ids: list[int] = []
     labels: list[int] = []
     for (text, is_response), ids in zip(pieces, ids_per_piece):
-        if is_response and (not ids or ids[-1] != tokenizer.eos_token_id):
-            raise RecordError(f"the response does not end in the EOS token {tokenizer.eos_token!r} after tokenizing")
+        if is_response and (not ids or tokenizer.convert_ids_to_tokens(ids[-1]) not in _specials(tokenizer)):
+            raise RecordError("the response does not end in the turn's closing special token after tokenizing")
         input_ids += ids
         labels += ids if is_response else [IGNORE] * len(ids)
     cut = max(0, len(input_ids) - max_len)
