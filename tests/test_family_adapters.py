@@ -34,10 +34,18 @@ def _workspace(tmp_path, case: str):
     return tmp_path
 
 
-def _train(ws, out, method: str, **train) -> int:
-    cfg = run_config(ws, out, method=method, quant={"block_size": 32},
-                     train={"max_steps": 3, "batch_size": 2, "save_every": 2, "keep_last": 3, **train})
+def _train(ws, out, method: str, resume: bool = False) -> int:
+    cfg = run_config(ws, out, method=method, quant={"block_size": 32}, resume=resume,
+                     train={"max_steps": 3, "batch_size": 2, "save_every": 2, "keep_last": 3})
     return main(["train", str(cfg), "--no-progress"])
+
+
+def _trained(tmp_path, case: str, method: str):
+    """(workspace, run folder, our model with the run's adapter) after 3 steps of `tunelab train`."""
+    ws = _workspace(tmp_path, case)
+    run = tmp_path / method
+    assert _train(ws, run, method) == 0
+    return ws, run, open_model(str(run)).model.eval()
 
 
 def _ids():
@@ -61,10 +69,7 @@ def _peft(ws, run, dequantized_from=None):
 
 @pytest.mark.parametrize("case", DENSE)
 def test_lora_adapter_merge_and_resume_against_peft(case, tmp_path):
-    ws = _workspace(tmp_path, case)
-    run = tmp_path / "lora"
-    assert _train(ws, run, "lora") == 0
-    ours = open_model(str(run)).model.eval()
+    ws, run, ours = _trained(tmp_path, case, "lora")
     theirs = _peft(ws, run)
     ids = _ids()
     with torch.no_grad():
@@ -78,18 +83,13 @@ def test_lora_adapter_merge_and_resume_against_peft(case, tmp_path):
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-00000003")
     shutil.rmtree(resumed / "adapter")
-    cfg = run_config(ws, resumed, method="lora", quant={"block_size": 32}, resume=True,
-                     train={"max_steps": 3, "batch_size": 2, "save_every": 2, "keep_last": 3})
-    assert main(["train", str(cfg), "--no-progress"]) == 0
+    assert _train(ws, resumed, "lora", resume=True) == 0
     assert losses(resumed) == losses(run)  # the same steps, the same bits
 
 
 @pytest.mark.parametrize("case", DENSE)
 def test_qlora_adapter_against_peft_on_the_same_4bit_weights(case, tmp_path):
-    ws = _workspace(tmp_path, case)
-    run = tmp_path / "qlora"
-    assert _train(ws, run, "qlora") == 0
-    ours = open_model(str(run)).model.eval()
+    ws, run, ours = _trained(tmp_path, case, "qlora")
     assert any(hasattr(m, "dequantize_weight") for m in ours.modules())
     theirs = _peft(ws, run, dequantized_from=ours)
     ids = _ids()
