@@ -88,3 +88,27 @@ def test_cuda_kernel_equals_pytorch_path_and_fills_workspace():
     ours = qt.dequantize(torch.bfloat16, workspace=work)
     assert ours.data_ptr() == work.data_ptr()
     assert torch.equal(ours.reshape(-1), ref)
+
+
+def test_a_failing_triton_dequantize_warns_once_and_the_pytorch_path_takes_over(monkeypatch):
+    """As the fused Triton kernels do: one warning naming the failure, the same numbers from PyTorch's path,
+    and the kernel not tried again (stand-ins for a CUDA tensor and a broken kernel)."""
+    from tunelab.quant import triton_kernels
+    from tunelab.quant.tensor import QuantizedTensor
+
+    qt = tq.quantize(torch.randn(8, 64), "nf4", double_quant=True)
+    want = qt.dequantize(torch.float32)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("no sm_120 in this Triton")
+
+    monkeypatch.setattr(QuantizedTensor, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(triton_kernels, "AVAILABLE", True)
+    monkeypatch.setattr(triton_kernels, "dequantize_4bit", broken)
+    with pytest.warns(UserWarning, match="Triton dequantize kernel failed .*no sm_120"):
+        got = qt.dequantize(torch.float32)
+    assert torch.equal(got, want) and not triton_kernels.AVAILABLE
+    qt.dequantize(torch.float32)
+    assert calls == [1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,7 +101,12 @@ class QuantizedTensor:
             from tunelab.quant import triton_kernels  # imports Triton (seconds): only when a GPU tensor asks
 
             if triton_kernels.serves(self):
-                return triton_kernels.dequantize_4bit(self, dtype, out=workspace).view(self.shape)
+                try:
+                    return triton_kernels.dequantize_4bit(self, dtype, out=workspace).view(self.shape)
+                except Exception as e:  # noqa: BLE001 - a Triton too old or broken for this card: PyTorch's path
+                    triton_kernels.AVAILABLE = False  # once: not tried again in this process
+                    warnings.warn(f"tunelab's Triton dequantize kernel failed ({type(e).__name__}: {e}); "
+                                  "using the PyTorch path instead (the same numbers)", stacklevel=2)
         book = codebooks.LEVELS[self.quant_type] if self.scheme == "minmax" else self.quant_type
         if self.device.type == "cpu" and dtype == torch.float32 and codebooks.bits(book) == 4:
             out = workspace if workspace is not None else blockwise.empty_output(self.numel() + 2, dtype, self.device)
