@@ -16,7 +16,8 @@ def run(args) -> int:
     from tunelab.export.cli import open_from_args
     from tunelab.export.gguf import export_gguf
 
-    opened = open_from_args(args, merge=True)  # an adapter is always merged: GGUF holds plain weights
+    # An adapter is always merged (GGUF holds plain weights), in fp32: the GGUF types are rounded from it.
+    opened = open_from_args(args, merge=True, dtype="fp32")
     path = export_gguf(opened.model, opened.tokenizer, args.gguf, args.dtype)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}); transformers loads it with "
           f"from_pretrained(folder, gguf_file={path.name!r}), llama.cpp with `llama-cli -m {path}`")
