@@ -28,7 +28,8 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 
-DTYPES = ("f32", "f16", "q8_0")
+KQUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # written by llama.cpp's quantizer (optional llama-cpp-python)
+DTYPES = ("f32", "f16", "q8_0") + KQUANTS
 
 
 # model_type -> (what it may have beyond Llama's layers); the GGUF architecture name is the family table's.
@@ -107,33 +108,76 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     """Write `model` (a plain model of a SUPPORTED family) and `tokenizer` to the GGUF file `out`, atomically.
 
     dtype: f32 | f16 (matrices in f16, norms f32) | q8_0 (matrices whose rows are a multiple of 32 in
-    Q8_0, gguf's own quantizer; others f16; norms f32), as llama.cpp's converter writes them.
+    Q8_0, gguf's own quantizer; others f16; norms f32), as llama.cpp's converter writes them; or a k-quant
+    (q4_k_m, q5_k_m, q6_k): the f16 file quantized by llama.cpp's own quantizer (llama-cpp-python).
     """
-    import gguf
-
     if dtype not in DTYPES:
         raise TunelabError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_exportable(model)
+    quantizer = llama_cpp_quantizer(dtype) if dtype in KQUANTS else None  # a missing extra fails first
     out = Path(out)
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmps = []
+    try:
+        tmps.append(_tmp_beside(out))
+        _write(model, tokenizer, tmps[0], "f16" if quantizer else dtype, name)
+        if quantizer:
+            tmps.append(_tmp_beside(out))
+            quantizer(tmps[0], tmps[1])
+        os.replace(tmps[-1], out)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return out
+
+
+def _tmp_beside(out: Path) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
+    return tmp
+
+
+def _write(model: nn.Module, tokenizer, path: str, dtype: str, name: str | None) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, gguf_arch(model.config))
+    _write_hparams(writer, model.config, dtype, name or getattr(model, "name_or_path", "") or "tunelab")
+    _write_tokenizer(writer, tokenizer, model.config.vocab_size)
+    for gguf_name, array, qtype in _tensors(model, dtype):
+        writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_quantizer(dtype: str):
+    """f(src, dst): llama.cpp's own quantizer (llama_model_quantize) from src (f16 GGUF) to the k-quant dtype.
+
+    llama.cpp picks each tensor's type for a k-quant "mix" itself (e.g. Q4_K_M keeps some ffn_down / attn_v
+    in Q6_K, and falls back from k-quants for rows not a multiple of 256), so this is left to it.
+    """
     try:
-        writer = gguf.GGUFWriter(tmp, gguf_arch(model.config))
-        _write_hparams(writer, model.config, dtype, name or getattr(model, "name_or_path", "") or "tunelab")
-        _write_tokenizer(writer, tokenizer, model.config.vocab_size)
-        for gguf_name, array, qtype in _tensors(model, dtype):
-            writer.add_tensor(gguf_name, array, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
+        import llama_cpp
+    except ImportError:
+        raise TunelabError(f"GGUF --dtype {dtype} uses llama.cpp's own quantizer from the optional "
+                           "llama-cpp-python package (the `llamacpp` extra): pip install 'tunelab[llamacpp]' "
+                           "(it compiles llama.cpp); f32, f16 and q8_0 need nothing extra") from None
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{dtype.upper()}")
+
+    def quantize(src: str, dst: str) -> None:
+        import ctypes
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        code = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+        if code != 0:
+            raise TunelabError(f"llama.cpp's quantizer failed (llama_model_quantize returned {code}) turning the "
+                               f"f16 export into {dtype}; its log above says why")
+
+    return quantize
 
 
 def _check_replaceable(out: Path) -> None:
