@@ -43,6 +43,10 @@ CASES = [
     ("qwen2", "qwen2", {}, ["attn_q.bias", "attn_k.bias", "attn_v.bias"], False),
     # head_dim 128 as real Qwen3 (!= 64/4): transformers' reader takes Qwen3Config's default, not key_length
     ("qwen3", "qwen3", {"head_dim": 128}, ["attn_q_norm.weight", "attn_k_norm.weight"], False),
+    # head_dim = query_pre_attn_scalar = 256 (Gemma-2 2B/9B; transformers' reader takes the 256 default);
+    # llama.cpp's gemma2 has no output.weight: the embedding is the head
+    ("gemma2", "gemma2", {"head_dim": 256, "tie_word_embeddings": True, "sliding_window": 128},
+     ["post_attention_norm.weight", "post_ffw_norm.weight"], False),
 ]
 LLAMA_LAYER = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
@@ -60,9 +64,14 @@ def test_family_round_trip(model_type, arch, over, extra, permuted, tmp_path):
         assert fields[f"{arch}.{key}"].contents() == value, key
     assert fields[f"{arch}.rope.freq_base"].contents() == model.config.rope_parameters["rope_theta"]
     assert fields[f"{arch}.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(model.config.rms_norm_eps)
+    if arch == "gemma2":
+        assert (fields["gemma2.attn_logit_softcapping"].contents(), fields["gemma2.final_logit_softcapping"].contents(),
+                fields["gemma2.attention.sliding_window"].contents(), fields["gemma2.attention.key_length"].contents()) \
+            == (50.0, 30.0, 128, 256)
     tensors = {t.name: t for t in reader.tensors}
     layer = {f"blk.{i}.{n}" for i in range(2) for n in LLAMA_LAYER + extra}
-    assert set(tensors) == layer | {"token_embd.weight", "output_norm.weight", "output.weight"}
+    tied = model.config.tie_word_embeddings
+    assert set(tensors) == layer | {"token_embd.weight", "output_norm.weight"} | (set() if tied else {"output.weight"})
     # Every tensor equals the model's weight (q/k rows de-permuted for the llama architecture).
     state = model.state_dict()
     hf = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -74,11 +83,19 @@ def test_family_round_trip(model_type, arch, over, extra, permuted, tmp_path):
         ("ffn_gate.weight", "mlp.gate_proj.weight"), ("ffn_up.weight", "mlp.up_proj.weight"),
         ("ffn_down.weight", "mlp.down_proj.weight"), ("attn_q.bias", "self_attn.q_proj.bias"),
         ("attn_k.bias", "self_attn.k_proj.bias"), ("attn_v.bias", "self_attn.v_proj.bias"),
-        ("attn_q_norm.weight", "self_attn.q_norm.weight"), ("attn_k_norm.weight", "self_attn.k_norm.weight"))}
+        ("attn_q_norm.weight", "self_attn.q_norm.weight"), ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+        ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+        ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"))}
+    if model_type == "gemma2":  # its ffn_norm is the pre-feed-forward norm; post_attention_layernorm is above
+        hf |= {f"blk.{i}.ffn_norm.weight": f"model.layers.{i}.pre_feedforward_layernorm.weight" for i in range(2)}
     for name, t in tensors.items():
         w = np.asarray(t.data)
         if permuted and (".attn_q." in name or ".attn_k." in name):
             w = unpermute(w, 4 if ".attn_q." in name else 2)
+        if model_type == "gemma2" and name.endswith("norm.weight"):
+            w = w - 1  # written as 1 + w: llama.cpp multiplies by the stored weight, Gemma by (1 + w)
+            assert np.allclose(w, state[hf[name]].numpy(), atol=1e-6), name  # f32 rounding of the + 1
+            continue
         assert np.array_equal(w, state[hf[name]].numpy()), name
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     assert (logits(back, ids()) - logits(model, ids())).abs().max() <= TOL
@@ -112,19 +129,24 @@ def test_llama3_rope_scaling_writes_rope_freqs(tmp_path):
 
 
 def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
-    model = tiny("gemma2", head_dim=16)
-    with pytest.raises(TunelabError, match=r"does not support the 'gemma2' family .*supported: llama, mistral, "
-                                            r"qwen2, qwen3$"):
+    model = tiny("olmo2")
+    with pytest.raises(TunelabError, match=r"does not support the 'olmo2' family .*supported: llama, mistral, "
+                                            r"qwen2, qwen3, gemma2$"):
         export_gguf(model, make_tiny_tokenizer(), tmp_path / "g.gguf")
+    with pytest.raises(TunelabError, match="query_pre_attn_scalar=256 but llama.cpp scales queries by "
+                                           r"1/sqrt\(head_dim=16\)"):
+        export_gguf(tiny("gemma2", head_dim=16, tie_word_embeddings=True), make_tiny_tokenizer(), tmp_path / "g.gguf")
+    with pytest.raises(TunelabError, match="tie_word_embeddings=False"):
+        export_gguf(tiny("gemma2", head_dim=256), make_tiny_tokenizer(), tmp_path / "g.gguf")
     with pytest.raises(TunelabError, match="rope_type='linear'"):
         export_gguf(tiny("qwen2", rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
                     make_tiny_tokenizer(), tmp_path / "q.gguf")
     assert not list(tmp_path.iterdir())
     from tunelab.cli import main
 
-    model.save_pretrained(tmp_path / "gemma2")
-    make_tiny_tokenizer().save_pretrained(tmp_path / "gemma2")
-    assert main(["export", str(tmp_path / "gemma2"), "--gguf", str(tmp_path / "g.gguf")]) == 2
+    model.save_pretrained(tmp_path / "olmo2")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "olmo2")
+    assert main(["export", str(tmp_path / "olmo2"), "--gguf", str(tmp_path / "g.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
-    assert err.startswith("tunelab export: error: GGUF export does not support the 'gemma2' family")
-    assert err.endswith("supported: llama, mistral, qwen2, qwen3") and not (tmp_path / "g.gguf").exists()
+    assert err.startswith("tunelab export: error: GGUF export does not support the 'olmo2' family")
+    assert err.endswith("supported: llama, mistral, qwen2, qwen3, gemma2") and not (tmp_path / "g.gguf").exists()

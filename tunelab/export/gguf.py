@@ -10,8 +10,9 @@ What llama.cpp (convert_hf_to_gguf.py, LlamaModel) writes and what transformers'
     special ids, chat template).
 Families (model_type -> llama.cpp architecture, from the family table): llama and mistral -> llama (q/k
 permuted; llama3 rope scaling as a rope_freqs tensor), qwen2 -> qwen2 (q/k/v biases, NEOX rope: no
-permutation), qwen3 -> qwen3 (per-head q/k RMSNorms attn_q_norm / attn_k_norm, NEOX rope). Only byte-level
-BPE tokenizers; anything else is an error that names it and what is supported.
+permutation), qwen3 -> qwen3 (per-head q/k RMSNorms attn_q_norm / attn_k_norm, NEOX rope), gemma2 ->
+gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sliding window). Only
+byte-level BPE tokenizers; anything else is an error that names it and what is supported.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ SUPPORTED = {
     "mistral": {"permute_qk": True},  # llama.cpp runs it as llama (its converter ignores sliding_window)
     "qwen2": {"permute_qk": False},   # q/k/v biases; rotate-half (NEOX) rope as HF: rows stay in place
     "qwen3": {"permute_qk": False},   # + q_norm / k_norm over each head's head_dim
+    "gemma2": {"permute_qk": False},  # norms x * (1 + w) -> w + 1; pre/post norms; softcaps; tied lm_head
 }
 
 
@@ -68,10 +70,26 @@ def check_exportable(model: nn.Module) -> None:
     if rope not in ("default", "llama3") or (rope == "llama3" and not SUPPORTED[config.model_type]["permute_qk"]):
         raise TunelabError(f"GGUF export of {config.model_type} supports plain RoPE (and llama3 scaling for the "
                            f"llama architecture); this model uses rope_type={rope!r}")
+    if config.model_type == "gemma2":
+        _check_gemma2(config)
     flags = ("attention_bias", "mlp_bias") if config.model_type != "qwen2" else ()  # qwen2's biases are its own
     for flag in flags:
         if getattr(config, flag, False):
             raise TunelabError(f"GGUF export of {config.model_type} models with {flag}=True is not supported")
+
+
+def _check_gemma2(config) -> None:
+    """What llama.cpp's gemma2 graph assumes rather than reads: the output head is the embedding, queries
+    scaled by 1/sqrt(head_dim), both softcaps on (it applies its defaults when the keys are missing)."""
+    if not config.tie_word_embeddings:
+        raise TunelabError("GGUF export of gemma2: llama.cpp's gemma2 uses the embedding as output head, and "
+                           "this model has its own lm_head (tie_word_embeddings=False)")
+    if config.query_pre_attn_scalar != config.head_dim:
+        raise TunelabError(f"GGUF export of gemma2: query_pre_attn_scalar={config.query_pre_attn_scalar} but "
+                           f"llama.cpp scales queries by 1/sqrt(head_dim={config.head_dim})")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, cap, None) is None:
+            raise TunelabError(f"GGUF export of gemma2: {cap}=None, but llama.cpp's gemma2 always caps")
 
 
 def _rope(config) -> dict:
@@ -206,9 +224,14 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads:  # llama.cpp assumes hidden/heads otherwise
+    # llama.cpp assumes hidden/heads without these; its gemma2 converter always writes them
+    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type == "gemma2":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if config.model_type == "gemma2":  # as llama.cpp's converter writes them (its graph reads them)
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(config.sliding_window)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -246,6 +269,8 @@ def _tensors(model: nn.Module, dtype: str):
             w = llama_permute(w, config.num_attention_heads)
         elif permute and key.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             w = llama_permute(w, config.num_key_value_heads)
+        elif config.model_type == "gemma2" and key.endswith("norm.weight"):
+            w = w + 1  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by the stored weight
         yield (gguf_name, *_encode(w.numpy(), dtype))
 
 
