@@ -163,8 +163,8 @@ def pick_dtype(name: str, device: torch.device, src: Source | None = None) -> to
 def base_dtype(src: Source) -> str:
     """The dtype the base's weights are stored in: its config.json's `dtype` (`torch_dtype` before
     transformers 5), else the run's model.dtype, else fp32 (a .gguf or 4-bit folder loads as fp32)."""
-    from tunelab.models.load import model_folder
     from tunelab.export.quantized import is_quantized_folder
+    from tunelab.models.load import model_folder
 
     folder = Path(src.base) if Path(src.base).is_dir() else None
     if src.base == "bundled":
