@@ -47,9 +47,12 @@ CASES = [
     # llama.cpp's gemma2 has no output.weight: the embedding is the head
     ("gemma2", "gemma2", {"head_dim": 256, "tie_word_embeddings": True, "sliding_window": 128},
      ["post_attention_norm.weight", "post_ffw_norm.weight"], False),
+    ("phi3", "phi3", {"pad_token_id": 0}, [], False),  # fused: attn_qkv and ffn_up (gate | up), see PHI3_LAYER
 ]
 LLAMA_LAYER = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
+PHI3_LAYER = ["attn_norm.weight", "attn_qkv.weight", "attn_output.weight", "ffn_norm.weight", "ffn_up.weight",
+              "ffn_down.weight"]
 
 
 @pytest.mark.parametrize("model_type,arch,over,extra,permuted", CASES, ids=[c[0] for c in CASES])
@@ -63,13 +66,14 @@ def test_family_round_trip(model_type, arch, over, extra, permuted, tmp_path):
                        ("feed_forward_length", 128), ("attention.head_count", 4), ("attention.head_count_kv", 2)):
         assert fields[f"{arch}.{key}"].contents() == value, key
     assert fields[f"{arch}.rope.freq_base"].contents() == model.config.rope_parameters["rope_theta"]
+    assert fields[f"{arch}.rope.dimension_count"].contents() == (getattr(model.config, "head_dim", None) or 16)
     assert fields[f"{arch}.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(model.config.rms_norm_eps)
     if arch == "gemma2":
         assert (fields["gemma2.attn_logit_softcapping"].contents(), fields["gemma2.final_logit_softcapping"].contents(),
                 fields["gemma2.attention.sliding_window"].contents(), fields["gemma2.attention.key_length"].contents()) \
             == (50.0, 30.0, 128, 256)
     tensors = {t.name: t for t in reader.tensors}
-    layer = {f"blk.{i}.{n}" for i in range(2) for n in LLAMA_LAYER + extra}
+    layer = {f"blk.{i}.{n}" for i in range(2) for n in (PHI3_LAYER if arch == "phi3" else LLAMA_LAYER) + extra}
     tied = model.config.tie_word_embeddings
     assert set(tensors) == layer | {"token_embd.weight", "output_norm.weight"} | (set() if tied else {"output.weight"})
     # Every tensor equals the model's weight (q/k rows de-permuted for the llama architecture).
@@ -86,6 +90,9 @@ def test_family_round_trip(model_type, arch, over, extra, permuted, tmp_path):
         ("attn_q_norm.weight", "self_attn.q_norm.weight"), ("attn_k_norm.weight", "self_attn.k_norm.weight"),
         ("post_attention_norm.weight", "post_attention_layernorm.weight"),
         ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"))}
+    if model_type == "phi3":  # HF's own fused layouts, written as they are
+        hf |= {f"blk.{i}.{g}": f"model.layers.{i}.{h}" for i in range(2) for g, h in (
+            ("attn_qkv.weight", "self_attn.qkv_proj.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight"))}
     if model_type == "gemma2":  # its ffn_norm is the pre-feed-forward norm; post_attention_layernorm is above
         hf |= {f"blk.{i}.ffn_norm.weight": f"model.layers.{i}.pre_feedforward_layernorm.weight" for i in range(2)}
     for name, t in tensors.items():
@@ -131,7 +138,7 @@ def test_llama3_rope_scaling_writes_rope_freqs(tmp_path):
 def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     model = tiny("olmo2")
     with pytest.raises(TunelabError, match=r"does not support the 'olmo2' family .*supported: llama, mistral, "
-                                            r"qwen2, qwen3, gemma2$"):
+                                            r"qwen2, qwen3, gemma2, phi3$"):
         export_gguf(model, make_tiny_tokenizer(), tmp_path / "g.gguf")
     with pytest.raises(TunelabError, match="query_pre_attn_scalar=256 but llama.cpp scales queries by "
                                            r"1/sqrt\(head_dim=16\)"):
@@ -149,4 +156,11 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     assert main(["export", str(tmp_path / "olmo2"), "--gguf", str(tmp_path / "g.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
     assert err.startswith("tunelab export: error: GGUF export does not support the 'olmo2' family")
-    assert err.endswith("supported: llama, mistral, qwen2, qwen3, gemma2") and not (tmp_path / "g.gguf").exists()
+    assert err.endswith("supported: llama, mistral, qwen2, qwen3, gemma2, phi3") and not (tmp_path / "g.gguf").exists()
+
+
+def test_partial_rotary_is_the_rope_dimension_count(tmp_path):
+    """Phi-3 style partial rotary: llama.cpp rotates the first rope.dimension_count dims of each head."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    path = export_gguf(tiny("phi3", pad_token_id=0, rope_parameters=rope), make_tiny_tokenizer(), tmp_path / "p.gguf")
+    assert gguf.GGUFReader(path).fields["phi3.rope.dimension_count"].contents() == 8  # 64/4 heads * 0.5

@@ -11,7 +11,8 @@ What llama.cpp (convert_hf_to_gguf.py, LlamaModel) writes and what transformers'
 Families (model_type -> llama.cpp architecture, from the family table): llama and mistral -> llama (q/k
 permuted; llama3 rope scaling as a rope_freqs tensor), qwen2 -> qwen2 (q/k/v biases, NEOX rope: no
 permutation), qwen3 -> qwen3 (per-head q/k RMSNorms attn_q_norm / attn_k_norm, NEOX rope), gemma2 ->
-gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sliding window). Only
+gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sliding window), phi3 -> phi3
+(fused attn_qkv and ffn_up = gate|up as HF stores them, partial rotary as rope.dimension_count). Only
 byte-level BPE tokenizers; anything else is an error that names it and what is supported.
 """
 
@@ -40,6 +41,7 @@ SUPPORTED = {
     "qwen2": {"permute_qk": False},   # q/k/v biases; rotate-half (NEOX) rope as HF: rows stay in place
     "qwen3": {"permute_qk": False},   # + q_norm / k_norm over each head's head_dim
     "gemma2": {"permute_qk": False},  # norms x * (1 + w) -> w + 1; pre/post norms; softcaps; tied lm_head
+    "phi3": {"permute_qk": False},    # fused qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (as HF stores them)
 }
 
 
@@ -223,7 +225,7 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * _rope(config).get("partial_rotary_factor", 1.0)))
     # llama.cpp assumes hidden/heads without these; its gemma2 converter always writes them
     if head_dim != config.hidden_size // config.num_attention_heads or config.model_type == "gemma2":
         writer.add_key_length(head_dim)
@@ -231,6 +233,8 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     if config.model_type == "gemma2":  # as llama.cpp's converter writes them (its graph reads them)
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(config.sliding_window)
+    if config.model_type == "phi3" and config.sliding_window is not None:
         writer.add_sliding_window(config.sliding_window)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
