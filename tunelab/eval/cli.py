@@ -26,6 +26,9 @@ def add_arguments(p) -> None:
                    help="your own data for a suite instead of the built-in items (schemas: docs/eval.md)")
     p.add_argument("--skip-base", action="store_true", help="evaluate only the tuned model of a run/adapter")
     p.add_argument("--out", help="report folder (default: RUN/eval for a run, else eval-report)")
+    from tunelab.export.cli import add_placement_arguments
+
+    add_placement_arguments(p)
 
 
 def _parse_data(items: list[str]) -> dict[str, str]:
@@ -46,18 +49,18 @@ def _is_run(path: Path) -> bool:
     return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
 
 
-def _tuned_from_run(run: Path, base_model):
+def _tuned_from_run(run: Path, base_model, dtype, device):
     """The run's tuned model: its model/ folder, or the base with the run's method (e.g. 4-bit + LoRA) and adapter."""
     from tunelab.config import load_config
     from tunelab.models.load import load_pretrained
 
     if (run / "model").is_dir():
-        return load_pretrained(str(run / "model"))[0]
+        return load_pretrained(str(run / "model"), dtype)[0].to(device)
     from tunelab.lora import load_adapter
     from tunelab.train.run import prepare_method
 
     prepare_method(base_model, load_config(run / "config.yaml"))  # quantize (qlora) and add empty LoRA layers
-    return load_adapter(base_model, run / "adapter", verbose=False)
+    return load_adapter(base_model, run / "adapter", verbose=False).to(device)
 
 
 def _check_adapter_files(folder: Path) -> None:
@@ -137,12 +140,17 @@ def run(args) -> int:
     out = Path(args.out) if args.out else (run_dir / "eval" if run_dir else Path("eval-report"))
     if out.exists() and not out.is_dir():
         raise TunelabError(f"--out {out} is a file; give a folder for the report")
+    from tunelab.export.resolve import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(0)
-    model, tok = load_pretrained(base_source)
+    model, tok = load_pretrained(base_source, dtype)
+    model.to(device)
     if args.adapter:  # load it first: a bad adapter fails now, not after the base model's evaluation
         from tunelab.lora import load_adapter
 
-        load_adapter(model, args.adapter, verbose=False)
+        load_adapter(model, args.adapter, verbose=False).to(device)
 
     def evaluate(label: str, m) -> dict:
         print(f"tunelab eval: {label}: suites {', '.join(suites)}")
@@ -155,7 +163,7 @@ def run(args) -> int:
         with disable_adapters(model):  # the base output exactly (a no-op without an adapter)
             results["base"] = evaluate("base", model)
     if run_dir is not None:
-        results["tuned"] = evaluate("tuned", _tuned_from_run(run_dir, model))
+        results["tuned"] = evaluate("tuned", _tuned_from_run(run_dir, model, dtype, device))
     elif args.adapter:
         results["tuned"] = evaluate("tuned", model)
     tuned_from = f"; tuned: {run_dir or args.adapter}" if "tuned" in results else ""
@@ -178,6 +186,7 @@ def _argv(args) -> list[str]:
     """The command line back from parsed args (for the report)."""
     parts = [args.source] + [f"--suite {s}" for s in args.suite or []]
     parts += [f"--{k.replace('_', '-')} {v}" for k, v in (("adapter", args.adapter), ("n", args.n), ("seed", args.seed),
-                                                          ("batch_size", args.batch_size), ("out", args.out)) if v]
+                                                          ("batch_size", args.batch_size), ("out", args.out),
+                                                          ("device", args.device), ("dtype", args.dtype)) if v]
     parts += [f"--data {d}" for d in args.data] + (["--skip-base"] if args.skip_base else [])
     return parts

@@ -8,13 +8,18 @@ What llama.cpp (convert_hf_to_gguf.py, LlamaModel) writes and what transformers'
     head) to llama.cpp's interleaved pairs; the reader undoes it (LlamaTensorProcessor);
   - llama.* hyper-parameters and tokenizer.ggml.* (gpt2 = byte-level BPE: tokens, token types, merges,
     special ids, chat template).
-Only byte-level BPE tokenizers and the llama architecture are supported; anything else is an error that
-names it.
+Families (model_type -> llama.cpp architecture, from the family table): llama and mistral -> llama (q/k
+permuted; llama3 rope scaling as a rope_freqs tensor), qwen2 -> qwen2 (q/k/v biases, NEOX rope: no
+permutation), qwen3 -> qwen3 (per-head q/k RMSNorms attn_q_norm / attn_k_norm, NEOX rope), gemma2 ->
+gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sliding window), phi3 -> phi3
+(fused attn_qkv and ffn_up = gate|up as HF stores them, partial rotary as rope.dimension_count). Only
+byte-level BPE tokenizers; anything else is an error that names it and what is supported.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,65 +30,174 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 
-DTYPES = ("f32", "f16", "q8_0")
+KQUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # written by llama.cpp's quantizer (optional llama-cpp-python)
+DTYPES = ("f32", "f16", "q8_0") + KQUANTS
+
+
+# model_type -> (what it may have beyond Llama's layers); the GGUF architecture name is the family table's.
+SUPPORTED = {
+    "llama": {"permute_qk": True},
+    "mistral": {"permute_qk": True},  # llama.cpp runs it as llama (its converter ignores sliding_window)
+    "qwen2": {"permute_qk": False},   # q/k/v biases; rotate-half (NEOX) rope as HF: rows stay in place
+    "qwen3": {"permute_qk": False},   # + q_norm / k_norm over each head's head_dim
+    "gemma2": {"permute_qk": False},  # norms x * (1 + w) -> w + 1; pre/post norms; softcaps; tied lm_head
+    "phi3": {"permute_qk": False},    # fused qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (as HF stores them)
+}
+
+
+def gguf_arch(config) -> str:
+    """llama.cpp's architecture name for a supported model (the family table's `gguf`)."""
+    from tunelab.models.families import family_of
+
+    return family_of(config).gguf
 
 
 def check_exportable(model: nn.Module) -> None:
-    """Raise TunelabError unless `model` is a plain Llama that llama.cpp's llama architecture can run."""
+    """Raise TunelabError unless `model` is a plain model of a family this exporter writes for llama.cpp."""
     from tunelab.lora import LoRALinear
     from tunelab.lora.layer import is_quantized_linear
 
     config = model.config
-    if config.model_type != "llama":
+    if config.model_type not in SUPPORTED:
         raise TunelabError(
-            f"GGUF export supports the llama architecture only; this model is {config.model_type!r} "
-            f"({type(model).__name__})"
+            f"GGUF export does not support the {config.model_type!r} family ({type(model).__name__}); "
+            f"supported: {', '.join(SUPPORTED)}"
         )
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise TunelabError("this model has LoRA layers: merge the adapter first (open_model(..., merge=True))")
     if any(is_quantized_linear(m) for m in model.modules()):
         raise TunelabError("this model has 4-bit linears: GGUF export needs float weights (merge into the "
                            "original base, or load the full-precision model)")
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope != "default":
-        raise TunelabError(f"GGUF export supports plain RoPE only; this model uses rope_type={rope!r}")
-    for flag in ("attention_bias", "mlp_bias"):
+    rope = _rope(config).get("rope_type", "default")
+    if rope not in ("default", "llama3") or (rope == "llama3" and not SUPPORTED[config.model_type]["permute_qk"]):
+        raise TunelabError(f"GGUF export of {config.model_type} supports plain RoPE (and llama3 scaling for the "
+                           f"llama architecture); this model uses rope_type={rope!r}")
+    if config.model_type == "gemma2":
+        _check_gemma2(config)
+    flags = ("attention_bias", "mlp_bias") if config.model_type != "qwen2" else ()  # qwen2's biases are its own
+    for flag in flags:
         if getattr(config, flag, False):
-            raise TunelabError(f"GGUF export of llama models with {flag}=True is not supported")
+            raise TunelabError(f"GGUF export of {config.model_type} models with {flag}=True is not supported")
+
+
+def _check_gemma2(config) -> None:
+    """What llama.cpp's gemma2 graph assumes rather than reads: the output head is the embedding, queries
+    scaled by 1/sqrt(head_dim), both softcaps on (it applies its defaults when the keys are missing)."""
+    if not config.tie_word_embeddings:
+        raise TunelabError("GGUF export of gemma2: llama.cpp's gemma2 uses the embedding as output head, and "
+                           "this model has its own lm_head (tie_word_embeddings=False)")
+    if config.query_pre_attn_scalar != config.head_dim:
+        raise TunelabError(f"GGUF export of gemma2: query_pre_attn_scalar={config.query_pre_attn_scalar} but "
+                           f"llama.cpp scales queries by 1/sqrt(head_dim={config.head_dim})")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, cap, None) is None:
+            raise TunelabError(f"GGUF export of gemma2: {cap}=None, but llama.cpp's gemma2 always caps")
+
+
+def _rope(config) -> dict:
+    return getattr(config, "rope_parameters", None) or {}
+
+
+def llama3_rope_factors(config) -> torch.Tensor:
+    """(head_dim/2,) divisors of each rotary frequency for llama3 rope scaling (llama.cpp's rope_freqs).
+
+    HF scales inv_freq: high frequencies (wavelength < orig_ctx/high_freq_factor) unchanged, low ones
+    (wavelength > orig_ctx/low_freq_factor) divided by `factor`, smooth in between; llama.cpp divides each
+    frequency by the factor stored here, as its converter writes it.
+    """
+    rope = _rope(config)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str = "f32",
                 name: str | None = None) -> Path:
-    """Write `model` (a plain LlamaForCausalLM) and `tokenizer` to the GGUF file `out`, atomically.
+    """Write `model` (a plain model of a SUPPORTED family) and `tokenizer` to the GGUF file `out`, atomically.
 
     dtype: f32 | f16 (matrices in f16, norms f32) | q8_0 (matrices whose rows are a multiple of 32 in
-    Q8_0, gguf's own quantizer; others f16; norms f32), as llama.cpp's converter writes them.
+    Q8_0, gguf's own quantizer; others f16; norms f32), as llama.cpp's converter writes them; or a k-quant
+    (q4_k_m, q5_k_m, q6_k): the f16 file quantized by llama.cpp's own quantizer (llama-cpp-python).
     """
-    import gguf
-
     if dtype not in DTYPES:
         raise TunelabError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_exportable(model)
+    quantizer = llama_cpp_quantizer(dtype) if dtype in KQUANTS else None  # a missing extra fails first
     out = Path(out)
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmps = []
+    try:
+        tmps.append(_tmp_beside(out))
+        _write(model, tokenizer, tmps[0], "f16" if quantizer else dtype, name)
+        if quantizer:
+            tmps.append(_tmp_beside(out))
+            quantizer(tmps[0], tmps[1])
+        os.replace(tmps[-1], out)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return out
+
+
+def _tmp_beside(out: Path) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
+    return tmp
+
+
+def _write(model: nn.Module, tokenizer, path: str, dtype: str, name: str | None) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, gguf_arch(model.config))
+    _write_hparams(writer, model.config, dtype, name or getattr(model, "name_or_path", "") or "tunelab")
+    _write_tokenizer(writer, tokenizer, model.config.vocab_size)
+    for gguf_name, array, qtype in _tensors(model, dtype):
+        writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_quantizer(dtype: str):
+    """f(src, dst): llama.cpp's own quantizer (llama_model_quantize) from src (f16 GGUF) to the k-quant dtype.
+
+    llama.cpp picks each tensor's type for a k-quant "mix" itself (e.g. Q4_K_M keeps some ffn_down / attn_v
+    in Q6_K, and falls back from k-quants for rows not a multiple of 256), so this is left to it.
+    """
     try:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        _write_hparams(writer, model.config, dtype, name or getattr(model, "name_or_path", "") or "tunelab")
-        _write_tokenizer(writer, tokenizer, model.config.vocab_size)
-        for gguf_name, array, qtype in _tensors(model, dtype):
-            writer.add_tensor(gguf_name, array, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
+        import llama_cpp
+    except ImportError:
+        raise TunelabError(f"GGUF --dtype {dtype} uses llama.cpp's own quantizer from the optional "
+                           "llama-cpp-python package (the `llamacpp` extra): pip install 'tunelab[llamacpp]' "
+                           "(it compiles llama.cpp); f32, f16 and q8_0 need nothing extra") from None
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{dtype.upper()}")
+
+    def quantize(src: str, dst: str) -> None:
+        import ctypes
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        code = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+        if code != 0:
+            raise TunelabError(f"llama.cpp's quantizer failed (llama_model_quantize returned {code}) turning the "
+                               f"f16 export into {dtype}; its log above says why")
+
+    return quantize
 
 
 def _check_replaceable(out: Path) -> None:
@@ -109,12 +223,19 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads:  # llama.cpp assumes hidden/heads otherwise
+    writer.add_rope_dimension_count(int(head_dim * _rope(config).get("partial_rotary_factor", 1.0)))
+    # llama.cpp assumes hidden/heads without these; its gemma2 converter always writes them
+    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type == "gemma2":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if config.model_type == "gemma2":  # as llama.cpp's converter writes them (its graph reads them)
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(config.sliding_window)
+    if config.model_type == "phi3" and config.sliding_window is not None:
+        writer.add_sliding_window(config.sliding_window)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -130,24 +251,30 @@ def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _tensors(model: nn.Module, dtype: str):
-    """(gguf name, numpy array, ggml type) for every weight, in the model's order."""
+    """(gguf name, numpy array, ggml type) for every weight, in the model's order (+ rope_freqs for llama3)."""
     import gguf
 
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[gguf_arch(config)]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    permute = SUPPORTED[config.model_type]["permute_qk"]
     state = model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when there is no output.weight
+    if _rope(config).get("rope_type") == "llama3":
+        yield ("rope_freqs.weight", *_encode(llama3_rope_factors(config).numpy(), dtype))
     for key, tensor in state.items():
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise TunelabError(f"GGUF export: no llama tensor name for {key}; this model has layers that "
-                               "llama.cpp's llama architecture does not run")
+            raise TunelabError(f"GGUF export: no {gguf_arch(config)} tensor name for {key}; this model has layers "
+                               f"that llama.cpp's {gguf_arch(config)} architecture does not run")
         w = tensor.detach().to("cpu", torch.float32)
-        if key.endswith("self_attn.q_proj.weight"):
+        if permute and key.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             w = llama_permute(w, config.num_attention_heads)
-        elif key.endswith("self_attn.k_proj.weight"):
+        elif permute and key.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             w = llama_permute(w, config.num_key_value_heads)
+        elif config.model_type == "gemma2" and key.endswith("norm.weight"):
+            w = w + 1  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by the stored weight
         yield (gguf_name, *_encode(w.numpy(), dtype))
 
 

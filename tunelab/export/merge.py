@@ -33,6 +33,8 @@ class MergeReport:
     from_quantized: bool
     diff_original: float | None = None
     diff_dequantized: float | None = None
+    dtype: str = ""
+    """The written weights' dtype, e.g. bfloat16."""
 
 
 def probe_ids(tokenizer) -> torch.Tensor:
@@ -45,11 +47,13 @@ def probe_ids(tokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids.to(next(model.parameters()).device)).logits.float().cpu()
+
+
 def max_logit_diff(a: nn.Module, b: nn.Module, ids: torch.Tensor) -> float:
     """max |a(ids).logits - b(ids).logits| over every position and vocabulary entry, in fp32."""
-    la = a(ids.to(next(a.parameters()).device)).logits.float().cpu()
-    lb = b(ids.to(next(b.parameters()).device)).logits.float().cpu()
-    return (la - lb).abs().max().item()
+    return (_logits(a, ids) - _logits(b, ids)).abs().max().item()
 
 
 def save_hf_folder(model: nn.Module, tokenizer, out: str | os.PathLike) -> Path:
@@ -75,38 +79,70 @@ def save_hf_folder(model: nn.Module, tokenizer, out: str | os.PathLike) -> Path:
 
 
 def merge_to_folder(source: str, out: str | os.PathLike, base: str | None = None,
-                    from_quantized: bool = False) -> MergeReport:
+                    from_quantized: bool = False, dtype: torch.dtype | str = "base",
+                    device: torch.device | str = "cpu") -> MergeReport:
     """Merge the adapter of `source` (a run or adapter folder) into its base and save an HF folder.
 
-    For a QLoRA adapter both merges are built and measured against the trained model; the one written is
-    into the original weights, or into the de-quantized ones if `from_quantized` (with a warning).
+    dtype: the merged model's dtype (`base`: the base's own, see resolve.base_dtype; or bf16/fp16/fp32);
+    each merged weight is summed in fp32 and rounded once. For a QLoRA adapter both merges are built, one
+    at a time, and measured against the trained model; the one written is into the original weights, or
+    into the de-quantized ones if `from_quantized` (with a warning).
     """
-    opened = open_model(source, base=base)
+    opened = open_model(source, base=base, dtype=dtype, device=device)
     if opened.source.adapter is None:
         raise TunelabError(f"{source} has no adapter to merge (give a lora/qlora run folder or an adapter folder)")
     if opened.source.quant is None:
         merge_opened(opened)
-        return MergeReport(save_hf_folder(opened.model, opened.tokenizer, out), qlora=False, from_quantized=False)
-    return _merge_qlora(opened, Path(out), from_quantized)
+        report = MergeReport(save_hf_folder(opened.model, opened.tokenizer, out), qlora=False, from_quantized=False)
+    else:
+        report = _merge_qlora(opened, Path(out), from_quantized)
+    report.dtype = str(next(opened.model.parameters()).dtype).removeprefix("torch.")
+    return report
 
 
 def _merge_qlora(trained: Opened, out: Path, from_quantized: bool) -> MergeReport:
+    """Both merges measured against the trained model, with one merged model in memory at a time.
+
+    Memory: the base's original linear weights (held since loading, full precision) + the 4-bit trained
+    model + one merged model; the originals are freed before saving (safetensors serializes a copy). The merge not written is built on a copy of the trained model that shares
+    every tensor outside the linears (embeddings, norms), measured and dropped; then the chosen merge is
+    done in place, turning the trained model into the merged one.
+    """
     ids = probe_ids(trained.tokenizer)
-    merges = {}
-    for into_quantized in (False, True):
-        candidate = Opened(copy.deepcopy(trained.model), trained.tokenizer, trained.source,
-                           base_weights=trained.base_weights)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the from_quantized warning is raised below, once, if chosen
-            merge_opened(candidate, from_quantized=into_quantized)
-        merges[into_quantized] = candidate.model
-    report = MergeReport(out, qlora=True, from_quantized=from_quantized,
-                         diff_original=max_logit_diff(merges[False], trained.model, ids),
-                         diff_dequantized=max_logit_diff(merges[True], trained.model, ids))
+    reference = _logits(trained.model, ids)  # (1, T, vocab): the trained 4-bit + adapter model
+    other = not from_quantized
+    candidate = Opened(_copy_linears(trained.model), trained.tokenizer, trained.source,
+                       base_weights=trained.base_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the from_quantized warning is raised below, once, if chosen
+        merge_opened(candidate, from_quantized=other)
+    other_logits = _logits(candidate.model, ids)
+    del candidate
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merge_opened(trained, from_quantized=from_quantized)
+    trained.base_weights.clear()  # the merged linears hold copies: free the originals before saving
+    chosen_logits = _logits(trained.model, ids)
+    diffs = {from_quantized: (chosen_logits - reference).abs().max().item(),
+             other: (other_logits - reference).abs().max().item()}
+    report = MergeReport(out, qlora=True, from_quantized=from_quantized, diff_original=diffs[False],
+                         diff_dequantized=diffs[True])
     if from_quantized:
         warnings.warn(
             "merging into the de-quantized 4-bit weights (--from-quantized): every merged weight keeps its "
             f"4-bit rounding error; max |logits - original merge's| on a probe prompt: "
-            f"{max_logit_diff(merges[True], merges[False], ids):.4g}", stacklevel=2)
-    save_hf_folder(merges[from_quantized], trained.tokenizer, out)
+            f"{(chosen_logits - other_logits).abs().max().item():.4g}", stacklevel=2)
+    save_hf_folder(trained.model, trained.tokenizer, out)
     return report
+
+
+def _copy_linears(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose tensors outside LoRA and 4-bit linears are shared, not copied: a merge
+    replaces only those linears, so the copy costs the 4-bit weights and adapters, not the embeddings."""
+    from tunelab.lora import LoRALinear
+    from tunelab.lora.layer import is_quantized_linear
+
+    own = {id(t) for m in model.modules() if isinstance(m, LoRALinear) or is_quantized_linear(m)
+           for t in list(m.parameters()) + list(m.buffers())}
+    shared = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in own}
+    return copy.deepcopy(model, memo=dict(shared))

@@ -8,6 +8,7 @@ kept aside before quantizing (see tunelab.lora.merge_lora).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,11 +28,13 @@ class Source:
     base:    `bundled`, an HF folder, a 4-bit folder (tunelab quantize --save) or a .gguf file
     adapter: a PEFT-layout adapter folder, or None
     quant:   for a QLoRA adapter, the run's quant settings {dtype, block_size, double_quant}; else None
+    run:     the run folder it came from (its config.yaml records model.dtype), or None
     """
 
     base: str
     adapter: Path | None = None
     quant: dict | None = None
+    run: Path | None = None
 
 
 @dataclass
@@ -79,7 +82,7 @@ def find_source(path_or_run: str, adapter: str | None = None, base: str | None =
             raise TunelabError(f"{path_or_run} already has an adapter ({src.adapter}); give a base model with "
                                "--adapter, or the adapter/run alone")
         extra = _adapter_source(Path(adapter).expanduser(), src.base)
-        src.adapter, src.quant = extra.adapter, extra.quant
+        src.adapter, src.quant, src.run = extra.adapter, extra.quant, extra.run
     return src
 
 
@@ -103,7 +106,7 @@ def _run_source(run: Path) -> Source:
     if source == "scratch":
         raise TunelabError(f"{run}: a scratch run has no base model to put its adapter on")
     quant = _quant_settings(cfg) if method == "qlora" else None
-    return Source(base=source, adapter=run / "adapter", quant=quant)
+    return Source(base=source, adapter=run / "adapter", quant=quant, run=run)
 
 
 def _quant_settings(cfg: dict) -> dict:
@@ -120,10 +123,62 @@ def _adapter_source(adapter: Path, base: str | None) -> Source:
     run = adapter.parent
     if (run / "config.yaml").is_file() and adapter.name == "adapter":
         src = _run_source(run)
-        return Source(base=base or src.base, adapter=adapter, quant=src.quant)
+        return Source(base=base or src.base, adapter=adapter, quant=src.quant, run=run)
     if base is None and not recorded:
         raise TunelabError(f"{adapter / ADAPTER_CONFIG} names no base_model_name_or_path: pass --base MODEL")
     return Source(base=base or recorded, adapter=adapter)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` (CUDA when torch sees a GPU, else CPU), `cpu`, `cuda` or `cuda:N`; CUDA asked for and absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TunelabError(f"--device {name!r}: give auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TunelabError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise TunelabError(f"--device {name!r}: give auto, cpu, cuda or cuda:N")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device, src: Source | None = None) -> torch.dtype:
+    """bf16 | fp16 | fp32; `auto`: fp32 on CPU (bf16 matmuls are slow there), bf16 on CUDA; `base`: the
+    base model's own dtype (`base_dtype`)."""
+    if name == "base":
+        return DTYPES[base_dtype(src)]
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise TunelabError(f"--dtype {name!r}: give one of {', '.join(DTYPES)}, auto")
+    return DTYPES[name]
+
+
+def base_dtype(src: Source) -> str:
+    """The dtype the base's weights are stored in: its config.json's `dtype` (`torch_dtype` before
+    transformers 5), else the run's model.dtype, else fp32 (a .gguf or 4-bit folder loads as fp32)."""
+    from tunelab.export.quantized import is_quantized_folder
+    from tunelab.models.load import model_folder
+
+    folder = Path(src.base) if Path(src.base).is_dir() else None
+    if src.base == "bundled":
+        folder = model_folder("bundled")
+    if folder is not None and (folder / "config.json").is_file() and not is_quantized_folder(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        name = _CONFIG_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
+        if name:
+            return name
+    if src.run is not None:
+        name = _CONFIG_DTYPES.get(str((_run_config(src.run).get("model") or {}).get("dtype")))
+        if name:
+            return name
+    return "fp32"
 
 
 def load_base(base: str, quant: dict | None = None, dtype: torch.dtype = torch.float32):
@@ -141,27 +196,33 @@ def load_base(base: str, quant: dict | None = None, dtype: torch.dtype = torch.f
         return model, tok, None
     from tunelab.quant import quantize_model
 
-    # The linear weights quantize_model drops, kept to merge into (clone: the model's own storage is freed).
+    # The linear weights quantize_model replaces, kept to merge into. Not cloned: quantize_model swaps the
+    # modules and leaves these tensors alone, so they are the only full-precision copy (no second one).
     linears = {p for p, m in model.named_modules() if isinstance(m, nn.Linear)}
-    base_weights = {k: v.detach().clone() for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] in linears}
+    base_weights = {k: v.detach() for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] in linears}
     quantize_model(model, **quant)
     return model, tok, base_weights
 
 
 def open_model(path_or_run: str, adapter: str | None = None, base: str | None = None, merge: bool = False,
-               from_quantized: bool = False, dtype: torch.dtype = torch.float32) -> Opened:
+               from_quantized: bool = False, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu") -> Opened:
     """Load MODEL_OR_RUN (see the module doc) with its adapter applied on the fly, or merged if `merge`.
 
     A QLoRA adapter merges into the original full-precision base weights unless `from_quantized`, which
-    merges into the de-quantized 4-bit weights (warns: it keeps their rounding error).
+    merges into the de-quantized 4-bit weights (warns: it keeps their rounding error). dtype: a torch dtype
+    or a `pick_dtype` name (bf16, fp16, fp32, auto, base); device: a `pick_device` name or torch.device.
+    The model is loaded on the CPU and then moved; a QLoRA base's original weights stay on the CPU.
     """
     src = find_source(path_or_run, adapter, base)
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device, src)
     model, tok, base_weights = load_base(src.base, src.quant, dtype)
     if src.adapter is not None:
         from tunelab.lora import load_adapter
 
         load_adapter(model, src.adapter, verbose=False)
-    opened = Opened(model, tok, src, base_weights=base_weights)
+    opened = Opened(model.to(device), tok, src, base_weights=base_weights)
     return merge_opened(opened, from_quantized) if merge else opened
 
 
@@ -177,7 +238,9 @@ def merge_opened(opened: Opened, from_quantized: bool = False) -> Opened:
                 f"the base {opened.source.base} is 4-bit, so its original weights are not here to merge into: "
                 "pass --base <the full-precision model it was quantized from>, or --from-quantized to merge "
                 "into the de-quantized 4-bit weights (keeps their rounding error)")
+        device = next(opened.model.parameters()).device
         merge_lora(opened.model, base_weights=weights, from_quantized=from_quantized)
+        opened.model.to(device)  # linears rebuilt from CPU-held base weights join the rest
         opened.merged = True
     return opened
 

@@ -140,12 +140,13 @@ class LoRALinear(nn.Module):
 
         LoRA: W + scale * B @ A. DoRA: m / ||W + dW|| * (W + dW), the norm taken row-wise.
         """
-        with torch.no_grad():
-            delta = self.delta_weight().to(weight.dtype)
-            return self._dora_factor(weight, delta) * (weight + delta) if self.use_dora else weight + delta
+        with torch.no_grad():  # summed in fp32, rounded once to the weight's dtype (a bf16 merge stays exact-ish)
+            w, delta = weight.float(), self.delta_weight().to(weight.device, torch.float32)
+            merged = self._dora_factor(w, delta) * (w + delta) if self.use_dora else w + delta
+            return merged.to(weight.dtype)
 
     def _dora_factor(self, weight, delta):
-        return (self.lora_magnitude_vector / self._row_norm(weight + delta)).to(weight.dtype).view(-1, 1)
+        return (self.lora_magnitude_vector.to(weight.device) / self._row_norm(weight + delta)).to(weight.dtype).view(-1, 1)
 
     def merge(self) -> None:
         """Fold the update into base.weight in place (reversible with unmerge); forward then skips A and B."""

@@ -22,10 +22,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, merge_flag: bool = True
                              "(keeps their rounding error; not recommended)")
 
 
-def open_from_args(args: argparse.Namespace, merge: bool | None = None):
-    """open_model(...) as the shared arguments say; `merge` overrides --merge."""
+def add_placement_arguments(parser: argparse.ArgumentParser, merge: bool = False) -> None:
+    """--device and --dtype. merge: the dtype written, default the base's own; else auto (fp32 on CPU, bf16
+    on CUDA)."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU, else CPU), cpu, "
+                                                         "cuda or cuda:N")
+    if merge:
+        parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="base",
+                            help="dtype of the merged model (default: the base's own, from its config.json "
+                                 "or the run's model.dtype); each weight is summed in fp32 and rounded once")
+    else:
+        parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                            help="weights' dtype (default auto: fp32 on CPU, bf16 on CUDA)")
+
+
+def open_from_args(args: argparse.Namespace, merge: bool | None = None, dtype: str | None = None):
+    """open_model(...) as the shared arguments say; `merge` overrides --merge, `dtype` --dtype."""
     from tunelab.export.resolve import open_model
 
     merge = getattr(args, "merge", False) if merge is None else merge
     return open_model(args.source, adapter=args.adapter, base=args.base, merge=merge or args.from_quantized,
-                      from_quantized=args.from_quantized)
+                      from_quantized=args.from_quantized, dtype=dtype or args.dtype,
+                      device=getattr(args, "device", "cpu"))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from tunelab.errors import TunelabError
-from tunelab.export.cli import add_model_arguments
+from tunelab.export.cli import add_model_arguments, add_placement_arguments
 
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser)
+    add_placement_arguments(parser)
     parser.add_argument("--system", help="a system message for the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer per turn")
 
