@@ -125,6 +125,17 @@ def make_items(n: int, seed: int, styles: list[str] | None = None) -> list[Item]
     return items
 
 
+def span_records(name: str) -> list[dict]:
+    """The builtin span sets (`local:injection-spans`, `local:injection-spans-heldout`) as span records:
+    60 documents (seed 100) in the TRAIN_STYLES plus their clean twins, or 20 new documents (seed 200) in the
+    HELDOUT_STYLES plus clean twins; label `injection`."""
+    n, seed, styles = {"injection-spans": (60, 100, TRAIN_STYLES),
+                       "injection-spans-heldout": (20, 200, HELDOUT_STYLES)}[name]
+    return [{"text": it.prompt, "style": it.meta["style"],
+             "spans": [{"start": it.meta["span"][0], "end": it.meta["span"][1], "label": "injection"}]
+             if it.meta["span"] else []} for it in make_items(n, seed, styles)]
+
+
 def robust_sft_examples(n: int, seed: int, styles: list[str] | None = None) -> list[dict]:
     """Robustness SFT data: attacked (and clean) documents whose response is the right answer, injection ignored.
     Use a seed different from the evaluation seed."""

@@ -1,0 +1,93 @@
+"""data.task=spans in a run: the token classifier, its objective with span metrics, the final scores, and
+opening a trained run again (tunelab detect).
+
+After training, the post-processing (tunelab.eval.spans.POSTPROCESS_GRID: gap closing, minimum length) is
+chosen on the validation split and then applied unchanged to the test split (data.test_path); both splits
+are reported raw and post-processed. The run folder's spans.json keeps what detection needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tunelab.data import spans as data_spans
+from tunelab.eval import spans as eval_spans
+from tunelab.models.token_cls import HEAD, from_causal_lm
+from tunelab.train.loss import TOKEN_CLASSIFICATION
+
+INFO = "spans.json"
+
+
+def with_head(cfg):
+    """cfg with the head in lora.modules_to_save (trained in full, saved with the adapter)."""
+    keep = list(dict.fromkeys((cfg.lora.modules_to_save or []) + [HEAD]))
+    return cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"modules_to_save": keep})})
+
+
+class SpanTask:
+    """The documents and labels of a spans run, read once."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.train, self.val, self.test = data_spans.split_docs(cfg.data, cfg.train.seed)
+        self.labels = data_spans.label_list(cfg.data, self.train + self.val + self.test)
+
+    def model(self, lm):
+        return from_causal_lm(lm, self.labels, self.cfg.model.keep_layers)
+
+    def _evaluate(self, model, tok, docs, post=None):
+        return eval_spans.evaluate_docs(model, tok, docs, self.labels, self.cfg.train.seq_len, self.cfg.data.stride, post)
+
+    def objective(self, tok):
+        """Token cross-entropy; at every evaluation the raw (not post-processed) validation metrics."""
+        def metrics(model) -> dict:
+            if not self.val:
+                return {}
+            m = self._evaluate(model, tok, self.val)[0]
+            return {"eval_token_f1": m["micro"]["token"]["f1"], "eval_span_f1": m["micro"]["span"]["f1"],
+                    "eval_spans": m}
+
+        return dataclasses.replace(TOKEN_CLASSIFICATION, metrics=metrics)
+
+    def final(self, model, tok, out: Path, step: int) -> dict:
+        """Validation raw -> post-processing chosen there -> validation and test with it; written to
+        spans.json and appended to metrics.jsonl."""
+        result = {"labels": self.labels, "seq_len": self.cfg.train.seq_len, "stride": self.cfg.data.stride,
+                  "matching": "exact: same label, same first and last token",
+                  "postprocess": {"gap": 0, "min_len": 1, "chosen_on": None}}
+        if self.val:
+            raw, probs, gold = self._evaluate(model, tok, self.val)
+            best = eval_spans.choose_postprocess(probs, gold, self.labels)
+            post = {"gap": best["gap"], "min_len": best["min_len"]}
+            result["postprocess"] = {**post, "chosen_on": f"validation ({len(self.val)} documents)"}
+            result["validation"] = {"raw": raw, "post": self._evaluate(model, tok, self.val, post)[0]}
+            if self.test:
+                result["test"] = {"raw": self._evaluate(model, tok, self.test)[0],
+                                  "post": self._evaluate(model, tok, self.test, post)[0], "documents": len(self.test)}
+        (out / INFO).write_text(json.dumps(result, indent=1))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "spans": result}) + "\n")
+        return result
+
+
+def open_detector(run: str | Path):
+    """(model, tokenizer, info) of a trained spans run folder: base (re-quantized for qlora) + cut body +
+    the adapter with its head."""
+    import torch
+
+    from tunelab.config import load_config
+    from tunelab.errors import TunelabError
+    from tunelab.lora import load_adapter
+    from tunelab.train.run import build_model
+
+    run = Path(run)
+    if not (run / INFO).is_file() or not (run / "adapter").is_dir():
+        raise TunelabError(f"{run}: not a finished spans run (no {INFO} or adapter/); train one with data.task=spans")
+    cfg = load_config(run / "config.yaml")
+    info = json.loads((run / INFO).read_text())
+    lm, tok = build_model(cfg, torch.device("cpu"))
+    model = from_causal_lm(lm, info["labels"], cfg.model.keep_layers)
+    load_adapter(model, run / "adapter", verbose=False)
+    return model.eval(), tok, info
