@@ -1,7 +1,7 @@
 """Any causal LM of the family table as a token classifier: its decoder body plus a new linear head `score`.
 
-The layout is transformers' `LlamaForTokenClassification` (`model` = the body, `score` = Linear(hidden,
-labels), no bias), built generically from the loaded causal LM's `base_model`, so families that transformers
+The layout is transformers' `GenericForTokenClassification` (`LlamaForTokenClassification` etc.: `model` =
+the body, `score` = Linear(hidden, labels) with a bias; no dropout before the head here), built generically from the loaded causal LM's `base_model`, so families that transformers
 gives no `*ForTokenClassification` class (Gemma-3, OLMo-2, Granite, Cohere) get one too, and a QLoRA body
 quantized while loading stays quantized. tests/test_spans.py checks that for Llama the logits equal
 `LlamaForTokenClassification`'s with the same weights. LoRA adapts the body; the head trains in full as a
@@ -25,9 +25,12 @@ class TokenClassifier(nn.Module):
         self.config = body.config
         self.name_or_path = getattr(body, "name_or_path", "") or getattr(body.config, "_name_or_path", "")
         dtype = next(p.dtype for p in body.parameters() if p.is_floating_point())
-        self.score = nn.Linear(body.config.hidden_size, num_labels, bias=False, dtype=dtype)
-        # transformers' _init_weights for a linear head: N(0, initializer_range)
+        bias = getattr(body.config, "token_classification_bias", True)  # GenericForTokenClassification's
+        self.score = nn.Linear(body.config.hidden_size, num_labels, bias=bias, dtype=dtype)
+        # transformers' _init_weights for a linear head: N(0, initializer_range), bias 0
         nn.init.normal_(self.score.weight, std=getattr(body.config, "initializer_range", 0.02))
+        if bias:
+            nn.init.zeros_(self.score.bias)
         self.config.num_labels = num_labels
         if id2label:
             self.config.id2label, self.config.label2id = dict(id2label), {v: k for k, v in id2label.items()}
