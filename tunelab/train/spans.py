@@ -67,9 +67,28 @@ class SpanTask:
                 result["test"] = {"raw": self._evaluate(model, tok, self.test)[0],
                                   "post": self._evaluate(model, tok, self.test, post)[0], "documents": len(self.test)}
         (out / INFO).write_text(json.dumps(result, indent=1))
+        print(table(result))
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "spans": result}) + "\n")
         return result
+
+
+def table(info: dict) -> str:
+    """A Markdown table of a spans.json: token and span P/R/F1 per label and split, raw and post-processed."""
+    post = info["postprocess"]
+    lines = [f"post-processing: close gaps <= {post['gap']} tokens, min length {post['min_len']} tokens (chosen on "
+             f"{post['chosen_on']}); span match: {info['matching']}", "",
+             "| split | decoding | label | token P | token R | token F1 | span P | span R | span F1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for split in ("validation", "test"):
+        for decoding in ("raw", "post"):
+            for label, m in info.get(split, {}).get(decoding, {}).items():
+                if label == "micro" and len(info["labels"]) == 1:
+                    continue  # the same numbers as the one label's
+                t, sp = m["token"], m["span"]
+                lines.append(f"| {split} | {decoding} | {label} | {t['precision']:.3f} | {t['recall']:.3f} | "
+                             f"{t['f1']:.3f} | {sp['precision']:.3f} | {sp['recall']:.3f} | {sp['f1']:.3f} |")
+    return "\n".join(lines)
 
 
 def open_detector(run: str | Path):
@@ -91,3 +110,9 @@ def open_detector(run: str | Path):
     model = from_causal_lm(lm, info["labels"], cfg.model.keep_layers)
     load_adapter(model, run / "adapter", verbose=False)
     return model.eval(), tok, info
+
+
+if __name__ == "__main__":  # python -m tunelab.train.spans RUN: the table of RUN/spans.json
+    import sys
+
+    print(table(json.loads((Path(sys.argv[1]) / INFO).read_text())))
