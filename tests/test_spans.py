@@ -213,3 +213,33 @@ def test_qlora_spans_run_and_bad_record_exit_2(tmp_path, capsys):
     assert main(["train", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{path}:4: unknown label 'other'" in err
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma2",
+                                  "gemma3_text", "phi3", "olmo2", "granite", "cohere"])
+def test_every_family_becomes_a_token_classifier(case):
+    """The head on each family's body: the same logits as transformers' *ForTokenClassification where there is
+    one; LoRA + head get gradients from the token loss, the frozen body none."""
+    import transformers
+
+    from test_families import CASES, _model
+    from tunelab.lora import LoraConfig, apply_lora
+    from tunelab.train.loss import token_classification_loss_sum
+
+    assert case in CASES
+    model = from_causal_lm(_model(case), ["x"]).eval()
+    ids = torch.randint(0, 96, (2, 7))
+    ref_cls = getattr(transformers, CASES[case][2].__name__.replace("ForCausalLM", "ForTokenClassification"), None)
+    if ref_cls is not None:
+        ref = ref_cls(model.config).eval()
+        ref.model.load_state_dict(model.model.state_dict())
+        ref.score.load_state_dict(model.score.state_dict())
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+    apply_lora(model, LoraConfig(r=2, alpha=4, modules_to_save=["score"]), verbose=False)
+    labels = torch.randint(0, 3, (2, 7))
+    loss, n = token_classification_loss_sum(model.train(), {"input_ids": ids, "labels": labels})
+    loss.backward()
+    assert n == 14 and torch.isfinite(loss)
+    grads = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("score" in g for g in grads) and any("lora_A" in g or "lora_B" in g for g in grads)
+    assert all("score" in g or "lora_" in g for g in grads)
