@@ -243,3 +243,17 @@ def test_every_family_becomes_a_token_classifier(case):
     grads = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any("score" in g for g in grads) and any("lora_A" in g or "lora_B" in g for g in grads)
     assert all("score" in g or "lora_" in g for g in grads)
+
+
+def test_postprocessing_is_chosen_on_the_given_documents():
+    from tunelab.eval.spans import choose_postprocess, scored_metrics
+
+    def probs(tags):  # one-hot (tokens, 3 tags) for labels [x]
+        return torch.nn.functional.one_hot(torch.tensor(tags), 3).float()
+
+    split = [probs([0, 1, 2, 0, 2, 2, 0, 0]), probs([1, 2, 2, 0, 0, 1, 0, 0])]  # a gap of 1; a 1-token stray
+    gold = [[(1, 6, 0)], [(0, 3, 0)]]
+    assert scored_metrics(split, gold, ["x"])["x"]["span"]["f1"] == pytest.approx(2 * 0.25 * 0.5 / 0.75)
+    best = choose_postprocess(split, gold, ["x"])
+    assert best == {"gap": 1, "min_len": 2}  # the smallest change reaching F1 1
+    assert scored_metrics(split, gold, ["x"], best)["x"]["span"]["f1"] == 1.0

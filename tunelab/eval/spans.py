@@ -241,28 +241,33 @@ def scored_spans(probs: torch.Tensor, gap: int = 0, min_len: int = 1) -> list[tu
     return [(a, b, k, float((probs[a:b, 1 + 2 * k] + probs[a:b, 2 + 2 * k]).mean())) for a, b, k in spans]
 
 
-def choose_postprocess(pred_probs: list[torch.Tensor], gold: list[list[tuple]], labels: list[str]) -> dict:
-    """The (gap, min_len) of POSTPROCESS_GRID with the best micro span F1 on these (validation) documents;
+def scored_metrics(probs: list[torch.Tensor], gold: list[list[tuple]], labels: list[str], post: dict | None = None) -> dict:
+    """bio_metrics of the argmax spans of `probs` (one (tokens, tags) tensor per document), raw or after
+    post-processing {gap, min_len}."""
+    post = post or {"gap": 0, "min_len": 1}
+    pred = [[s[:3] for s in scored_spans(p, post["gap"], post["min_len"])] for p in probs]
+    return bio_metrics(pred, gold, labels)
+
+
+def choose_postprocess(probs: list[torch.Tensor], gold: list[list[tuple]], labels: list[str]) -> dict:
+    """The {gap, min_len} of POSTPROCESS_GRID with the best micro span F1 on these (validation) documents;
     ties go to the smallest change (the grid's order)."""
-    best = None
+    best, best_f1 = None, -1.0
     for gap in POSTPROCESS_GRID["gap"]:
         for min_len in POSTPROCESS_GRID["min_len"]:
-            pred = [[s[:3] for s in scored_spans(p, gap, min_len)] for p in pred_probs]
-            f1 = bio_metrics(pred, gold, labels)["micro"]["span"]["f1"]
-            if best is None or f1 > best["val_span_f1"]:
-                best = {"gap": gap, "min_len": min_len, "val_span_f1": f1}
+            post = {"gap": gap, "min_len": min_len}
+            f1 = scored_metrics(probs, gold, labels, post)["micro"]["span"]["f1"]
+            if f1 > best_f1:
+                best, best_f1 = post, f1
     return best
 
 
-def evaluate_docs(model, tokenizer, docs, labels: list[str], seq_len: int, stride: int, post: dict | None = None):
-    """(metrics, probs) of span docs (tunelab.data.spans.SpanDoc): raw argmax, or after post {gap, min_len}."""
+def predict_gold(model, tokenizer, docs, labels: list[str], seq_len: int, stride: int):
+    """(probs, gold token spans) of span docs (tunelab.data.spans.SpanDoc), for scored_metrics."""
     from tunelab.data.spans import encode_doc
 
-    out = predict_docs(model, tokenizer, [d.text for d in docs], seq_len, stride)
-    gold = [decode(encode_doc(d, tokenizer, labels, seq_len, stride)[2]) for d in docs]
-    post = post or {"gap": 0, "min_len": 1}
-    pred = [[s[:3] for s in scored_spans(p, post["gap"], post["min_len"])] for _, p in out]
-    return bio_metrics(pred, gold, labels), [p for _, p in out], gold
+    probs = [p for _, p in predict_docs(model, tokenizer, [d.text for d in docs], seq_len, stride)]
+    return probs, [decode(encode_doc(d, tokenizer, labels, seq_len, stride)[2]) for d in docs]
 
 
 def char_spans(text: str, offsets, spans, labels: list[str]) -> list[dict]:

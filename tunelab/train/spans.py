@@ -37,15 +37,15 @@ class SpanTask:
     def model(self, lm):
         return from_causal_lm(lm, self.labels, self.cfg.model.keep_layers)
 
-    def _evaluate(self, model, tok, docs, post=None):
-        return eval_spans.evaluate_docs(model, tok, docs, self.labels, self.cfg.train.seq_len, self.cfg.data.stride, post)
+    def _predict(self, model, tok, docs):
+        return eval_spans.predict_gold(model, tok, docs, self.labels, self.cfg.train.seq_len, self.cfg.data.stride)
 
     def objective(self, tok):
         """Token cross-entropy; at every evaluation the raw (not post-processed) validation metrics."""
         def metrics(model) -> dict:
             if not self.val:
                 return {}
-            m = self._evaluate(model, tok, self.val)[0]
+            m = eval_spans.scored_metrics(*self._predict(model, tok, self.val), self.labels)
             return {"eval_token_f1": m["micro"]["token"]["f1"], "eval_span_f1": m["micro"]["span"]["f1"],
                     "eval_spans": m}
 
@@ -57,15 +57,17 @@ class SpanTask:
         result = {"labels": self.labels, "seq_len": self.cfg.train.seq_len, "stride": self.cfg.data.stride,
                   "matching": "exact: same label, same first and last token",
                   "postprocess": {"gap": 0, "min_len": 1, "chosen_on": None}}
+        score = eval_spans.scored_metrics
         if self.val:
-            raw, probs, gold = self._evaluate(model, tok, self.val)
-            best = eval_spans.choose_postprocess(probs, gold, self.labels)
-            post = {"gap": best["gap"], "min_len": best["min_len"]}
+            probs, gold = self._predict(model, tok, self.val)
+            post = eval_spans.choose_postprocess(probs, gold, self.labels)
             result["postprocess"] = {**post, "chosen_on": f"validation ({len(self.val)} documents)"}
-            result["validation"] = {"raw": raw, "post": self._evaluate(model, tok, self.val, post)[0]}
+            result["validation"] = {"raw": score(probs, gold, self.labels), "post": score(probs, gold, self.labels, post),
+                                    "documents": len(self.val)}
             if self.test:
-                result["test"] = {"raw": self._evaluate(model, tok, self.test)[0],
-                                  "post": self._evaluate(model, tok, self.test, post)[0], "documents": len(self.test)}
+                probs, gold = self._predict(model, tok, self.test)
+                result["test"] = {"raw": score(probs, gold, self.labels), "post": score(probs, gold, self.labels, post),
+                                  "documents": len(self.test)}
         (out / INFO).write_text(json.dumps(result, indent=1))
         print(table(result))
         with open(out / "metrics.jsonl", "a") as f:
