@@ -20,7 +20,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 LOCAL_PREFIX = "local:"
 # seeded span-detection sets from tunelab's injection generator (tunelab.eval.injection.span_records)
-SPAN_SOURCES = ("injection-spans", "injection-spans-heldout")
+SPAN_SOURCES = ("injection-spans", "injection-spans-val", "injection-spans-heldout")
 
 
 def detect_format(path: str | Path, extensions: list[str] | tuple[str, ...] = (".py",)) -> str:
