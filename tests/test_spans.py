@@ -257,3 +257,13 @@ def test_postprocessing_is_chosen_on_the_given_documents():
     best = choose_postprocess(split, gold, ["x"])
     assert best == {"gap": 1, "min_len": 2}  # the smallest change reaching F1 1
     assert scored_metrics(split, gold, ["x"], best)["x"]["span"]["f1"] == 1.0
+
+
+def test_builtin_injection_span_sets_are_seeded_and_disjoint():
+    train, val, test = (S.read_docs(f"local:injection-spans{s}", labels=["injection"]) for s in ("", "-val", "-heldout"))
+    assert (len(train), len(val), len(test)) == (240, 60, 60)
+    assert [d.text for d in S.read_docs("local:injection-spans-val")] == [d.text for d in val]
+    assert not {d.text for d in train} & {d.text for d in val} and not {d.text for d in val} & {d.text for d in test}
+    for d in train[:40]:
+        assert all(d.text[a:b].strip() == d.text[a:b] and "\n" not in d.text[a:b] for a, b, _ in d.spans)
+    assert sum(bool(d.spans) for d in test) == 40  # 20 documents x 2 held-out styles, plus 20 clean twins
