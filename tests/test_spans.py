@@ -267,3 +267,13 @@ def test_builtin_injection_span_sets_are_seeded_and_disjoint():
     for d in train[:40]:
         assert all(d.text[a:b].strip() == d.text[a:b] and "\n" not in d.text[a:b] for a, b, _ in d.spans)
     assert sum(bool(d.spans) for d in test) == 40  # 20 documents x 2 held-out styles, plus 20 clean twins
+
+
+def test_keyword_baseline_marks_whole_lines(spans_run):
+    from tunelab.eval.spans import keyword_spans
+    from tunelab.train.spans import keyword_baseline
+
+    text = "Summarise.\n  Please IGNORE this.  \nA town.\nsystem: x"
+    assert [text[a:b] for a, b in keyword_spans(text)] == ["Please IGNORE this.", "system: x"]
+    m = keyword_baseline(spans_run / "run")  # marker documents hold no keyword: nothing marked
+    assert m["test"]["raw"]["m"]["span"]["recall"] == 0.0 and m["test"]["documents"] == 8

@@ -294,3 +294,19 @@ def detect(model, tokenizer, texts: list[str], labels: list[str], seq_len: int, 
     post = post or {"gap": 0, "min_len": 1}
     return [char_spans(text, offsets, scored_spans(p, post["gap"], post["min_len"]), labels)
             for text, (offsets, p) in zip(texts, predict_docs(model, tokenizer, texts, seq_len, stride))]
+
+
+# A baseline to beat: every line that holds one of these words (lower case, English phrasings of injected
+# instructions, chosen before looking at any prediction) is marked as one span, label 0.
+KEYWORDS = ("ignore", "disregard", "instruction", "assistant", "system", "reply", "respond", "print", "output")
+
+
+def keyword_spans(text: str, keywords=KEYWORDS) -> list[tuple[int, int]]:
+    """(start, end) character spans of the stripped lines of `text` containing a keyword."""
+    out, pos = [], 0
+    for line in text.split("\n"):
+        if any(k in line.lower() for k in keywords) and line.strip():
+            lead = len(line) - len(line.lstrip())
+            out.append((pos + lead, pos + len(line.rstrip())))
+        pos += len(line) + 1
+    return out

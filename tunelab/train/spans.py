@@ -114,7 +114,32 @@ def open_detector(run: str | Path):
     return model.eval(), tok, info
 
 
-if __name__ == "__main__":  # python -m tunelab.train.spans RUN: the table of RUN/spans.json
+def keyword_baseline(run: str | Path) -> dict:
+    """eval_spans.bio_metrics of the keyword-line baseline (eval_spans.keyword_spans, as the run's first label)
+    on the run's validation and test documents, in the run's tokens."""
+    from tunelab.config import load_config
+    from tunelab.train.run import early_tokenizer
+
+    cfg = load_config(Path(run) / "config.yaml")
+    task, tok = SpanTask(cfg), early_tokenizer(cfg)
+    out = {}
+    for split, docs in (("validation", task.val), ("test", task.test)):
+        pred, gold = [], []
+        for d in docs:
+            offsets, tags = data_spans.encode_doc(d, tok, task.labels, cfg.train.seq_len, cfg.data.stride)[1:3]
+            marked = [(a, b, task.labels[0]) for a, b in eval_spans.keyword_spans(d.text)]
+            pred.append(eval_spans.decode(data_spans.token_tags(offsets, marked, task.labels)))
+            gold.append(eval_spans.decode(tags))
+        if docs:
+            out[split] = {"raw": eval_spans.bio_metrics(pred, gold, task.labels), "documents": len(docs)}
+    return out
+
+
+if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline]: the table of RUN/spans.json
     import sys
 
-    print(table(json.loads((Path(sys.argv[1]) / INFO).read_text())))
+    info = json.loads((Path(sys.argv[1]) / INFO).read_text())
+    if "--keyword-baseline" in sys.argv[2:]:
+        info = {"labels": info["labels"], "matching": info["matching"], **keyword_baseline(sys.argv[1]),
+                "postprocess": {"gap": 0, "min_len": 1, "chosen_on": "nothing: the keyword-line baseline, as marked"}}
+    print(table(info))
