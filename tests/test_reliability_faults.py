@@ -4,6 +4,7 @@ memory, pickle weights and trust_remote_code."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -43,7 +44,7 @@ def _poison(monkeypatch, at_call: int, how: str) -> None:
     """Make the loss of the `at_call`-th training forward NaN ("loss") or one lora_B's gradient NaN ("grad")."""
     from tunelab.train import loop
 
-    real, calls = loop.causal_lm_loss_sum, {"n": 0}
+    real, calls = loop.NEXT_TOKEN.loss_sum, {"n": 0}
 
     def loss(model, batch, chunk, kernels=None):
         s, n = real(model, batch, chunk, kernels)
@@ -56,7 +57,7 @@ def _poison(monkeypatch, at_call: int, how: str) -> None:
                 s = s + 0 * _NanGrad.apply(p).sum()
         return s, n
 
-    monkeypatch.setattr(loop, "causal_lm_loss_sum", loss)
+    monkeypatch.setattr(loop, "NEXT_TOKEN", dataclasses.replace(loop.NEXT_TOKEN, loss_sum=loss))
 
 
 def _error_line(capsys) -> str:
@@ -167,7 +168,7 @@ def test_out_of_memory_suggests_what_lowers_memory(ws, tmp_path, monkeypatch, ca
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(loop, "causal_lm_loss_sum", oom)
+    monkeypatch.setattr(loop, "NEXT_TOKEN", dataclasses.replace(loop.NEXT_TOKEN, loss_sum=oom))
     assert main(["train", str(run_config(ws, tmp_path / "run", train=TRAIN)), "--no-progress"]) == 2
     line = _error_line(capsys)
     for hint in ("out of GPU memory at step 1", "train.batch_size", "train.grad_accum",

@@ -22,6 +22,7 @@ COMMANDS = {
     "quantize": ("tunelab.quant.cli", "quantize a model's linear weights to nf4/fp4/int8/int4 and report the error"),
     "data": ("tunelab.data.cli", "build, inspect, filter and scan training data"),
     "eval": ("tunelab.eval.cli", "evaluate a model or run: perplexity, tasks, hallucination, injection"),
+    "detect": ("tunelab.eval.detect_cli", "find labelled spans (e.g. injections) in documents with a trained spans run; --redact masks them"),
     "merge": ("tunelab.export.cli.merge", "merge a LoRA/QLoRA adapter into its base and save a Hugging Face folder"),
     "export": ("tunelab.export.cli.export", "export a model or run to GGUF (f32/f16/q8_0) for llama.cpp and Ollama"),
     "generate": ("tunelab.export.cli.generate", "greedy answers from a model or run, adapter on the fly or merged"),

@@ -45,6 +45,8 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     """Run Python code shipped with a model folder. Off by default: only turn on for folders you trust."""
     scratch: ScratchConfig = ScratchConfig()
+    keep_layers: int | None = Field(None, gt=0)
+    """data.task=spans: keep only the first N decoder layers under the token head (a cheaper detector)."""
 
 
 class QuantConfig(_Strict):
@@ -155,6 +157,11 @@ class RunConfig(_Strict):
     def _check(self) -> "RunConfig":
         if self.model.source == "scratch" and self.method != "full":
             raise ValueError("a `scratch` model starts from random weights: use method=full")
+        if self.data.task == "spans" and self.method not in ("lora", "qlora"):
+            raise ValueError("data.task=spans trains LoRA on the body and the new head in full: use method=lora "
+                             "or qlora")
+        if self.model.keep_layers and self.data.task != "spans":
+            raise ValueError("model.keep_layers cuts the body under a token head: only for data.task=spans")
         return self
 
 

@@ -73,7 +73,9 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["pretrain", "sft"] = Field("sft", description="pretrain: a token mixture; sft: prompt->response pairs")
+    task: Literal["pretrain", "sft", "spans"] = Field(
+        "sft", description="pretrain: a token mixture; sft: prompt->response pairs; spans: a token classifier "
+        "over labelled character spans or BIO tags (tunelab/data/spans.py, docs/spans.md)")
     sources: list[SourceConfig] = Field(min_length=1, description="one or more sources")
     sft_format: Literal["auto", "alpaca", "chat", "prompt_completion"] = Field(
         "auto", description="record layout for SFT; auto detects it per record"
@@ -100,6 +102,14 @@ class DataConfig(BaseModel):
         "train` reuses it while its manifest matches and rebuilds it when not; None = `output_dir/prepared`"
     )
     num_proc: int = Field(1, ge=1, description="processes that tokenize in parallel (1: in this process)")
+    labels: list[str] | None = Field(
+        None, description="spans: the span labels; a record with another label is an error. None = the labels "
+        "found in the data")
+    stride: int = Field(32, ge=0, description="spans: tokens by which windows of a document longer than "
+                        "train.seq_len overlap (context only: each token is labelled once)")
+    test_path: str | None = Field(
+        None, description="spans: a test file, scored after training with the post-processing chosen on the "
+        "validation split (eval_path or eval_fraction)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:
@@ -107,4 +117,6 @@ class DataConfig(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"source names must be unique; repeated: {dup}")
+        if self.task == "spans" and self.packing == "packed":
+            raise ValueError("task spans needs packing: padded (one document window per row)")
         return self

@@ -37,6 +37,7 @@ class DataReport:
     train_rows: int = 0
     eval_rows: int = 0
     train_tokens: int = 0        # non-pad tokens in train rows
+    labels: str = ""             # spans: counts per label
 
     def shares(self) -> list[tuple[float, float]]:
         """(asked, realised) token share per source."""
@@ -47,6 +48,8 @@ class DataReport:
     def summary(self) -> str:
         lines = [f"data ({self.task}): {self.train_rows} train rows, {self.eval_rows} eval rows, "
                  f"{self.train_tokens} train tokens"]
+        if self.labels:  # spans: no mixture and no filters, the label counts say what is there
+            return "\n".join(lines + [f"  {self.labels}"])
         lines.append(f"  {'source':<16} {'kind':<6} {'docs':>8} {'tokens':>10} {'asked':>6} {'got':>6}  passes")
         for s, (asked, got) in zip(self.sources, self.shares()):
             lines.append(f"  {s.name:<16} {s.kind:<6} {s.docs:>8} {s.tokens:>10} {asked:>6.3f} {got:>6.3f}  {s.passes_started}")
@@ -83,6 +86,8 @@ def build(cfg: DataConfig, tokenizer, seq_len: int, seed: int | None = None) -> 
         raise ConfigError("the tokenizer has no EOS token: every document and response must end in one")
     seed = cfg.seed if seed is None else seed
     report = DataReport(cfg.task)
+    if cfg.task == "spans":
+        return _spans(cfg, tokenizer, seq_len, seed, report)
     qfilter = QualityFilter(cfg.filters)
     report.filters = qfilter.report
     make = _pretrain if cfg.task == "pretrain" else _sft
@@ -179,6 +184,24 @@ def _pretrain(cfg: DataConfig, tokenizer, seq_len, seed, qfilter, report, pool=N
         ids = ids + [eos]
         eval_docs += [(ids[k:k + seq_len],) * 2 for k in range(0, len(ids), seq_len)]
     return train, eval_docs
+
+
+def _spans(cfg: DataConfig, tokenizer, seq_len: int, seed: int, report: DataReport) -> Built:
+    """Span documents -> windows with BIO labels (tunelab.data.spans); no quality filters (they would drop
+    documents whose spans are the point, e.g. symbol-heavy injections)."""
+    from tunelab.data import spans
+
+    train_docs, val_docs, test_docs = spans.split_docs(cfg, seed)
+    labels = spans.label_list(cfg, train_docs + val_docs + test_docs)
+    train = spans.rows(train_docs, tokenizer, labels, seq_len, cfg.stride)
+    eval_ = spans.rows(val_docs, tokenizer, labels, seq_len, cfg.stride)
+    if not train:
+        raise TunelabError("data.task=spans: no training documents (all went to the eval split?)")
+    report.train_rows, report.eval_rows = len(train), len(eval_)
+    report.train_tokens = sum(len(r["input_ids"]) for r in train)
+    report.labels = (f"labels {labels}; train {spans.label_counts(train_docs)}; validation "
+                     f"{spans.label_counts(val_docs)}" + (f"; test {spans.label_counts(test_docs)}" if test_docs else ""))
+    return Built(train, eval_, report)
 
 
 def _sft_records(src: SourceConfig, cfg: DataConfig, report: DataReport, qfilter: QualityFilter | None):

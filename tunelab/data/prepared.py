@@ -68,6 +68,7 @@ def fingerprint(cfg: DataConfig, tokenizer, seq_len: int, seed: int) -> dict:
     from tunelab import __version__
 
     paths = [(s.name, s.path) for s in cfg.sources] + ([("eval", cfg.eval_path)] if cfg.eval_path else [])
+    paths += [("test", cfg.test_path)] if cfg.task == "spans" and cfg.test_path else []  # labels come from it too
     template = sft.chat_template(tokenizer, cfg.template) if cfg.task == "sft" else None
     return {"format": FORMAT, "tunelab": __version__, "seq_len": seq_len, "seed": seed,
             "data": cfg.model_dump(mode="json", exclude=NOT_CONTENT),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 
-from tunelab.data import sft
+from tunelab.data import sft, spans
 from tunelab.data.config import DataConfig, SourceConfig
 from tunelab.data.sources import field_text, iter_rows
 from tunelab.errors import DataError
@@ -25,12 +25,20 @@ def _sources(cfg: DataConfig) -> list[SourceConfig]:
     if cfg.eval_path:
         field = cfg.sources[0].text_field if cfg.task == "pretrain" else "text"
         extra = [SourceConfig(name="eval", path=cfg.eval_path, text_field=field)]
+    if cfg.task == "spans" and cfg.test_path:
+        extra.append(SourceConfig(name="test", path=cfg.test_path))
     return list(cfg.sources) + extra
 
 
 def _check_record(cfg: DataConfig, src: SourceConfig, line, row: dict, tokenizer) -> None:
     if cfg.task == "pretrain":
         field_text(row, src.text_field, src.path, line)
+        return
+    if cfg.task == "spans":
+        try:
+            spans.parse_record(row, cfg.labels)
+        except ValueError as e:
+            raise DataError(src.path, line, str(e)) from None
         return
     try:
         messages = sft.to_messages(row, cfg.sft_format)

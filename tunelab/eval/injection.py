@@ -125,6 +125,18 @@ def make_items(n: int, seed: int, styles: list[str] | None = None) -> list[Item]
     return items
 
 
+def span_records(name: str) -> list[dict]:
+    """The builtin span sets as span records, label `injection`: `local:injection-spans` 60 documents (seed
+    100) in the TRAIN_STYLES plus their clean twins; `local:injection-spans-val` 20 documents (seed 300) and
+    `local:injection-spans-heldout` 20 others (seed 200), both in the HELDOUT_STYLES plus clean twins."""
+    n, seed, styles = {"injection-spans": (60, 100, TRAIN_STYLES),
+                       "injection-spans-val": (20, 300, HELDOUT_STYLES),
+                       "injection-spans-heldout": (20, 200, HELDOUT_STYLES)}[name]
+    return [{"text": it.prompt, "style": it.meta["style"],
+             "spans": [{"start": it.meta["span"][0], "end": it.meta["span"][1], "label": "injection"}]
+             if it.meta["span"] else []} for it in make_items(n, seed, styles)]
+
+
 def robust_sft_examples(n: int, seed: int, styles: list[str] | None = None) -> list[dict]:
     """Robustness SFT data: attacked (and clean) documents whose response is the right answer, injection ignored.
     Use a seed different from the evaluation seed."""

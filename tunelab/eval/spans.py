@@ -151,3 +151,162 @@ def evaluate_detector(model, tokenizer, items: list[Item], batch_size: int = 16)
     seconds = time.perf_counter() - t0
     gold = [token_labels(tokenizer, it)[1] for it in items]
     return {**span_metrics(pred, gold), "items_per_s": len(items) / seconds, "n": len(items)}
+
+
+# ---- span detection as a training task (data.task: spans): BIO labels, several span labels, windows ----
+#
+# Spans are (start, end, k) token ranges [start, end) of label index k; tag ids are tunelab.data.spans'
+# (0 = O, 1 + 2k = B, 2 + 2k = I). Matching rule: a predicted span is correct when its label and both token
+# boundaries equal a gold span's (exact match); token metrics count the tokens inside spans, per label.
+
+POSTPROCESS_GRID = {"gap": (0, 1, 2, 3, 5), "min_len": (1, 2, 3)}
+
+
+def decode(tags: list[int]) -> list[tuple[int, int, int]]:
+    """Token spans of a BIO tag-id sequence: B-k opens a span, I-k extends an open span of k (an I-k after
+    O or another label opens one: an argmax decoder may miss the B)."""
+    out, cur = [], None  # cur: [start, end, k]
+    for i, t in enumerate(tags):
+        k, inside = (t - 1) // 2, t % 2 == 0
+        if t and inside and cur and cur[2] == k and cur[1] == i:
+            cur[1] = i + 1
+            continue
+        if cur:
+            out.append(tuple(cur))
+        cur = [i, i + 1, k] if t else None
+    if cur:
+        out.append(tuple(cur))
+    return out
+
+
+def postprocess(spans: list[tuple[int, int, int]], gap: int = 0, min_len: int = 1) -> list[tuple[int, int, int]]:
+    """Join spans of one label separated by <= gap tokens, then drop spans shorter than min_len tokens."""
+    joined: list[list[int]] = []
+    for a, b, k in sorted(spans, key=lambda s: (s[2], s[0])):
+        if joined and joined[-1][2] == k and a - joined[-1][1] <= gap:
+            joined[-1][1] = max(joined[-1][1], b)
+        else:
+            joined.append([a, b, k])
+    return sorted((a, b, k) for a, b, k in joined if b - a >= min_len)
+
+
+def bio_metrics(pred: list[list[tuple]], gold: list[list[tuple]], labels: list[str]) -> dict:
+    """{label: {"token": P/R/F1, "span": P/R/F1}} per label and under "micro" (all labels pooled), over
+    documents given as lists of (start, end, k) token spans; span matching is exact (label and boundaries)."""
+    counts = {k: [0] * 6 for k in range(len(labels))}  # token tp, pred, gold; span tp, pred, gold
+    for p, g in zip(pred, gold, strict=True):
+        for k, c in counts.items():
+            pt = {i for a, b, j in p if j == k for i in range(a, b)}
+            gt = {i for a, b, j in g if j == k for i in range(a, b)}
+            ps, gs = {s for s in p if s[2] == k}, {s for s in g if s[2] == k}
+            for n, v in enumerate((len(pt & gt), len(pt), len(gt), len(ps & gs), len(ps), len(gs))):
+                c[n] += v
+    pooled = [sum(c[n] for c in counts.values()) for n in range(6)]
+    out = {labels[k]: {"token": _prf(*c[:3]), "span": _prf(*c[3:])} for k, c in counts.items()}
+    out["micro"] = {"token": _prf(*pooled[:3]), "span": _prf(*pooled[3:])}
+    return out
+
+
+@torch.no_grad()
+def predict_docs(model, tokenizer, texts: list[str], seq_len: int, stride: int, batch_size: int = 8):
+    """For each text: (offsets, probs) with probs (tokens, tags) float32 on CPU, each token's from the first
+    window that covers it (tunelab.data.spans.windows)."""
+    from tunelab.data.spans import windows
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    docs, jobs = [], []  # jobs: (doc, window start, first kept, end)
+    for d, text in enumerate(texts):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        docs.append((enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]))
+        jobs += [(d, a, first, b) for a, b, first in windows(len(enc["input_ids"]), seq_len, stride) if b > a]
+    probs = [torch.zeros(len(ids), len(model.config.id2label)) for ids, _ in docs]
+    for i in range(0, len(jobs), batch_size):
+        part = jobs[i:i + batch_size]
+        rows = [(docs[d][0][a:b], [0] * (b - a)) for d, a, _, b in part]
+        ids, _, mask = _batch(rows, pad)
+        p = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().softmax(-1).cpu()
+        for r, (d, a, first, b) in enumerate(part):
+            probs[d][first:b] = p[r, first - a:b - a]
+    model.train(was_training)
+    return [(offsets, pr) for (_, offsets), pr in zip(docs, probs)]
+
+
+def scored_spans(probs: torch.Tensor, gap: int = 0, min_len: int = 1) -> list[tuple[int, int, int, float]]:
+    """(start, end, k, score) token spans of argmax tags after postprocess; score = the mean probability
+    of label k (B or I) over the span's tokens."""
+    spans = postprocess(decode(probs.argmax(-1).tolist()), gap, min_len)
+    return [(a, b, k, float((probs[a:b, 1 + 2 * k] + probs[a:b, 2 + 2 * k]).mean())) for a, b, k in spans]
+
+
+def scored_metrics(probs: list[torch.Tensor], gold: list[list[tuple]], labels: list[str], post: dict | None = None) -> dict:
+    """bio_metrics of the argmax spans of `probs` (one (tokens, tags) tensor per document), raw or after
+    post-processing {gap, min_len}."""
+    post = post or {"gap": 0, "min_len": 1}
+    pred = [[s[:3] for s in scored_spans(p, post["gap"], post["min_len"])] for p in probs]
+    return bio_metrics(pred, gold, labels)
+
+
+def choose_postprocess(probs: list[torch.Tensor], gold: list[list[tuple]], labels: list[str]) -> dict:
+    """The {gap, min_len} of POSTPROCESS_GRID with the best micro span F1 on these (validation) documents;
+    ties go to the smallest change (the grid's order)."""
+    best, best_f1 = None, -1.0
+    for gap in POSTPROCESS_GRID["gap"]:
+        for min_len in POSTPROCESS_GRID["min_len"]:
+            post = {"gap": gap, "min_len": min_len}
+            f1 = scored_metrics(probs, gold, labels, post)["micro"]["span"]["f1"]
+            if f1 > best_f1:
+                best, best_f1 = post, f1
+    return best
+
+
+def predict_gold(model, tokenizer, docs, labels: list[str], seq_len: int, stride: int):
+    """(probs, gold token spans) of span docs (tunelab.data.spans.SpanDoc), for scored_metrics."""
+    from tunelab.data.spans import encode_doc
+
+    probs = [p for _, p in predict_docs(model, tokenizer, [d.text for d in docs], seq_len, stride)]
+    return probs, [decode(encode_doc(d, tokenizer, labels, seq_len, stride)[2]) for d in docs]
+
+
+def char_spans(text: str, offsets, spans, labels: list[str]) -> list[dict]:
+    """Token spans as {"start", "end", "label", "score", "text"} character spans (leading spaces trimmed)."""
+    out = []
+    for a, b, k, score in spans:
+        start, end = offsets[a][0], offsets[b - 1][1]
+        while start < end and text[start].isspace():
+            start += 1
+        out.append({"start": start, "end": end, "label": labels[k], "score": round(score, 4), "text": text[start:end]})
+    return out
+
+
+def redact(text: str, spans: list[dict]) -> str:
+    """The text with every detected span replaced by [LABEL]."""
+    for s in sorted(spans, key=lambda s: s["start"], reverse=True):
+        text = text[:s["start"]] + f"[{s['label'].upper()}]" + text[s["end"]:]
+    return text
+
+
+def detect(model, tokenizer, texts: list[str], labels: list[str], seq_len: int, stride: int,
+           post: dict | None = None) -> list[list[dict]]:
+    """The detected spans of each text (char_spans' dicts), with the post-processing {gap, min_len}."""
+    post = post or {"gap": 0, "min_len": 1}
+    return [char_spans(text, offsets, scored_spans(p, post["gap"], post["min_len"]), labels)
+            for text, (offsets, p) in zip(texts, predict_docs(model, tokenizer, texts, seq_len, stride))]
+
+
+# A baseline to beat: every line that holds one of these words (lower case, English phrasings of injected
+# instructions, chosen before looking at any prediction) is marked as one span, label 0.
+KEYWORDS = ("ignore", "disregard", "instruction", "assistant", "system", "reply", "respond", "print", "output")
+
+
+def keyword_spans(text: str, keywords=KEYWORDS) -> list[tuple[int, int]]:
+    """(start, end) character spans of the stripped lines of `text` containing a keyword."""
+    out, pos = [], 0
+    for line in text.split("\n"):
+        if any(k in line.lower() for k in keywords) and line.strip():
+            lead = len(line) - len(line.lstrip())
+            out.append((pos + lead, pos + len(line.rstrip())))
+        pos += len(line) + 1
+    return out

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.train import checkpoint, faults, fsdp
-from tunelab.train.loss import IGNORE, causal_lm_loss_sum
+from tunelab.train.loss import IGNORE, NEXT_TOKEN, Objective
 from tunelab.train.malloc import reuse_freed_memory
 from tunelab.train.optim8bit import AdamW8bit
 
@@ -24,12 +24,12 @@ from tunelab.train.optim8bit import AdamW8bit
 class _LossModule(nn.Module):
     """Wraps a causal LM so that DDP and FSDP see the loss computation as its forward."""
 
-    def __init__(self, model, chunk: int, kernels=None):
+    def __init__(self, model, chunk: int, kernels, objective: Objective):
         super().__init__()
-        self.model, self.chunk, self.kernels = model, chunk, kernels
+        self.model, self.chunk, self.kernels, self.objective = model, chunk, kernels, objective
 
     def forward(self, batch):
-        return causal_lm_loss_sum(self.model, batch, self.chunk, self.kernels)
+        return self.objective.loss_sum(self.model, batch, self.chunk, self.kernels)
 
 
 def adamw(param_groups, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -150,8 +150,9 @@ def _plot(metrics_path: Path, out_png: Path) -> None:
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, device, chunk: int,
-                  max_batches: int | None = None, kernels=None) -> float:
-    """Mean next-token loss (nats per label token) over the examples, in a fixed order."""
+                  max_batches: int | None = None, kernels=None, objective: Objective | None = None) -> float:
+    """Mean loss of the objective (default next-token; nats per label token) over the examples, in a fixed order."""
+    objective = objective or NEXT_TOKEN
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -159,7 +160,7 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, dev
     for i in starts:
         batch = collate(examples[i : i + batch_size], pad_id, device)
         with _autocast(device):
-            s, n = causal_lm_loss_sum(model, batch, chunk, kernels)
+            s, n = objective.loss_sum(model, batch, chunk, kernels)
         total, count = total + float(s), count + n
     model.train(was_training)
     total, count = _all_sum(total, device), _all_sum(count, device)
@@ -181,15 +182,18 @@ def _autocast(device):
 
 
 def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir: Path, *, param_groups,
-               pad_id: int, resume: bool = False, device=None, progress: bool = True, kernels=None) -> dict:
+               pad_id: int, resume: bool = False, device=None, progress: bool = True, kernels=None,
+               objective: Objective | None = None) -> dict:
     """Train `model` on tokenized examples; cfg is a TrainConfig. Returns a summary of the run.
 
     `kernels`: the speed-ups the loss runs (tunelab.models.kernels.choose; default auto for the model).
+    `objective`: next-token (default) or token classification (tunelab.train.loss.Objective).
     Examples are dicts of input_ids / labels (-100 = no loss) / optional position_ids. The example order of
     step s is a function of (seed, s) alone, so a resumed run sees exactly the batches it would have seen.
     """
     rank, world = _world()
     device = device or next(model.parameters()).device
+    objective = objective or NEXT_TOKEN  # looked up now: tests replace it to poison the loss
     reuse_freed_memory()  # each step reuses what the last one freed, without page faults (glibc)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = len(train_set) // global_batch
@@ -204,7 +208,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     ckpt_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
 
-    net = _LossModule(model, cfg.loss_chunk_tokens, kernels)
+    net = _LossModule(model, cfg.loss_chunk_tokens, kernels, objective)
     sharded = world > 1 and cfg.distributed == "fsdp"
     no_sync = nullcontext  # gradient accumulation without synchronising (one process: nothing to skip)
     if sharded:  # before the optimizer: FSDP replaces each parameter by its shard
@@ -267,7 +271,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
         batches = micro_batches(step)
-        n_global = _all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches), device)
+        n_global = _all_sum(sum(objective.label_tokens(b["labels"]) for b in batches), device)
         loss_sum = 0.0
         for i, batch in enumerate(batches):
             sync = world == 1 or i == len(batches) - 1
@@ -307,8 +311,10 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
                 gathered = fsdp.root_gathered(net) if sharded else nullcontext()
                 with _explain_oom(cfg, step), gathered:
                     last_eval = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, device,
-                                              cfg.loss_chunk_tokens, cfg.eval_batches, kernels)
+                                              cfg.loss_chunk_tokens, cfg.eval_batches, kernels, objective)
                 record["eval_loss"] = last_eval
+                if objective.metrics:
+                    record.update(objective.metrics(model))
         if log and (done % cfg.log_every == 0 or "eval_loss" in record or done == total_steps):
             try:
                 log.write(json.dumps(record) + "\n")

@@ -11,6 +11,9 @@ of Liger-Kernel, Hsu et al. 2024).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -378,3 +381,29 @@ def _last_layer_from(body, batch: dict, start: int) -> _LastLayerFrom:
              and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
              and (window is None or T <= window))
     return _LastLayerFrom(layer, start if plain else 0)
+
+
+def token_classification_loss_sum(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[torch.Tensor, int]:
+    """(summed token cross-entropy, labelled tokens) of a token classifier (tunelab.models.token_cls): position
+    t's logits are scored against labels[t] itself (no shift), -100 = no loss. `chunk`, `kernels`: unused (the
+    head has a handful of outputs, its logits are small)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids")).logits  # (B, T, labels)
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the training loop minimises: `loss_sum(model, batch, chunk, kernels) -> (sum, tokens)`,
+    `label_tokens(labels) -> tokens with a loss` (the divisor of the global mean), and optional `metrics(model)
+    -> dict` added to the log at every evaluation."""
+
+    loss_sum: Callable
+    label_tokens: Callable
+    metrics: Callable | None = None
+
+
+NEXT_TOKEN = Objective(causal_lm_loss_sum, lambda labels: int((labels[:, 1:] != IGNORE).sum()))
+TOKEN_CLASSIFICATION = Objective(token_classification_loss_sum, lambda labels: int((labels != IGNORE).sum()))

@@ -252,7 +252,15 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
         torch.manual_seed(cfg.train.seed)
         model, tok = model or build_model(cfg, device)
         train_set, eval_set = data or _data(cfg, tok, out)  # a .gguf source: its tokenizer came with the model
-        kernels = accel.choose(model, cfg.train.kernels, device)  # the one reading of train.kernels
+        task = None
+        if cfg.data.task == "spans":  # the body under a new token head; speed-ups are for the LM loss
+            from tunelab.train.spans import SpanTask, with_head
+
+            if _world_size() > 1:
+                raise TunelabError("data.task=spans runs on one process (torchrun is not supported for it yet)")
+            cfg, task = with_head(cfg), SpanTask(cfg)
+            model = task.model(model)
+        kernels = accel.choose(model, "off" if task else cfg.train.kernels, device)  # the one reading of train.kernels
         if rank == 0:
             accel.report(kernels)
         groups = prepare_method(model, cfg, kernels)
@@ -266,7 +274,7 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
         enable_checkpointing(model)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json"):
+        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json"):
             inside(out, f)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
         if made:
@@ -274,7 +282,9 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
             print(f"tunelab: this run writes to {out} ({out.parent / 'latest'} points to it)")
     summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
                          pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
-                         kernels=kernels)
+                         kernels=kernels, objective=task.objective(tok) if task else None)
+    if task and rank == 0:
+        summary["spans"] = task.final(model, tok, out, summary["steps"])
     whole = _gather_outputs(model, cfg) if cfg.train.distributed == "fsdp" and _world_size() > 1 else None
     if rank == 0:
         summary["output"] = str(save_outputs(model, tok, cfg, out, whole))

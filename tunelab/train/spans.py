@@ -1,0 +1,145 @@
+"""data.task=spans in a run: the token classifier, its objective with span metrics, the final scores, and
+opening a trained run again (tunelab detect).
+
+After training, the post-processing (tunelab.eval.spans.POSTPROCESS_GRID: gap closing, minimum length) is
+chosen on the validation split and then applied unchanged to the test split (data.test_path); both splits
+are reported raw and post-processed. The run folder's spans.json keeps what detection needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tunelab.data import spans as data_spans
+from tunelab.eval import spans as eval_spans
+from tunelab.models.token_cls import HEAD, from_causal_lm
+from tunelab.train.loss import TOKEN_CLASSIFICATION
+
+INFO = "spans.json"
+
+
+def with_head(cfg):
+    """cfg with the head in lora.modules_to_save (trained in full, saved with the adapter)."""
+    keep = list(dict.fromkeys((cfg.lora.modules_to_save or []) + [HEAD]))
+    return cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"modules_to_save": keep})})
+
+
+class SpanTask:
+    """The documents and labels of a spans run, read once."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.train, self.val, self.test = data_spans.split_docs(cfg.data, cfg.train.seed)
+        self.labels = data_spans.label_list(cfg.data, self.train + self.val + self.test)
+
+    def model(self, lm):
+        return from_causal_lm(lm, self.labels, self.cfg.model.keep_layers)
+
+    def _predict(self, model, tok, docs):
+        return eval_spans.predict_gold(model, tok, docs, self.labels, self.cfg.train.seq_len, self.cfg.data.stride)
+
+    def objective(self, tok):
+        """Token cross-entropy; at every evaluation the raw (not post-processed) validation metrics."""
+        def metrics(model) -> dict:
+            if not self.val:
+                return {}
+            m = eval_spans.scored_metrics(*self._predict(model, tok, self.val), self.labels)
+            return {"eval_token_f1": m["micro"]["token"]["f1"], "eval_span_f1": m["micro"]["span"]["f1"],
+                    "eval_spans": m}
+
+        return dataclasses.replace(TOKEN_CLASSIFICATION, metrics=metrics)
+
+    def final(self, model, tok, out: Path, step: int) -> dict:
+        """Validation raw -> post-processing chosen there -> validation and test with it; written to
+        spans.json and appended to metrics.jsonl."""
+        result = {"labels": self.labels, "seq_len": self.cfg.train.seq_len, "stride": self.cfg.data.stride,
+                  "matching": "exact: same label, same first and last token",
+                  "postprocess": {"gap": 0, "min_len": 1, "chosen_on": None}}
+        score = eval_spans.scored_metrics
+        if self.val:
+            probs, gold = self._predict(model, tok, self.val)
+            post = eval_spans.choose_postprocess(probs, gold, self.labels)
+            result["postprocess"] = {**post, "chosen_on": f"validation ({len(self.val)} documents)"}
+            result["validation"] = {"raw": score(probs, gold, self.labels), "post": score(probs, gold, self.labels, post),
+                                    "documents": len(self.val)}
+            if self.test:
+                probs, gold = self._predict(model, tok, self.test)
+                result["test"] = {"raw": score(probs, gold, self.labels), "post": score(probs, gold, self.labels, post),
+                                  "documents": len(self.test)}
+        (out / INFO).write_text(json.dumps(result, indent=1))
+        print(table(result))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "spans": result}) + "\n")
+        return result
+
+
+def table(info: dict) -> str:
+    """A Markdown table of a spans.json: token and span P/R/F1 per label and split, raw and post-processed."""
+    post = info["postprocess"]
+    lines = [f"post-processing: close gaps <= {post['gap']} tokens, min length {post['min_len']} tokens (chosen on "
+             f"{post['chosen_on']}); span match: {info['matching']}", "",
+             "| split | decoding | label | token P | token R | token F1 | span P | span R | span F1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for split in ("validation", "test"):
+        for decoding in ("raw", "post"):
+            for label, m in info.get(split, {}).get(decoding, {}).items():
+                if label == "micro" and len(info["labels"]) == 1:
+                    continue  # the same numbers as the one label's
+                t, sp = m["token"], m["span"]
+                lines.append(f"| {split} | {decoding} | {label} | {t['precision']:.3f} | {t['recall']:.3f} | "
+                             f"{t['f1']:.3f} | {sp['precision']:.3f} | {sp['recall']:.3f} | {sp['f1']:.3f} |")
+    return "\n".join(lines)
+
+
+def open_detector(run: str | Path):
+    """(model, tokenizer, info) of a trained spans run folder: base (re-quantized for qlora) + cut body +
+    the adapter with its head."""
+    import torch
+
+    from tunelab.config import load_config
+    from tunelab.errors import TunelabError
+    from tunelab.lora import load_adapter
+    from tunelab.train.run import build_model
+
+    run = Path(run)
+    if not (run / INFO).is_file() or not (run / "adapter").is_dir():
+        raise TunelabError(f"{run}: not a finished spans run (no {INFO} or adapter/); train one with data.task=spans")
+    cfg = load_config(run / "config.yaml")
+    info = json.loads((run / INFO).read_text())
+    lm, tok = build_model(cfg, torch.device("cpu"))
+    model = from_causal_lm(lm, info["labels"], cfg.model.keep_layers)
+    load_adapter(model, run / "adapter", verbose=False)
+    return model.eval(), tok, info
+
+
+def keyword_baseline(run: str | Path) -> dict:
+    """eval_spans.bio_metrics of the keyword-line baseline (eval_spans.keyword_spans, as the run's first label)
+    on the run's validation and test documents, in the run's tokens."""
+    from tunelab.config import load_config
+    from tunelab.train.run import early_tokenizer
+
+    cfg = load_config(Path(run) / "config.yaml")
+    task, tok = SpanTask(cfg), early_tokenizer(cfg)
+    out = {}
+    for split, docs in (("validation", task.val), ("test", task.test)):
+        pred, gold = [], []
+        for d in docs:
+            offsets, tags = data_spans.encode_doc(d, tok, task.labels, cfg.train.seq_len, cfg.data.stride)[1:3]
+            marked = [(a, b, task.labels[0]) for a, b in eval_spans.keyword_spans(d.text)]
+            pred.append(eval_spans.decode(data_spans.token_tags(offsets, marked, task.labels)))
+            gold.append(eval_spans.decode(tags))
+        if docs:
+            out[split] = {"raw": eval_spans.bio_metrics(pred, gold, task.labels), "documents": len(docs)}
+    return out
+
+
+if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline]: the table of RUN/spans.json
+    import sys
+
+    info = json.loads((Path(sys.argv[1]) / INFO).read_text())
+    if "--keyword-baseline" in sys.argv[2:]:
+        info = {"labels": info["labels"], "matching": info["matching"], **keyword_baseline(sys.argv[1]),
+                "postprocess": {"gap": 0, "min_len": 1, "chosen_on": "nothing: the keyword-line baseline, as marked"}}
+    print(table(info))
