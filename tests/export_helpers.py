@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import make_tiny_llama, make_tiny_tokenizer
@@ -70,3 +71,15 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def ids(n: int = 2, t: int = 13, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 512, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A saved tiny base model folder, one per test module."""
+    return save_base(tmp_path_factory.mktemp("base") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory):
+    """A LoRA adapter over `base`, saved in PEFT layout."""
+    return make_adapter(base, tmp_path_factory.mktemp("lora") / "adapter")

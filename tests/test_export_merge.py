@@ -5,7 +5,7 @@ import json
 import peft
 import pytest
 import torch
-from export_helpers import QUANT, ids, logits, make_adapter, make_run, parse, save_base
+from export_helpers import QUANT, adapter, base, ids, logits, make_run, parse, save_base  # noqa: F401 (adapter, base: fixtures)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.errors import TunelabError
@@ -15,15 +15,6 @@ from tunelab.quant import quantize
 
 TOL = 1e-4  # fp32, the round-trip bound asked of every export
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return save_base(tmp_path_factory.mktemp("base") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def adapter(base, tmp_path_factory):
-    return make_adapter(base, tmp_path_factory.mktemp("lora") / "adapter")
 
 
 @pytest.fixture(scope="module")

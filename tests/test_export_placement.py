@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from export_helpers import LORA, ids, logits, make_adapter, make_run, parse, save_base
+from export_helpers import LORA, adapter, base, ids, logits, make_adapter, make_run, parse, save_base  # noqa: F401 (adapter, base: fixtures)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -15,15 +15,6 @@ from tunelab.export.cli import merge as merge_cli
 from tunelab.export.merge import _copy_linears
 from tunelab.export.resolve import open_model, pick_device
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return save_base(tmp_path_factory.mktemp("base") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def adapter(base, tmp_path_factory):
-    return make_adapter(base, tmp_path_factory.mktemp("lora") / "adapter")
 
 
 def _expected_bf16(base, adapter, name):
