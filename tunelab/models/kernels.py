@@ -142,10 +142,9 @@ def choose(model: nn.Module, mode: str, device: torch.device | str | None = None
                                                           "the model's own forward",))
     on, off = {}, []
     missing = _c_or_triton(device_type)
-    wanted = {"norm": family.norm, "swiglu": family.mlp, "rotary": family.attention}
     names = {"norm": "fused RMSNorm", "swiglu": "fused SwiGLU", "rotary": "fused rotary"}
-    for key, claimed in wanted.items():
-        if not claimed:
+    for key in names:
+        if not claims(next(e for e in REGISTRY if e.name == key), family):
             continue  # the family's module has another formula: its own module is the only path
         why = "no CUDA kernel" if key == "rotary" and device_type == "cuda" else missing
         if why and mode == "strict" and not (key == "rotary" and device_type == "cuda"):
