@@ -196,21 +196,13 @@ def memory_one(stack: str, labels: str, batch: int, seq: int, r: int, malloc: st
 
 
 def live_peak_mib(step) -> float:
-    """The largest total of tensors alive at once during one step, above those alive before it: torch's
-    memory profiler's timeline (a private API, torch 2.13), tensors created minus tensors destroyed in time
-    order. AdamW's state exists before the step (steps 1-2 made it) and is not counted; the step's
-    activations, temporaries, loss buffers and gradients (made and freed within it: set_to_none) are. The
-    allocator's own overhead is not in it."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
+    """The largest total of tensors alive at once during one step, above those alive before it (torch's
+    memory profiler, tunelab.experiments.memory). AdamW's state exists before the step (steps 1-2 made it)
+    and is not counted; the step's activations, temporaries, loss buffers and gradients (made and freed
+    within it: set_to_none) are. The allocator's own overhead is not in it."""
+    from tunelab.experiments.memory import live_peak_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    live = peak = 0
-    for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda row: row[0]):
-        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-        peak = max(peak, live)
-    return peak / 2**20
+    return live_peak_bytes(step) / 2**20
 
 
 def profile_one(stack: str, labels: str, batch: int, seq: int, r: int, rows: int = 40) -> None:

@@ -27,11 +27,16 @@ vocabulary V, batch B, sequence T (N = B*T tokens, Nl label tokens):
   frozen embedding), plus attention 12*L*T*H*d (score and value products, forward and backward, without the
   causal saving). The head runs on label tokens only.
 
-`measure()` runs a few real steps in a fresh process (so nothing else is resident) and reports the peak
-resident memory above the process's baseline before the model is loaded (VmHWM, reset with
-/proc/self/clear_refs after the first step so loading and AdamW's lazy first step do not count) and tokens/s.
-It runs with a fixed 64 KiB glibc mmap threshold (FIXED_MMAP_THRESHOLD) so resident memory follows the live
-tensors; `glibc_default=True` measures the default allocator, which can hold much more (see the docs).
+`measure()` runs a few real steps in a fresh process (so nothing else is resident) and reports two peaks:
+the live tensors (every tensor storage alive before a step, weights, 4-bit codes and AdamW state, plus
+the largest total created and not yet freed during one step, from torch's memory profiler:
+tunelab.experiments.memory), which is what the analytic model counts and does not depend on the
+allocator; and the peak resident memory above the process's baseline before the model is loaded (VmHWM,
+reset with /proc/self/clear_refs after the first step so loading and AdamW's lazy first step do not
+count), which adds what the C allocator keeps. The allocator is the training loop's own by default
+(`allocator="loop"`: tunelab.train.malloc keeps freed blocks for the next step, as `tunelab train` does);
+"fixed" pins glibc's mmap threshold at 64 KiB (FIXED_MMAP_THRESHOLD: RSS follows the live tensors, at
+the cost of page faults every step) and "glibc" leaves glibc's defaults.
 """
 
 from __future__ import annotations
@@ -200,7 +205,7 @@ def _rss_kb(field: str) -> int:
     raise TunelabError(f"/proc/self/status has no {field}: --measure needs Linux")
 
 
-def _measure_here(source: str, s: Setup, steps: int, seed: int = 0) -> dict:
+def _measure_here(source: str, s: Setup, steps: int, allocator: str = "loop", seed: int = 0) -> dict:
     """Load, prepare as tunelab train does, run `steps` steps on random tokens; memory above the baseline."""
     import ctypes
     import gc
@@ -215,11 +220,15 @@ def _measure_here(source: str, s: Setup, steps: int, seed: int = 0) -> dict:
     from tunelab.config import load_config
     from transformers import AutoModelForCausalLM
 
+    from tunelab.experiments.memory import live_peak_bytes, live_tensor_bytes
     from tunelab.models.load import model_folder
     from tunelab.train.loop import adamw
     from tunelab.train.loss import causal_lm_loss_sum
+    from tunelab.train.malloc import reuse_freed_memory
     from tunelab.train.run import prepare_method
 
+    if allocator == "loop":
+        reuse_freed_memory()  # as tunelab train does before its first step
     base_kb = _rss_kb("VmRSS")
     cfg = load_config(None, [f"method={s.method}", f"lora.r={s.r}", f"quant.block_size={s.quant_block}",
                              f"quant.double_quant={s.double_quant}"],
@@ -244,10 +253,11 @@ def _measure_here(source: str, s: Setup, steps: int, seed: int = 0) -> dict:
 
     step()  # AdamW allocates its state lazily here; loading transients are behind us after it
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, so RSS is what is in use
-    except OSError:
-        pass
+    if allocator != "loop":  # the loop never trims: what a step freed stays for the next one
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, so RSS is what is in use
+        except OSError:
+            pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
     t0 = time.perf_counter()
@@ -255,7 +265,10 @@ def _measure_here(source: str, s: Setup, steps: int, seed: int = 0) -> dict:
         step()
     seconds = time.perf_counter() - t0
     peak = (_rss_kb("VmHWM") - base_kb) * 1024
-    return {"peak": peak, "tokens_per_s": steps * s.batch_size * s.seq_len / seconds, "steps": steps}
+    gc.collect()
+    live = live_tensor_bytes() + live_peak_bytes(step)  # after the timed steps: the profiler slows its step
+    return {"peak": peak, "live_peak": live, "tokens_per_s": steps * s.batch_size * s.seq_len / seconds,
+            "steps": steps, "allocator": allocator}
 
 
 # glibc's default malloc raises its mmap threshold as big blocks are freed (up to 32 MiB), after which
@@ -263,20 +276,26 @@ def _measure_here(source: str, s: Setup, steps: int, seed: int = 0) -> dict:
 # bundled model LoRA's peak RSS was 1.6x the live tensors with it, 1.12x with a fixed 64 KiB threshold.
 # Fixing the threshold makes RSS follow what tensors hold, which is what the analytic model counts.
 FIXED_MMAP_THRESHOLD = "65536"
+ALLOCATORS = ("loop", "fixed", "glibc")
 
 
-def measure(source: str, s: Setup, steps: int = 3, threads: int | None = None, glibc_default: bool = False) -> dict:
+def measure(source: str, s: Setup, steps: int = 3, threads: int | None = None, allocator: str = "loop") -> dict:
     """Run `_measure_here` in a fresh Python process (clean baseline) and return its numbers.
 
-    Unless `glibc_default`, the process runs with MALLOC_MMAP_THRESHOLD_=65536 (see FIXED_MMAP_THRESHOLD)."""
+    allocator: "loop" (tunelab train's malloc setting), "fixed" (MALLOC_MMAP_THRESHOLD_=65536, see
+    FIXED_MMAP_THRESHOLD) or "glibc" (its defaults)."""
+    if allocator not in ALLOCATORS:
+        raise TunelabError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
     env = {**os.environ}
-    if not glibc_default:
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", FIXED_MMAP_THRESHOLD)
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        env.pop(k, None)  # the allocator argument decides
+    if allocator == "fixed":
+        env["MALLOC_MMAP_THRESHOLD_"] = FIXED_MMAP_THRESHOLD
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    arg = json.dumps({"source": source, "setup": asdict(s), "steps": steps})
+    arg = json.dumps({"source": source, "setup": asdict(s), "steps": steps, "allocator": allocator})
     proc = subprocess.run([sys.executable, "-m", "tunelab.experiments.cost", arg], env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:
@@ -286,4 +305,4 @@ def measure(source: str, s: Setup, steps: int = 3, threads: int | None = None, g
 
 if __name__ == "__main__":
     a = json.loads(sys.argv[1])
-    print(json.dumps(_measure_here(a["source"], Setup(**a["setup"]), a["steps"])))
+    print(json.dumps(_measure_here(a["source"], Setup(**a["setup"]), a["steps"], a["allocator"])))

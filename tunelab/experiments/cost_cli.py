@@ -15,9 +15,10 @@ def add_arguments(p) -> None:
     p.add_argument("--loss-chunk", type=int, default=256, help="label tokens per chunk of the output head")
     p.add_argument("--measure", action="store_true", help="also run a few real steps per method (fresh process)")
     p.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
-    p.add_argument("--glibc-default", action="store_true",
-                   help="measure with glibc's default malloc thresholds (default: a fixed 64 KiB mmap threshold, "
-                        "so resident memory follows live tensors; see docs/experiments.md)")
+    p.add_argument("--allocator", choices=["loop", "fixed", "glibc"], default="loop",
+                   help="--measure's malloc setting: loop (tunelab train's: keeps freed blocks for the next step), "
+                        "fixed (64 KiB mmap threshold: resident memory follows live tensors) or glibc (its defaults); "
+                        "the live-tensor peak does not depend on it (docs/experiments.md)")
     p.add_argument("--json", help="also write the rows to this JSON file")
 
 
@@ -46,20 +47,23 @@ def run(args) -> int:
                   args.loss_chunk, fused=fused.available())  # as tunelab train on this machine's CPU
         row = analytic(arch, s)
         if args.measure:
-            m = measure(args.model, s, args.steps, glibc_default=args.glibc_default)
-            row |= {"measured_peak": m["peak"], "tokens_per_s": m["tokens_per_s"],
-                    "peak_ratio": m["peak"] / row["peak"]}
+            m = measure(args.model, s, args.steps, allocator=args.allocator)
+            row |= {"live_peak": m["live_peak"], "live_ratio": m["live_peak"] / row["peak"],
+                    "measured_peak": m["peak"], "peak_ratio": m["peak"] / row["peak"],
+                    "tokens_per_s": m["tokens_per_s"], "allocator": m["allocator"]}
         rows.append(row)
     print(f"{args.model}: {arch.layers} layers, hidden {arch.hidden}, {arch.total_params() / 1e6:.1f}M params; "
           f"batch {args.batch_size} x seq {args.seq_len}; MiB (2^20 bytes), fp32")
     head = ["method", "trainable", "weights", "grads", "AdamW", "activations", "loss bufs", "peak (analytic)",
-            "GFLOP/token"] + (["peak (measured)", "measured/analytic", "tokens/s"] if args.measure else [])
+            "GFLOP/token"] + (["live peak (measured)", "live/analytic", f"RSS peak ({args.allocator} malloc)",
+                                "RSS/analytic", "tokens/s"] if args.measure else [])
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         cells = [r["method"], f"{r['trainable']:,}", _mb(r["weights"]), _mb(r["grads"]), _mb(r["optimizer"]),
                  _mb(r["activations"]), _mb(r["loss_buffers"]), _mb(r["peak"]), f"{r['flops_per_token'] / 1e9:.3f}"]
         if args.measure:
-            cells += [_mb(r["measured_peak"]), f"{r['peak_ratio']:.3f}", f"{r['tokens_per_s']:.0f}"]
+            cells += [_mb(r["live_peak"]), f"{r['live_ratio']:.3f}", _mb(r["measured_peak"]), f"{r['peak_ratio']:.3f}",
+                      f"{r['tokens_per_s']:.0f}"]
         print("| " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
