@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import transformers
 
 from test_families import _batch, _close, _grads, _model, _own_forward, _tunelab
 from test_family_adapters import TOL, _ids, _workspace
-from tiny_run import run_config
+from tiny_run import losses, run_config
 from tunelab.cli import main
 from tunelab.export.resolve import open_model
 from tunelab.lora import LoraConfig, apply_lora
@@ -119,9 +120,9 @@ def test_loss_with_expert_lora_equals_the_models_own_with_router_loss(quantized)
 
 # ---- through the CLI: the adapter in PEFT -----------------------------------------------------------------
 
-def _train(ws, out, method: str) -> int:
-    cfg = run_config(ws, out, method=method, quant={"block_size": 32}, lora={"target_experts": True},
-                     train={"max_steps": 3, "batch_size": 2, "save_every": 0})
+def _train(ws, out, method: str, resume: bool = False) -> int:
+    cfg = run_config(ws, out, method=method, quant={"block_size": 32}, lora={"target_experts": True}, resume=resume,
+                     train={"max_steps": 3, "batch_size": 2, "save_every": 2, "keep_last": 3})
     return main(["train", str(cfg), "--no-progress"])
 
 
@@ -143,7 +144,7 @@ def _peft(ws, run, dequantized_from=None):
 
 
 @pytest.mark.parametrize("case", MOE)
-def test_expert_lora_through_the_cli_loads_in_peft_and_merges_as_peft(case, tmp_path):
+def test_expert_lora_through_the_cli_loads_in_peft_merges_as_peft_and_resumes(case, tmp_path):
     ws = _workspace(tmp_path, case)
     run = tmp_path / "lora"
     assert _train(ws, run, "lora") == 0
@@ -160,6 +161,12 @@ def test_expert_lora_through_the_cli_loads_in_peft_and_merges_as_peft(case, tmp_
         merged = open_model(str(run), merge=True).model.eval()
         assert not any(isinstance(m, LoRAExperts) for m in merged.modules())
         assert (merged(ids).logits - theirs.merge_and_unload()(ids).logits).abs().max() <= TOL
+    resumed = tmp_path / "resumed"  # from the step-2 checkpoint: the same third step
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000003")
+    shutil.rmtree(resumed / "adapter")
+    assert _train(ws, resumed, "lora", resume=True) == 0
+    assert losses(resumed) == losses(run)
 
 
 @pytest.mark.parametrize("case", MOE)
