@@ -284,3 +284,26 @@ def test_disabled_and_merged_expert_adapters():
         _close(w, base.model.layers[0].mlp.experts.down_proj, "unmerged weight")
         _close(model(ids).logits, want, "unmerged logits")
     assert _grads(model) == {}
+
+
+@pytest.mark.parametrize("targets", [["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], ["mlp.experts.down_proj"]],
+                         ids=["both", "down"])
+def test_a_peft_made_expert_adapter_loads_in_tunelab(targets, tmp_path):
+    """The other direction: PEFT's own target_parameters adapter (suffix names) read by load_adapter."""
+    import peft
+
+    from tunelab.lora import load_adapter
+
+    base = _model("mixtral").eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=targets))
+    _randomize_b(theirs, seed=4)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "adapter", verbose=False)
+    assert [list(m.adapters) for m in ours.modules() if isinstance(m, LoRAExperts)] == \
+        [[t.rsplit(".", 1)[1] for t in targets]] * 2
+    ids = _ids() % 90
+    with torch.no_grad():
+        want = theirs.eval()(ids).logits
+        assert (want - base(ids).logits).abs().max() > 1e-2
+        _close(ours(ids).logits, want, "logits")
