@@ -216,8 +216,8 @@ def test_moe_lora_says_the_experts_stay_frozen(capsys):
     model = _model("qwen3_moe")
     prepare_method(model, cfg)
     out = capsys.readouterr().out
-    assert "model.layers.N.mlp.experts.down_proj, model.layers.N.mlp.experts.gate_up_proj (expert weights, 3-D)" \
-        " stay frozen, not adapted" in out
+    assert "model.layers.N.mlp.experts.down_proj, model.layers.N.mlp.experts.gate_up_proj (expert weights) stay " \
+        "frozen, without LoRA; set lora.target_experts=true to adapt them too" in out
     assert not model.model.layers[0].mlp.experts.down_proj.requires_grad
 
 

@@ -79,6 +79,16 @@ class LoraSection(_Strict):
     modules_to_save: list[str] | None = None
     loraplus_ratio: float | None = Field(None, gt=0)
     """LoRA+: the learning rate of B is `lr * loraplus_ratio` (the paper suggests 16)."""
+    target_experts: bool | list[str] = False
+    """Mixture-of-experts models: also adapt the 3-D expert weights (true: all; or names such as [down_proj]),
+    one update per expert, saved as PEFT's `target_parameters`; needs dropout 0, no DoRA. Default false (frozen)."""
+
+    @model_validator(mode="after")
+    def _check_experts(self) -> "LoraSection":
+        from tunelab.lora.config import check_experts
+
+        check_experts(self.target_experts, self.dropout, self.use_dora)  # a ConfigError: one line, exit 2
+        return self
 
 
 class TrainConfig(_Strict):

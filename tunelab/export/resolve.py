@@ -198,8 +198,12 @@ def load_base(base: str, quant: dict | None = None, dtype: torch.dtype = torch.f
 
     # The linear weights quantize_model replaces, kept to merge into. Not cloned: quantize_model swaps the
     # modules and leaves these tensors alone, so they are the only full-precision copy (no second one).
+    from tunelab.quant.experts import expert_modules, expert_weight_names
+
     linears = {p for p, m in model.named_modules() if isinstance(m, nn.Linear)}
-    base_weights = {k: v.detach() for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] in linears}
+    experts = {f"{p}.{n}" for p, m in expert_modules(model) for n in expert_weight_names(m)}  # MoE: 3-D weights
+    base_weights = {k: v.detach() for k, v in model.state_dict().items()
+                    if k.rsplit(".", 1)[0] in linears or k in experts}
     quantize_model(model, **quant)
     return model, tok, base_weights
 

@@ -38,6 +38,11 @@ class LoraConfig:
     """Which biases train; only "none" is supported (the base biases stay frozen)."""
     loraplus_ratio: float | None = None
     """LoRA+ (Hayou et al. 2024): B's learning rate is lr * ratio (PEFT suggests 16); None trains both at lr."""
+    target_experts: bool | list[str] = False
+    """Mixture-of-experts models: also adapt the 3-D expert weights (transformers 5's `mlp.experts.gate_up_proj`,
+    `mlp.experts.down_proj`), one rank-r update per expert, saved as PEFT's `target_parameters`. True: every
+    expert weight; a list: names matched like target_modules names ("down_proj", "mlp.experts.gate_up_proj").
+    False (default, as PEFT's all-linear): the experts stay frozen. Needs dropout 0 and no DoRA (as PEFT)."""
     task_type: str | None = None
     """PEFT task type written to adapter_config.json ("CAUSAL_LM", ...); None infers it from the model class."""
 
@@ -61,6 +66,9 @@ class LoraConfig:
                 re.compile(self.target_modules)
             except re.error as e:
                 raise ConfigError(f"lora target_modules {self.target_modules!r} is not a valid regex: {e}") from None
+        if not isinstance(self.target_experts, bool):
+            self.target_experts = _name_list(self.target_experts, "target_experts")
+        check_experts(self.target_experts, self.dropout, self.use_dora)
         if self.modules_to_save is not None:
             self.modules_to_save = _name_list(self.modules_to_save, "modules_to_save")
 
@@ -68,6 +76,17 @@ class LoraConfig:
     def scale(self) -> float:
         """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def check_experts(target_experts, dropout: float, use_dora: bool) -> None:
+    """The combinations with target_experts that neither tunelab nor PEFT's target_parameters supports."""
+    if target_experts and dropout:
+        raise ConfigError(f"lora dropout={dropout} with target_experts: an expert update is added to the weights "
+                          "(W + scale * B @ A), so there is no adapter input to drop out (PEFT refuses it too); "
+                          "set lora dropout to 0 or target_experts to false")
+    if target_experts and use_dora:
+        raise ConfigError("lora use_dora with target_experts is not supported (nor by PEFT's target_parameters); "
+                          "set one of them to false")
 
 
 def _name_list(names, field: str) -> list[str]:

@@ -12,6 +12,7 @@ from torch import nn
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.lora.config import LoraConfig
+from tunelab.lora.experts import Experts4bit, LoRAExperts, apply_expert_lora, merge_experts
 from tunelab.lora.layer import LoRALinear, ModuleToSave, base_weight, is_linear, is_quantized_linear
 
 
@@ -22,7 +23,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, verbose: bool = True) -> nn.Mo
     PEFT's "trainable params: X || all params: Y || trainable%: Z" line when verbose; the counts are also
     on `model.lora_counts` as (trainable, total). Returns the model, with `model.lora_config = cfg`.
     """
-    if any(isinstance(m, (LoRALinear, ModuleToSave)) for m in model.modules()):
+    if any(isinstance(m, (LoRALinear, LoRAExperts, ModuleToSave)) for m in model.modules()):
         raise TunelabError("this model already has LoRA adapters; apply_lora once, or merge_lora first")
     to_save = _modules_to_save(model, cfg.modules_to_save)
     targets = [path for path in find_targets(model, cfg.target_modules) if path not in to_save]
@@ -32,6 +33,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, verbose: bool = True) -> nn.Mo
         layer = LoRALinear(model.get_submodule(path), cfg.r, cfg.alpha, cfg.dropout,
                            cfg.use_rslora, cfg.use_dora, cfg.init)
         model.set_submodule(path, layer)
+    apply_expert_lora(model, cfg)  # cfg.target_experts: per-expert updates of the 3-D expert weights
     for path in to_save:
         model.set_submodule(path, ModuleToSave(model.get_submodule(path)))
     model.lora_config = cfg
@@ -120,10 +122,11 @@ def _check_disjoint(targets: list[str], to_save: list[str]) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a 4-bit linear counts its logical out * in weights."""
+    """(trainable, total) parameter counts; a 4-bit linear (experts module) counts its logical weights."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     total += sum(m.in_features * m.out_features for m in model.modules() if is_quantized_linear(m))
+    total += sum(m.numel() for m in model.modules() if isinstance(m, Experts4bit))
     return trainable, total
 
 
@@ -135,7 +138,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Inside the block the model computes its base output: adapters off, original modules_to_save used."""
-    layers = [m for m in model.modules() if isinstance(m, (LoRALinear, ModuleToSave))]
+    layers = [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAExperts, ModuleToSave))]
     if any(getattr(m, "merged", False) for m in layers):
         raise TunelabError("cannot disable adapters that are merged into the weights; unmerge_adapter(model) first")
     before = [m.enabled for m in layers]
@@ -149,16 +152,18 @@ def disable_adapters(model: nn.Module):
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its float base weight, keeping the LoRALinear layers (undo: unmerge_adapter)."""
-    for _, layer in lora_layers(model):
-        layer.merge()
+    """Fold every adapter into its float base weight, keeping the LoRA layers (undo: unmerge_adapter)."""
+    for layer in model.modules():
+        if isinstance(layer, (LoRALinear, LoRAExperts)):
+            layer.merge()
     return model
 
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Subtract the adapters merged by merge_adapter, restoring the base weights (to fp rounding)."""
-    for _, layer in lora_layers(model):
-        layer.unmerge()
+    for layer in model.modules():
+        if isinstance(layer, (LoRALinear, LoRAExperts)):
+            layer.unmerge()
     return model
 
 
@@ -173,12 +178,14 @@ def merge_lora(model: nn.Module, base_weights: dict[str, torch.Tensor] | None = 
     (Measured in docs/export.md: kept in fp32, the de-quantized merge reproduces the trained 4-bit model
     exactly, while the merge into the original weights differs from it by the base's rounding error.) Every other 4-bit linear is
     turned back into nn.Linear the same way, and modules_to_save keep their trained copy: the result is
-    a model of plain linears.
+    a model of plain linears. Experts the same way (tunelab.lora.experts.merge_experts): 4-bit experts come back
+    from base_weights["<experts path>.<weight name>"] (or de-quantized), and each gets W_e + scale * B_e @ A_e.
     """
     # The paths whose weight is 4-bit: a LoRALinear over a 4-bit base (not its .base again), or a bare one.
     wrapped = {p + ".base" for p, _ in lora_layers(model)}
     quantized = [p for p, m in model.named_modules() if p not in wrapped and is_quantized_linear(
         m.base if isinstance(m, LoRALinear) else m)]
+    quantized += [p.removesuffix(".base") for p, m in model.named_modules() if isinstance(m, Experts4bit)]
     if quantized and base_weights is None:
         if not from_quantized:
             raise TunelabError(
@@ -203,6 +210,7 @@ def merge_lora(model: nn.Module, base_weights: dict[str, torch.Tensor] | None = 
         linear = layer.base
         linear.weight.data = layer.merged_weight(linear.weight.data)
         model.set_submodule(path, linear)
+    merge_experts(model, base_weights)  # experts (keys "<path>.<name>" in base_weights): plain, float, merged
     for path, m in list(model.named_modules()):
         if isinstance(m, ModuleToSave):
             m.original = m.trained  # remove_lora then keeps the trained copy
@@ -235,7 +243,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
     """Drop the adapters without merging: each LoRALinear gives back its base, each module to save its
     original, in place (PEFT's unload). requires_grad flags stay as apply_lora left them (frozen)."""
     for path, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
+        if isinstance(m, (LoRALinear, LoRAExperts)):
             model.set_submodule(path, m.base)
         elif isinstance(m, ModuleToSave):
             model.set_submodule(path, m.original)

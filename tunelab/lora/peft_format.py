@@ -5,6 +5,8 @@ Keys are PEFT 0.21's (peft/utils/save_and_load.py, adapter name stripped):
   base_model.model.<path>.lora_B.weight          (out, r)
   base_model.model.<path>.lora_magnitude_vector  (out,)   DoRA only
   base_model.model.<path>.<param>                         modules_to_save: the trained copy's state
+  base_model.model.<experts>[.base_layer...].lora_A.weight  (E*r, in), lora_B.weight (out, r*E): expert weights
+                                                          (target_parameters; layout in tunelab/lora/experts.py)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.lora.config import LoraConfig
+from tunelab.lora.experts import LoRAExperts
 from tunelab.lora.layer import LoRALinear, ModuleToSave
 from tunelab.lora.model import apply_lora, find_targets, lora_layers, matching_paths, remove_lora
 
@@ -29,7 +32,7 @@ PREFIX = "base_model.model."
 # PEFT config fields whose non-default values change the adapter in ways tunelab does not implement.
 UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
                "layers_to_transform": None, "layer_replication": None, "exclude_modules": None,
-               "trainable_token_indices": None, "target_parameters": None}
+               "trainable_token_indices": None}
 TASK_SUFFIXES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
                  "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 
@@ -43,6 +46,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.weight
             if m.use_dora:
                 state[f"{PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector
+        elif isinstance(m, LoRAExperts):
+            # PEFT wraps each targeted parameter of a module in a ParamWrapper nested around the previous one,
+            # in the module's order: the first is innermost, under one ".base_layer" per wrapper outside it.
+            names = list(m.adapters)
+            for i, name in enumerate(names):
+                key = f"{PREFIX}{path}" + ".base_layer" * (len(names) - 1 - i)
+                state[f"{key}.lora_A.weight"] = m.adapters[name].lora_A.weight
+                state[f"{key}.lora_B.weight"] = m.adapters[name].lora_B.weight
         elif isinstance(m, ModuleToSave):
             state.update({f"{PREFIX}{path}.{k}": v for k, v in m.trained.state_dict(keep_vars=True).items()})
     return state
@@ -160,7 +171,7 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, str | None
         target_modules=raw["target_modules"], use_rslora=raw.get("use_rslora", False),
         use_dora=raw.get("use_dora", False), modules_to_save=raw.get("modules_to_save"),
         init="gaussian" if init == "gaussian" else "kaiming", bias=raw.get("bias", "none"),
-        task_type=raw.get("task_type"),
+        task_type=raw.get("task_type"), target_experts=raw.get("target_parameters") or False,
     )
     return cfg, raw.get("base_model_name_or_path")
 
@@ -179,6 +190,7 @@ def _peft_config(model: nn.Module, cfg: LoraConfig) -> dict:
         "use_rslora": cfg.use_rslora,
         "use_dora": cfg.use_dora,
         "modules_to_save": cfg.modules_to_save,
+        "target_parameters": _saved_expert_targets(model),
         "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -191,6 +203,12 @@ def _saved_targets(model: nn.Module, cfg: LoraConfig) -> str | list[str]:
     if cfg.target_modules != "all-linear":
         return cfg.target_modules
     return sorted(p for p, _ in lora_layers(model))
+
+
+def _saved_expert_targets(model: nn.Module) -> list[str] | None:
+    """target_parameters: the full paths of the adapted expert weights (PEFT matches them exactly), or None."""
+    paths = sorted(f"{p}.{n}" for p, m in model.named_modules() if isinstance(m, LoRAExperts) for n in m.adapters)
+    return paths or None
 
 
 def _task_type(model: nn.Module) -> str | None:

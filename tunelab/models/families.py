@@ -103,7 +103,8 @@ def markdown() -> str:
             "| fused rotary | last-layer shortcut | MoE router loss | GGUF arch |", "|" + " --- |" * 10]
     for f in FAMILIES.values():
         logits = f"{f.logits[0]} `{f.logits[1]}`" if f.logits else "-"
-        peft = "experts frozen" if f.experts else "checked"  # tests/test_family_adapters.py (dense families)
+        # tests/test_family_adapters.py (dense families); tests/test_moe_experts.py (MoE, LoRA on the experts too)
+        peft = "checked, experts too" if f.experts else "checked"
         rows.append(f"| {f.model_type} | checked | {peft} | {logits} | {on(f.norm)} | {on(f.mlp)} | {on(f.attention)} | "
                     f"{on(f.decoder)} | {on(f.router_aux)} | {f.gguf} |")
     return "\n".join(rows) + "\n"

@@ -193,11 +193,15 @@ def load_quantized(folder: Path, quant, dtype: torch.dtype = torch.float32, trus
     The model is made on the meta device; each shard is opened with safetensors.safe_open and read one tensor
     at a time: a targeted linear weight is cast to `dtype` and quantized at once (its float copy is dropped),
     every other tensor is cast and put in place. So peak memory is the 4-bit model plus one float tensor,
-    never the whole model in 16/32 bits (docs/training.md measures it).
+    never the whole model in 16/32 bits (docs/training.md measures it). MoE experts stored one linear per
+    expert are stacked into the model's 3-D parameters as transformers does (tunelab.models.moe_files), and an
+    experts module is quantized (Experts4bit) once its weights are in: one layer's experts in float at a time.
     """
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    from tunelab.models.moe_files import ExpertStacker, renamed
+    from tunelab.quant.experts import Experts4bit, expert_weight_names
     from tunelab.quant.linear import Linear4bit, is_skipped
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -205,13 +209,23 @@ def load_quantized(folder: Path, quant, dtype: torch.dtype = torch.float32, trus
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     targets = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not is_skipped(name, skip)}
     names = dict(model.named_parameters())
+    stacker = ExpertStacker({n: p.shape for n, p in names.items()})
     for path in shard_files(folder):
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                if key not in names:
+                t = None
+                if key not in names and renamed(key) in names:
+                    key, t = renamed(key), f.get_tensor(key)
+                elif key not in names and stacker.target(key):  # one expert's linear: a piece of a 3-D weight
+                    stacked = stacker.add(key, f.get_tensor(key).to(dtype, copy=True))
+                    if stacked is None:
+                        continue
+                    key, t = stacked
+                elif key not in names:
                     raise TunelabError(f"{path}: tensor {key} is not a parameter of {type(model).__name__}; "
                                        "load this model with method=lora (whole, then quantize) instead")
-                t = f.get_tensor(key)  # a view of the memory-mapped shard: pages are read as they are touched
+                if t is None:
+                    t = f.get_tensor(key)  # a view of the memory-mapped shard: pages are read as they are touched
                 module_name, _, attr = key.rpartition(".")
                 if module_name in targets and attr == "weight":
                     t = t.to(dtype)
@@ -225,6 +239,11 @@ def load_quantized(folder: Path, quant, dtype: torch.dtype = torch.float32, trus
                 t = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
                 module = model.get_submodule(module_name)
                 module._parameters[attr] = torch.nn.Parameter(t, requires_grad=module._parameters[attr].requires_grad)
+                experts = expert_weight_names(module)
+                if attr in experts and not is_skipped(module_name, skip) and not any(
+                        module._parameters[n].is_meta for n in experts):
+                    model.set_submodule(module_name, Experts4bit.from_experts(
+                        module, quant.dtype, quant.block_size, quant.double_quant, path=module_name))
     model.tie_weights()  # e.g. lm_head.weight = embed_tokens.weight when config.tie_word_embeddings (not saved twice)
     missing = [n for n, prm in model.named_parameters() if prm.is_meta]
     if missing:

@@ -175,7 +175,8 @@ def is_skipped(name: str, skip: tuple[str, ...]) -> bool:
 
 def quantize_model(model: nn.Module, dtype: str = "nf4", block_size: int = 64, double_quant: bool = True,
                    skip: tuple[str, ...] = ("lm_head",), compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every nn.Linear (except names matching `skip`) by a frozen Linear4bit, in place.
+    """Replace every nn.Linear (except names matching `skip`) by a frozen Linear4bit, and every mixture-of-experts
+    experts module by a frozen Experts4bit (tunelab.quant.experts), in place.
 
     The full-precision weights are dropped as each layer is replaced. Returns `model`.
     """
@@ -186,7 +187,9 @@ def quantize_model(model: nn.Module, dtype: str = "nf4", block_size: int = 64, d
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Linear4bit.from_linear(linear, dtype, block_size, double_quant, compute_dtype))
         linear.weight = None  # release the fp weight even if someone still holds the old module
-    return model
+    from tunelab.quant.experts import quantize_experts  # imports this module
+
+    return quantize_experts(model, dtype, block_size, double_quant, tuple(skip), compute_dtype)
 
 
 def model_nbytes(model: nn.Module) -> int:
@@ -197,4 +200,6 @@ def model_nbytes(model: nn.Module) -> int:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    return total + sum(m.nbytes for m in model.modules() if isinstance(m, Linear4bit))
+    from tunelab.quant.experts import Experts4bit
+
+    return total + sum(m.nbytes for m in model.modules() if isinstance(m, (Linear4bit, Experts4bit)))

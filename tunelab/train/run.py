@@ -132,21 +132,26 @@ def prepare_method(model, cfg: RunConfig, kernels: accel.Kernels | None = None) 
                 if prm.dtype.is_floating_point:
                     prm.data = prm.data.clone()
     lcfg = LoraConfig(**cfg.lora.model_dump())
-    _say_unadapted_experts(model, cfg.method)
+    _say_unadapted_experts(model, cfg)
     apply_lora(model, lcfg)
     for _, layer in lora_layers(model):
         layer.fused = kernels.fused_lora
     return lora_param_groups(model, cfg.train.lr, cfg.train.weight_decay, lcfg.loraplus_ratio)
 
 
-def _say_unadapted_experts(model, method: str) -> None:
-    """One line where LoRA leaves weights of 3 or more dimensions (mixture-of-experts experts in transformers
-    5) untouched: `all-linear` and named targets adapt linear layers only, and qlora quantizes those only."""
-    experts = sorted({re.sub(r"\.\d+\.", ".N.", n) for n, p in model.named_parameters() if p.ndim >= 3})
+def _say_unadapted_experts(model, cfg: RunConfig) -> None:
+    """One line where LoRA leaves the mixture-of-experts expert weights (3-D in transformers 5) without an
+    adapter: `all-linear` and named targets adapt linear layers only; lora.target_experts adds the experts."""
+    from tunelab.quant.experts import expert_modules, expert_weight_names
+
+    if cfg.lora.target_experts:
+        return
+    experts = sorted({re.sub(r"\.\d+\.", ".N.", f"{p}.{n}") for p, m in expert_modules(model)
+                      for n in expert_weight_names(m)})
     if experts:
-        what = "frozen, not adapted" + (" and not quantized" if method == "qlora" else "")
-        print(f"tunelab: method={method}: {', '.join(experts)} (expert weights, 3-D) stay {what}: LoRA on "
-              "expert weights is not supported yet; the attention and dense layers train")
+        what = "4-bit and frozen" if cfg.method == "qlora" else "frozen"
+        print(f"tunelab: method={cfg.method}: {', '.join(experts)} (expert weights) stay {what}, without LoRA; "
+              "set lora.target_experts=true to adapt them too")
 
 
 def inside(out: Path, name: str) -> Path:
