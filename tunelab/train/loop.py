@@ -42,13 +42,19 @@ def adamw(param_groups, lr: float, weight_decay: float = 0.0) -> torch.optim.Ada
 
 
 def collate(examples: list[dict], pad_id: int, device) -> dict:
-    """Right-pad to the longest example: input pad_id, labels -100, attention mask 0 on padding."""
+    """Right-pad to the longest example: input pad_id, labels -100, attention mask 0 on padding.
+
+    Packed rows (position ids restarting inside a row) get no attention mask: transformers then reads the
+    examples off the position ids and keeps attention inside each (a block-diagonal causal mask; FlashAttention's
+    varlen path on CUDA), which it does only when no 2-D mask is given. Their padding, if any, restarts the
+    positions too and so is one more example of its own (labels -100) that nothing attends to."""
     T = max(len(e["input_ids"]) for e in examples)
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     pos = torch.arange(T).repeat(B, 1)
     mask = torch.zeros((B, T), dtype=torch.long)
+    packed = False
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
@@ -56,8 +62,12 @@ def collate(examples: list[dict], pad_id: int, device) -> dict:
         mask[i, :n] = 1
         if "position_ids" in e:
             pos[i, :n] = torch.tensor(e["position_ids"])
+            packed = packed or bool((pos[i, 1:n] == 0).any())
+    if packed:
+        pad = mask == 0
+        pos[pad] = (pad.cumsum(1) - 1)[pad]  # 0, 1, ... from each row's first pad
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
-    if not bool(mask.all()):  # no mask at all lets attention take its fastest path
+    if not bool(mask.all()) and not packed:  # no mask at all lets attention take its fastest path
         batch["attention_mask"] = mask
     return {k: v.to(device) for k, v in batch.items()}
 

@@ -270,6 +270,10 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
                 out.rmdir()
         raise
     model.to(device)
+    if cfg.data.packing == "packed":  # before any step: a model that would mix packed examples is refused
+        from tunelab.train.packed import check_attention
+
+        check_attention(model, device)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
     if rank == 0:
