@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.train import checkpoint, faults, fsdp
+from tunelab.train.early_stop import EarlyStopping
 from tunelab.train.loss import IGNORE, NEXT_TOKEN, Objective
 from tunelab.train.malloc import reuse_freed_memory
 from tunelab.train.optim8bit import AdamW8bit
@@ -193,11 +194,13 @@ def _autocast(device):
 
 def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir: Path, *, param_groups,
                pad_id: int, resume: bool = False, device=None, progress: bool = True, kernels=None,
-               objective: Objective | None = None) -> dict:
+               objective: Objective | None = None, on_best=None) -> dict:
     """Train `model` on tokenized examples; cfg is a TrainConfig. Returns a summary of the run.
 
     `kernels`: the speed-ups the loss runs (tunelab.models.kernels.choose; default auto for the model).
     `objective`: next-token (default) or token classification (tunelab.train.loss.Objective).
+    `on_best(step)`: called on every process when cfg.early_stopping sees a new best eval loss (run.py writes
+    the weights to best/ there).
     Examples are dicts of input_ids / labels (-100 = no loss) / optional position_ids. The example order of
     step s is a function of (seed, s) alone, so a resumed run sees exactly the batches it would have seen.
     """
@@ -236,14 +239,20 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         g["initial_lr"] = g["lr"]
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    start, ckpt = 0, None
+    start, ckpt, stopped = 0, None, None
+    stopper = EarlyStopping(**cfg.early_stopping.model_dump()) if cfg.early_stopping else None
+    if stopper and not eval_set:
+        raise TunelabError("train.early_stopping needs eval data: set data.eval_fraction > 0 or data.eval_path")
     torch.manual_seed(cfg.seed)
     if resume:
         last = checkpoint.latest(ckpt_root)
         if last is None:
             print(f"tunelab: resume=true but no complete checkpoint in {ckpt_root}: starting from step 0")
         else:
-            start = checkpoint.load(last, model, optimizer)["step"]
+            state = checkpoint.load(last, model, optimizer)
+            start = state["step"]
+            if stopper:
+                stopper.restore(state)
             ckpt = last
             if rank == 0:
                 print(f"tunelab: resumed from {last} (step {start} of {total_steps})")
@@ -325,6 +334,11 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
                 record["eval_loss"] = last_eval
                 if objective.metrics:
                     record.update(objective.metrics(model))
+                if stopper and stopper.update(done, last_eval):
+                    record["best"] = True
+                    if on_best:
+                        on_best(done)
+                stopped = done if stopper and stopper.stop and done < total_steps else None
         if log and (done % cfg.log_every == 0 or "eval_loss" in record or done == total_steps):
             try:
                 log.write(json.dumps(record) + "\n")
@@ -338,13 +352,18 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         if bar:
             bar.update(1)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss", "tok_per_s") if k in record})
-        if save_every and done % save_every == 0 or done == total_steps:
+        if save_every and done % save_every == 0 or done == total_steps or stopped:
             tensors = checkpoint.gather(model, optimizer) if rank == 0 or sharded else None  # FSDP: collective
             if rank == 0:
-                ckpt = checkpoint.save(ckpt_root, done, tensors,
-                                       {"total_steps": total_steps, "loss": record.get("loss")}, cfg.keep_last)
+                state = {"total_steps": total_steps, "loss": record.get("loss"), **(stopper.state() if stopper else {})}
+                ckpt = checkpoint.save(ckpt_root, done, tensors, state, cfg.keep_last)
             if world > 1:
                 dist.barrier()
+        if stopped:
+            if rank == 0:
+                print(f"tunelab: early stopping at step {done}: eval loss did not improve for {stopper.patience} "
+                      f"evaluations; best {stopper.best_loss:.4g} at step {stopper.best_step}")
+            break
     if bar:
         bar.close()
     if tb:
@@ -354,9 +373,10 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         _plot(metrics_path, out_dir / "loss.png")
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()] if rank == 0 else []
     losses = [r["loss"] for r in rows if "loss" in r]
-    return {"steps": total_steps, "start_step": start, "first_loss": losses[0] if losses else None,
+    return {"steps": stopped or total_steps, "start_step": start, "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None, "eval_loss": last_eval,
             "seconds": time.time() - t0, "tokens": tokens_seen,
+            **({"early_stopping": stopper.summary(stopped)} if stopper else {}),
             # what this process stores (FSDP: its shards), the numbers docs/training.md compares
             "process_bytes": {"parameters": fsdp.local_nbytes(model.parameters()),
                               "optimizer": fsdp.local_nbytes(v for st in optimizer.state.values()

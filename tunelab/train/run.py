@@ -174,14 +174,15 @@ def _gather_outputs(model, cfg: RunConfig) -> dict:
     return fsdp.whole_state(model.state_dict())
 
 
-def save_outputs(model, tok, cfg: RunConfig, out: Path, whole: dict | None = None) -> Path:
+def save_outputs(model, tok, cfg: RunConfig, out: Path, whole: dict | None = None, name: str | None = None) -> Path:
     """lora/qlora: a PEFT-layout adapter; full/freeze: a Hugging Face folder. Both written atomically.
 
     `whole`: the tensors to write when the model's own are FSDP shards (from _gather_outputs).
+    `name`: the folder in `out` (default `adapter` or `model`; `best` for early stopping's best step).
     """
     from safetensors import SafetensorError
 
-    dest = inside(out, "adapter" if cfg.method in ("lora", "qlora") else "model")
+    dest = inside(out, name or ("adapter" if cfg.method in ("lora", "qlora") else "model"))
     try:
         if cfg.method in ("lora", "qlora"):
             from tunelab.lora import save_adapter
@@ -278,20 +279,30 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
         enable_checkpointing(model)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json"):
+        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json",
+                  "best"):
             inside(out, f)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
         if made:
             outdir.point_latest(out)
             print(f"tunelab: this run writes to {out} ({out.parent / 'latest'} points to it)")
+    sharded = cfg.train.distributed == "fsdp" and _world_size() > 1
+
+    def on_best(step: int) -> None:  # early stopping's new best: its weights to best/ (every process: FSDP gathers)
+        whole = _gather_outputs(model, cfg) if sharded else None
+        if rank == 0:
+            save_outputs(model, tok, cfg, out, whole, name="best")
+
     summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
                          pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
-                         kernels=kernels, objective=task.objective(tok) if task else None)
+                         kernels=kernels, objective=task.objective(tok) if task else None, on_best=on_best)
     if task and rank == 0:
         summary["spans"] = task.final(model, tok, out, summary["steps"])
-    whole = _gather_outputs(model, cfg) if cfg.train.distributed == "fsdp" and _world_size() > 1 else None
+    whole = _gather_outputs(model, cfg) if sharded else None
     if rank == 0:
         summary["output"] = str(save_outputs(model, tok, cfg, out, whole))
+        if summary.get("early_stopping"):
+            summary["early_stopping"]["best"] = str(out / "best")
         summary["method"] = cfg.method
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary, model
