@@ -117,6 +117,13 @@ class TrainConfig(_Strict):
     """Steps between checkpoints; 0: only at the end; `auto`: about ten checkpoints a run, at most 500 steps
     apart (ceil(total_steps / 10), capped at 500), so a crash costs at most a tenth of the run."""
     keep_last: int = Field(2, gt=0)
+    tracking: list[Literal["tensorboard", "mlflow"]] = ["tensorboard"]
+    """Where metrics go besides metrics.jsonl: `tensorboard` (event files in tensorboard/, when the package is
+    installed) and `mlflow` (needs `pip install mlflow-skinny`; params, metrics per step, the summary and adapter
+    as artifacts; tunelab/train/tracking.py). `[]`: metrics.jsonl alone."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (a server's http(s) address, ...); None: a local file store in <run folder>/mlruns."""
+    mlflow_experiment: str = "tunelab"
     log_every: int = Field(1, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

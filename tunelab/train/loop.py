@@ -194,13 +194,14 @@ def _autocast(device):
 
 def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir: Path, *, param_groups,
                pad_id: int, resume: bool = False, device=None, progress: bool = True, kernels=None,
-               objective: Objective | None = None, on_best=None) -> dict:
+               objective: Objective | None = None, on_best=None, on_log=None) -> dict:
     """Train `model` on tokenized examples; cfg is a TrainConfig. Returns a summary of the run.
 
     `kernels`: the speed-ups the loss runs (tunelab.models.kernels.choose; default auto for the model).
     `objective`: next-token (default) or token classification (tunelab.train.loss.Objective).
     `on_best(step)`: called on every process when cfg.early_stopping sees a new best eval loss (run.py writes
-    the weights to best/ there).
+    the weights to best/ there). `on_log(record)`: called on rank 0 with each record written to metrics.jsonl
+    (MLflow, tunelab.train.tracking).
     Examples are dicts of input_ids / labels (-100 = no loss) / optional position_ids. The example order of
     step s is a function of (seed, s) alone, so a resumed run sees exactly the batches it would have seen.
     """
@@ -277,7 +278,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         return [collate([train_set[int(i)] for i in c], pad_id, device) for c in chunks]
 
     log = open(metrics_path, "a") if rank == 0 else None
-    tb = _tensorboard(out_dir) if rank == 0 else None
+    tb = _tensorboard(out_dir) if rank == 0 and "tensorboard" in cfg.tracking else None
     bar = None
     if rank == 0 and progress:
         from tqdm.auto import tqdm
@@ -349,6 +350,8 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
             for k, v in record.items():
                 if tb and k != "step" and isinstance(v, float):
                     tb.add_scalar(k, v, done)
+            if on_log:
+                on_log(record)
         if bar:
             bar.update(1)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss", "tok_per_s") if k in record})

@@ -18,6 +18,7 @@ from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, m
 from tunelab.train import checkpoint, outdir
 from tunelab.train.checkpoint import atomic_folder
 from tunelab.train.loop import train_loop
+from tunelab.train.tracking import MLflowRun, check_available as check_tracking, flatten
 
 
 def pick_device(name: str) -> torch.device:
@@ -248,6 +249,7 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
         # the data first, in seconds: paths, formats, first records; then templates and the whole build with
         # the tokenizer alone; only then the model (minutes for a large one)
         check_data(cfg.data)
+        check_tracking(cfg.train.tracking)
         early = model[1] if model else early_tokenizer(cfg)
         data = _data(cfg, early, out) if early is not None else None
         torch.manual_seed(cfg.train.seed)
@@ -280,7 +282,7 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json",
-                  "best"):
+                  "best", "mlruns", "mlflow.json"):
             inside(out, f)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
         if made:
@@ -293,16 +295,28 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
         if rank == 0:
             save_outputs(model, tok, cfg, out, whole, name="best")
 
-    summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
-                         pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
-                         kernels=kernels, objective=task.objective(tok) if task else None, on_best=on_best)
-    if task and rank == 0:
-        summary["spans"] = task.final(model, tok, out, summary["steps"])
-    whole = _gather_outputs(model, cfg) if sharded else None
-    if rank == 0:
-        summary["output"] = str(save_outputs(model, tok, cfg, out, whole))
-        if summary.get("early_stopping"):
-            summary["early_stopping"]["best"] = str(out / "best")
-        summary["method"] = cfg.method
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    mlflow = None
+    if rank == 0 and "mlflow" in cfg.train.tracking:
+        mlflow = MLflowRun(out, cfg.train.mlflow_uri, cfg.train.mlflow_experiment,
+                           flatten(cfg.model_dump(mode="json")), cfg.resume)
+    try:
+        summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
+                             pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
+                             kernels=kernels, objective=task.objective(tok) if task else None, on_best=on_best,
+                             on_log=mlflow.log if mlflow else None)
+        if task and rank == 0:
+            summary["spans"] = task.final(model, tok, out, summary["steps"])
+        whole = _gather_outputs(model, cfg) if sharded else None
+        if rank == 0:
+            summary["output"] = str(save_outputs(model, tok, cfg, out, whole))
+            if summary.get("early_stopping"):
+                summary["early_stopping"]["best"] = str(out / "best")
+            summary["method"] = cfg.method
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    except BaseException:
+        if mlflow:
+            mlflow.fail()
+        raise
+    if mlflow:
+        mlflow.finish(cfg.method)
     return summary, model
