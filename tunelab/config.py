@@ -91,6 +91,15 @@ class LoraSection(_Strict):
         return self
 
 
+class EarlyStoppingConfig(_Strict):
+    """Stop when the eval loss has not improved for `patience` evaluations in a row (train.eval_every apart)."""
+
+    patience: int = Field(3, gt=0)
+    """Evaluations without improvement before the run stops."""
+    min_delta: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """An eval loss improves on the best so far only when lower by more than this (nats per token)."""
+
+
 class TrainConfig(_Strict):
     lr: float = Field(2e-4, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.0, ge=0)
@@ -110,10 +119,21 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0)
     """Steps between eval-loss measurements (0: only at the end)."""
     eval_batches: int = Field(8, gt=0)
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop on eval loss (`{patience: 3, min_delta: 0.0}`; needs eval_every > 0 and eval data); the best step's
+    weights are kept in `best/` of the run folder (the layout of `adapter/` or `model/`, written atomically)
+    and summary.json names its step. None: run every step."""
     save_every: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     """Steps between checkpoints; 0: only at the end; `auto`: about ten checkpoints a run, at most 500 steps
     apart (ceil(total_steps / 10), capped at 500), so a crash costs at most a tenth of the run."""
     keep_last: int = Field(2, gt=0)
+    tracking: list[Literal["tensorboard", "mlflow"]] = ["tensorboard"]
+    """Where metrics go besides metrics.jsonl: `tensorboard` (event files in tensorboard/, when the package is
+    installed) and `mlflow` (needs `pip install mlflow-skinny`; params, metrics per step, the summary and adapter
+    as artifacts; tunelab/train/tracking.py). `[]`: metrics.jsonl alone."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (a server's http(s) address, ...); None: a local file store in <run folder>/mlruns."""
+    mlflow_experiment: str = "tunelab"
     log_every: int = Field(1, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -131,6 +151,12 @@ class TrainConfig(_Strict):
     reference path: the model's own modules, its own forward for the loss (full logits: more memory on a large
     vocabulary) and plain LoRA layers. `strict`: like auto, but stop with an error on the first speed-up that
     cannot run."""
+
+    @model_validator(mode="after")
+    def _early_stopping_evaluates(self) -> "TrainConfig":
+        if self.early_stopping is not None and not self.eval_every:
+            raise ValueError("train.early_stopping decides on eval loss: set train.eval_every > 0 (steps between evaluations)")
+        return self
 
     @field_validator("kernels", mode="before")
     @classmethod

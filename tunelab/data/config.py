@@ -85,8 +85,8 @@ class DataConfig(BaseModel):
     )
     packing: Literal["packed", "padded"] = Field(
         "padded", description="padded (the default): one example per row, <= seq_len; packed: rows of exactly "
-        "seq_len tokens, in which HF eager/SDPA attention lets an example attend to the earlier ones in its row "
-        "(docs/data.md, Packing), so it is opt-in"
+        "seq_len tokens holding several examples, position ids restarting at each, attention kept inside each "
+        "example (a block-diagonal causal mask; docs/data.md, Packing)"
     )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents/records held out for eval")
     eval_path: str | None = Field(None, description="a separate eval file (same formats); overrides eval_fraction")

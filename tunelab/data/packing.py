@@ -2,10 +2,9 @@
 
 packed: rows of exactly seq_len tokens. `position_ids` restart at 0 at each document start and at each row
   start, and the first label of every document is -100 so no loss asks the model to predict a document's
-  first token from the one before it. A model that takes position ids as document boundaries (flash-attention
-  varlen, e.g. HF's `DataCollatorWithFlattening` path) then never attends across documents. HF eager/SDPA
-  attention with a plain causal mask DOES still attend across documents in a row; only the position reset
-  and the loss mask apply there.
+  first token from the one before it. The trainer gives packed rows no attention mask, so transformers reads
+  the documents off the position ids and attention stays inside each (a block-diagonal causal mask for
+  eager/SDPA, FlashAttention's varlen path on CUDA; tunelab.train.loop.collate, tunelab.train.packed).
 padded: one document per row, len <= seq_len; the trainer's collate pads (labels -100).
 """
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.train import checkpoint, faults, fsdp
+from tunelab.train.early_stop import EarlyStopping
 from tunelab.train.loss import IGNORE, NEXT_TOKEN, Objective
 from tunelab.train.malloc import reuse_freed_memory
 from tunelab.train.optim8bit import AdamW8bit
@@ -42,13 +43,19 @@ def adamw(param_groups, lr: float, weight_decay: float = 0.0) -> torch.optim.Ada
 
 
 def collate(examples: list[dict], pad_id: int, device) -> dict:
-    """Right-pad to the longest example: input pad_id, labels -100, attention mask 0 on padding."""
+    """Right-pad to the longest example: input pad_id, labels -100, attention mask 0 on padding.
+
+    Packed rows (position ids restarting inside a row) get no attention mask: transformers then reads the
+    examples off the position ids and keeps attention inside each (a block-diagonal causal mask; FlashAttention's
+    varlen path on CUDA), which it does only when no 2-D mask is given. Their padding, if any, restarts the
+    positions too and so is one more example of its own (labels -100) that nothing attends to."""
     T = max(len(e["input_ids"]) for e in examples)
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     pos = torch.arange(T).repeat(B, 1)
     mask = torch.zeros((B, T), dtype=torch.long)
+    packed = False
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
@@ -56,8 +63,12 @@ def collate(examples: list[dict], pad_id: int, device) -> dict:
         mask[i, :n] = 1
         if "position_ids" in e:
             pos[i, :n] = torch.tensor(e["position_ids"])
+            packed = packed or bool((pos[i, 1:n] == 0).any())
+    if packed:
+        pad = mask == 0
+        pos[pad] = (pad.cumsum(1) - 1)[pad]  # 0, 1, ... from each row's first pad
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
-    if not bool(mask.all()):  # no mask at all lets attention take its fastest path
+    if not bool(mask.all()) and not packed:  # no mask at all lets attention take its fastest path
         batch["attention_mask"] = mask
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -183,11 +194,14 @@ def _autocast(device):
 
 def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir: Path, *, param_groups,
                pad_id: int, resume: bool = False, device=None, progress: bool = True, kernels=None,
-               objective: Objective | None = None) -> dict:
+               objective: Objective | None = None, on_best=None, on_log=None) -> dict:
     """Train `model` on tokenized examples; cfg is a TrainConfig. Returns a summary of the run.
 
     `kernels`: the speed-ups the loss runs (tunelab.models.kernels.choose; default auto for the model).
     `objective`: next-token (default) or token classification (tunelab.train.loss.Objective).
+    `on_best(step)`: called on every process when cfg.early_stopping sees a new best eval loss (run.py writes
+    the weights to best/ there). `on_log(record)`: called on rank 0 with each record written to metrics.jsonl
+    (MLflow, tunelab.train.tracking).
     Examples are dicts of input_ids / labels (-100 = no loss) / optional position_ids. The example order of
     step s is a function of (seed, s) alone, so a resumed run sees exactly the batches it would have seen.
     """
@@ -226,14 +240,20 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         g["initial_lr"] = g["lr"]
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    start, ckpt = 0, None
+    start, ckpt, stopped = 0, None, None
+    stopper = EarlyStopping(**cfg.early_stopping.model_dump()) if cfg.early_stopping else None
+    if stopper and not eval_set:
+        raise TunelabError("train.early_stopping needs eval data: set data.eval_fraction > 0 or data.eval_path")
     torch.manual_seed(cfg.seed)
     if resume:
         last = checkpoint.latest(ckpt_root)
         if last is None:
             print(f"tunelab: resume=true but no complete checkpoint in {ckpt_root}: starting from step 0")
         else:
-            start = checkpoint.load(last, model, optimizer)["step"]
+            state = checkpoint.load(last, model, optimizer)
+            start = state["step"]
+            if stopper:
+                stopper.restore(state)
             ckpt = last
             if rank == 0:
                 print(f"tunelab: resumed from {last} (step {start} of {total_steps})")
@@ -258,7 +278,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         return [collate([train_set[int(i)] for i in c], pad_id, device) for c in chunks]
 
     log = open(metrics_path, "a") if rank == 0 else None
-    tb = _tensorboard(out_dir) if rank == 0 else None
+    tb = _tensorboard(out_dir) if rank == 0 and "tensorboard" in cfg.tracking else None
     bar = None
     if rank == 0 and progress:
         from tqdm.auto import tqdm
@@ -315,6 +335,11 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
                 record["eval_loss"] = last_eval
                 if objective.metrics:
                     record.update(objective.metrics(model))
+                if stopper and stopper.update(done, last_eval):
+                    record["best"] = True
+                    if on_best:
+                        on_best(done)
+                stopped = done if stopper and stopper.stop and done < total_steps else None
         if log and (done % cfg.log_every == 0 or "eval_loss" in record or done == total_steps):
             try:
                 log.write(json.dumps(record) + "\n")
@@ -325,16 +350,23 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
             for k, v in record.items():
                 if tb and k != "step" and isinstance(v, float):
                     tb.add_scalar(k, v, done)
+            if on_log:
+                on_log(record)
         if bar:
             bar.update(1)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss", "tok_per_s") if k in record})
-        if save_every and done % save_every == 0 or done == total_steps:
+        if save_every and done % save_every == 0 or done == total_steps or stopped:
             tensors = checkpoint.gather(model, optimizer) if rank == 0 or sharded else None  # FSDP: collective
             if rank == 0:
-                ckpt = checkpoint.save(ckpt_root, done, tensors,
-                                       {"total_steps": total_steps, "loss": record.get("loss")}, cfg.keep_last)
+                state = {"total_steps": total_steps, "loss": record.get("loss"), **(stopper.state() if stopper else {})}
+                ckpt = checkpoint.save(ckpt_root, done, tensors, state, cfg.keep_last)
             if world > 1:
                 dist.barrier()
+        if stopped:
+            if rank == 0:
+                print(f"tunelab: early stopping at step {done}: eval loss did not improve for {stopper.patience} "
+                      f"evaluations; best {stopper.best_loss:.4g} at step {stopper.best_step}")
+            break
     if bar:
         bar.close()
     if tb:
@@ -344,9 +376,10 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         _plot(metrics_path, out_dir / "loss.png")
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()] if rank == 0 else []
     losses = [r["loss"] for r in rows if "loss" in r]
-    return {"steps": total_steps, "start_step": start, "first_loss": losses[0] if losses else None,
+    return {"steps": stopped or total_steps, "start_step": start, "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None, "eval_loss": last_eval,
             "seconds": time.time() - t0, "tokens": tokens_seen,
+            **({"early_stopping": stopper.summary(stopped)} if stopper else {}),
             # what this process stores (FSDP: its shards), the numbers docs/training.md compares
             "process_bytes": {"parameters": fsdp.local_nbytes(model.parameters()),
                               "optimizer": fsdp.local_nbytes(v for st in optimizer.state.values()

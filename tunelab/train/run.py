@@ -18,6 +18,7 @@ from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, m
 from tunelab.train import checkpoint, outdir
 from tunelab.train.checkpoint import atomic_folder
 from tunelab.train.loop import train_loop
+from tunelab.train.tracking import MLflowRun, check_available as check_tracking, flatten
 
 
 def pick_device(name: str) -> torch.device:
@@ -179,14 +180,15 @@ def _gather_outputs(model, cfg: RunConfig) -> dict:
     return fsdp.whole_state(model.state_dict())
 
 
-def save_outputs(model, tok, cfg: RunConfig, out: Path, whole: dict | None = None) -> Path:
+def save_outputs(model, tok, cfg: RunConfig, out: Path, whole: dict | None = None, name: str | None = None) -> Path:
     """lora/qlora: a PEFT-layout adapter; full/freeze: a Hugging Face folder. Both written atomically.
 
     `whole`: the tensors to write when the model's own are FSDP shards (from _gather_outputs).
+    `name`: the folder in `out` (default `adapter` or `model`; `best` for early stopping's best step).
     """
     from safetensors import SafetensorError
 
-    dest = inside(out, "adapter" if cfg.method in ("lora", "qlora") else "model")
+    dest = inside(out, name or ("adapter" if cfg.method in ("lora", "qlora") else "model"))
     try:
         if cfg.method in ("lora", "qlora"):
             from tunelab.lora import save_adapter
@@ -252,6 +254,7 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
         # the data first, in seconds: paths, formats, first records; then templates and the whole build with
         # the tokenizer alone; only then the model (minutes for a large one)
         check_data(cfg.data)
+        check_tracking(cfg.train.tracking)
         early = model[1] if model else early_tokenizer(cfg)
         data = _data(cfg, early, out) if early is not None else None
         torch.manual_seed(cfg.train.seed)
@@ -275,24 +278,50 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
                 out.rmdir()
         raise
     model.to(device)
+    if cfg.data.packing == "packed":  # before any step: a model that would mix packed examples is refused
+        from tunelab.train.packed import check_attention
+
+        check_attention(model, device)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json"):
+        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json",
+                  "best", "mlruns", "mlflow.json"):
             inside(out, f)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
         if made:
             outdir.point_latest(out)
             print(f"tunelab: this run writes to {out} ({out.parent / 'latest'} points to it)")
-    summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
-                         pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
-                         kernels=kernels, objective=task.objective(tok) if task else None)
-    if task and rank == 0:
-        summary["spans"] = task.final(model, tok, out, summary["steps"])
-    whole = _gather_outputs(model, cfg) if cfg.train.distributed == "fsdp" and _world_size() > 1 else None
-    if rank == 0:
-        summary["output"] = str(save_outputs(model, tok, cfg, out, whole))
-        summary["method"] = cfg.method
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    sharded = cfg.train.distributed == "fsdp" and _world_size() > 1
+
+    def on_best(step: int) -> None:  # early stopping's new best: its weights to best/ (every process: FSDP gathers)
+        whole = _gather_outputs(model, cfg) if sharded else None
+        if rank == 0:
+            save_outputs(model, tok, cfg, out, whole, name="best")
+
+    mlflow = None
+    if rank == 0 and "mlflow" in cfg.train.tracking:
+        mlflow = MLflowRun(out, cfg.train.mlflow_uri, cfg.train.mlflow_experiment,
+                           flatten(cfg.model_dump(mode="json")), cfg.resume)
+    try:
+        summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
+                             pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
+                             kernels=kernels, objective=task.objective(tok) if task else None, on_best=on_best,
+                             on_log=mlflow.log if mlflow else None)
+        if task and rank == 0:
+            summary["spans"] = task.final(model, tok, out, summary["steps"])
+        whole = _gather_outputs(model, cfg) if sharded else None
+        if rank == 0:
+            summary["output"] = str(save_outputs(model, tok, cfg, out, whole))
+            if summary.get("early_stopping"):
+                summary["early_stopping"]["best"] = str(out / "best")
+            summary["method"] = cfg.method
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    except BaseException:
+        if mlflow:
+            mlflow.fail()
+        raise
+    if mlflow:
+        mlflow.finish(cfg.method)
     return summary, model
