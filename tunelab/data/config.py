@@ -6,7 +6,7 @@ error (pydantic, `extra="forbid"`), never ignored.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -83,6 +83,11 @@ class DataConfig(BaseModel):
     template: str | None = Field(
         None, description="None = the tokenizer's chat template; else a named fallback (chatml or plain) or a .jinja file"
     )
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra variables for the chat template, as apply_chat_template takes them "
+        "(e.g. {enable_thinking: false} for Qwen3's non-thinking mode); use the same at inference")
+    turns: Literal["all", "last"] = Field(
+        "all", description="SFT: which assistant messages are trained: all, or only the last (earlier ones are prompt)")
     packing: Literal["packed", "padded"] = Field(
         "padded", description="padded (the default): one example per row, <= seq_len; packed: rows of exactly "
         "seq_len tokens, in which HF eager/SDPA attention lets an example attend to the earlier ones in its row "

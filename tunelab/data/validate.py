@@ -43,7 +43,7 @@ def _check_record(cfg: DataConfig, src: SourceConfig, line, row: dict, tokenizer
     try:
         messages = sft.to_messages(row, cfg.sft_format)
         if tokenizer is not None:
-            sft.segments(messages, tokenizer, cfg.template)
+            sft.segments(messages, tokenizer, **sft.options(cfg))
     except sft.RecordError as e:
         raise DataError(src.path, line, str(e)) from None
 
