@@ -209,6 +209,9 @@ def segments(messages: list[dict], tokenizer, template: str | None = None, templ
                                                  chat_template=jinja, **kwargs)
         except TemplateError as e:  # the template's own raise_exception, e.g. no system role
             raise RecordError(f"the chat template rejects this conversation: {e}") from None
+        except (TypeError, ValueError) as e:  # it iterates or indexes a variable it was not given (`tools`)
+            raise RecordError(f"the chat template fails on this conversation ({type(e).__name__}: {e}); if it needs "
+                              "a variable, set it in data.template_kwargs") from None
 
     full = render(messages, False)
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
