@@ -208,7 +208,7 @@ def _sft_records(src: SourceConfig, cfg: DataConfig, report: DataReport, qfilter
     """(messages, where) for each usable record of a source; bad rows raise DataError(path, line) or are
     skipped; empty/truncated responses and low-quality texts are dropped by the filters."""
     f = cfg.filters
-    for line, row in iter_rows(src.path, src.format, src.text_field, cfg.skip_bad_rows, report.skipped, src.extensions):
+    for line, row in iter_rows(src.path, src.format, src.text_field, cfg.skip_bad_rows, report.skipped, src.extensions, **src.hub()):
         try:
             messages = sft.to_messages(row, cfg.sft_format)
         except sft.RecordError as e:
