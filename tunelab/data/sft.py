@@ -23,6 +23,7 @@ rejects the conversation (Gemma-2's refuses a system message), is refused with a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,12 +168,7 @@ SENTINEL = "\x00"  # stands in for one answer's content: a character no template
 
 
 def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))
 
 
 def _answer_span(full: str, render, messages: list[dict], i: int) -> tuple[int, int]:
@@ -221,6 +217,8 @@ def segments(messages: list[dict], tokenizer, template: str | None = None, templ
         if spans and start < spans[-1][1] + len(spans[-1][2] or ""):
             raise RecordError("the chat template writes the assistant turns out of order; set data.template: chatml")
         spans.append((start, end, _turn_end(full[end:], tokenizer)))  # the template's closing token, if any
+    if turns == "last":
+        spans = spans[-1:]
     # The final answer must follow the prompt the model is given at inference. Some templates write the
     # history differently once an answer follows (Mistral-Nemo puts the system message into the last user
     # turn only while that turn is last; Cohere's tool-use template appends instructions after the last
@@ -234,8 +232,6 @@ def segments(messages: list[dict], tokenizer, template: str | None = None, templ
                               "set data.turns: last, or data.template: chatml")
         full, shift = prompt + full[start:], len(prompt) - start
         spans[-1] = (start + shift, end + shift, closing)
-    if turns == "last":
-        spans = spans[-1:]
     pieces: list[tuple[str, bool]] = []
     pos = 0  # characters of `full` already placed in pieces
     for start, end, closing in spans:
