@@ -34,3 +34,13 @@ def read_text(member: str) -> str:
     """One file of the tarball as text, by its path under llama.cpp's root (e.g. models/templates/X.jinja)."""
     with tarfile.open(sdist()) as tar:
         return tar.extractfile(f"{NAME}/vendor/llama.cpp/{member}").read().decode("utf-8")
+
+
+@lru_cache(maxsize=None)
+def read_folder(folder: str) -> dict[str, str]:
+    """Every file directly under one folder of llama.cpp (e.g. models/templates) as text, by its path under
+    llama.cpp's root, in one pass over the tarball (each read_text decompresses it up to its member)."""
+    root = f"{NAME}/vendor/llama.cpp/"
+    with tarfile.open(sdist()) as tar:
+        return {m.name[len(root):]: tar.extractfile(m).read().decode("utf-8") for m in tar
+                if m.isfile() and m.name.rpartition("/")[0] == root + folder.strip("/")}

@@ -101,3 +101,19 @@ def test_a_template_from_a_file(tmp_path):
     assert _labelled_runs(enc, tok) == ["beta alpha<|im_end|>"]
     with pytest.raises(ConfigError, match="cannot read it"):
         encode({"messages": CHAT[1:3]}, tok, 512, template=str(tmp_path / "missing.jinja"))
+
+
+def test_a_template_that_rewrites_the_history_before_the_final_answer(tmp_path):
+    """A header that says whether an answer is asked for: the final answer follows the inference prompt
+    (`mode: ask`); the earlier answer, written after `mode: done` in the finished conversation, cannot be
+    labelled in that prompt, so all turns is refused and `turns: last` trains the final answer."""
+    from tunelab.data.sft import RecordError
+
+    path = tmp_path / "header.jinja"
+    path.write_text("{{ 'mode: ask\\n' if add_generation_prompt else 'mode: done\\n' }}" + QWEN3.replace("loop.last", "false"))
+    tok = make_tiny_tokenizer()
+    with pytest.raises(RecordError, match="writes earlier turns differently once the final answer follows; set data.turns: last"):
+        encode({"messages": CHAT}, tok, 512, template=str(path))
+    enc = encode({"messages": CHAT}, tok, 512, template=str(path), turns="last")
+    assert _labelled_runs(enc, tok) == ["delta gamma<|im_end|>"]
+    assert tok.decode(enc.input_ids).startswith("mode: ask\n<|im_start|>system")

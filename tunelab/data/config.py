@@ -6,34 +6,44 @@ error (pydantic, `extra="forbid"`), never ignored.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Format = Literal["auto", "text", "code", "jsonl", "json", "csv", "parquet", "hf"]
+Format = Literal["auto", "text", "code", "jsonl", "json", "csv", "parquet", "hf", "hub"]
 
 
 class SourceConfig(BaseModel):
-    """One data source: a file, a folder, a saved Hugging Face dataset, or a builtin `local:` corpus."""
+    """One data source: a file, a folder, a saved Hugging Face dataset, a Hub dataset id, or a builtin `local:` corpus."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="a short name shown in reports")
     path: str = Field(
-        description="a file or folder; or a builtin local corpus: `local:code`, `local:prose`, `local:qa`"
+        description="a file or folder; a Hugging Face dataset id `owner/name` (read through the Hugging Face "
+        "cache; HF_HUB_OFFLINE=1 reads the cache only); or a builtin local corpus: `local:code`, `local:prose`, "
+        "`local:qa`"
     )
+    revision: str | None = Field(None, description="Hub dataset id: a branch, tag or commit hash (default main)")
+    split: str = Field("train", description="Hub dataset id: the split to read")
+    subset: str | None = Field(None, description="Hub dataset id: the subset (config name), when it has several")
     kind: str = Field("web", description="what the text is (web, qa, code, ...); shown in reports")
     weight: float = Field(1.0, gt=0, description="share of mixture tokens, relative to the other sources")
     format: Format = Field(
         "auto",
-        description="how to read `path`; `auto` picks by suffix (a folder: `hf` if it holds a saved "
-        "dataset, else `code` for `extensions` files, else `text` for .txt/.md files)",
+        description="how to read `path`; `auto` picks by suffix (a folder: `hf` if it holds a saved dataset, else "
+        "`code` for `extensions` files, else `text` for .txt/.md files; `hub` for an `owner/name` that is no "
+        "local path)",
     )
     text_field: str = Field("text", description="which field holds the text in JSONL/JSON/CSV/Parquet/HF rows")
     extensions: list[str] = Field([".py"], description="file suffixes read from a code folder")
     epochs: float | None = Field(
         None, gt=0, description="most passes over this source in a mixture; None = repeat freely"
     )
+
+    def hub(self) -> dict:
+        """The keyword arguments of sources.iter_rows that pick a Hub dataset's snapshot, split and subset."""
+        return {"revision": self.revision, "split": self.split, "subset": self.subset}
 
 
 class FilterConfig(BaseModel):
@@ -83,6 +93,11 @@ class DataConfig(BaseModel):
     template: str | None = Field(
         None, description="None = the tokenizer's chat template; else a named fallback (chatml or plain) or a .jinja file"
     )
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra variables for the chat template, as apply_chat_template takes them "
+        "(e.g. {enable_thinking: false} for Qwen3's non-thinking mode); use the same at inference")
+    turns: Literal["all", "last"] = Field(
+        "all", description="SFT: which assistant messages are trained: all, or only the last (earlier ones are prompt)")
     packing: Literal["packed", "padded"] = Field(
         "padded", description="padded (the default): one example per row, <= seq_len; packed: rows of exactly "
         "seq_len tokens holding several examples, position ids restarting at each, attention kept inside each "

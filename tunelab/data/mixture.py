@@ -45,7 +45,7 @@ class SourceStats:
 
 def iter_texts(src: SourceConfig, skip_bad_rows: bool = False, skipped: list[DataError] | None = None) -> Iterator[str]:
     """The text of every row of a source; a row without a string `text_field` is a DataError (or skipped)."""
-    for line, row in iter_rows(src.path, src.format, src.text_field, skip_bad_rows, skipped, src.extensions):
+    for line, row in iter_rows(src.path, src.format, src.text_field, skip_bad_rows, skipped, src.extensions, **src.hub()):
         try:
             yield field_text(row, src.text_field, src.path, line)
         except DataError as e:

@@ -208,7 +208,7 @@ def _sft_records(src: SourceConfig, cfg: DataConfig, report: DataReport, qfilter
     """(messages, where) for each usable record of a source; bad rows raise DataError(path, line) or are
     skipped; empty/truncated responses and low-quality texts are dropped by the filters."""
     f = cfg.filters
-    for line, row in iter_rows(src.path, src.format, src.text_field, cfg.skip_bad_rows, report.skipped, src.extensions):
+    for line, row in iter_rows(src.path, src.format, src.text_field, cfg.skip_bad_rows, report.skipped, src.extensions, **src.hub()):
         try:
             messages = sft.to_messages(row, cfg.sft_format)
         except sft.RecordError as e:
@@ -264,31 +264,32 @@ def _sft(cfg: DataConfig, tokenizer, seq_len, seed, qfilter, report, pool=None):
             qfilter.report.remove("eval_overlap", sft.prompt_key(messages))
         train = [(r, s) for r, s in train if sft.prompt_key(r[0]) not in seen]
     rng.shuffle(train)
-    encoded = _encode_all([m for (m, _), _ in train], tokenizer, seq_len, cfg.template, pool)
+    encoded = _encode_all([m for (m, _), _ in train], tokenizer, seq_len, sft.options(cfg), pool)
     train_docs = [_count(enc, where, seq_len, cfg, report, stats) for enc, ((_, where), stats) in zip(encoded, train)]
-    encoded = _encode_all([m for m, _ in eval_], tokenizer, seq_len, cfg.template, pool)
+    encoded = _encode_all([m for m, _ in eval_], tokenizer, seq_len, sft.options(cfg), pool)
     eval_docs = [_count(enc, where, seq_len, cfg, report, None) for enc, (_, where) in zip(encoded, eval_)]
     return [d for d in train_docs if d], [d for d in eval_docs if d]
 
 
-def _try_encode(messages, tokenizer, seq_len: int, template) -> sft.Encoded | sft.RecordError:
+def _try_encode(messages, tokenizer, seq_len: int, chat: dict) -> sft.Encoded | sft.RecordError:
     try:
-        return sft.encode({"messages": messages}, tokenizer, seq_len, template, "chat")
+        return sft.encode({"messages": messages}, tokenizer, seq_len, format="chat", **chat)
     except sft.RecordError as e:
         return e
 
 
 def _encode_record(job) -> sft.Encoded | sft.RecordError:  # runs in a worker
-    messages, seq_len, template = job
-    return _try_encode(messages, _worker_tokenizer, seq_len, template)
+    messages, seq_len, chat = job
+    return _try_encode(messages, _worker_tokenizer, seq_len, chat)
 
 
-def _encode_all(conversations: list, tokenizer, seq_len: int, template, pool) -> list:
-    """sft.encode of each conversation (an Encoded, or the RecordError it raised), in order."""
+def _encode_all(conversations: list, tokenizer, seq_len: int, chat: dict, pool) -> list:
+    """sft.encode of each conversation (an Encoded, or the RecordError it raised), in order; `chat`: the
+    template options (sft.options)."""
     if pool is None:
-        return [_try_encode(m, tokenizer, seq_len, template)
+        return [_try_encode(m, tokenizer, seq_len, chat)
                 for m in tqdm(conversations, desc="sft", unit="ex", disable=None, leave=False)]
-    jobs = [(m, seq_len, template) for m in conversations]
+    jobs = [(m, seq_len, chat) for m in conversations]
     return list(tqdm(pool.map(_encode_record, jobs, chunksize=64), total=len(jobs), desc="sft", unit="ex",
                      disable=None, leave=False))
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from tunelab.data import sft
 from tunelab.data.config import DataConfig
-from tunelab.data.sources import LOCAL_PREFIX
+from tunelab.data.sources import LOCAL_PREFIX, hub_dataset, is_hub_id
 
 FORMAT = 1                # bump when the files' layout changes: older folders are then rebuilt
 ROWS_PER_SHARD = 1 << 16  # rows per shard file; a shard's arrays are memory-mapped, never read whole
@@ -40,12 +40,13 @@ def _sha256_file(path: Path, h=None):
     return h
 
 
-def content_hash(path: str) -> str:
-    """SHA-256 of a source's bytes: a file; a folder's files (relative names and contents, sorted); for a
-    builtin `local:` corpus, its name and the Python version (it is read from the standard library)."""
+def content_hash(path: str, revision: str | None = None) -> str:
+    """SHA-256 of a source's bytes: a file; a folder's files (relative names and contents, sorted), a Hub
+    dataset id's snapshot folder at `revision`; for a builtin `local:` corpus, its name and the Python
+    version (it is read from the standard library)."""
     if path.startswith(LOCAL_PREFIX):
         return hashlib.sha256(f"{path}:{sys.version}".encode()).hexdigest()
-    p = Path(path)
+    p = hub_dataset(path, revision) if is_hub_id(path) else Path(path)
     if p.is_file():
         return _sha256_file(p).hexdigest()
     h = hashlib.sha256()
@@ -67,12 +68,12 @@ def fingerprint(cfg: DataConfig, tokenizer, seq_len: int, seed: int) -> dict:
     """Everything the prepared rows depend on; equal fingerprints give equal rows."""
     from tunelab import __version__
 
-    paths = [(s.name, s.path) for s in cfg.sources] + ([("eval", cfg.eval_path)] if cfg.eval_path else [])
-    paths += [("test", cfg.test_path)] if cfg.task == "spans" and cfg.test_path else []  # labels come from it too
+    paths = [(s.name, s.path, s.revision) for s in cfg.sources] + ([("eval", cfg.eval_path, None)] if cfg.eval_path else [])
+    paths += [("test", cfg.test_path, None)] if cfg.task == "spans" and cfg.test_path else []  # labels come from it too
     template = sft.chat_template(tokenizer, cfg.template) if cfg.task == "sft" else None
     return {"format": FORMAT, "tunelab": __version__, "seq_len": seq_len, "seed": seed,
             "data": cfg.model_dump(mode="json", exclude=NOT_CONTENT),
-            "sources": [{"name": n, "path": p, "sha256": content_hash(p)} for n, p in paths],
+            "sources": [{"name": n, "path": p, "sha256": content_hash(p, r)} for n, p, r in paths],
             "tokenizer_sha256": tokenizer_hash(tokenizer),
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
 

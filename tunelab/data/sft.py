@@ -9,18 +9,21 @@ Three record layouts are read (auto-detected per record):
 The mask rule: a label is the token id on every token of an assistant message's content and on the token
 that closes its turn: the special token the chat template writes right after the content (Llama-3's
 <|eot_id|>, Qwen's <|im_end|>, Gemma's <end_of_turn>, Phi-3's <|end|>, Mistral's </s>), else the EOS token,
-which is then added; every other label is -100. Spans are found by rendering the conversation prefix by
-prefix with the chat template: the text of `messages[:i]` with the generation prompt must be a prefix of the
-full text, and the assistant's content must follow it verbatim, or after text the template puts before
-the final answer only (Qwen3's empty <think></think> block: then it is prompt, as in its non-thinking
-mode). The text is tokenized segment by segment (prompt parts and responses apart), so the prompt tokens
+which is then added; every other label is -100. Each answer is found in the rendered conversation as the text
+that changes when its content is swapped for a placeholder, so templates need not be prefix-preserving
+(Qwen3 writes an empty think block before the final answer only, and drops the reasoning of earlier ones):
+what the template writes of the content is labelled, text it adds around it is prompt. The final answer
+always follows the prompt the model gets at inference (`messages[:i]` with the generation prompt); where a
+template writes the history differently once an answer follows (Mistral-Nemo's system message), that prompt
+is used. The text is tokenized segment by segment (prompt parts and responses apart), so the prompt tokens
 are exactly those the model sees at inference. A template that injects text (e.g. SmolLM2's default system
-message) is fine; one that rewrites the assistant's text, or rejects the conversation (Gemma's refuses a
-system message), is refused with a clear error.
+message) or trims the answer is fine; one that writes text not in the answer (e.g. upper-cases it), or
+rejects the conversation (Gemma-2's refuses a system message), is refused with a clear error.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +147,11 @@ def chat_template(tokenizer, template: str | None) -> str:
     return TEMPLATES[template]
 
 
+def options(cfg) -> dict:
+    """The keyword arguments of `segments`/`encode` that a DataConfig sets: template, template_kwargs, turns."""
+    return {"template": cfg.template, "template_kwargs": cfg.template_kwargs, "turns": cfg.turns}
+
+
 def _specials(tokenizer) -> set[str]:
     """The special tokens' texts: the named ones (eos, pad, ...) and every added token marked special."""
     return set(getattr(tokenizer, "all_special_tokens", [])) | {
@@ -156,48 +164,89 @@ def _turn_end(text: str, tokenizer) -> str | None:
     return max(found, key=len) if found else None
 
 
-def segments(messages: list[dict], tokenizer, template: str | None = None) -> list[tuple[str, bool]]:
+SENTINEL = "\x00"  # stands in for one answer's content: a character no template writes itself
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
+
+
+def _answer_span(full: str, render, messages: list[dict], i: int) -> tuple[int, int]:
+    """(start, end) in `full` of how the template renders message i's content: the characters that change
+    when the content is swapped for SENTINEL (common prefix and suffix of the two renderings). When the
+    content itself is written verbatim and ends there, the span is all of it (it may begin with the same
+    characters as the template's text for the sentinel, e.g. Qwen3's `<think>\n` of a reasoning answer)."""
+    content = messages[i]["content"]
+    alt = render(messages[:i] + [{**messages[i], "content": SENTINEL}] + messages[i + 1:], False)
+    start = _common_prefix(full, alt)
+    end = len(full) - _common_prefix(full[start:][::-1], alt[start:][::-1])
+    if full[:end].endswith(content):
+        start = min(start, end - len(content))
+    shown = full[start:end]
+    if shown not in content or (content.strip() and not shown):
+        raise RecordError("the chat template rewrites the assistant's text (it writes text that is not in the "
+                          "message); set data.template: chatml or a .jinja file")
+    return start, end
+
+
+def segments(messages: list[dict], tokenizer, template: str | None = None, template_kwargs: dict | None = None,
+             turns: str = "all") -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_response) pieces; each response piece is an assistant
-    message's content followed by the EOS token text."""
+    message's content as the template writes it, followed by the token that closes its turn.
+
+    `template_kwargs`: extra variables for the template (Qwen3's enable_thinking). `turns`: "all" trains every
+    assistant message, "last" only the final one (earlier answers are then prompt)."""
     jinja = chat_template(tokenizer, template)
-    eos = tokenizer.eos_token
+    kwargs = template_kwargs or {}
 
     def render(msgs, gen):
         try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=jinja)
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen,
+                                                 chat_template=jinja, **kwargs)
         except TemplateError as e:  # the template's own raise_exception, e.g. no system role
             raise RecordError(f"the chat template rejects this conversation: {e}") from None
+        except (TypeError, ValueError) as e:  # it iterates or indexes a variable it was not given (`tools`)
+            raise RecordError(f"the chat template fails on this conversation ({type(e).__name__}: {e}); if it needs "
+                              "a variable, set it in data.template_kwargs") from None
 
     full = render(messages, False)
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = []  # (start, end, closing token or None) of each answer in `full`
+    for i in answers:
+        start, end = _answer_span(full, render, messages, i)
+        if spans and start < spans[-1][1] + len(spans[-1][2] or ""):
+            raise RecordError("the chat template writes the assistant turns out of order; set data.template: chatml")
+        spans.append((start, end, _turn_end(full[end:], tokenizer)))  # the template's closing token, if any
+    if turns == "last":
+        spans = spans[-1:]
+    # The final answer must follow the prompt the model is given at inference. Some templates write the
+    # history differently once an answer follows (Mistral-Nemo puts the system message into the last user
+    # turn only while that turn is last; Cohere's tool-use template appends instructions after the last
+    # message): the final answer is then trained after that prompt, and earlier answers where both agree.
+    prompt = render(messages[: answers[-1]], True)
+    start, end, closing = spans[-1]
+    if not full[:start].startswith(prompt):
+        agree = _common_prefix(prompt, full)
+        if any(e + len(c or "") > agree for _, e, c in spans[:-1]):
+            raise RecordError("the chat template writes earlier turns differently once the final answer follows; "
+                              "set data.turns: last, or data.template: chatml")
+        full, shift = prompt + full[start:], len(prompt) - start
+        spans[-1] = (start + shift, end + shift, closing)
     pieces: list[tuple[str, bool]] = []
     pos = 0  # characters of `full` already placed in pieces
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = render(messages[:i], True)  # what the model sees before it answers
-        start = len(prefix)
-        if not full.startswith(prefix) or start < pos:
-            raise RecordError("the chat template does not render this conversation prefix by prefix; set data.template: chatml")
-        content = m["content"]
-        if not full.startswith(content, start):
-            # text the template puts before the last answer only (Qwen3: an empty think block) is prompt
-            later = full.find(content, start)
-            if i != len(messages) - 1 or later < 0 or not content:
-                raise RecordError("the chat template rewrites the assistant's text (e.g. strips it); set data.template: chatml")
-            start = later
-        end = start + len(content)
+    for start, end, closing in spans:
         pieces.append((full[pos:start], False))
-        # The turn's closing token: the template's own special token right here, else the EOS, added.
-        closing = _turn_end(full[end:], tokenizer)
-        pieces.append((content + (closing or eos), True))
-        pos = end + len(closing) if closing else end
+        pieces.append((full[start:end] + (closing or tokenizer.eos_token), True))  # no closing token: EOS, added
+        pos = end + len(closing or "")
     pieces.append((full[pos:], False))
     return [(text, resp) for text, resp in pieces if text]
 
 
-def encode(example: dict, tokenizer, max_len: int, template: str | None = None, format: str = "auto") -> Encoded:
-    """Token ids and masked labels for one record, cut to max_len; RecordError if no response token is left."""
-    pieces = segments(to_messages(example, format), tokenizer, template)
+def encode(example: dict, tokenizer, max_len: int, template: str | None = None, format: str = "auto",
+           template_kwargs: dict | None = None, turns: str = "all") -> Encoded:
+    """Token ids and masked labels for one record, cut to max_len; RecordError if no response token is left.
+    `template_kwargs` and `turns` as in `segments`."""
+    pieces = segments(to_messages(example, format), tokenizer, template, template_kwargs, turns)
     ids_per_piece = tokenizer([t for t, _ in pieces], add_special_tokens=False)["input_ids"]
     input_ids: list[int] = []
     labels: list[int] = []

@@ -1,4 +1,5 @@
-"""Reading sources: text/Markdown files, code folders, JSONL/JSON/CSV/Parquet, saved Hugging Face datasets.
+"""Reading sources: text/Markdown files, code folders, JSONL/JSON/CSV/Parquet, saved Hugging Face datasets,
+and Hugging Face Hub dataset ids (`owner/name`, through the Hugging Face cache: tunelab.hub).
 
 Everything is a lazy iterator, so a corpus larger than memory streams through: JSONL and CSV are read line
 by line, Parquet through `datasets` in streaming mode, a saved HF dataset memory-mapped by `datasets`.
@@ -15,12 +16,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tunelab.errors import DataError
+from tunelab.hub import HUB_ID, snapshot
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 LOCAL_PREFIX = "local:"
 # seeded span-detection sets from tunelab's injection generator (tunelab.eval.injection.span_records)
 SPAN_SOURCES = ("injection-spans", "injection-spans-val", "injection-spans-heldout")
+# What a Hub dataset needs from its repository: data files and the README whose YAML header names its
+# subsets and splits. Loading scripts (*.py) are never fetched, so never run.
+DATASET_FILES = ["README.md", "*.parquet", "*.jsonl", "*.jsonl.gz", "*.json", "*.csv", "*.txt", "*.arrow"]
+
+
+def is_hub_id(path: str | Path) -> bool:
+    """Whether `path` names a Hub dataset: `owner/name`, and no local file or folder has that name."""
+    return HUB_ID.fullmatch(str(path)) is not None and not Path(path).exists()
+
+
+def hub_dataset(repo_id: str, revision: str | None = None) -> Path:
+    """The snapshot folder of a Hub dataset in the Hugging Face cache, downloaded first when online."""
+    return snapshot(repo_id, revision, DATASET_FILES, repo_type="dataset", field="data path",
+                    revision_field="the source's revision")
 
 
 def detect_format(path: str | Path, extensions: list[str] | tuple[str, ...] = (".py",)) -> str:
@@ -45,19 +61,21 @@ def detect_format(path: str | Path, extensions: list[str] | tuple[str, ...] = ("
 
 def read_records(
     path: str | Path, format: str = "auto", text_field: str = "text", skip_bad_rows: bool = False,
-    skipped: list[DataError] | None = None, extensions: list[str] | tuple[str, ...] = (".py",),
+    skipped: list[DataError] | None = None, extensions: list[str] | tuple[str, ...] = (".py",), **hub,
 ) -> Iterator[dict]:
     """Yield each record (a dict) of `path`. Text and code files give `{text_field: content}` per file.
     Bad rows raise DataError naming file and line, or are skipped (appended to `skipped`) if asked."""
-    for _, record in iter_rows(path, format, text_field, skip_bad_rows, skipped, extensions):
+    for _, record in iter_rows(path, format, text_field, skip_bad_rows, skipped, extensions, **hub):
         yield record
 
 
 def iter_rows(
     path: str | Path, format: str = "auto", text_field: str = "text", skip_bad_rows: bool = False,
     skipped: list[DataError] | None = None, extensions: list[str] | tuple[str, ...] = (".py",),
+    revision: str | None = None, split: str = "train", subset: str | None = None,
 ) -> Iterator[tuple[int | None, dict]]:
-    """Like `read_records`, with each record's 1-based line (or row) number, None for whole files."""
+    """Like `read_records`, with each record's 1-based line (or row) number, None for whole files.
+    `revision`, `split`, `subset`: which snapshot, split and subset (config) of a Hub dataset id to read."""
     path = str(path)
     if path.startswith(LOCAL_PREFIX) and path[len(LOCAL_PREFIX):] in SPAN_SOURCES:
         from tunelab.eval.injection import span_records
@@ -69,9 +87,13 @@ def iter_rows(
 
         yield from ((None, r) for r in local_corpus(path[len(LOCAL_PREFIX):]))
         return
-    fmt = detect_format(path, extensions) if format == "auto" else format
+    fmt = format
+    if fmt == "auto":
+        fmt = "hub" if is_hub_id(path) else detect_format(path, extensions)
     readers = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet, "hf": _hf}
-    if fmt in ("text", "code"):
+    if fmt == "hub":
+        rows = _hub(path, revision, split, subset)
+    elif fmt in ("text", "code"):
         rows = _files(path, text_field, extensions if fmt == "code" else TEXT_SUFFIXES + tuple(extensions))
     elif fmt in readers:
         rows = readers[fmt](path)
@@ -209,6 +231,21 @@ def _hf(path):
         ds = ds["train"]
     # to_iterable_dataset reads the memory-mapped Arrow shards lazily, row by row.
     yield from enumerate(ds.to_iterable_dataset(), start=1)
+
+
+def _hub(repo_id: str, revision: str | None, split: str, subset: str | None):
+    """The rows of one split of a Hub dataset, read by `datasets` from its cached snapshot folder, streaming
+    (datasets' own layout rules: data/<split>-*.parquet, <split>.jsonl, subsets named in the README)."""
+    import datasets
+
+    folder = hub_dataset(repo_id, revision)
+    try:
+        ds = datasets.load_dataset(str(folder), name=subset, split=split, streaming=True)
+    except (*_arrow_errors(), datasets.exceptions.DatasetNotFoundError) as e:
+        where = f"{repo_id}{f'@{revision}' if revision else ''} ({folder})"
+        raise DataError(repo_id, None, f"cannot read split {split!r}{f' of subset {subset!r}' if subset else ''} "
+                        f"of {where}: {str(e).splitlines()[0]}") from None
+    yield from enumerate(ds, start=1)
 
 
 def _files(path, text_field, suffixes):

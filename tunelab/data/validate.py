@@ -43,7 +43,7 @@ def _check_record(cfg: DataConfig, src: SourceConfig, line, row: dict, tokenizer
     try:
         messages = sft.to_messages(row, cfg.sft_format)
         if tokenizer is not None:
-            sft.segments(messages, tokenizer, cfg.template)
+            sft.segments(messages, tokenizer, **sft.options(cfg))
     except sft.RecordError as e:
         raise DataError(src.path, line, str(e)) from None
 
@@ -54,7 +54,7 @@ def check(cfg: DataConfig, tokenizer=None, first: int = FIRST) -> None:
     if tokenizer is not None and cfg.task == "sft":
         sft.chat_template(tokenizer, cfg.template)  # a missing or unknown template, even with no records
     for src in _sources(cfg):
-        rows = iter_rows(src.path, src.format, src.text_field, cfg.skip_bad_rows, [], src.extensions)
+        rows = iter_rows(src.path, src.format, src.text_field, cfg.skip_bad_rows, [], src.extensions, **src.hub())
         for line, row in itertools.islice(rows, first):
             try:
                 _check_record(cfg, src, line, row, tokenizer)

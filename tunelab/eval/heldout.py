@@ -58,7 +58,7 @@ def scan_training_data(data_cfg, eval_texts: dict[str, list[str]] | None = None)
                         found={name: set() for name in eval_texts}, total={k: len(v) for k, v in wanted.items()},
                         same_docs={name: 0 for name in eval_texts})
     for src in data_cfg.sources:
-        for _, row in iter_rows(src.path, src.format, src.text_field, True, [], src.extensions):
+        for _, row in iter_rows(src.path, src.format, src.text_field, True, [], src.extensions, **src.hub()):
             scan.records += 1
             if data_cfg.task == "sft":
                 try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.hub import HUB_ID, snapshot
 from tunelab.models import bundled
 
 
@@ -41,32 +41,15 @@ def gguf_folder(path: Path) -> Path:
     return dest
 
 
-# A Hugging Face repository id: "org/name" (letters, digits, '-', '_', '.'), as the Hub names repositories.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What a model needs from its repository: config, safetensors weights, tokenizer and chat template files.
 # Pickled weights (*.bin, *.pt) are never fetched.
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
 def hub_folder(repo_id: str, revision: str | None = None) -> Path:
-    """The snapshot folder of a Hub model in the Hugging Face cache ($HF_HUB_CACHE, ~/.cache/huggingface/hub),
-    downloaded first when online (safetensors and tokenizer files only); with HF_HUB_OFFLINE=1 the cache
-    alone. `revision`: a branch, tag or commit hash (default main)."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    at = f"@{revision}" if revision else ""
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise TunelabError(f"model.source: {repo_id}{at}: {type(e).__name__.removesuffix('Error').lower()} on the "
-                           "Hugging Face Hub (check the id and model.revision; a gated model needs `hf auth login`)") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else f"the Hub cannot be reached ({str(e).splitlines()[0][:120]})"
-        raise TunelabError(
-            f"model.source: {repo_id}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
-            f"fetch it where the Hub is reachable: `hf download {repo_id}{f' --revision {revision}' if revision else ''} "
-            f"--include {' '.join(repr(p) for p in HUB_FILES)}`, or give a local folder") from None
+    """The snapshot folder of a Hub model in the Hugging Face cache (tunelab.hub.snapshot): safetensors and
+    tokenizer files only. `revision`: a branch, tag or commit hash (default main)."""
+    return snapshot(repo_id, revision, HUB_FILES)
 
 
 def model_folder(source: str, revision: str | None = None) -> Path:
