@@ -143,7 +143,7 @@ def same_adapter_init(model: nn.Module) -> list[nn.Parameter]:
 
 def tunelab_stack(model: nn.Module, quantized: bool, loss_chunk: int):
     from tunelab.lora import LoraConfig, apply_lora
-    from tunelab.models.fused import fuse
+    from tunelab.accel.fused import fuse
     from tunelab.quant import quantize_model
     from tunelab.train.loss import causal_lm_loss_sum
 
@@ -377,10 +377,10 @@ def dequant_bench(shape: tuple[int, int], device: torch.device, reps: int) -> di
     pytorch = lambda: blockwise.dequantize_blocks(qt.data, "nf4", n, BLOCK, qt.block_scales, None, torch.bfloat16)
     res["tunelab_pytorch_tb_s"] = moved / timed(pytorch, device, reps) / 1e12
     if device.type == "cuda":
-        from tunelab.quant import triton_kernels
+        from tunelab.accel import dequant_triton
 
-        if triton_kernels.AVAILABLE:
-            res["tunelab_triton_tb_s"] = moved / timed(lambda: triton_kernels.dequantize_4bit(qt, torch.bfloat16, out),
+        if dequant_triton.AVAILABLE:
+            res["tunelab_triton_tb_s"] = moved / timed(lambda: dequant_triton.dequantize_4bit(qt, torch.bfloat16, out),
                                                        device, reps) / 1e12
             res["triton_configs"] = triton_sweep(qt, out, moved, device, reps)
         else:
@@ -398,7 +398,7 @@ def dequant_bench(shape: tuple[int, int], device: torch.device, reps: int) -> di
 def triton_sweep(qt, out, moved: int, device: torch.device, reps: int) -> dict:
     """TB/s of both kernels at other launch settings, to choose the defaults on this card: the per-byte
     kernel (bytes per program, warps) and the block-tiled bf16 one ("pairs", bytes per program, warps)."""
-    from tunelab.quant import triton_kernels as tk
+    from tunelab.accel import dequant_triton as tk
 
     default = (tk.BYTES_PER_PROGRAM, tk.NUM_WARPS, tk.PAIRS, tk.PAIRS_BYTES, tk.PAIRS_WARPS)
     found = {}

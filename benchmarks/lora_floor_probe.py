@@ -129,10 +129,11 @@ def attention(reps: int) -> None:
 
 
 def dequant(reps: int) -> None:
-    from tunelab.quant import cpu_kernels, quantize
+    from tunelab.accel import dequant_c
+    from tunelab.quant import quantize
     from tunelab.quant.linear import dequant_workspace
 
-    lib = cpu_kernels._lib if cpu_kernels.available() else None
+    lib = dequant_c._lib if dequant_c.available() else None
     for out_f, in_f in ((FF, D), (D, D)):
         w = torch.randn(out_f, in_f)
         q = quantize(w, "nf4", block_size=64, double_quant=True)
@@ -140,7 +141,7 @@ def dequant(reps: int) -> None:
 
         def with_kernel(on: bool):
             def run():
-                cpu_kernels._lib = lib if on else None
+                dequant_c._lib = lib if on else None
                 q.dequantize(torch.float32, workspace=buf)
             return run
 
@@ -151,30 +152,31 @@ def dequant(reps: int) -> None:
         res = paired(with_kernel(False), with_kernel(True), reps)
         row(f"NF4 dequantize {out_f}x{in_f}", "A: PyTorch ops", "B: C kernel (used)", res)
         print(f"  (an fp32 copy of the same size: {copy:.2f} ms)")
-    cpu_kernels._lib = lib
+    dequant_c._lib = lib
 
 
 def qlora_layer(reps: int) -> None:
     """One QLoRA layer's forward + backward (W de-quantized twice), the kernel off and on."""
     from tunelab.lora import LoRALinear
-    from tunelab.quant import Linear4bit, cpu_kernels
+    from tunelab.accel import dequant_c
+    from tunelab.quant import Linear4bit
 
-    if not cpu_kernels.available():
+    if not dequant_c.available():
         return
-    lib = cpu_kernels._lib
+    lib = dequant_c._lib
     for out_f, in_f in ((FF, D), (D, FF), (D, D)):
         layer = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(in_f, out_f, bias=False)), R, 2 * R)
         x, g = torch.randn(T, in_f, requires_grad=True), torch.randn(T, out_f)
 
         def with_kernel(on: bool):
             def run():
-                cpu_kernels._lib = lib if on else None
+                dequant_c._lib = lib if on else None
                 layer(x).backward(g)
             return run
 
         row(f"QLoRA layer {out_f}x{in_f} fwd+bwd", "A: PyTorch dequantize", "B: C kernel (used)",
             paired(with_kernel(False), with_kernel(True), reps))
-    cpu_kernels._lib = lib
+    dequant_c._lib = lib
 
 
 def main() -> None:

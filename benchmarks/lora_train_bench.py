@@ -14,7 +14,7 @@ Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256
 (Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4 (torch's fused kernel, for all).
 
 Speed: per label regime, each stack lives in its own worker process (as each would for a user: PEFT's with
-glibc's default malloc, ours with the setting of tunelab/train/malloc.py) and the workers step in lockstep:
+glibc's default malloc, ours with the setting of tunelab/accel/malloc.py) and the workers step in lockstep:
 rounds of one step of each stack, back to back, only one worker running at a time (each compared pair
 adjacent, the order reversed every other round). This machine's speed drifts by up to 1.5x over minutes,
 so stacks timed minutes apart are not comparable; steps seconds apart are. Each ratio is the median over
@@ -26,7 +26,7 @@ the rise of the peak resident set over two training steps above the resident set
 live tensors over a third step (torch's memory profiler: tensors created minus destroyed), which does not
 depend on the allocator.
 Allocator (--malloc): `shipped` (default) runs each stack as a user gets it: PEFT's on glibc's default
-malloc, ours with tunelab/train/malloc.py's setting. `glibc-tuned` gives every stack that setting;
+malloc, ours with tunelab/accel/malloc.py's setting. `glibc-tuned` gives every stack that setting;
 `jemalloc` and `tcmalloc` preload that allocator into every stack's process (Debian:
 `apt-get install libjemalloc2 libtcmalloc-minimal4`), where glibc's setting has no effect.
 Correctness: the stacks train the same model from the same start on the same batch, so their losses must
@@ -137,7 +137,7 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int, malloc: s
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=32, target_modules="all-linear"))
         params = [p for p in model.parameters() if p.requires_grad]
         if stack.endswith("-reuse") or malloc == "glibc-tuned":
-            from tunelab.train.malloc import reuse_freed_memory
+            from tunelab.accel.malloc import reuse_freed_memory
 
             reuse_freed_memory()
 
@@ -145,10 +145,10 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int, malloc: s
             return model(input_ids=input_ids, labels=lab).loss
     else:
         from tunelab.lora import LoraConfig, apply_lora, lora_param_groups
-        from tunelab.models.fused import fuse
+        from tunelab.accel.fused import fuse
         from tunelab.quant import quantize_model
         from tunelab.train.loss import causal_lm_loss_sum
-        from tunelab.train.malloc import reuse_freed_memory
+        from tunelab.accel.malloc import reuse_freed_memory
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         if stack == "tunelab-qlora":
@@ -352,12 +352,12 @@ def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: in
     """Steps alternating one of tunelab's shortcuts on and off: `dequant`, the C kernel on tunelab-qlora
     (off: the PyTorch path), also timing every call of QuantizedTensor.dequantize (each frozen weight,
     forward and backward); `fused` on tunelab-lora: the RMSNorm and SwiGLU C kernels of
-    tunelab.models.fused (off: transformers' modules; `rmsnorm` before the SwiGLU kernel existed; with the
+    tunelab.accel.fused (off: transformers' modules; `rmsnorm` before the SwiGLU kernel existed; with the
     rotary kernel since it exists); `rotary` on tunelab-lora: the rotary embedding's kernel alone (off:
     transformers' ops); `last` on tunelab-lora: the last decoder layer on labelled positions only
     (tunelab.train.loss; off: whole)."""
-    from tunelab.models import fused
-    from tunelab.quant import cpu_kernels
+    from tunelab.accel import fused
+    from tunelab.accel import dequant_c
     from tunelab.quant.tensor import QuantizedTensor
     from tunelab.train import loss
 
@@ -383,7 +383,7 @@ def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: in
         switch = lambda on: setattr(fused, "_rotary_fusable", real if on else lambda *a: False)  # noqa: E731
         names = ("rotary kernel", "rotary PyTorch")
     else:
-        module = cpu_kernels if kernel == "dequant" else fused
+        module = dequant_c if kernel == "dequant" else fused
         lib = module._lib if module.available() else None
         if lib is None:
             sys.exit("no C compiler here: nothing to compare")

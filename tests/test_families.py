@@ -17,7 +17,8 @@ import torch
 import transformers
 
 from tunelab.errors import TunelabError
-from tunelab.models import families, fused, kernels
+from tunelab.accel import fused, kernels
+from tunelab.models import families
 from tunelab.train.loss import causal_lm_loss_sum
 
 V, D = 96, 32
@@ -269,7 +270,7 @@ def test_no_transformers_function_or_class_is_replaced_for_the_process():
     import sys as _sys
 
     from tunelab.config import load_config
-    from tunelab.models import kernels
+    from tunelab.accel import kernels
     from tunelab.train.run import prepare_method
 
     def snapshot():

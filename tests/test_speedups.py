@@ -1,4 +1,4 @@
-"""The parity suite, generated from the registry (tunelab.models.kernels.REGISTRY): every speed-up switched by
+"""The parity suite, generated from the registry (tunelab.accel.kernels.REGISTRY): every speed-up switched by
 train.kernels, alone, on every family of the table that claims it, against its reference twin (every
 speed-up off: the model's own modules and forward); the loss and every gradient, float32, as close to a
 float64 evaluation as the reference is (tests/numerics.py). The registry's other entries name their own
@@ -21,7 +21,7 @@ import torch
 from numerics import assert_as_accurate
 from test_families import _DATA, CASES, _batch, _model
 from tunelab.config import load_config
-from tunelab.models import fused, kernels
+from tunelab.accel import fused, kernels
 from tunelab.models.families import family_of
 from tunelab.train.loss import causal_lm_loss_sum
 from tunelab.train.run import prepare_method

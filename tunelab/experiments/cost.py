@@ -13,7 +13,7 @@ vocabulary V, batch B, sequence T (N = B*T tokens, Nl label tokens):
   (its log-sum-exp) + 4I (SiLU input and output, up output, down_proj input) + 2 (rsqrt of each norm).
   LoRA/QLoRA: a norm with a frozen weight does not keep its normalised x (4C instead of 6C), plus r per
   adapted linear (the A output); frozen linears keep nothing for themselves (LoRA A keeps their input).
-  tunelab's fused kernels (`fused`: tunelab.models.fused) change two terms: the fused RMSNorm never keeps the
+  tunelab's fused kernels (`fused`: tunelab.accel.fused) change two terms: the fused RMSNorm never keeps the
   normalised x (4C for full too), the fused SwiGLU keeps no SiLU output (3I).
   Shared by all layers: RoPE cos/sin (2d per token), the final norm, the ids.
 - loss: our chunked head saves only dL/dh for label tokens (Nl*C) and, when the head trains, its weight
@@ -98,7 +98,7 @@ class Setup:
     quant_block: int = 64
     double_quant: bool = True
     loss_chunk: int = 256  # TrainConfig.loss_chunk_tokens
-    fused: bool = False  # tunelab.models.fused's RMSNorm and SwiGLU (tunelab train on CPU, fp32, a C compiler)
+    fused: bool = False  # tunelab.accel.fused's RMSNorm and SwiGLU (tunelab train on CPU, fp32, a C compiler)
 
 
 def adapter_params(arch: Arch, r: int) -> int:

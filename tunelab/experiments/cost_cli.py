@@ -30,7 +30,7 @@ def run(args) -> int:
 
     from tunelab.errors import TunelabError
     from tunelab.experiments.cost import Arch, Setup, analytic, measure
-    from tunelab.models import fused
+    from tunelab.accel import fused
     from tunelab.models.load import model_folder
     from tunelab.quant.tensor import check_block_size
     from transformers import AutoConfig

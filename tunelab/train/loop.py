@@ -17,7 +17,7 @@ import torch.nn as nn
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.train import checkpoint, faults, fsdp
 from tunelab.train.loss import IGNORE, NEXT_TOKEN, Objective
-from tunelab.train.malloc import reuse_freed_memory
+from tunelab.accel.malloc import reuse_freed_memory
 from tunelab.train.optim8bit import AdamW8bit
 
 
@@ -186,7 +186,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
                objective: Objective | None = None) -> dict:
     """Train `model` on tokenized examples; cfg is a TrainConfig. Returns a summary of the run.
 
-    `kernels`: the speed-ups the loss runs (tunelab.models.kernels.choose; default auto for the model).
+    `kernels`: the speed-ups the loss runs (tunelab.accel.kernels.choose; default auto for the model).
     `objective`: next-token (default) or token classification (tunelab.train.loss.Objective).
     Examples are dicts of input_ids / labels (-100 = no loss) / optional position_ids. The example order of
     step s is a function of (seed, s) alone, so a resumed run sees exactly the batches it would have seen.

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tunelab.models.fused import rotary
+from tunelab.accel.fused import rotary
 
 IGNORE = -100
 
@@ -243,14 +243,14 @@ def causal_lm_loss_sum(model, batch: dict, chunk: int = 256, kernels=None) -> tu
     """(summed next-token loss, number of label tokens) of a Hugging Face causal LM on a batch.
 
     `batch["labels"]` follows the Hugging Face convention: aligned with input_ids, -100 where no loss;
-    position t predicts labels[t + 1]. `kernels` (tunelab.models.kernels.choose; default: train.kernels=auto
+    position t predicts labels[t + 1]. `kernels` (tunelab.accel.kernels.choose; default: train.kernels=auto
     for this model) says the path: the chunked head + loss with the family's logits transform, and where
     every row's first loss falls at position s > 0 (a prompt), the last decoder layer computes its outputs
     for positions s.. only (see `_last_layer_from`); or, for `off` and a family not in the table, the
     model's own forward (`reference_loss_sum`).
     """
     if kernels is None:
-        from tunelab.models.kernels import choose
+        from tunelab.accel.kernels import choose
 
         kernels = choose(model, "auto", batch["input_ids"].device)
     if not kernels.chunked_head:

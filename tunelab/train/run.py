@@ -13,7 +13,7 @@ import torch
 from tunelab.config import RunConfig, dump_config
 from tunelab.data.validate import check as check_data
 from tunelab.errors import TunelabError
-from tunelab.models import kernels as accel
+from tunelab.accel import kernels as accel
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, model_folder, resolve_dtype
 from tunelab.train import checkpoint, outdir
 from tunelab.train.checkpoint import atomic_folder
@@ -98,7 +98,7 @@ def enable_checkpointing(model) -> None:
 
 def prepare_method(model, cfg: RunConfig, kernels: accel.Kernels | None = None) -> list[dict]:
     """Freeze / quantize / add adapters as the method says; return AdamW parameter groups. `kernels`
-    (default: tunelab.models.kernels.choose for cfg.train.kernels, reported) says which speed-ups the model
+    (default: tunelab.accel.kernels.choose for cfg.train.kernels, reported) says which speed-ups the model
     gets: the fused RMSNorm, SwiGLU and rotary modules here, the fused LoRA layers below."""
     if kernels is None:
         kernels = accel.choose(model, cfg.train.kernels)

@@ -1,8 +1,8 @@
 """Small C kernels for the CPU, compiled with the system's C compiler on first use and loaded via ctypes.
 
 PyTorch on CPU runs one pass over memory per op; a few chains of ops that tunelab runs on every training
-step are much faster as one loop (4-bit dequantize: tunelab.quant.cpu_kernels; RMSNorm and SwiGLU:
-tunelab.models.fused).
+step are much faster as one loop (4-bit dequantize: tunelab.accel.dequant_c; RMSNorm and SwiGLU:
+tunelab.accel.fused).
 Each library is compiled once per source, flags, compiler version and instruction-set level into the
 user's cache folder (about 1 s with gcc) and written atomically, as Triton and torch.compile build their CPU
 pieces. The level is chosen from this CPU's flags (x86-64-v4 with AVX-512, v3 with AVX2 and FMA, v2, or the

@@ -140,7 +140,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         if triton is None:
-            raise RuntimeError("tunelab.models.triton_fused needs Triton; check AVAILABLE first")
+            raise RuntimeError("tunelab.accel.triton_fused needs Triton; check AVAILABLE first")
         shape, n = x.shape, x.shape[-1]
         x2, weight = x.reshape(-1, n).contiguous(), weight.contiguous()
         y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
@@ -169,7 +169,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
         if triton is None:
-            raise RuntimeError("tunelab.models.triton_fused needs Triton; check AVAILABLE first")
+            raise RuntimeError("tunelab.accel.triton_fused needs Triton; check AVAILABLE first")
         g, u = g.contiguous(), u.contiguous()
         h = torch.empty_like(g)
         _swiglu_fwd[(triton.cdiv(g.numel(), SWIGLU_BLOCK),)](g, u, h, g.numel(), BLOCK=SWIGLU_BLOCK)

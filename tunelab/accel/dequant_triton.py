@@ -112,7 +112,7 @@ def dequantize_4bit(qt, dtype: torch.dtype, out: torch.Tensor | None = None) -> 
     out: a flat `dtype` tensor of at least n elements on qt's device to write into (a view is returned).
     """
     if triton is None:
-        raise RuntimeError("tunelab.quant.triton_kernels.dequantize_4bit needs Triton; check AVAILABLE first")
+        raise RuntimeError("tunelab.accel.dequant_triton.dequantize_4bit needs Triton; check AVAILABLE first")
     n, device = qt.numel(), qt.device
     if out is None:
         out = torch.empty(n, dtype=dtype, device=device)

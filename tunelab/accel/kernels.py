@@ -5,7 +5,7 @@ The speed-ups and their reference twins (what `off` runs):
   forward with labels, full logits (its loss is a mean; we take it times the label count, so the loop's
   normalisation is the same);
 - last-layer shortcut (loss.py) -> the last decoder layer run whole; it is part of the chunked path;
-- fused RMSNorm, SwiGLU, rotary (tunelab/models/fused.py; C on CPU, Triton on CUDA for the first two) ->
+- fused RMSNorm, SwiGLU, rotary (tunelab/accel/fused.py; C on CPU, Triton on CUDA for the first two) ->
   the model's own modules;
 - fused LoRA autograd (tunelab/lora/layer.py `_FusedLoRA`) -> base(x) + scale * B(A(x)).
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.models import fused
+from tunelab.accel import fused
 from tunelab.models.families import Family, family_of, logits_transform
 
 MODES = ("auto", "off", "strict")
@@ -54,23 +54,23 @@ REGISTRY: tuple[SpeedUp, ...] = (
             "the model's own forward with labels (full logits)", "tests/test_speedups.py::test_parity"),
     SpeedUp("last_layer", "the last decoder layer on labelled positions only (tunelab/train/loss.py)", "decoder",
             "the last decoder layer run whole", "tests/test_speedups.py::test_parity", needs=("chunked_head",)),
-    SpeedUp("norm", "RMSNorm as one C loop each way on CPU, Triton on CUDA (tunelab/models/fused.py)", "norm",
+    SpeedUp("norm", "RMSNorm as one C loop each way on CPU, Triton on CUDA (tunelab/accel/fused.py)", "norm",
             "the family's own RMSNorm module", "tests/test_speedups.py::test_parity"),
-    SpeedUp("swiglu", "SiLU(gate) * up as one C loop each way on CPU, Triton on CUDA (tunelab/models/fused.py)",
+    SpeedUp("swiglu", "SiLU(gate) * up as one C loop each way on CPU, Triton on CUDA (tunelab/accel/fused.py)",
             "mlp", "the family's own MLP module", "tests/test_speedups.py::test_parity"),
-    SpeedUp("rotary", "the rotary embedding of q and k as one C loop each way (tunelab/models/fused.py)",
+    SpeedUp("rotary", "the rotary embedding of q and k as one C loop each way (tunelab/accel/fused.py)",
             "attention", "transformers' apply_rotary_pos_emb", "tests/test_speedups.py::test_parity"),
     SpeedUp("fused_lora", "LoRA's fused autograd: scale folded into the GEMMs, addmm accumulation "
             "(tunelab/lora/layer.py _FusedLoRA)", "all", "base(x) + scale * B(A(dropout(x)))",
             "tests/test_speedups.py::test_parity"),
-    SpeedUp("dequant_c", "4-bit dequantize as one C loop (tunelab/quant/cpu_kernels.py)", "all",
+    SpeedUp("dequant_c", "4-bit dequantize as one C loop (tunelab/accel/dequant_c.py)", "all",
             "the PyTorch dequantize of tunelab/quant/blockwise.py",
             "tests/test_quant_cpu_kernels.py::test_same_bits_as_the_pytorch_path", switch="TUNELAB_C_KERNELS=0"),
-    SpeedUp("dequant_triton", "4-bit dequantize in Triton on CUDA (tunelab/quant/triton_kernels.py)", "all",
+    SpeedUp("dequant_triton", "4-bit dequantize in Triton on CUDA (tunelab/accel/dequant_triton.py)", "all",
             "the PyTorch dequantize of tunelab/quant/blockwise.py",
             "tests/test_quant_triton.py::test_interpreted_kernel_equals_pytorch_path_bit_for_bit",
             switch="TUNELAB_TRITON=0"),
-    SpeedUp("malloc", "glibc keeps freed blocks for the next step (tunelab/train/malloc.py)", "all",
+    SpeedUp("malloc", "glibc keeps freed blocks for the next step (tunelab/accel/malloc.py)", "all",
             "glibc's default malloc", "tests/test_speedups.py::test_malloc_setting_changes_no_loss",
             switch="MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment"),
 )
@@ -116,7 +116,7 @@ def _c_or_triton(device_type: str) -> str | None:
         return None if fused.gpu_kernels() else "no Triton (or TUNELAB_TRITON=0)"
     if fused.available():
         return None
-    from tunelab import ckernels
+    from tunelab.accel import ckernels
 
     return ckernels.problems.get("fused", "no C compiler (or TUNELAB_C_KERNELS=0)")  # the build's own reason
 
