@@ -81,7 +81,7 @@ def sync(device: torch.device) -> None:
 
 
 def free(device: torch.device) -> None:
-    from tunelab.quant.linear import free_workspaces
+    from tunelab.accel.dequant import free_workspaces
 
     free_workspaces()
     gc.collect()
@@ -142,18 +142,21 @@ def same_adapter_init(model: nn.Module) -> list[nn.Parameter]:
 
 
 def tunelab_stack(model: nn.Module, quantized: bool, loss_chunk: int):
+    from tunelab.accel import kernels
     from tunelab.lora import LoraConfig, apply_lora
-    from tunelab.accel.fused import fuse
     from tunelab.quant import quantize_model
     from tunelab.train.loss import causal_lm_loss_sum
 
-    fuse(model)  # RMSNorm and SwiGLU as one kernel each way (Triton on CUDA), as `tunelab train` does
     if quantized:
         quantize_model(model, "nf4", block_size=BLOCK, double_quant=True)  # lm_head stays bf16
     apply_lora(model, LoraConfig(r=RANK, alpha=ALPHA, target_modules="all-linear"), verbose=False)
+    # the speed-ups of train.kernels=auto, as `tunelab train` applies them: fused RMSNorm and SwiGLU (Triton
+    # on CUDA), the fused LoRA autograd, the Triton dequantize
+    k = kernels.choose(model, "auto", next(model.parameters()).device)
+    kernels.apply(model, k)
 
     def loss_fn(batch: dict) -> torch.Tensor:
-        s, n = causal_lm_loss_sum(model, batch, loss_chunk)  # chunked head + cross-entropy
+        s, n = causal_lm_loss_sum(model, batch, loss_chunk, kernels=k)  # chunked head + cross-entropy
         return s / n
 
     return model, loss_fn

@@ -144,23 +144,24 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int, malloc: s
         def loss_fn():
             return model(input_ids=input_ids, labels=lab).loss
     else:
+        from tunelab.accel import kernels
         from tunelab.lora import LoraConfig, apply_lora, lora_param_groups
-        from tunelab.accel.fused import fuse
         from tunelab.quant import quantize_model
         from tunelab.train.loss import causal_lm_loss_sum
-        from tunelab.accel.malloc import reuse_freed_memory
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         if stack == "tunelab-qlora":
             quantize_model(model, dtype="nf4", block_size=64, double_quant=True)
         apply_lora(model, LoraConfig(r=r, alpha=32, target_modules="all-linear"), verbose=False)
-        fuse(model)  # fused RMSNorm, SwiGLU and rotary embedding, as tunelab's training runs do
-        reuse_freed_memory()  # as tunelab's training loop does, once the model is built
+        # train.kernels=auto, as tunelab's training runs apply it: fused RMSNorm, SwiGLU and rotary embedding,
+        # the fused LoRA autograd, the dequantize kernel and workspace, the malloc setting
+        k = kernels.choose(model, "auto", "cpu")
+        kernels.apply(model, k)
         params = [p for g in lora_param_groups(model, 1e-4) for p in g["params"]]
         batch_ = {"input_ids": input_ids, "labels": lab}
 
         def loss_fn():
-            s, n = causal_lm_loss_sum(model, batch_)
+            s, n = causal_lm_loss_sum(model, batch_, kernels=k)
             return s / n
     model.train()
     # torch's fused AdamW for every stack: what tunelab's training loop uses, and transformers' Trainer's default
@@ -350,19 +351,17 @@ def _sub(args: list[str]) -> dict:
 
 def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: int) -> None:
     """Steps alternating one of tunelab's shortcuts on and off: `dequant`, the C kernel on tunelab-qlora
-    (off: the PyTorch path), also timing every call of QuantizedTensor.dequantize (each frozen weight,
+    (off: the PyTorch path), also timing every de-quantization of a frozen weight (Linear4bit.matmul_weight,
     forward and backward); `fused` on tunelab-lora: the RMSNorm and SwiGLU C kernels of
     tunelab.accel.fused (off: transformers' modules; `rmsnorm` before the SwiGLU kernel existed; with the
     rotary kernel since it exists); `rotary` on tunelab-lora: the rotary embedding's kernel alone (off:
     transformers' ops); `last` on tunelab-lora: the last decoder layer on labelled positions only
-    (tunelab.train.loss; off: whole)."""
-    from tunelab.accel import fused
-    from tunelab.accel import dequant_c
-    from tunelab.quant.tensor import QuantizedTensor
-    from tunelab.train import loss
+    (tunelab.accel.last_layer; off: whole)."""
+    from tunelab.accel import dequant_c, fused, last_layer
+    from tunelab.quant.linear import Linear4bit
 
     spent = [0.0, 0]
-    plain = QuantizedTensor.dequantize
+    plain = Linear4bit.matmul_weight
 
     def timed(self, *args, **kwargs):
         t = time.perf_counter()
@@ -371,12 +370,12 @@ def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: in
         spent[1] += 1
         return out
 
-    QuantizedTensor.dequantize = timed
+    Linear4bit.matmul_weight = timed
     step = build_stack("tunelab-qlora" if kernel == "dequant" else "tunelab-lora", labels, batch, seq, r)
     if kernel == "last":
-        real = loss._last_layer_from
-        whole = lambda body, batch, start: real(body, batch, 0)  # noqa: E731
-        switch = lambda on: setattr(loss, "_last_layer_from", real if on else whole)  # noqa: E731
+        real = last_layer.last_layer_from
+        whole = lambda body, batch, start, **kw: real(body, batch, 0, **kw)  # noqa: E731
+        switch = lambda on: setattr(last_layer, "last_layer_from", real if on else whole)  # noqa: E731
         names = ("last layer on labels", "last layer whole   ")
     elif kernel == "rotary":
         real = fused._rotary_fusable

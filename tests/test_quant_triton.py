@@ -84,8 +84,10 @@ def test_cuda_kernel_equals_pytorch_path_and_fills_workspace():
     w = torch.randn(1000, 333, generator=torch.Generator().manual_seed(8)).cuda()
     qt = tq.quantize(w, "nf4", block_size=64, double_quant=True)
     ref = blockwise.dequantize_blocks(qt.data, "nf4", qt.numel(), 64, qt.block_scales, None, torch.bfloat16)
-    work = torch.zeros(qt.numel() + 2, dtype=torch.bfloat16, device="cuda")
-    ours = qt.dequantize(torch.bfloat16, workspace=work)
+    from tunelab.accel import dequant
+
+    work = dequant.workspace(qt, torch.bfloat16)
+    ours = dequant.matmul_weight(qt, torch.bfloat16)  # the `dequant` speed-up: Triton, into the workspace
     assert ours.data_ptr() == work.data_ptr()
     assert torch.equal(ours.reshape(-1), ref)
 
@@ -93,7 +95,7 @@ def test_cuda_kernel_equals_pytorch_path_and_fills_workspace():
 def test_a_failing_triton_dequantize_warns_once_and_the_pytorch_path_takes_over(monkeypatch):
     """As the fused Triton kernels do: one warning naming the failure, the same numbers from PyTorch's path,
     and the kernel not tried again (stand-ins for a CUDA tensor and a broken kernel)."""
-    from tunelab.accel import dequant_triton
+    from tunelab.accel import dequant, dequant_triton
     from tunelab.quant.tensor import QuantizedTensor
 
     qt = tq.quantize(torch.randn(8, 64), "nf4", double_quant=True)
@@ -107,8 +109,9 @@ def test_a_failing_triton_dequantize_warns_once_and_the_pytorch_path_takes_over(
     monkeypatch.setattr(QuantizedTensor, "device", property(lambda self: torch.device("cuda")))
     monkeypatch.setattr(dequant_triton, "AVAILABLE", True)
     monkeypatch.setattr(dequant_triton, "dequantize_4bit", broken)
+    monkeypatch.setattr(dequant, "workspace", lambda qt, dtype: torch.empty(qt.numel() + 2, dtype=dtype))  # CPU
     with pytest.warns(UserWarning, match="Triton dequantize kernel failed .*no sm_120"):
-        got = qt.dequantize(torch.float32)
+        got = dequant.matmul_weight(qt, torch.float32)
     assert torch.equal(got, want) and not dequant_triton.AVAILABLE
-    qt.dequantize(torch.float32)
+    dequant.matmul_weight(qt, torch.float32)
     assert calls == [1]

@@ -33,10 +33,7 @@ def report(family: str = "llama", device: str | None = None) -> list[str]:
     import torch
     from transformers import AutoConfig
 
-    from tunelab.accel import ckernels
-    from tunelab.accel import fused, kernels
-    from tunelab.accel import dequant_c, dequant_triton
-    from tunelab.accel import malloc
+    from tunelab.accel import ckernels, dequant_c, dequant_triton, fused, kernels, malloc
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lines = ["versions: " + ", ".join(f"{p} {_version(p)}" for p in PACKAGES) + f", python {platform.python_version()}"]
@@ -53,11 +50,11 @@ def report(family: str = "llama", device: str | None = None) -> list[str]:
     rows = [("chunked head + loss", choice.chunked_head, ""), ("last-layer shortcut", choice.last_layer, ""),
             ("fused RMSNorm", choice.norm, "C" if cpu else "Triton"), ("fused SwiGLU", choice.swiglu, "C" if cpu else "Triton"),
             ("fused rotary", choice.rotary, "C"), ("fused LoRA autograd", choice.fused_lora, ""),
-            ("4-bit dequantize", dequant_c.available() if cpu else dequant_triton.AVAILABLE, "C" if cpu else "Triton")]
+            ("4-bit dequantize kernel", choice.dequant, "C" if cpu else "Triton")]
     lines.append(f"speed-ups for {family} on {device} (train.kernels=auto):")
     for name, on, how in rows:
         why = next((w.split(": ", 1)[1] for w in choice.off if w.startswith(name)), None)
-        if not on and why is None and name != "4-bit dequantize":
+        if not on and why is None:
             why = f"{family}'s module has another formula than Llama's" if choice.chunked_head else "see below"
         lines.append(f"  {'on ' if on else 'off'}  {name}" + (f" ({how})" if on and how else f": {why}" if why else ""))
     lines += [f"  why off: {why}" for why in choice.off if not any(why.startswith(r[0]) for r in rows)]

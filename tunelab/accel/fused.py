@@ -23,8 +23,8 @@ whose forward calls the kernel on fp32 CPU input outside autocast, tunelab.accel
 Triton kernels on CUDA input (bf16 under autocast, the same roundings as the module's formula), and the
 module's own formula otherwise. Only the given model's modules change (their class, in place; no function
 of transformers is replaced). Weights, state_dict keys and saved files are unchanged. The C kernels are
-built by tunelab.accel.ckernels; without a C compiler (or with TUNELAB_C_KERNELS=0), and without CUDA and Triton
-(or with TUNELAB_TRITON=0), every module keeps its own forward.
+built by tunelab.accel.ckernels; without a C compiler, and without CUDA and Triton, every module keeps its own
+forward (train.kernels=auto does not fuse them then, nor with TUNELAB_C_KERNELS=0 / TUNELAB_TRITON=0).
 """
 
 from __future__ import annotations
@@ -274,10 +274,10 @@ def _rotary_fusable(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bo
             and not (cos.requires_grad or sin.requires_grad) and _cpu_fp32(x, cos, sin))
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """transformers' rotary embedding of x (B, H, T, D) with cos, sin (1 or B, T, D): through the kernel
-    where it serves (the same bits), else the formula."""
-    if _rotary_fusable(x, cos, sin):
+    where it serves and `kernel` allows (the same bits), else the formula."""
+    if kernel and _rotary_fusable(x, cos, sin):
         return _Rotary.apply(x, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2

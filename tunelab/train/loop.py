@@ -17,7 +17,6 @@ import torch.nn as nn
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.train import checkpoint, faults, fsdp
 from tunelab.train.loss import IGNORE, NEXT_TOKEN, Objective
-from tunelab.accel.malloc import reuse_freed_memory
 from tunelab.train.optim8bit import AdamW8bit
 
 
@@ -194,7 +193,6 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     rank, world = _world()
     device = device or next(model.parameters()).device
     objective = objective or NEXT_TOKEN  # looked up now: tests replace it to poison the loss
-    reuse_freed_memory()  # each step reuses what the last one freed, without page faults (glibc)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch == 0:
