@@ -16,7 +16,7 @@ from tunelab.errors import TunelabError
 from tunelab.accel import kernels as accel
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, model_folder, resolve_dtype
 from tunelab.train import checkpoint, outdir
-from tunelab.train.checkpoint import atomic_folder
+from tunelab.atomic import atomic_folder
 from tunelab.train.loop import train_loop
 
 
