@@ -291,7 +291,8 @@ def run_stack(name: str, checkpointing: bool, args, shape: dict, device: torch.d
         if args.profile:  # one more step, after the timed ones: where its time goes
             row["profile"] = profile_step(lambda: train_step(data[-1]), device)
     finally:
-        del model, loss_fn, params, opt
+        del model, params
+        loss_fn = opt = None  # train_step closes over these: dropped as del would, without unbinding
         free(device)
     step = statistics.median(times[args.warmup:])
     row.update(s_per_step=step, tokens_per_s=args.batch * args.seq / step, peak_gib=peak, losses=losses,

@@ -101,6 +101,7 @@ def machine() -> dict:
 
 def _batch(tok, batch: int, seq: int, labels: str):
     import pydoc_data.topics
+
     import torch
 
     text = "\n\n".join(pydoc_data.topics.topics.values())

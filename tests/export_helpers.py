@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
 
+from conftest import make_tiny_llama, make_tiny_tokenizer
 from tunelab.config import dump_config, load_config
 from tunelab.lora import LoraConfig, apply_lora, save_adapter
 from tunelab.quant import quantize_model

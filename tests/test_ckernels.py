@@ -63,8 +63,8 @@ def test_a_failed_build_is_kept_as_a_reason_and_leaves_nothing(tmp_path, monkeyp
 
 
 def test_doctor_prints_every_speed_up_and_why_one_is_off(capsys, monkeypatch):
-    from tunelab.cli import main
     from tunelab.accel import fused
+    from tunelab.cli import main
 
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out

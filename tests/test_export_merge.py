@@ -5,9 +5,9 @@ import json
 import peft
 import pytest
 import torch
-from export_helpers import QUANT, adapter, base, ids, logits, make_run, parse, save_base  # noqa: F401 (adapter, base: fixtures)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from export_helpers import QUANT, adapter, base, ids, logits, make_run, parse, save_base  # noqa: F401 (adapter, base: fixtures)
 from tunelab.errors import TunelabError
 from tunelab.export.cli import merge as merge_cli
 from tunelab.export.resolve import find_source, open_model

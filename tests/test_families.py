@@ -16,8 +16,8 @@ import pytest
 import torch
 import transformers
 
-from tunelab.errors import TunelabError
 from tunelab.accel import fused, kernels
+from tunelab.errors import TunelabError
 from tunelab.models import families
 from tunelab.train.loss import causal_lm_loss_sum
 
@@ -237,7 +237,6 @@ def test_tunelab_train_logs_the_models_own_loss(case, tmp_path):
 
     from conftest import make_tiny_tokenizer
     from tiny_run import losses, run_config
-
     from tunelab.cli import main
 
     tok = make_tiny_tokenizer()
@@ -269,8 +268,8 @@ def test_no_transformers_function_or_class_is_replaced_for_the_process():
     the object it was before. A base and a tuned model in one process are then independent."""
     import sys as _sys
 
-    from tunelab.config import load_config
     from tunelab.accel import kernels
+    from tunelab.config import load_config
     from tunelab.train.run import prepare_method
 
     def snapshot():

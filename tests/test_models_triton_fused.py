@@ -100,7 +100,6 @@ def test_serves_only_cuda_and_imports_without_triton():
 def test_cuda_kernels_match_pytorch_at_llama_sizes():
     """rms_norm over 4096 rows of 4096, swiglu over 4096 x 14336 (Llama-3-8B's MLP), bf16 on the GPU."""
     from triton_fused_cases import run_rms_case, run_swiglu_case
-
     from tunelab.accel import triton_fused
 
     assert triton_fused.AVAILABLE

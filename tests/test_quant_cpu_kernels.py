@@ -64,7 +64,6 @@ def test_writes_into_a_workspace_and_not_past_n():
 
 def test_switched_off_or_failing_compiler_falls_back(fresh_cache, monkeypatch):
     from test_families import _model
-
     from tunelab.accel import kernels
 
     model = _model("llama")

@@ -20,9 +20,9 @@ import torch
 
 from numerics import assert_as_accurate
 from test_families import _DATA, CASES, _batch, _model
+from tunelab.accel import fused, kernels
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
-from tunelab.accel import fused, kernels
 from tunelab.models.families import family_of
 from tunelab.train.loss import causal_lm_loss_sum
 from tunelab.train.run import prepare_method

@@ -22,7 +22,6 @@ Tests run them on CPU tensors under Triton's interpreter (tests/triton_fused_cas
 
 from __future__ import annotations
 
-
 import torch
 
 try:

@@ -207,14 +207,12 @@ def _measure_here(source: str, s: Setup, steps: int, seed: int = 0) -> dict:
     import time
 
     import torch
-
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline)
+    from transformers import AutoModelForCausalLM
 
     import tunelab.lora  # noqa: F401
     import tunelab.quant  # noqa: F401
     from tunelab.config import load_config
-    from transformers import AutoModelForCausalLM
-
     from tunelab.models.load import model_folder
     from tunelab.train.loop import adamw
     from tunelab.train.loss import causal_lm_loss_sum

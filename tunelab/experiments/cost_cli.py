@@ -27,15 +27,15 @@ def _mb(x: float) -> str:
 
 def run(args) -> int:
     import json
-
     from types import SimpleNamespace
+
+    from transformers import AutoConfig
 
     from tunelab.accel import kernels
     from tunelab.errors import TunelabError
     from tunelab.experiments.cost import Arch, Setup, analytic, measure
     from tunelab.models.load import model_folder
     from tunelab.quant.tensor import check_block_size
-    from transformers import AutoConfig
 
     for flag in ("batch_size", "seq_len", "rank", "loss_chunk", "steps"):
         if getattr(args, flag) < 1:

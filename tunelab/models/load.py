@@ -53,7 +53,12 @@ def hub_folder(repo_id: str, revision: str | None = None) -> Path:
     downloaded first when online (safetensors and tokenizer files only); with HF_HUB_OFFLINE=1 the cache
     alone. `revision`: a branch, tag or commit hash (default main)."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     at = f"@{revision}" if revision else ""
     try:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
+from tunelab.accel import kernels as accel
+from tunelab.atomic import atomic_folder
 from tunelab.config import RunConfig, dump_config
 from tunelab.data.validate import check as check_data
 from tunelab.errors import TunelabError
-from tunelab.accel import kernels as accel
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, model_folder, resolve_dtype
 from tunelab.train import checkpoint, outdir
-from tunelab.atomic import atomic_folder
 from tunelab.train.loop import train_loop
 
 
