@@ -41,10 +41,10 @@ def throughput(repeats: int) -> None:
     from transformers import AutoTokenizer
 
     from tunelab.data import DataConfig, FilterConfig, SourceConfig, build
-    from tunelab.data.pipeline import batch_encoder
     from tunelab.data.corpus import local_corpus
     from tunelab.data.filters import QualityFilter
     from tunelab.data.packing import pack
+    from tunelab.data.pipeline import batch_encoder
     from tunelab.models.bundled import tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())

@@ -109,9 +109,8 @@ def main() -> None:
         path = export_gguf(opened.model, opened.tokenizer, work / f"merged-{dtype}.gguf", dtype)
         print(f"[2] GGUF {dtype}: {path.stat().st_size / 2**20:.1f} MiB, transformers(gguf_file=) vs merged: "
               f"max |dlogits| = {gguf_logit_diff(path, merged, ids):.3g}")
-    from transformers import AutoTokenizer
-
     import gguf
+    from transformers import AutoTokenizer
 
     back = AutoTokenizer.from_pretrained(work, gguf_file="merged-f32.gguf")
     same = [back(t)["input_ids"] == opened.tokenizer(t)["input_ids"] for t in TEXTS + PROMPTS]

@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from tiny_run import losses, make_workspace, run_config  # noqa: E402
-
 from tunelab.cli import main  # noqa: E402
 
 METHODS = ["full", "lora", "qlora"]

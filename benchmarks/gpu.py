@@ -81,7 +81,7 @@ def sync(device: torch.device) -> None:
 
 
 def free(device: torch.device) -> None:
-    from tunelab.quant.linear import free_workspaces
+    from tunelab.accel.dequant import free_workspaces
 
     free_workspaces()
     gc.collect()
@@ -142,18 +142,21 @@ def same_adapter_init(model: nn.Module) -> list[nn.Parameter]:
 
 
 def tunelab_stack(model: nn.Module, quantized: bool, loss_chunk: int):
+    from tunelab.accel import kernels
     from tunelab.lora import LoraConfig, apply_lora
-    from tunelab.models.fused import fuse
     from tunelab.quant import quantize_model
     from tunelab.train.loss import causal_lm_loss_sum
 
-    fuse(model)  # RMSNorm and SwiGLU as one kernel each way (Triton on CUDA), as `tunelab train` does
     if quantized:
         quantize_model(model, "nf4", block_size=BLOCK, double_quant=True)  # lm_head stays bf16
     apply_lora(model, LoraConfig(r=RANK, alpha=ALPHA, target_modules="all-linear"), verbose=False)
+    # the speed-ups of train.kernels=auto, as `tunelab train` applies them: fused RMSNorm and SwiGLU (Triton
+    # on CUDA), the fused LoRA autograd, the Triton dequantize
+    k = kernels.choose(model, "auto", next(model.parameters()).device)
+    kernels.apply(model, k)
 
     def loss_fn(batch: dict) -> torch.Tensor:
-        s, n = causal_lm_loss_sum(model, batch, loss_chunk)  # chunked head + cross-entropy
+        s, n = causal_lm_loss_sum(model, batch, loss_chunk, kernels=k)  # chunked head + cross-entropy
         return s / n
 
     return model, loss_fn
@@ -288,7 +291,8 @@ def run_stack(name: str, checkpointing: bool, args, shape: dict, device: torch.d
         if args.profile:  # one more step, after the timed ones: where its time goes
             row["profile"] = profile_step(lambda: train_step(data[-1]), device)
     finally:
-        del model, loss_fn, params, opt
+        del model, params
+        loss_fn = opt = None  # train_step closes over these: dropped as del would, without unbinding
         free(device)
     step = statistics.median(times[args.warmup:])
     row.update(s_per_step=step, tokens_per_s=args.batch * args.seq / step, peak_gib=peak, losses=losses,
@@ -377,10 +381,10 @@ def dequant_bench(shape: tuple[int, int], device: torch.device, reps: int) -> di
     pytorch = lambda: blockwise.dequantize_blocks(qt.data, "nf4", n, BLOCK, qt.block_scales, None, torch.bfloat16)
     res["tunelab_pytorch_tb_s"] = moved / timed(pytorch, device, reps) / 1e12
     if device.type == "cuda":
-        from tunelab.quant import triton_kernels
+        from tunelab.accel import dequant_triton
 
-        if triton_kernels.AVAILABLE:
-            res["tunelab_triton_tb_s"] = moved / timed(lambda: triton_kernels.dequantize_4bit(qt, torch.bfloat16, out),
+        if dequant_triton.AVAILABLE:
+            res["tunelab_triton_tb_s"] = moved / timed(lambda: dequant_triton.dequantize_4bit(qt, torch.bfloat16, out),
                                                        device, reps) / 1e12
             res["triton_configs"] = triton_sweep(qt, out, moved, device, reps)
         else:
@@ -398,7 +402,7 @@ def dequant_bench(shape: tuple[int, int], device: torch.device, reps: int) -> di
 def triton_sweep(qt, out, moved: int, device: torch.device, reps: int) -> dict:
     """TB/s of both kernels at other launch settings, to choose the defaults on this card: the per-byte
     kernel (bytes per program, warps) and the block-tiled bf16 one ("pairs", bytes per program, warps)."""
-    from tunelab.quant import triton_kernels as tk
+    from tunelab.accel import dequant_triton as tk
 
     default = (tk.BYTES_PER_PROGRAM, tk.NUM_WARPS, tk.PAIRS, tk.PAIRS_BYTES, tk.PAIRS_WARPS)
     found = {}

@@ -129,19 +129,19 @@ def attention(reps: int) -> None:
 
 
 def dequant(reps: int) -> None:
-    from tunelab.quant import cpu_kernels, quantize
-    from tunelab.quant.linear import dequant_workspace
+    from tunelab.accel import dequant, dequant_c
+    from tunelab.quant import quantize
 
-    lib = cpu_kernels._lib if cpu_kernels.available() else None
+    lib = dequant_c._lib if dequant_c.available() else None
     for out_f, in_f in ((FF, D), (D, D)):
         w = torch.randn(out_f, in_f)
         q = quantize(w, "nf4", block_size=64, double_quant=True)
-        buf = dequant_workspace(q, torch.float32)
+        buf = dequant.workspace(q, torch.float32)
 
         def with_kernel(on: bool):
             def run():
-                cpu_kernels._lib = lib if on else None
-                q.dequantize(torch.float32, workspace=buf)
+                dequant_c._lib = lib if on else None
+                dequant.matmul_weight(q, torch.float32)  # into buf: the kernel, or PyTorch's ops without it
             return run
 
         copy = paired(lambda: buf[: w.numel()].copy_(w.view(-1)), lambda: None, reps)[0]
@@ -151,30 +151,34 @@ def dequant(reps: int) -> None:
         res = paired(with_kernel(False), with_kernel(True), reps)
         row(f"NF4 dequantize {out_f}x{in_f}", "A: PyTorch ops", "B: C kernel (used)", res)
         print(f"  (an fp32 copy of the same size: {copy:.2f} ms)")
-    cpu_kernels._lib = lib
+    dequant_c._lib = lib
 
 
 def qlora_layer(reps: int) -> None:
     """One QLoRA layer's forward + backward (W de-quantized twice), the kernel off and on."""
+    from tunelab.accel import dequant, dequant_c, lora
     from tunelab.lora import LoRALinear
-    from tunelab.quant import Linear4bit, cpu_kernels
+    from tunelab.quant import Linear4bit
 
-    if not cpu_kernels.available():
+    if not dequant_c.available():
         return
-    lib = cpu_kernels._lib
+    lib = dequant_c._lib
     for out_f, in_f in ((FF, D), (D, FF), (D, D)):
-        layer = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(in_f, out_f, bias=False)), R, 2 * R)
+        base = Linear4bit.from_linear(torch.nn.Linear(in_f, out_f, bias=False))
+        base.dequant = dequant.matmul_weight  # as train.kernels=auto applies it
+        layer = LoRALinear(base, R, 2 * R)
+        layer.kernel = lora.fused_forward
         x, g = torch.randn(T, in_f, requires_grad=True), torch.randn(T, out_f)
 
         def with_kernel(on: bool):
             def run():
-                cpu_kernels._lib = lib if on else None
+                dequant_c._lib = lib if on else None
                 layer(x).backward(g)
             return run
 
         row(f"QLoRA layer {out_f}x{in_f} fwd+bwd", "A: PyTorch dequantize", "B: C kernel (used)",
             paired(with_kernel(False), with_kernel(True), reps))
-    cpu_kernels._lib = lib
+    dequant_c._lib = lib
 
 
 def main() -> None:

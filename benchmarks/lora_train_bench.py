@@ -14,7 +14,7 @@ Setup (issue 8): the bundled SmolLM2-135M-Instruct in fp32 on CPU, batch 4 x 256
 (Python's reference prose), r=16 alpha=32 on all linears, AdamW lr 1e-4 (torch's fused kernel, for all).
 
 Speed: per label regime, each stack lives in its own worker process (as each would for a user: PEFT's with
-glibc's default malloc, ours with the setting of tunelab/train/malloc.py) and the workers step in lockstep:
+glibc's default malloc, ours with the setting of tunelab/accel/malloc.py) and the workers step in lockstep:
 rounds of one step of each stack, back to back, only one worker running at a time (each compared pair
 adjacent, the order reversed every other round). This machine's speed drifts by up to 1.5x over minutes,
 so stacks timed minutes apart are not comparable; steps seconds apart are. Each ratio is the median over
@@ -26,7 +26,7 @@ the rise of the peak resident set over two training steps above the resident set
 live tensors over a third step (torch's memory profiler: tensors created minus destroyed), which does not
 depend on the allocator.
 Allocator (--malloc): `shipped` (default) runs each stack as a user gets it: PEFT's on glibc's default
-malloc, ours with tunelab/train/malloc.py's setting. `glibc-tuned` gives every stack that setting;
+malloc, ours with tunelab/accel/malloc.py's setting. `glibc-tuned` gives every stack that setting;
 `jemalloc` and `tcmalloc` preload that allocator into every stack's process (Debian:
 `apt-get install libjemalloc2 libtcmalloc-minimal4`), where glibc's setting has no effect.
 Correctness: the stacks train the same model from the same start on the same batch, so their losses must
@@ -101,6 +101,7 @@ def machine() -> dict:
 
 def _batch(tok, batch: int, seq: int, labels: str):
     import pydoc_data.topics
+
     import torch
 
     text = "\n\n".join(pydoc_data.topics.topics.values())
@@ -137,30 +138,31 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int, malloc: s
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=32, target_modules="all-linear"))
         params = [p for p in model.parameters() if p.requires_grad]
         if stack.endswith("-reuse") or malloc == "glibc-tuned":
-            from tunelab.train.malloc import reuse_freed_memory
+            from tunelab.accel.malloc import reuse_freed_memory
 
             reuse_freed_memory()
 
         def loss_fn():
             return model(input_ids=input_ids, labels=lab).loss
     else:
+        from tunelab.accel import kernels
         from tunelab.lora import LoraConfig, apply_lora, lora_param_groups
-        from tunelab.models.fused import fuse
         from tunelab.quant import quantize_model
         from tunelab.train.loss import causal_lm_loss_sum
-        from tunelab.train.malloc import reuse_freed_memory
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         if stack == "tunelab-qlora":
             quantize_model(model, dtype="nf4", block_size=64, double_quant=True)
         apply_lora(model, LoraConfig(r=r, alpha=32, target_modules="all-linear"), verbose=False)
-        fuse(model)  # fused RMSNorm, SwiGLU and rotary embedding, as tunelab's training runs do
-        reuse_freed_memory()  # as tunelab's training loop does, once the model is built
+        # train.kernels=auto, as tunelab's training runs apply it: fused RMSNorm, SwiGLU and rotary embedding,
+        # the fused LoRA autograd, the dequantize kernel and workspace, the malloc setting
+        k = kernels.choose(model, "auto", "cpu")
+        kernels.apply(model, k)
         params = [p for g in lora_param_groups(model, 1e-4) for p in g["params"]]
         batch_ = {"input_ids": input_ids, "labels": lab}
 
         def loss_fn():
-            s, n = causal_lm_loss_sum(model, batch_)
+            s, n = causal_lm_loss_sum(model, batch_, kernels=k)
             return s / n
     model.train()
     # torch's fused AdamW for every stack: what tunelab's training loop uses, and transformers' Trainer's default
@@ -342,19 +344,17 @@ def _sub(args: list[str]) -> dict:
 
 def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: int) -> None:
     """Steps alternating one of tunelab's shortcuts on and off: `dequant`, the C kernel on tunelab-qlora
-    (off: the PyTorch path), also timing every call of QuantizedTensor.dequantize (each frozen weight,
+    (off: the PyTorch path), also timing every de-quantization of a frozen weight (Linear4bit.matmul_weight,
     forward and backward); `fused` on tunelab-lora: the RMSNorm and SwiGLU C kernels of
-    tunelab.models.fused (off: transformers' modules; `rmsnorm` before the SwiGLU kernel existed; with the
+    tunelab.accel.fused (off: transformers' modules; `rmsnorm` before the SwiGLU kernel existed; with the
     rotary kernel since it exists); `rotary` on tunelab-lora: the rotary embedding's kernel alone (off:
     transformers' ops); `last` on tunelab-lora: the last decoder layer on labelled positions only
-    (tunelab.train.loss; off: whole)."""
-    from tunelab.models import fused
-    from tunelab.quant import cpu_kernels
-    from tunelab.quant.tensor import QuantizedTensor
-    from tunelab.train import loss
+    (tunelab.accel.last_layer; off: whole)."""
+    from tunelab.accel import dequant_c, fused, last_layer
+    from tunelab.quant.linear import Linear4bit
 
     spent = [0.0, 0]
-    plain = QuantizedTensor.dequantize
+    plain = Linear4bit.matmul_weight
 
     def timed(self, *args, **kwargs):
         t = time.perf_counter()
@@ -363,19 +363,19 @@ def kernel_ab(kernel: str, labels: str, rounds: int, batch: int, seq: int, r: in
         spent[1] += 1
         return out
 
-    QuantizedTensor.dequantize = timed
+    Linear4bit.matmul_weight = timed
     step = build_stack("tunelab-qlora" if kernel == "dequant" else "tunelab-lora", labels, batch, seq, r)
     if kernel == "last":
-        real = loss._last_layer_from
-        whole = lambda body, batch, start: real(body, batch, 0)  # noqa: E731
-        switch = lambda on: setattr(loss, "_last_layer_from", real if on else whole)  # noqa: E731
+        real = last_layer.last_layer_from
+        whole = lambda body, batch, start, **kw: real(body, batch, 0, **kw)  # noqa: E731
+        switch = lambda on: setattr(last_layer, "last_layer_from", real if on else whole)  # noqa: E731
         names = ("last layer on labels", "last layer whole   ")
     elif kernel == "rotary":
         real = fused._rotary_fusable
         switch = lambda on: setattr(fused, "_rotary_fusable", real if on else lambda *a: False)  # noqa: E731
         names = ("rotary kernel", "rotary PyTorch")
     else:
-        module = cpu_kernels if kernel == "dequant" else fused
+        module = dequant_c if kernel == "dequant" else fused
         lib = module._lib if module.available() else None
         if lib is None:
             sys.exit("no C compiler here: nothing to compare")

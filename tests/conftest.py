@@ -22,6 +22,7 @@ CHATML = (
 def make_tiny_tokenizer(vocab_size: int = 512):
     """A byte-level BPE trained on local reference prose, with a ChatML template and <|im_end|> as EOS."""
     import pydoc_data.topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import make_tiny_llama, make_tiny_tokenizer
 
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from tunelab.config import dump_config, load_config
 from tunelab.lora import LoraConfig, apply_lora, save_adapter
 from tunelab.quant import quantize_model
 
@@ -52,8 +52,8 @@ def make_run(base: Path, run: Path, method: str = "qlora") -> Path:
     run.mkdir(parents=True)
     make_adapter(base, run / "adapter", QUANT if method == "qlora" else None)
     cfg = {"method": method, "model": {"source": str(base), "dtype": "float32"}, "quant": QUANT,
-           "lora": LORA, "data": {}, "output_dir": str(run)}
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+           "lora": LORA, "data": {"sources": [{"name": "unused", "path": "unused"}]}, "output_dir": str(run)}
+    (run / "config.yaml").write_text(dump_config(load_config(None, base=cfg)))
     return run
 
 

@@ -10,7 +10,12 @@ from tunelab.data.config import FilterConfig
 from tunelab.data.corpus import local_corpus
 from tunelab.data.dedup import MinHasher, exact_jaccard, near_duplicates, normalise
 from tunelab.data.filters import (
-    QualityFilter, alnum_ratio, repeated_line_ratio, repeated_ngram_ratio, symbol_ratio, truncated_response,
+    QualityFilter,
+    alnum_ratio,
+    repeated_line_ratio,
+    repeated_ngram_ratio,
+    symbol_ratio,
+    truncated_response,
 )
 
 SAMPLES = [

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from tunelab.cli import main
-from tunelab.data.mixture import iter_texts
 from tunelab.data.config import SourceConfig
+from tunelab.data.mixture import iter_texts
 from tunelab.data.sources import detect_format, read_records
 from tunelab.errors import DataError
 

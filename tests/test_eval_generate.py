@@ -12,7 +12,6 @@ from tunelab.eval.generate import generate, render_prompts
 from tunelab.eval.perplexity import perplexity
 from tunelab.eval.tasks import evaluate_items, generate_items
 
-
 PROMPTS = ["Sort these words", "What is the value of x in the expression below, given a function call?",
            "hi", "Reverse the order of the words in this list please", "a b c d", "The class statement"]
 

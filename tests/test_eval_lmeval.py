@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 
+import lm_eval  # noqa: E402,F401  (in the test extras; the integration is the optional extra tunelab[lmeval])
 import pytest
 import torch
 
 from eval_fixtures import one_thread  # noqa: F401  (autouse: 1 torch thread)
-
-import lm_eval  # noqa: E402,F401  (in the test extras; the integration is the optional extra tunelab[lmeval])
 
 QUESTIONS = [
     {"question": "The class statement", "choices": [" defines", " is", " of the"], "gold": 0},
@@ -72,7 +71,6 @@ def _write_tasks(folder, until: str) -> None:
 
 
 def test_lm_eval_scores_match_direct_computation(tiny_llama, tiny_tokenizer, tmp_path):
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     from tunelab.eval.lmeval import TunelabLM

@@ -7,7 +7,6 @@ import pytest
 from tunelab.eval import hallucination as H
 from tunelab.eval import injection as J
 
-
 # ---------------------------------------------------------------------------------------------- hallucination
 
 def test_facts_and_items_are_deterministic_and_split():

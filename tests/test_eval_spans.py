@@ -7,7 +7,15 @@ import torch
 
 from eval_fixtures import one_thread  # noqa: F401  (autouse: 1 torch thread)
 from tunelab.eval import injection as J
-from tunelab.eval.spans import close_gaps, evaluate_detector, runs, span_metrics, token_classifier, token_labels, train_detector
+from tunelab.eval.spans import (
+    close_gaps,
+    evaluate_detector,
+    runs,
+    span_metrics,
+    token_classifier,
+    token_labels,
+    train_detector,
+)
 
 
 def test_token_labels_cover_exactly_the_injection(tiny_tokenizer):

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from tunelab.eval.stats import (
-    BASELINE_ITEMS, BASELINE_SEED, Z95, bootstrap_interval, constant_baseline, exact, interval, mean, wilson_interval,
+    BASELINE_ITEMS,
+    BASELINE_SEED,
+    Z95,
+    bootstrap_interval,
+    constant_baseline,
+    exact,
+    interval,
+    mean,
+    wilson_interval,
 )
 from tunelab.eval.tasks import Item, generate_items
 

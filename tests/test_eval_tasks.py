@@ -8,7 +8,14 @@ import pytest
 
 from tunelab.errors import TunelabError
 from tunelab.eval.tasks import (
-    FAMILIES, HELDOUT_FAMILIES, TRAIN_FAMILIES, Item, generate_items, normalize, score, score_outputs,
+    FAMILIES,
+    HELDOUT_FAMILIES,
+    TRAIN_FAMILIES,
+    Item,
+    generate_items,
+    normalize,
+    score,
+    score_outputs,
 )
 
 

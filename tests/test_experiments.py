@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
+from test_train_e2e import workspace  # noqa: F401  (the shared tiny model + SFT file fixture)
 from tunelab.errors import ConfigError
 from tunelab.experiments import grid, quality, sweep
 from tunelab.experiments.optimum import find_optimum, lr_ratio
 from tunelab.experiments.report import write_report
-from test_train_e2e import workspace  # noqa: F401  (the shared tiny model + SFT file fixture)
 
 # ---------------------------------------------------------------------------------------------- grid parser
 

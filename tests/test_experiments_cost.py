@@ -11,10 +11,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import make_tiny_llama
+from tunelab.accel.fused import fuse
 from tunelab.experiments import cost_cli
 from tunelab.experiments.cost import Arch, Setup, analytic
 from tunelab.lora import LoraConfig, apply_lora, count_parameters
-from tunelab.models.fused import fuse
 from tunelab.quant import model_nbytes, quantize_model
 from tunelab.train.loss import causal_lm_loss_sum
 

@@ -4,10 +4,10 @@ import io
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
-from export_helpers import QUANT, ids, logits, make_adapter, make_run, parse, save_base
 from safetensors.torch import save_file
 
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from export_helpers import QUANT, ids, logits, make_adapter, make_run, parse, save_base
 from tunelab.errors import TunelabError
 from tunelab.export.chat import chat_loop, reply
 from tunelab.export.cli import chat as chat_cli

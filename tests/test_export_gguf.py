@@ -3,10 +3,10 @@
 import gguf
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
-from export_helpers import ids, logits, make_adapter, parse, save_base
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from export_helpers import ids, logits, make_adapter, parse, save_base
 from tunelab.errors import TunelabError
 from tunelab.export.cli import export as export_cli
 from tunelab.export.gguf import export_gguf, llama_permute

@@ -5,10 +5,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_tokenizer
-from export_helpers import ids, logits
 from transformers import AutoModelForCausalLM
 
+from conftest import make_tiny_tokenizer
+from export_helpers import ids, logits
 from tunelab.errors import TunelabError
 from tunelab.export.gguf import export_gguf, llama3_rope_factors
 

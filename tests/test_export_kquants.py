@@ -8,9 +8,9 @@ import types
 
 import gguf
 import pytest
+
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from export_helpers import save_base
-
 from tunelab.cli import main
 from tunelab.errors import TunelabError
 from tunelab.export.gguf import export_gguf

@@ -5,9 +5,9 @@ import json
 import peft
 import pytest
 import torch
-from export_helpers import QUANT, adapter, base, ids, logits, make_run, parse, save_base  # noqa: F401 (adapter, base: fixtures)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from export_helpers import QUANT, adapter, base, ids, logits, make_run, parse, save_base  # noqa: F401 (adapter, base: fixtures)
 from tunelab.errors import TunelabError
 from tunelab.export.cli import merge as merge_cli
 from tunelab.export.resolve import find_source, open_model
@@ -109,3 +109,20 @@ def test_cli_prints_one_line_errors(monkeypatch, base, tmp_path, capsys):
     assert cli.main(["merge", str(base), "--base", str(base), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tunelab merge: error:") and "has none" in err and "\n" not in err
+
+
+def test_a_run_folder_is_reopened_through_run_config(tmp_path):
+    """export reads a run's config.yaml as tunelab train validated it: RunConfig's defaults for what the file
+    leaves out (quant), and RunConfig's error, naming the file and the key, for what it cannot be."""
+    from tunelab.errors import TunelabError
+    from tunelab.export.resolve import find_source
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("method: qlora\nmodel: {source: bundled}\ndata: {sources: [{name: x, path: x}]}\n")
+    src = find_source(str(run))
+    assert src.base == "bundled" and src.quant == {"dtype": "nf4", "block_size": 64, "double_quant": True}
+    (run / "config.yaml").write_text("method: qlora\nmodel: {source: bundled}\nquant: {block_sise: 64}\n"
+                                     "data: {sources: [{name: x, path: x}]}\n")
+    with pytest.raises(TunelabError, match=r"config.yaml.*block_sise"):
+        find_source(str(run))

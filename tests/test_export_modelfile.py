@@ -4,9 +4,9 @@ import re
 from pathlib import Path
 
 import pytest
+
 from conftest import make_tiny_tokenizer
 from export_helpers import parse, save_base
-
 from tunelab.errors import TunelabError
 from tunelab.export.cli import export as export_cli
 from tunelab.export.modelfile import GO_TEMPLATES, chat_format, modelfile_text

@@ -4,17 +4,16 @@ import json
 
 import pytest
 import torch
-from export_helpers import LORA, adapter, base, ids, logits, make_adapter, make_run, parse, save_base  # noqa: F401 (adapter, base: fixtures)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from export_helpers import LORA, adapter, base, ids, logits, make_adapter, make_run, parse, save_base  # noqa: F401 (adapter, base: fixtures)
 from tunelab.cli import main
 from tunelab.errors import TunelabError
 from tunelab.export.cli import generate as generate_cli
 from tunelab.export.cli import merge as merge_cli
 from tunelab.export.merge import _copy_linears
 from tunelab.export.resolve import open_model, pick_device
-
 
 
 def _expected_bf16(base, adapter, name):

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from torch import nn
 
+from conftest import make_tiny_llama
 from numerics import assert_within, lora_forward_bound
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.lora import (
@@ -259,6 +259,7 @@ def test_bad_regex_is_a_config_error():
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_fused_forward_backward_equal_the_plain_composition(quantized, x_grad):
     """LoRALinear's fused autograd (scale in the GEMMs, addmm accumulation) == base(x) + s * B(A(x))."""
+    from tunelab.accel.lora import fused_forward
     from tunelab.lora.layer import LoRALinear
     from tunelab.quant import Linear4bit
 
@@ -266,6 +267,7 @@ def test_fused_forward_backward_equal_the_plain_composition(quantized, x_grad):
     lin = torch.nn.Linear(48, 40)
     base = Linear4bit.from_linear(lin) if quantized else lin
     layer = LoRALinear(base, r=4, alpha=8)
+    layer.kernel = fused_forward  # as tunelab.accel.kernels.apply sets it
     with torch.no_grad():
         layer.lora_B.weight.copy_(torch.randn(40, 4, generator=g))
     x = torch.randn(3, 5, 48, generator=g, requires_grad=x_grad)
@@ -288,6 +290,7 @@ def test_fused_under_bf16_autocast_equals_float64_within_bf16_rounding(base_kind
     """Under autocast (CUDA's path, here on CPU) the fused layer runs in bf16 with fp32 adapters, as the
     unfused layers do: output and gradients within bf16 rounding of float64 math on the same bf16-rounded
     operands; A's and B's gradients fp32, x's in x's dtype; closer than the unfused composition's error."""
+    from tunelab.accel.lora import fused_forward
     from tunelab.lora.layer import LoRALinear
     from tunelab.quant import Linear4bit
 
@@ -296,6 +299,7 @@ def test_fused_under_bf16_autocast_equals_float64_within_bf16_rounding(base_kind
     base = {"bf16": lambda: lin.to(torch.bfloat16), "fp32": lambda: lin,
             "4bit": lambda: Linear4bit.from_linear(lin.to(torch.bfloat16))}[base_kind]()
     layer = LoRALinear(base, r=8, alpha=16)
+    layer.kernel = fused_forward
     assert layer.lora_A.weight.dtype == torch.float32
     with torch.no_grad():
         layer.lora_B.weight.copy_(torch.randn(80, 8, generator=g) * 0.1)

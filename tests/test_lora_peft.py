@@ -5,9 +5,9 @@ import json
 import peft
 import pytest
 import torch
-from conftest import make_tiny_llama
 from safetensors.torch import load_file
 
+from conftest import make_tiny_llama
 from tunelab.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 
 TOL = 1e-5

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from torch import nn
 
+from conftest import make_tiny_llama
 from numerics import assert_within, lora_forward_bound
 from tunelab.errors import TunelabError
 from tunelab.lora import (

@@ -1,4 +1,4 @@
-"""The fused RMSNorm and SwiGLU kernels (tunelab.models.fused): against transformers' modules and float64 formulas."""
+"""The fused RMSNorm and SwiGLU kernels (tunelab.accel.fused): against transformers' modules and float64 formulas."""
 
 import copy
 import inspect
@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from numerics import assert_as_accurate, assert_within, sum_reorder_bound
-from tunelab.models import fused
+from tunelab.accel import fused
 from tunelab.train.run import enable_checkpointing
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="needs a C compiler (gcc is on CI)")
@@ -304,7 +304,7 @@ def test_swiglu_other_dtypes_autocast_and_activations_keep_the_modules_own_forwa
 
 
 def test_a_failing_gpu_kernel_warns_once_and_the_module_formula_takes_over(monkeypatch):
-    """The CUDA dispatch (tunelab.models.triton_fused), with a stand-in kernel that fails: the norm and the
+    """The CUDA dispatch (tunelab.accel.triton_fused), with a stand-in kernel that fails: the norm and the
     MLP give transformers' own result, one warning, and the kernel is not called again."""
     calls = []
 

@@ -78,13 +78,13 @@ def test_interpreted_grads_match_float64_autograd(interpreted, op):
 
 
 def test_serves_only_cuda_and_imports_without_triton():
-    from tunelab.models import triton_fused
+    from tunelab.accel import triton_fused
 
     x, w = torch.randn(4, 64), torch.ones(64)
     assert not triton_fused.serves(x, w)  # CPU: PyTorch's ops
     script = ("import importlib, sys\n"
-              "import tunelab.models.triton_fused as m\n"
-              "assert m.triton is not None and not m.AVAILABLE  # TUNELAB_TRITON=0\n"
+              "import tunelab.accel.triton_fused as m\n"
+              "assert m.triton is not None and m.AVAILABLE  # TUNELAB_TRITON=0: read by kernels.choose only\n"
               "sys.modules['triton'] = sys.modules['triton.language'] = None  # as if not installed\n"
               "m = importlib.reload(m)\n"
               "assert m.triton is None and not m.AVAILABLE and not m.serves(__import__('torch').ones(2))\n")
@@ -100,8 +100,7 @@ def test_serves_only_cuda_and_imports_without_triton():
 def test_cuda_kernels_match_pytorch_at_llama_sizes():
     """rms_norm over 4096 rows of 4096, swiglu over 4096 x 14336 (Llama-3-8B's MLP), bf16 on the GPU."""
     from triton_fused_cases import run_rms_case, run_swiglu_case
-
-    from tunelab.models import triton_fused
+    from tunelab.accel import triton_fused
 
     assert triton_fused.AVAILABLE
     assert "Interpreted" not in type(triton_fused._swiglu_fwd).__name__, "TRITON_INTERPRET was set on import"

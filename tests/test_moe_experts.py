@@ -22,7 +22,7 @@ from tunelab.cli import main
 from tunelab.export.resolve import open_model
 from tunelab.lora import LoraConfig, apply_lora
 from tunelab.lora.experts import LoRAExperts
-from tunelab.models import kernels
+from tunelab.accel import kernels
 from tunelab.quant import model_nbytes, quantize_model
 from tunelab.quant.experts import Experts4bit
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from numerics import (assert_as_accurate, assert_ulps, assert_within, gamma, matmul_error_bound,
-                      sum_reorder_bound)
+from numerics import assert_as_accurate, assert_ulps, assert_within, gamma, matmul_error_bound, sum_reorder_bound
 
 
 def test_gamma_is_n_u_over_1_minus_n_u():

@@ -11,8 +11,9 @@ from tunelab.quant import Linear4bit, quantize, quantize_model
 
 
 def test_quantize_report_and_save(tiny_llama, tmp_path, capsys):
-    from conftest import make_tiny_llama
     from safetensors.torch import load_file
+
+    from conftest import make_tiny_llama
 
     src, out = tmp_path / "model", tmp_path / "q"
     tiny_llama.save_pretrained(src)

@@ -1,4 +1,5 @@
-"""The compiled 4-bit dequantize kernel (tunelab.quant.cpu_kernels) against the PyTorch path, bit for bit."""
+"""The compiled 4-bit dequantize kernel (tunelab.accel.dequant_c, reached through the `dequant` speed-up,
+tunelab.accel.dequant) against the PyTorch path (QuantizedTensor.dequantize), bit for bit."""
 
 from __future__ import annotations
 
@@ -7,28 +8,31 @@ import shutil
 import pytest
 import torch
 
-from tunelab.quant import cpu_kernels, quantize
+from tunelab.accel import dequant, dequant_c
+from tunelab.quant import blockwise, quantize
 
 
 @pytest.fixture
 def fresh_cache(monkeypatch, tmp_path):
     """An empty kernel cache and no library loaded yet; restores the module's state afterwards."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "_lib", False)
+    monkeypatch.setattr(dequant_c, "_lib", False)
     return tmp_path
 
 
 def _both_paths(qt, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_lib", False)
-    fast = qt.dequantize(torch.float32)
-    monkeypatch.setattr(cpu_kernels, "_lib", None)  # "no kernel": the PyTorch path
-    slow = qt.dequantize(torch.float32)
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.fail("this check needs a C compiler, which the test machines have")
+    monkeypatch.setattr(dequant_c, "_lib", False)
+    fast = dequant.matmul_weight(qt, torch.float32).clone()  # the kernel, into the reused workspace
+    assert dequant_c.available()
+    slow = qt.dequantize(torch.float32)  # the reference: PyTorch ops
     return fast, slow
 
 
 def test_builds_when_a_compiler_exists(fresh_cache):
     has_cc = bool(shutil.which("cc") or shutil.which("gcc"))
-    assert cpu_kernels.available() == has_cc
+    assert dequant_c.available() == has_cc
     assert len(list((fresh_cache / "tunelab" / "kernels").glob("*.so"))) == int(has_cc)
 
 
@@ -46,27 +50,33 @@ def test_same_bits_as_the_pytorch_path(monkeypatch, quant_type, scheme, double_q
     assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))  # sign of zero included
 
 
-def test_writes_into_a_workspace_and_not_past_n(monkeypatch):
+def test_writes_into_a_workspace_and_not_past_n():
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.fail("this check needs a C compiler, which the test machines have")
     qt = quantize(torch.randn(65), "nf4", block_size=32)  # odd: the last byte holds one value
     buf = torch.full((80,), 7.0)
-    monkeypatch.setattr(cpu_kernels, "_lib", False)
-    out = qt.dequantize(torch.float32, workspace=buf)
+    out = dequant_c.dequant4(qt.data, blockwise.code_table16("nf4"), buf, 65, 32, qt.scales, qt.zero,
+                             qt.nested_absmax, qt.offset)
     assert out.data_ptr() == buf.data_ptr()
     assert torch.equal(buf[65:], torch.full((15,), 7.0))
-    monkeypatch.setattr(cpu_kernels, "_lib", None)
     assert torch.equal(out, qt.dequantize(torch.float32))
 
 
 def test_switched_off_or_failing_compiler_falls_back(fresh_cache, monkeypatch):
-    monkeypatch.setenv("TUNELAB_C_KERNELS", "0")
-    assert not cpu_kernels.available()
-    monkeypatch.setattr(cpu_kernels, "_lib", False)
+    from test_families import _model
+    from tunelab.accel import kernels
+
+    model = _model("llama")
+    monkeypatch.setenv("TUNELAB_C_KERNELS", "0")  # read by choose, once: no build is even tried
+    k = kernels.choose(model, "auto", "cpu")
+    assert not k.dequant and "4-bit dequantize kernel: TUNELAB_C_KERNELS=0" in k.off
+    assert not list(fresh_cache.rglob("*.so"))
     monkeypatch.delenv("TUNELAB_C_KERNELS")
     monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")  # a "compiler" that always fails
-    assert not cpu_kernels.available()
+    assert not dequant_c.available()
     assert not list(fresh_cache.rglob("*.so"))  # nothing half-written left in the cache
+    qt = quantize(torch.randn(65), "nf4", block_size=32)
+    assert torch.equal(dequant.matmul_weight(qt, torch.float32), qt.dequantize(torch.float32))  # PyTorch's path
     qt = quantize(torch.randn(10, 64), "nf4")
     assert torch.equal(qt.dequantize(torch.float32), _reference(qt))
 
@@ -89,7 +99,7 @@ def test_matches_a_float64_formula(monkeypatch):
 
 
 def test_large_tensors_split_across_threads_give_the_same_bits(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN", 1000)  # split a small tensor as a large one would be
+    monkeypatch.setattr(dequant_c, "PARALLEL_MIN", 1000)  # split a small tensor as a large one would be
     torch.manual_seed(2)
     for scheme, quant_type in (("absmax", "nf4"), ("minmax", "int4")):
         # odd count: a ragged last part; 1978 blocks: 8 groups of double-quantized scales across the parts

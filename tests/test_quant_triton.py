@@ -39,14 +39,14 @@ def test_interpreted_kernel_equals_pytorch_path_bit_for_bit(interpreted):
 
 
 def test_kernel_serves_only_cuda_4bit_absmax():
-    from tunelab.quant import triton_kernels
+    from tunelab.accel import dequant_triton
 
     w = torch.randn(64, 64)
-    assert not triton_kernels.serves(tq.quantize(w, "nf4"))  # CPU: the PyTorch path
+    assert not dequant_triton.serves(tq.quantize(w, "nf4"))  # CPU: the PyTorch path
     if torch.cuda.is_available():
-        assert triton_kernels.serves(tq.quantize(w.cuda(), "fp4", double_quant=True))
-        assert not triton_kernels.serves(tq.quantize(w.cuda(), "int8"))
-        assert not triton_kernels.serves(tq.quantize(w.cuda(), "int4", scheme="minmax"))
+        assert dequant_triton.serves(tq.quantize(w.cuda(), "fp4", double_quant=True))
+        assert not dequant_triton.serves(tq.quantize(w.cuda(), "int8"))
+        assert not dequant_triton.serves(tq.quantize(w.cuda(), "int4", scheme="minmax"))
 
 
 @pytest.mark.cuda
@@ -56,9 +56,9 @@ def test_kernel_serves_only_cuda_4bit_absmax():
 def test_cuda_kernel_equals_bitsandbytes(quant_type, double_quant):
     """Codes and state from bitsandbytes' CUDA quantize; our kernel and its dequantize give the same values."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    from tunelab.quant import triton_kernels
+    from tunelab.accel import dequant_triton
 
-    assert triton_kernels.AVAILABLE
+    assert dequant_triton.AVAILABLE
     gen = torch.Generator().manual_seed(7)
     for shape, block in (((4096, 1000), 64), ((333, 129), 128), ((1, 4097), 64)):
         w = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16).cuda()
@@ -66,7 +66,7 @@ def test_cuda_kernel_equals_bitsandbytes(quant_type, double_quant):
                                            compress_statistics=double_quant)
         sd = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
         qt = tq.QuantizedTensor.from_bnb_state_dict(sd)
-        assert triton_kernels.serves(qt)
+        assert dequant_triton.serves(qt)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             state.dtype = dtype
             ref = bnbf.dequantize_4bit(packed, state)
@@ -84,8 +84,10 @@ def test_cuda_kernel_equals_pytorch_path_and_fills_workspace():
     w = torch.randn(1000, 333, generator=torch.Generator().manual_seed(8)).cuda()
     qt = tq.quantize(w, "nf4", block_size=64, double_quant=True)
     ref = blockwise.dequantize_blocks(qt.data, "nf4", qt.numel(), 64, qt.block_scales, None, torch.bfloat16)
-    work = torch.zeros(qt.numel() + 2, dtype=torch.bfloat16, device="cuda")
-    ours = qt.dequantize(torch.bfloat16, workspace=work)
+    from tunelab.accel import dequant
+
+    work = dequant.workspace(qt, torch.bfloat16)
+    ours = dequant.matmul_weight(qt, torch.bfloat16)  # the `dequant` speed-up: Triton, into the workspace
     assert ours.data_ptr() == work.data_ptr()
     assert torch.equal(ours.reshape(-1), ref)
 
@@ -93,7 +95,7 @@ def test_cuda_kernel_equals_pytorch_path_and_fills_workspace():
 def test_a_failing_triton_dequantize_warns_once_and_the_pytorch_path_takes_over(monkeypatch):
     """As the fused Triton kernels do: one warning naming the failure, the same numbers from PyTorch's path,
     and the kernel not tried again (stand-ins for a CUDA tensor and a broken kernel)."""
-    from tunelab.quant import triton_kernels
+    from tunelab.accel import dequant, dequant_triton
     from tunelab.quant.tensor import QuantizedTensor
 
     qt = tq.quantize(torch.randn(8, 64), "nf4", double_quant=True)
@@ -105,10 +107,11 @@ def test_a_failing_triton_dequantize_warns_once_and_the_pytorch_path_takes_over(
         raise RuntimeError("no sm_120 in this Triton")
 
     monkeypatch.setattr(QuantizedTensor, "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(triton_kernels, "AVAILABLE", True)
-    monkeypatch.setattr(triton_kernels, "dequantize_4bit", broken)
+    monkeypatch.setattr(dequant_triton, "AVAILABLE", True)
+    monkeypatch.setattr(dequant_triton, "dequantize_4bit", broken)
+    monkeypatch.setattr(dequant, "workspace", lambda qt, dtype: torch.empty(qt.numel() + 2, dtype=dtype))  # CPU
     with pytest.warns(UserWarning, match="Triton dequantize kernel failed .*no sm_120"):
-        got = qt.dequantize(torch.float32)
-    assert torch.equal(got, want) and not triton_kernels.AVAILABLE
-    qt.dequantize(torch.float32)
+        got = dequant.matmul_weight(qt, torch.float32)
+    assert torch.equal(got, want) and not dequant_triton.AVAILABLE
+    dequant.matmul_weight(qt, torch.float32)
     assert calls == [1]

@@ -8,10 +8,10 @@ import math
 import peft
 import pytest
 import torch
-from conftest import make_tiny_llama
-from tiny_run import losses, make_workspace, run_config
 
+from conftest import make_tiny_llama
 from numerics import assert_within, gamma, unit_roundoff
+from tiny_run import losses, make_workspace, run_config
 from tunelab.cli import main
 from tunelab.lora import LoraConfig, apply_lora
 from tunelab.quant import Linear4bit, quantize_model

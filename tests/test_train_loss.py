@@ -143,7 +143,7 @@ def _loss_and_grads(model, batch, last_layer=True):
     """Loss and gradients through the chunked head, with or without the last-layer shortcut."""
     import dataclasses
 
-    from tunelab.models.kernels import choose
+    from tunelab.accel.kernels import choose
 
     kernels = choose(model, "auto")
     kernels = dataclasses.replace(kernels, last_layer=kernels.last_layer and last_layer)

@@ -7,7 +7,7 @@ import pytest
 
 SCRIPT = r"""
 import resource, sys, torch
-from tunelab.train.malloc import reuse_freed_memory
+from tunelab.accel.malloc import reuse_freed_memory
 if sys.argv[1] == "on":
     assert reuse_freed_memory()
 def one_step():  # like a training step: many activations alive at once, then all freed
@@ -35,7 +35,7 @@ def test_later_steps_reuse_freed_memory():
 
 
 def test_a_malloc_setting_in_the_environment_wins(monkeypatch):
-    from tunelab.train import malloc
+    from tunelab.accel import malloc
 
     monkeypatch.setattr(malloc, "_done", False)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")

@@ -57,7 +57,7 @@ def compare(ours: torch.Tensor, ref: torch.Tensor, ours_grads, ref_grads) -> dic
 
 
 def run_rms_case(lead, n, xdtype, wdtype, device="cpu", contiguous=True, w_grad=True) -> dict:
-    from tunelab.models import triton_fused
+    from tunelab.accel import triton_fused
 
     gen = torch.Generator().manual_seed(n + len(lead))
     x = (torch.randn(*lead, n + (0 if contiguous else 3), generator=gen) * 3 + 0.5)[..., :n].to(device, xdtype)
@@ -77,7 +77,7 @@ def run_rms_case(lead, n, xdtype, wdtype, device="cpu", contiguous=True, w_grad=
 
 
 def run_swiglu_case(shape, dtype, device="cpu") -> dict:
-    from tunelab.models import triton_fused
+    from tunelab.accel import triton_fused
 
     gen = torch.Generator().manual_seed(sum(shape))
     g = (torch.randn(shape, generator=gen) * 4).to(device, dtype).requires_grad_()  # reaches sigmoid's flat ends

@@ -15,12 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from tunelab.quant import (
-    QuantizedTensor,
-    code,
-    quantize,
-    triton_kernels,
-)
+from tunelab.accel import dequant_triton
+from tunelab.quant import QuantizedTensor, code, quantize
 
 # (quant_type, block size, double quant, shape, weight dtype, output dtype): odd counts, a short last
 # block, more than 256 blocks (two nested absmax groups), every output dtype, the extreme block sizes.
@@ -42,8 +38,8 @@ def run_case(quant_type, block_size, double_quant, shape, wdtype, odtype, pairs=
     gen = torch.Generator().manual_seed(block_size + len(shape))
     w = (torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen) ** 3).to(wdtype)  # varied block scales
     qt = quantize(w, quant_type, block_size=block_size, double_quant=double_quant)
-    triton_kernels.PAIRS = pairs  # bf16, even counts: the block-tiled kernel, or the per-byte one
-    ours = triton_kernels.dequantize_4bit(qt, odtype)
+    dequant_triton.PAIRS = pairs  # bf16, even counts: the block-tiled kernel, or the per-byte one
+    ours = dequant_triton.dequantize_4bit(qt, odtype)
     ref = qt.dequantize(odtype).reshape(-1)  # the PyTorch path (CPU tensors never take the kernel)
     diff = (ours.double() - ref.double()).abs().max().item()
     name = (f"{quant_type}{'+dq' if double_quant else ''} block {block_size} {tuple(shape)} {wdtype}->{odtype}"
@@ -67,8 +63,8 @@ def ties_case(pairs=True) -> dict:
     data = (cols.to(torch.uint8) * 17).repeat_interleave(32)  # both nibbles = the code: 64 values per block
     qt = QuantizedTensor(data=data, scales=s[rows].contiguous(), shape=torch.Size([64 * len(rows)]),
                          dtype=torch.float32, quant_type="nf4", block_size=64)
-    triton_kernels.PAIRS = pairs
-    ours = triton_kernels.dequantize_4bit(qt, torch.bfloat16)
+    dequant_triton.PAIRS = pairs
+    ours = dequant_triton.dequantize_4bit(qt, torch.bfloat16)
     ref = qt.dequantize(torch.bfloat16)
     return {"case": f"bf16 ties ({len(rows)} blocks){'' if pairs else ' per-byte kernel'}", "equal": len(rows) == 64 and torch.equal(ours, ref),
             "max_abs_diff": (ours.double() - ref.double()).abs().max().item(), "numel": ours.numel()}

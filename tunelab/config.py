@@ -145,12 +145,13 @@ class TrainConfig(_Strict):
     bytes of state per parameter instead of 8; one process or DDP (not FSDP)."""
     gradient_checkpointing: bool = False
     kernels: Literal["auto", "off", "strict"] = "auto"
-    """Speed-ups (tunelab/models/kernels.py): `auto` runs those the family table (docs/families.md) claims for
+    """Speed-ups (tunelab/accel/kernels.py): `auto` runs those the family table (docs/families.md) claims for
     this model and that can run here (a C compiler on CPU, Triton on CUDA), and prints one line naming what it
     turned off and why; a model family not in the table trains through the model's own forward. `off`: the
     reference path: the model's own modules, its own forward for the loss (full logits: more memory on a large
-    vocabulary) and plain LoRA layers. `strict`: like auto, but stop with an error on the first speed-up that
-    cannot run."""
+    vocabulary), plain LoRA layers and PyTorch's 4-bit dequantize. `strict`: like auto, but stop with an error
+    on the first speed-up that cannot run. TUNELAB_C_KERNELS=0 / TUNELAB_TRITON=0 turn the C / Triton ones off
+    through this setting."""
 
     @model_validator(mode="after")
     def _early_stopping_evaluates(self) -> "TrainConfig":

@@ -105,9 +105,8 @@ def run(args) -> int:
     from tunelab.eval.heldout_prose import PARAGRAPHS
     from tunelab.eval.suites import hallucination_eval_items
     from tunelab.eval.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES, generate_items
-    from tunelab.train.run import build_model, pick_device, run_training
-
     from tunelab.train import outdir
+    from tunelab.train.run import build_model, pick_device, run_training
 
     clock = _Clock()
     overrides = [f"method={args.method}", f"model.source={args.model}", f"train.lr={args.lr}",

@@ -168,8 +168,8 @@ def load_tokenizer(path: str | None):
 
 
 def _inspect(args) -> int:
-    from tunelab.data.pipeline import build
     from tunelab.data.config import DataConfig, SourceConfig
+    from tunelab.data.pipeline import build
     from tunelab.errors import ConfigError
 
     if args.seq_len < 2:  # as train.seq_len: a prompt token and a label at least

@@ -9,16 +9,21 @@ constant answer scores on the same items. Built-in data is generated from
 
 from __future__ import annotations
 
+from tunelab.errors import TunelabError
 from tunelab.eval import hallucination as H
 from tunelab.eval import injection as J
 from tunelab.eval import userdata
-from tunelab.errors import TunelabError
 from tunelab.eval.heldout import remove_training_prompts
 from tunelab.eval.heldout_prose import PARAGRAPHS
 from tunelab.eval.perplexity import perplexity_by_source
 from tunelab.eval.stats import constant_baseline, exact, interval, mean
 from tunelab.eval.tasks import (
-    HELDOUT_FAMILIES, TRAIN_FAMILIES, answer_items, evaluate_items, evaluate_sensitivity, generate_items,
+    HELDOUT_FAMILIES,
+    TRAIN_FAMILIES,
+    answer_items,
+    evaluate_items,
+    evaluate_sensitivity,
+    generate_items,
 )
 
 SUITES = ("tasks", "sensitivity", "ppl", "hallucination", "injection")

@@ -164,7 +164,6 @@ def check_key_values(output: str, item: Item) -> float:
 def word_pool() -> tuple[str, ...]:
     """~600 lowercase words of 4-8 letters that occur >= 8 times in CPython's reference text (sorted)."""
     import collections
-
     import pydoc_data.topics
 
     counts = collections.Counter(

@@ -13,7 +13,7 @@ vocabulary V, batch B, sequence T (N = B*T tokens, Nl label tokens):
   (its log-sum-exp) + 4I (SiLU input and output, up output, down_proj input) + 2 (rsqrt of each norm).
   LoRA/QLoRA: a norm with a frozen weight does not keep its normalised x (4C instead of 6C), plus r per
   adapted linear (the A output); frozen linears keep nothing for themselves (LoRA A keeps their input).
-  tunelab's fused kernels (`fused`: tunelab.models.fused) change two terms: the fused RMSNorm never keeps the
+  tunelab's fused kernels (`fused`: tunelab.accel.fused) change two terms: the fused RMSNorm never keeps the
   normalised x (4C for full too), the fused SwiGLU keeps no SiLU output (3I).
   Shared by all layers: RoPE cos/sin (2d per token), the final norm, the ids.
 - loss: our chunked head saves only dL/dh for label tokens (Nl*C) and, when the head trains, its weight
@@ -34,7 +34,7 @@ tunelab.experiments.memory), which is what the analytic model counts and does no
 allocator; and the peak resident memory above the process's baseline before the model is loaded (VmHWM,
 reset with /proc/self/clear_refs after the first step so loading and AdamW's lazy first step do not
 count), which adds what the C allocator keeps. The allocator is the training loop's own by default
-(`allocator="loop"`: tunelab.train.malloc keeps freed blocks for the next step, as `tunelab train` does);
+(`allocator="loop"`: tunelab.accel.malloc keeps freed blocks for the next step, as `tunelab train` does);
 "fixed" pins glibc's mmap threshold at 64 KiB (FIXED_MMAP_THRESHOLD: RSS follows the live tensors, at
 the cost of page faults every step) and "glibc" leaves glibc's defaults.
 """
@@ -103,7 +103,7 @@ class Setup:
     quant_block: int = 64
     double_quant: bool = True
     loss_chunk: int = 256  # TrainConfig.loss_chunk_tokens
-    fused: bool = False  # tunelab.models.fused's RMSNorm and SwiGLU (tunelab train on CPU, fp32, a C compiler)
+    fused: bool = False  # tunelab.accel.fused's RMSNorm and SwiGLU (tunelab train on CPU, fp32, a C compiler)
 
 
 def adapter_params(arch: Arch, r: int) -> int:
@@ -208,33 +208,32 @@ def _rss_kb(field: str) -> int:
 def _measure_here(source: str, s: Setup, steps: int, allocator: str = "loop", seed: int = 0) -> dict:
     """Load, prepare as tunelab train does, run `steps` steps on random tokens; memory above the baseline."""
     import ctypes
+    import dataclasses
     import gc
     import time
 
     import torch
-
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline)
+    from transformers import AutoModelForCausalLM
 
     import tunelab.lora  # noqa: F401
     import tunelab.quant  # noqa: F401
+    from tunelab.accel import kernels as accel
     from tunelab.config import load_config
-    from transformers import AutoModelForCausalLM
-
     from tunelab.experiments.memory import live_peak_bytes, live_tensor_bytes
     from tunelab.models.load import model_folder
     from tunelab.train.loop import adamw
     from tunelab.train.loss import causal_lm_loss_sum
-    from tunelab.train.malloc import reuse_freed_memory
     from tunelab.train.run import prepare_method
 
-    if allocator == "loop":
-        reuse_freed_memory()  # as tunelab train does before its first step
     base_kb = _rss_kb("VmRSS")
     cfg = load_config(None, [f"method={s.method}", f"lora.r={s.r}", f"quant.block_size={s.quant_block}",
                              f"quant.double_quant={s.double_quant}"],
                       base={"data": {"sources": [{"name": "random", "path": "unused"}]}})
     model = AutoModelForCausalLM.from_pretrained(model_folder(source), dtype=torch.float32)
-    groups = prepare_method(model, cfg)
+    kernels = accel.choose(model, "auto")  # as tunelab train: with "loop", its malloc setting too
+    kernels = dataclasses.replace(kernels, malloc=kernels.malloc and allocator == "loop")
+    groups = prepare_method(model, cfg, kernels)
     model.train()
     opt = adamw(groups, lr=1e-5)  # as tunelab train steps
     params = [p for g in groups for p in g["params"]]
@@ -245,7 +244,7 @@ def _measure_here(source: str, s: Setup, steps: int, allocator: str = "loop", se
              "position_ids": torch.arange(s.seq_len).repeat(s.batch_size, 1)}
 
     def step():
-        loss, n = causal_lm_loss_sum(model, batch, s.loss_chunk)
+        loss, n = causal_lm_loss_sum(model, batch, s.loss_chunk, kernels)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

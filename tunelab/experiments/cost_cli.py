@@ -28,23 +28,27 @@ def _mb(x: float) -> str:
 
 def run(args) -> int:
     import json
+    from types import SimpleNamespace
 
+    from transformers import AutoConfig
+
+    from tunelab.accel import kernels
     from tunelab.errors import TunelabError
     from tunelab.experiments.cost import Arch, Setup, analytic, measure
-    from tunelab.models import fused
     from tunelab.models.load import model_folder
     from tunelab.quant.tensor import check_block_size
-    from transformers import AutoConfig
 
     for flag in ("batch_size", "seq_len", "rank", "loss_chunk", "steps"):
         if getattr(args, flag) < 1:
             raise TunelabError(f"--{flag.replace('_', '-')} must be 1 or more, got {getattr(args, flag)}")
     check_block_size(args.quant_block)
-    arch = Arch.from_hf(AutoConfig.from_pretrained(model_folder(args.model)))
+    hf_config = AutoConfig.from_pretrained(model_folder(args.model))
+    arch = Arch.from_hf(hf_config)
+    chosen = kernels.choose(SimpleNamespace(config=hf_config), "auto", "cpu")  # as tunelab train on this CPU
     rows = []
     for method in args.method:
         s = Setup(method, args.batch_size, args.seq_len, args.rank, args.quant_block, not args.no_double_quant,
-                  args.loss_chunk, fused=fused.available())  # as tunelab train on this machine's CPU
+                  args.loss_chunk, fused=chosen.norm and chosen.swiglu)
         row = analytic(arch, s)
         if args.measure:
             m = measure(args.model, s, args.steps, allocator=args.allocator)

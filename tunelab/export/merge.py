@@ -62,7 +62,7 @@ def save_hf_folder(model: nn.Module, tokenizer, out: str | os.PathLike) -> Path:
     The generation config's eos_token_id lists the tokenizer's EOS too (a chat model's turn end, e.g.
     ChatML's <|im_end|>), so transformers' generate stops where the chat template ends a turn.
     """
-    from tunelab.train.checkpoint import atomic_folder, check_model_folder_dest
+    from tunelab.atomic import atomic_folder, check_model_folder_dest
 
     out = Path(out)
     check_model_folder_dest(out)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
+from tunelab.config import RunConfig, load_config
 from tunelab.errors import TunelabError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,33 +86,20 @@ def find_source(path_or_run: str, adapter: str | None = None, base: str | None =
     return src
 
 
-def _run_config(run: Path) -> dict:
-    try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise TunelabError(f"{run / 'config.yaml'}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(cfg, dict):
-        raise TunelabError(f"{run / 'config.yaml'}: not a run config (a mapping with method:, model:, ...)")
-    return cfg
+def _run_config(run: Path) -> RunConfig:
+    """The run's config.yaml as tunelab train wrote it, validated as any config (the same defaults)."""
+    return load_config(run / "config.yaml")
 
 
 def _run_source(run: Path) -> Source:
     """A run folder written by tunelab train: its config says the base and (for qlora) the quant settings."""
     cfg = _run_config(run)
-    method = cfg.get("method", "lora")
-    source = (cfg.get("model") or {}).get("source", "bundled")
     if (run / "model").is_dir():
         return Source(base=str(run / "model"))
-    if source == "scratch":
+    if cfg.model.source == "scratch":
         raise TunelabError(f"{run}: a scratch run has no base model to put its adapter on")
-    quant = _quant_settings(cfg) if method == "qlora" else None
-    return Source(base=source, adapter=run / "adapter", quant=quant, run=run)
-
-
-def _quant_settings(cfg: dict) -> dict:
-    q = cfg.get("quant") or {}
-    return {"dtype": q.get("dtype", "nf4"), "block_size": q.get("block_size", 64),
-            "double_quant": q.get("double_quant", True)}
+    quant = cfg.quant.model_dump() if cfg.method == "qlora" else None  # {dtype, block_size, double_quant}
+    return Source(base=cfg.model.source, adapter=run / "adapter", quant=quant, run=run)
 
 
 def _adapter_source(adapter: Path, base: str | None) -> Source:
@@ -175,7 +162,7 @@ def base_dtype(src: Source) -> str:
         if name:
             return name
     if src.run is not None:
-        name = _CONFIG_DTYPES.get(str((_run_config(src.run).get("model") or {}).get("dtype")))
+        name = _CONFIG_DTYPES.get(_run_config(src.run).model.dtype)
         if name:
             return name
     return "fp32"

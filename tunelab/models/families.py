@@ -4,7 +4,7 @@ For each family: what its own forward does to the logits after the output head (
 loss does the same inside, tunelab/train/loss.py), which of its modules have Llama's formula (so the fused
 RMSNorm / SwiGLU / rotary kernels and the last-layer shortcut give the same results; tests/test_families.py
 compares their source with Llama's), whether it is a mixture of experts, and its llama.cpp (GGUF)
-architecture name. A model_type not listed here trains through the model's own forward (tunelab.models.kernels).
+architecture name. A model_type not listed here trains through the model's own forward (tunelab.accel.kernels).
 
 Every family listed is checked by tests/test_families.py: tunelab's loss and gradients equal the model's own
 `model(input_ids, labels=...)`. `python -m tunelab.models.families` prints the table of docs/families.md.

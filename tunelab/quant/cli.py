@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise TunelabError("--save writes bitsandbytes' 4-bit layout, which holds nf4/fp4 absmax weights; "
                            "drop --save or use --dtype nf4/fp4")
     if args.save:  # before the model loads
-        from tunelab.train.checkpoint import check_model_folder_dest
+        from tunelab.atomic import check_model_folder_dest
 
         check_model_folder_dest(args.save, "--save ")
     model_dir = _resolve(args.model)
@@ -164,6 +164,6 @@ def save_quantized(model, quantized: dict, out: Path, args: argparse.Namespace) 
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
 
-    from tunelab.train.checkpoint import atomic_folder
+    from tunelab.atomic import atomic_folder
 
     atomic_folder(out, write)  # all files or none: a failed save leaves no half-written folder

@@ -7,39 +7,11 @@ full-precision copy of the weight lives between forward and backward, and W gets
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.quant import blockwise
 from tunelab.quant.tensor import QuantError, QuantizedTensor, quantize
-
-
-_workspaces = threading.local()
-
-
-def dequant_workspace(qweight: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread scratch buffer for one dequantized weight, grown to the largest layer and reused.
-
-    W lives only inside forward (or backward) of one layer at a time, so one buffer serves them all and
-    a training step does not pay fresh-memory page faults for every layer, twice.
-    """
-    key = (dtype, qweight.device)
-    cache = getattr(_workspaces, "buffers", None)
-    if cache is None:
-        cache = _workspaces.buffers = {}
-    need = qweight.numel() + 2
-    buf = cache.get(key)
-    if buf is None or buf.numel() < need:
-        buf = cache[key] = blockwise.empty_output(need, dtype, qweight.device)
-    return buf
-
-
-def free_workspaces() -> None:
-    """Drop this thread's dequantization buffers (e.g. before measuring another model's peak memory)."""
-    getattr(_workspaces, "buffers", {}).clear()
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -52,25 +24,24 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _DequantLinear(torch.autograd.Function):
-    """y = x @ dequant(W)^T + b; saves the QuantizedTensor (packed), never the dequantized W."""
+    """y = x @ dequant(W)^T + b; keeps the layer (its packed weight), never the dequantized W."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, qweight: QuantizedTensor,
-                compute_dtype: torch.dtype | None):
-        dtype = compute_dtype or _matmul_dtype(x)
-        ctx.qweight, ctx.dtype, ctx.has_bias = qweight, dtype, bias is not None
-        w = qweight.dequantize(dtype, workspace=dequant_workspace(qweight, dtype))  # (out, in), scratch
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: "Linear4bit"):
+        dtype = layer.compute_dtype or _matmul_dtype(x)
+        ctx.layer, ctx.dtype, ctx.has_bias = layer, dtype, bias is not None
+        w = layer.matmul_weight(dtype)  # (out, in)
         return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = ctx.qweight.dequantize(ctx.dtype, workspace=dequant_workspace(ctx.qweight, ctx.dtype))  # recomputed
+            w = ctx.layer.matmul_weight(ctx.dtype)  # recomputed
             grad_x = grad_out.to(ctx.dtype) @ w  # (..., out) @ (out, in) -> (..., in)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_bias, None, None
+        return grad_x, grad_bias, None
 
 
 class Linear4bit(nn.Module):
@@ -90,6 +61,9 @@ class Linear4bit(nn.Module):
         self.out_features, self.in_features = qweight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.compute_dtype = compute_dtype
+        # A faster dequantize for this layer's matmuls, set on this instance by tunelab.accel (train.kernels):
+        # dequant(qweight, dtype) -> the (out, in) weight, the same numbers. None: QuantizedTensor.dequantize.
+        self.dequant = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str = "nf4", block_size: int = 64, double_quant: bool = True,
@@ -129,8 +103,15 @@ class Linear4bit(nn.Module):
         """The weight (out, in) in `dtype` (default: the original weight's dtype)."""
         return self.qweight.dequantize(dtype)
 
+    def matmul_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight (out, in) in `dtype` for one matmul of forward or backward. Through `dequant` it may
+        live in a buffer the next layer's matmul reuses: use it at once, keep dequantize_weight's."""
+        if self.dequant is None:
+            return self.qweight.dequantize(dtype)
+        return self.dequant(self.qweight, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DequantLinear.apply(x, self.bias, self.qweight, self.compute_dtype)
+        return _DequantLinear.apply(x, self.bias, self)
 
     # ---- moving and saving ---------------------------------------------------------------------
     def _apply(self, fn, recurse=True):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass, replace
 
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.quant import blockwise, codebooks, cpu_kernels
+from tunelab.quant import blockwise, codebooks
 
 SCHEMES = ("absmax", "minmax")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -89,34 +88,18 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor back in `dtype` (default: the original dtype), computed in fp32 like bitsandbytes.
 
-        4-bit absmax codes on CUDA go through one Triton kernel (tunelab.quant.triton_kernels) when Triton
-        is installed, and 4-bit codes to fp32 on CPU through one C kernel (tunelab.quant.cpu_kernels) when
-        a C compiler is; both give the same numbers as the PyTorch path used everywhere else.
-
         workspace: a flat `dtype` tensor of at least numel() + 2 elements on the same device to write
         into (the result is a view of it), e.g. to reuse one buffer across layers.
+        The C and Triton kernels that compute the same numbers in one pass are in tunelab.accel (dequant).
         """
         dtype = dtype or self.dtype
-        if self.device.type == "cuda":
-            from tunelab.quant import triton_kernels  # imports Triton (seconds): only when a GPU tensor asks
-
-            if triton_kernels.serves(self):
-                try:
-                    return triton_kernels.dequantize_4bit(self, dtype, out=workspace).view(self.shape)
-                except Exception as e:  # noqa: BLE001 - a Triton too old or broken for this card: PyTorch's path
-                    triton_kernels.AVAILABLE = False  # once: not tried again in this process
-                    warnings.warn(f"tunelab's Triton dequantize kernel failed ({type(e).__name__}: {e}); "
-                                  "using the PyTorch path instead (the same numbers)", stacklevel=2)
-        book = codebooks.LEVELS[self.quant_type] if self.scheme == "minmax" else self.quant_type
-        if self.device.type == "cpu" and dtype == torch.float32 and codebooks.bits(book) == 4:
-            out = workspace if workspace is not None else blockwise.empty_output(self.numel() + 2, dtype, self.device)
-            flat = cpu_kernels.dequant4(self.data, blockwise.code_table16(book), out, self.numel(), self.block_size,
-                                        self.scales, self.zero, self.nested_absmax, self.offset)
-            if flat is not None:  # one pass in C (tunelab.quant.cpu_kernels); the same bits as below
-                return flat.view(self.shape)
-        flat = blockwise.dequantize_blocks(self.data, book, self.numel(), self.block_size, self.block_scales,
-                                           self.zero, dtype, result=workspace)
+        flat = blockwise.dequantize_blocks(self.data, self.codebook(), self.numel(), self.block_size,
+                                           self.block_scales, self.zero, dtype, result=workspace)
         return flat.view(self.shape)
+
+    def codebook(self) -> str:
+        """The code book's name: the quant_type, or for min-max codes the uniform levels of their width."""
+        return codebooks.LEVELS[self.quant_type] if self.scheme == "minmax" else self.quant_type
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         """A copy on `device` (the same object if it is already there)."""

@@ -18,7 +18,6 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.train import checkpoint, faults, fsdp
 from tunelab.train.early_stop import EarlyStopping
 from tunelab.train.loss import IGNORE, NEXT_TOKEN, Objective
-from tunelab.train.malloc import reuse_freed_memory
 from tunelab.train.optim8bit import AdamW8bit
 
 
@@ -197,7 +196,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
                objective: Objective | None = None, on_best=None, on_log=None) -> dict:
     """Train `model` on tokenized examples; cfg is a TrainConfig. Returns a summary of the run.
 
-    `kernels`: the speed-ups the loss runs (tunelab.models.kernels.choose; default auto for the model).
+    `kernels`: the speed-ups the loss runs (tunelab.accel.kernels.choose; default auto for the model).
     `objective`: next-token (default) or token classification (tunelab.train.loss.Objective).
     `on_best(step)`: called on every process when cfg.early_stopping sees a new best eval loss (run.py writes
     the weights to best/ there). `on_log(record)`: called on rank 0 with each record written to metrics.jsonl
@@ -208,7 +207,6 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     rank, world = _world()
     device = device or next(model.parameters()).device
     objective = objective or NEXT_TOKEN  # looked up now: tests replace it to poison the loss
-    reuse_freed_memory()  # each step reuses what the last one freed, without page faults (glibc)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch == 0:

@@ -18,8 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tunelab.models.fused import rotary
-
 IGNORE = -100
 
 
@@ -243,14 +241,14 @@ def causal_lm_loss_sum(model, batch: dict, chunk: int = 256, kernels=None) -> tu
     """(summed next-token loss, number of label tokens) of a Hugging Face causal LM on a batch.
 
     `batch["labels"]` follows the Hugging Face convention: aligned with input_ids, -100 where no loss;
-    position t predicts labels[t + 1]. `kernels` (tunelab.models.kernels.choose; default: train.kernels=auto
+    position t predicts labels[t + 1]. `kernels` (tunelab.accel.kernels.choose; default: train.kernels=auto
     for this model) says the path: the chunked head + loss with the family's logits transform, and where
     every row's first loss falls at position s > 0 (a prompt), the last decoder layer computes its outputs
-    for positions s.. only (see `_last_layer_from`); or, for `off` and a family not in the table, the
+    for positions s.. only (the last-layer shortcut, tunelab.accel.last_layer); or, for `off` and a family not in the table, the
     model's own forward (`reference_loss_sum`).
     """
     if kernels is None:
-        from tunelab.models.kernels import choose
+        from tunelab.accel.kernels import choose
 
         kernels = choose(model, "auto", batch["input_ids"].device)
     if not kernels.chunked_head:
@@ -267,13 +265,13 @@ def causal_lm_loss_sum(model, batch: dict, chunk: int = 256, kernels=None) -> tu
 def label_hidden(model, batch: dict, kernels):
     """The body's last hidden states at the positions that carry a label: (body output, h (N, C), targets
     (N,), row (N,) the batch row of each). The last decoder layer runs from the first labelled position
-    where kernels.last_layer allows (`_last_layer_from`)."""
+    where kernels.last_layer allows (tunelab.accel.last_layer)."""
     body = getattr(model, model.base_model_prefix)
     targets = batch["labels"][:, 1:]  # (B, T-1)
     keep = targets != IGNORE
     cols = keep.any(0).nonzero()
     start = int(cols[0]) if cols.numel() else 0
-    layer = _last_layer_from(body, batch, start if kernels.last_layer else 0)
+    layer = kernels.last_layer_from(body, batch, start)  # start 0 (the layer whole) when the shortcut is off
     extra = {"output_router_logits": True} if kernels.router_aux else {}
     with layer:
         out = body(
@@ -308,79 +306,6 @@ def reference_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     if n == 0:  # no label token: transformers' mean would be 0 / 0
         return out.logits.sum() * 0.0, 0
     return out.loss * n, n
-
-
-class _LastLayerFrom:
-    """Context in which the body's last decoder layer computes outputs for positions start.. only.
-
-    The last layer's output at position t feeds only the head at t, so where no loss falls before `start`
-    its queries, attention output, MLP and norms for positions < start are never needed; its keys and
-    values are, for all positions. About 1.5% of a LoRA step on the bundled model with half of each row a
-    prompt (docs/lora.md). The layer then returns (B, T - start, C); `start` is 0 where it runs whole.
-    """
-
-    def __init__(self, layer, start: int):
-        self.layer, self.start = layer, start
-
-    def __enter__(self):
-        if self.start:
-            self.layer.forward = self._forward
-        return self
-
-    def __exit__(self, *exc):
-        if self.start:
-            del self.layer.forward
-
-    def _forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
-        layer, s = self.layer, self.start
-        attn = layer.self_attn
-        if (cache is not None or kwargs.get("past_key_values") is not None or position_embeddings is None
-                or (attention_mask is not None and attention_mask.dim() != 4)):
-            self.start = 0
-            return type(layer).forward(layer, hidden_states, attention_mask=attention_mask,
-                                       position_embeddings=position_embeddings, cache=cache, **kwargs)
-        B, T, _ = hidden_states.shape
-        x = layer.input_layernorm(hidden_states)
-        q = attn.q_proj(x[:, s:]).view(B, T - s, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings  # (B or 1, T, head_dim)
-        q, k = rotary(q, cos[:, s:], sin[:, s:]), rotary(k, cos, sin)
-        if attention_mask is None:  # causal: query s + i sees keys 0 .. s + i
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[s:]
-        else:
-            mask = attention_mask[:, :, s:]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
-                                           dropout_p=attn.attention_dropout if attn.training else 0.0,
-                                           enable_gqa=q.shape[1] != k.shape[1])
-        h = hidden_states[:, s:] + attn.o_proj(o.transpose(1, 2).reshape(B, T - s, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
-def _last_layer_from(body, batch: dict, start: int) -> _LastLayerFrom:
-    """_LastLayerFrom(last layer, start) where it applies; else one that changes nothing (start 0).
-
-    The caller passes start 0 unless the family table says its decoder layer is LlamaDecoderLayer's
-    (pre-norm attention and MLP, residual adds) over an attention of Llama's formula (q/k/v/o projections,
-    rotary on q and k), which _LastLayerFrom re-implements for a suffix of query positions
-    (tests/test_train_loss.py checks the result against the whole layer). Here: no q/k norms, SDPA or
-    eager attention, the sequence within the sliding window."""
-    layers = getattr(body, "layers", None)
-    layer = layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
-    T = batch["input_ids"].shape[1]
-    if start <= 0 or layer is None:
-        return _LastLayerFrom(layer, 0)
-    if getattr(layer, "gradient_checkpointing", False) and type(layer).__call__ is not nn.Module.__call__:
-        # transformers < 5 checkpoints in __call__ and would replay the layer's own forward in backward,
-        # after the context has ended; from 5 on it wraps the class's forward, which ours bypasses.
-        return _LastLayerFrom(layer, 0)
-    attn = getattr(layer, "self_attn", None)
-    config = getattr(attn, "config", None)
-    window = getattr(attn, "sliding_window", None)
-    plain = (attn is not None and not hasattr(attn, "q_norm") and hasattr(attn, "scaling")
-             and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
-             and (window is None or T <= window))
-    return _LastLayerFrom(layer, start if plain else 0)
 
 
 def token_classification_loss_sum(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[torch.Tensor, int]:

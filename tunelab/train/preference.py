@@ -30,7 +30,7 @@ def sequence_logps(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[
     not in the table, from the model's own logits. float32 or wider (half-precision logits are upcast).
     """
     if kernels is None:
-        from tunelab.models.kernels import choose
+        from tunelab.accel.kernels import choose
 
         kernels = choose(model, "auto", batch["input_ids"].device)
     targets = batch["labels"][:, 1:]  # (B, T-1)

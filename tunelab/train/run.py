@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
+from tunelab.accel import kernels as accel
+from tunelab.atomic import atomic_folder
 from tunelab.config import RunConfig, dump_config
 from tunelab.data.validate import check as check_data
 from tunelab.errors import TunelabError
-from tunelab.models import kernels as accel
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, model_folder, resolve_dtype
 from tunelab.train import checkpoint, outdir
-from tunelab.train.checkpoint import atomic_folder
 from tunelab.train.loop import train_loop
 from tunelab.train.tracking import MLflowRun, check_available as check_tracking, flatten
 
@@ -99,12 +99,17 @@ def enable_checkpointing(model) -> None:
 
 def prepare_method(model, cfg: RunConfig, kernels: accel.Kernels | None = None) -> list[dict]:
     """Freeze / quantize / add adapters as the method says; return AdamW parameter groups. `kernels`
-    (default: tunelab.models.kernels.choose for cfg.train.kernels, reported) says which speed-ups the model
-    gets: the fused RMSNorm, SwiGLU and rotary modules here, the fused LoRA layers below."""
+    (default: tunelab.accel.kernels.choose for cfg.train.kernels, reported) says which speed-ups the model
+    gets (tunelab.accel.kernels.apply, once the adapters and 4-bit layers are in)."""
     if kernels is None:
         kernels = accel.choose(model, cfg.train.kernels)
         accel.report(kernels)
-    accel.apply(model, kernels)
+    groups = _prepare(model, cfg)
+    accel.apply(model, kernels)  # after quantizing and adding adapters: their layers get speed-ups too
+    return groups
+
+
+def _prepare(model, cfg: RunConfig) -> list[dict]:
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -119,7 +124,7 @@ def prepare_method(model, cfg: RunConfig, kernels: accel.Kernels | None = None) 
         if not named:
             raise TunelabError("method=freeze: no parameter matches train.train_last_layers / train.trainable")
         return _decay_groups(named, cfg.train.weight_decay)
-    from tunelab.lora import LoraConfig, apply_lora, lora_layers, lora_param_groups
+    from tunelab.lora import LoraConfig, apply_lora, lora_param_groups
     from tunelab.quant import Linear4bit, quantize_model
 
     if cfg.method == "qlora" and not any(isinstance(m, Linear4bit) for m in model.modules()):
@@ -135,8 +140,6 @@ def prepare_method(model, cfg: RunConfig, kernels: accel.Kernels | None = None) 
     lcfg = LoraConfig(**cfg.lora.model_dump())
     _say_unadapted_experts(model, cfg)
     apply_lora(model, lcfg)
-    for _, layer in lora_layers(model):
-        layer.fused = kernels.fused_lora
     return lora_param_groups(model, cfg.train.lr, cfg.train.weight_decay, lcfg.loraplus_ratio)
 
 

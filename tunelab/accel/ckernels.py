@@ -1,15 +1,15 @@
 """Small C kernels for the CPU, compiled with the system's C compiler on first use and loaded via ctypes.
 
 PyTorch on CPU runs one pass over memory per op; a few chains of ops that tunelab runs on every training
-step are much faster as one loop (4-bit dequantize: tunelab.quant.cpu_kernels; RMSNorm and SwiGLU:
-tunelab.models.fused).
+step are much faster as one loop (4-bit dequantize: tunelab.accel.dequant_c; RMSNorm and SwiGLU:
+tunelab.accel.fused).
 Each library is compiled once per source, flags, compiler version and instruction-set level into the
 user's cache folder (about 1 s with gcc) and written atomically, as Triton and torch.compile build their CPU
 pieces. The level is chosen from this CPU's flags (x86-64-v4 with AVX-512, v3 with AVX2 and FMA, v2, or the
 baseline), not `-march=native`: a home folder shared between machines, or an image moved to another CPU,
 then finds a library of its own level or builds one, and never loads code for instructions its CPU lacks
 (SIGILL). `-mtune=native` only orders instructions, so it does not change what a library may run on.
-Without a compiler, on Windows, or with TUNELAB_C_KERNELS=0, `load()` returns None and callers take their
+Without a compiler or on Windows, `load()` returns None and callers take their
 PyTorch path; why is kept in `problems` (shown by `tunelab doctor`).
 """
 
@@ -103,8 +103,8 @@ def load(stem: str, source: str, signatures: dict[str, list], extra: tuple[str, 
     """Compile `source` (once) and load it; set each function's ctypes argtypes; None if impossible, with
     the reason in `problems[stem]`. `extra`: more compiler arguments, after the source file (e.g. "-lm")."""
     problems.pop(stem, None)
-    if os.environ.get("TUNELAB_C_KERNELS", "1") == "0" or sys.platform == "win32":
-        problems[stem] = "TUNELAB_C_KERNELS=0" if sys.platform != "win32" else "not built on Windows"
+    if sys.platform == "win32":
+        problems[stem] = "not built on Windows"
         return None
     found = compiler()
     if found is None:

@@ -31,14 +31,20 @@ USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _done = False
 
 
+def applies() -> bool:
+    """Whether reuse_freed_memory may change anything: Linux, and no malloc setting in the environment (the
+    user's choice wins). Whether the C library is glibc shows when it is called."""
+    user_set = any(k in os.environ for k in USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    return sys.platform.startswith("linux") and not user_set
+
+
 def reuse_freed_memory() -> bool:
     """Set glibc's malloc to keep freed blocks for reuse (once per process). False where the C library is
     not glibc (macOS, musl, Windows) or the environment sets malloc itself: nothing changes then."""
     global _done
     if _done:
         return True
-    user_set = any(k in os.environ for k in USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
-    if not sys.platform.startswith("linux") or user_set:
+    if not applies():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -6,15 +6,14 @@ where bitsandbytes runs three kernels (decode the scales, add the offset, dequan
 runs about six. The numbers are the PyTorch path's exactly: code value * scale in fp32, one rounding to
 the output dtype (round to nearest even, by hand for bf16), and no fused multiply-add when decoding the scales.
 
-Imported lazily (by QuantizedTensor.dequantize, for CUDA tensors only): importing Triton takes seconds.
-Without Triton, `AVAILABLE` is False and callers use the PyTorch path. TUNELAB_TRITON=0 turns it off,
-e.g. to time both paths. Tests run the kernel on CPU tensors under Triton's interpreter
+Imported lazily (by tunelab.accel.dequant, for CUDA tensors only): importing Triton takes seconds.
+Without Triton, `AVAILABLE` is False and callers use the PyTorch path. TUNELAB_TRITON=0 turns it off through
+train.kernels (tunelab.accel.kernels.choose reads it), e.g. to time both paths. Tests run the kernel on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1 set before Triton is imported; tests/triton_interp_cases.py).
 """
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
@@ -27,7 +26,7 @@ try:
 except ImportError:  # the PyTorch path serves every device
     triton = None
 
-AVAILABLE = triton is not None and os.environ.get("TUNELAB_TRITON", "1") != "0"
+AVAILABLE = triton is not None  # TUNELAB_TRITON=0 is read by tunelab.accel.kernels.choose
 # Packed bytes per program: 1024 bytes -> 2048 outputs, 8 bytes in and 16 outputs per thread at 4 warps.
 BYTES_PER_PROGRAM = 1024
 NUM_WARPS = 4
@@ -112,7 +111,7 @@ def dequantize_4bit(qt, dtype: torch.dtype, out: torch.Tensor | None = None) -> 
     out: a flat `dtype` tensor of at least n elements on qt's device to write into (a view is returned).
     """
     if triton is None:
-        raise RuntimeError("tunelab.quant.triton_kernels.dequantize_4bit needs Triton; check AVAILABLE first")
+        raise RuntimeError("tunelab.accel.dequant_triton.dequantize_4bit needs Triton; check AVAILABLE first")
     n, device = qt.numel(), qt.device
     if out is None:
         out = torch.empty(n, dtype=dtype, device=device)

@@ -16,15 +16,15 @@ The rotary embedding (x * cos + rotate_half(x) * sin on q and k) is six ops forw
 slices, a negation, a cat, two products and a sum) and more in backward; in a profiled LoRA step of the
 bundled model at batch 4 x 256 they took over 100 ms, one loop each way 45 ms (same bits; docs/lora.md).
 
-`fuse(model)` (what `tunelab train` applies with train.kernels=auto, tunelab.models.kernels) routes the
+`fuse(model)` (what `tunelab train` applies with train.kernels=auto, tunelab.accel.kernels) routes the
 rotary embedding of Llama-formula attention modules through the kernel (fuse_rotary) and gives each RMSNorm
 and MLP module of Llama's formula (the family table, tunelab.models.families, names them) a subclass
-whose forward calls the kernel on fp32 CPU input outside autocast, tunelab.models.triton_fused's
+whose forward calls the kernel on fp32 CPU input outside autocast, tunelab.accel.triton_fused's
 Triton kernels on CUDA input (bf16 under autocast, the same roundings as the module's formula), and the
 module's own formula otherwise. Only the given model's modules change (their class, in place; no function
 of transformers is replaced). Weights, state_dict keys and saved files are unchanged. The C kernels are
-built by tunelab.ckernels; without a C compiler (or with TUNELAB_C_KERNELS=0), and without CUDA and Triton
-(or with TUNELAB_TRITON=0), every module keeps its own forward.
+built by tunelab.accel.ckernels; without a C compiler, and without CUDA and Triton, every module keeps its own
+forward (train.kernels=auto does not fuse them then, nor with TUNELAB_C_KERNELS=0 / TUNELAB_TRITON=0).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from tunelab import ckernels
+from tunelab.accel import ckernels
 
 SOURCE = r"""
 #include <stdint.h>
@@ -274,10 +274,10 @@ def _rotary_fusable(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bo
             and not (cos.requires_grad or sin.requires_grad) and _cpu_fp32(x, cos, sin))
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """transformers' rotary embedding of x (B, H, T, D) with cos, sin (1 or B, T, D): through the kernel
-    where it serves (the same bits), else the formula."""
-    if _rotary_fusable(x, cos, sin):
+    where it serves and `kernel` allows (the same bits), else the formula."""
+    if kernel and _rotary_fusable(x, cos, sin):
         return _Rotary.apply(x, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
@@ -327,14 +327,14 @@ def _cpu_fp32(*ts: torch.Tensor) -> bool:
 
 
 def _gpu(*ts: torch.Tensor):
-    """tunelab.models.triton_fused when its Triton kernels serve these CUDA tensors, else None.
+    """tunelab.accel.triton_fused when its Triton kernels serve these CUDA tensors, else None.
 
     A kernel that fails (a Triton too old or broken for this card) warns once and is not tried again in
     this process: the module's own formula computes the same.
     """
     if ts[0].device.type != "cuda" or _gpu_broken:
         return None
-    from tunelab.models import triton_fused
+    from tunelab.accel import triton_fused
 
     return triton_fused if triton_fused.serves(*ts) else None
 
@@ -375,10 +375,10 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def gpu_kernels() -> bool:
-    """Whether the Triton kernels of tunelab.models.triton_fused can serve this process (a CUDA device)."""
+    """Whether the Triton kernels of tunelab.accel.triton_fused can serve this process (a CUDA device)."""
     if not torch.cuda.is_available() or _gpu_broken:
         return False
-    from tunelab.models import triton_fused
+    from tunelab.accel import triton_fused
 
     return triton_fused.AVAILABLE
 
@@ -393,7 +393,7 @@ def _fused_class(cls: type, forward) -> type:
 
 def fuse(model: nn.Module, norm: bool = True, swiglu: bool = True, rotary: bool = True) -> int:
     """fuse_rmsnorm, fuse_swiglu and fuse_rotary, each where asked: what `tunelab train` does to a model of a
-    family in tunelab.models.families with train.kernels=auto (tunelab.models.kernels); returns how many
+    family in tunelab.models.families with train.kernels=auto (tunelab.accel.kernels); returns how many
     modules."""
     return ((fuse_rmsnorm(model) if norm else 0) + (fuse_swiglu(model) if swiglu else 0)
             + (fuse_rotary(model) if rotary else 0))

@@ -15,13 +15,12 @@ interpreter truncates fp32 -> bf16, and the few integer ops cost nothing on a GP
 memory bound; on a GPU `.to(tl.bfloat16)` would round the same. (NaNs with payload only in the low 16 bits
 may come out as inf; arithmetic never makes those.)
 
-Without Triton, `AVAILABLE` is False and the module still imports; TUNELAB_TRITON=0 turns the kernels off.
+Without Triton, `AVAILABLE` is False and the module still imports; TUNELAB_TRITON=0 turns the kernels off
+through train.kernels (tunelab.accel.kernels.choose reads it).
 Tests run them on CPU tensors under Triton's interpreter (tests/triton_fused_cases.py).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -31,7 +30,7 @@ try:
 except ImportError:  # callers keep PyTorch's ops
     triton = None
 
-AVAILABLE = triton is not None and os.environ.get("TUNELAB_TRITON", "1") != "0"
+AVAILABLE = triton is not None  # TUNELAB_TRITON=0 is read by tunelab.accel.kernels.choose
 MAX_N = 65536  # longest rms_norm row: one program holds a whole row in registers
 SWIGLU_BLOCK = 2048  # elements per program: 16 per thread at 4 warps
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -140,7 +139,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         if triton is None:
-            raise RuntimeError("tunelab.models.triton_fused needs Triton; check AVAILABLE first")
+            raise RuntimeError("tunelab.accel.triton_fused needs Triton; check AVAILABLE first")
         shape, n = x.shape, x.shape[-1]
         x2, weight = x.reshape(-1, n).contiguous(), weight.contiguous()
         y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
@@ -169,7 +168,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
         if triton is None:
-            raise RuntimeError("tunelab.models.triton_fused needs Triton; check AVAILABLE first")
+            raise RuntimeError("tunelab.accel.triton_fused needs Triton; check AVAILABLE first")
         g, u = g.contiguous(), u.contiguous()
         h = torch.empty_like(g)
         _swiglu_fwd[(triton.cdiv(g.numel(), SWIGLU_BLOCK),)](g, u, h, g.numel(), BLOCK=SWIGLU_BLOCK)

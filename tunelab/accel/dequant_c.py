@@ -7,8 +7,9 @@ SmolLM2-135M's 1536 x 576 MLP weights about 6x the time of copying the same fp32
 most of its overhead over LoRA. The kernel below does both in one pass and gives the same bits (one fp32
 product, no fused multiply-add: -ffp-contract=off).
 
-The shared library is compiled on first use (0.8 s with gcc here) by tunelab.ckernels. Without a compiler, or
-with TUNELAB_C_KERNELS=0, `dequant4()` returns None and callers take the PyTorch path.
+The shared library is compiled on first use (0.8 s with gcc here) by tunelab.accel.ckernels. Without a compiler
+`dequant4()` returns None and tunelab.accel.dequant takes the PyTorch path; train.kernels (and
+TUNELAB_C_KERNELS=0 through it) decides whether a model's 4-bit layers use it at all.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from functools import cache
 
 import torch
 
-from tunelab import ckernels
+from tunelab.accel import ckernels
 from tunelab.quant import codebooks
 from tunelab.quant.blockwise import NESTED_BLOCK
 

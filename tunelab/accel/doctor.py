@@ -33,10 +33,7 @@ def report(family: str = "llama", device: str | None = None) -> list[str]:
     import torch
     from transformers import AutoConfig
 
-    from tunelab import ckernels
-    from tunelab.models import fused, kernels
-    from tunelab.quant import cpu_kernels, triton_kernels
-    from tunelab.train import malloc
+    from tunelab.accel import ckernels, dequant_c, dequant_triton, fused, kernels, malloc
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lines = ["versions: " + ", ".join(f"{p} {_version(p)}" for p in PACKAGES) + f", python {platform.python_version()}"]
@@ -45,7 +42,7 @@ def report(family: str = "llama", device: str | None = None) -> list[str]:
                  f"{torch.backends.cpu.get_cpu_capability()}; C kernels built for {ckernels.isa_level() or 'the compiler default'} "
                  f"with {cc[1] if cc else 'no C compiler'}")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (torch sees no CUDA device)"
-    lines.append(f"GPU: {gpu}; Triton {'importable' if triton_kernels.triton is not None else 'not installed'}")
+    lines.append(f"GPU: {gpu}; Triton {'importable' if dequant_triton.triton is not None else 'not installed'}")
     lines.append("malloc: " + ("glibc, tunelab's reuse-freed-memory setting applies in training"
                                if malloc.reuse_freed_memory() else "not glibc, or set in the environment: left as it is"))
     choice = kernels.choose(SimpleNamespace(config=AutoConfig.for_model(family)), "auto", device)
@@ -53,15 +50,15 @@ def report(family: str = "llama", device: str | None = None) -> list[str]:
     rows = [("chunked head + loss", choice.chunked_head, ""), ("last-layer shortcut", choice.last_layer, ""),
             ("fused RMSNorm", choice.norm, "C" if cpu else "Triton"), ("fused SwiGLU", choice.swiglu, "C" if cpu else "Triton"),
             ("fused rotary", choice.rotary, "C"), ("fused LoRA autograd", choice.fused_lora, ""),
-            ("4-bit dequantize", cpu_kernels.available() if cpu else triton_kernels.AVAILABLE, "C" if cpu else "Triton")]
+            ("4-bit dequantize kernel", choice.dequant, "C" if cpu else "Triton")]
     lines.append(f"speed-ups for {family} on {device} (train.kernels=auto):")
     for name, on, how in rows:
         why = next((w.split(": ", 1)[1] for w in choice.off if w.startswith(name)), None)
-        if not on and why is None and name != "4-bit dequantize":
+        if not on and why is None:
             why = f"{family}'s module has another formula than Llama's" if choice.chunked_head else "see below"
         lines.append(f"  {'on ' if on else 'off'}  {name}" + (f" ({how})" if on and how else f": {why}" if why else ""))
     lines += [f"  why off: {why}" for why in choice.off if not any(why.startswith(r[0]) for r in rows)]
-    fused.available(), cpu_kernels.available()  # build (or load) both libraries, so their problems are known
+    fused.available(), dequant_c.available()  # build (or load) both libraries, so their problems are known
     lines += [f"  C library {stem}: {why}" for stem, why in sorted(ckernels.problems.items())]
     return lines
 
