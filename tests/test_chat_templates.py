@@ -7,11 +7,11 @@ closes its turn, and the tokens before the final answer exactly the prompt the m
 from __future__ import annotations
 
 import copy
-import tomllib
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from conftest import make_tiny_tokenizer
 from llamacpp_source import read_folder
@@ -46,8 +46,8 @@ def tokenizer(name: str):
     """A tiny BPE tokenizer with the family's special tokens and its published template."""
     entry = MANIFEST[name]
     if "gguf" in entry:  # the bundled model's own tokenizer
-        from tunelab.models.load import load_tokenizer
         from tunelab.models import bundled
+        from tunelab.models.load import load_tokenizer
 
         return load_tokenizer(bundled.tokenizer_dir())
     tok = copy.deepcopy(base_tokenizer())

@@ -18,11 +18,11 @@ import transformers
 from test_families import _batch, _close, _grads, _model, _own_forward, _tunelab
 from test_family_adapters import TOL, _ids, _workspace
 from tiny_run import losses, run_config
+from tunelab.accel import kernels
 from tunelab.cli import main
 from tunelab.export.resolve import open_model
 from tunelab.lora import LoraConfig, apply_lora
 from tunelab.lora.experts import LoRAExperts
-from tunelab.accel import kernels
 from tunelab.quant import model_nbytes, quantize_model
 from tunelab.quant.experts import Experts4bit
 

@@ -21,8 +21,8 @@ import torch
 import transformers
 
 from numerics import assert_as_accurate
-from tunelab.data.packing import pack, padded
 from tunelab.accel import kernels as accel
+from tunelab.data.packing import pack, padded
 from tunelab.train.loop import collate
 from tunelab.train.loss import causal_lm_loss_sum
 

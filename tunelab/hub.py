@@ -21,7 +21,12 @@ def snapshot(repo_id: str, revision: str | None, files: list[str], *, repo_type:
     the files that match `files` (glob patterns; nothing else is fetched). `field` and `revision_field`
     name the config keys in errors."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     at = f"@{revision}" if revision else ""
     try:

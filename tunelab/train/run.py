@@ -18,7 +18,8 @@ from tunelab.errors import TunelabError
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, model_folder, resolve_dtype
 from tunelab.train import checkpoint, outdir
 from tunelab.train.loop import train_loop
-from tunelab.train.tracking import MLflowRun, check_available as check_tracking, flatten
+from tunelab.train.tracking import MLflowRun, flatten
+from tunelab.train.tracking import check_available as check_tracking
 
 
 def pick_device(name: str) -> torch.device:
