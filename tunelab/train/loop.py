@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.train import checkpoint, faults, fsdp
+from tunelab.train import checkpoint, faults, fsdp, status
 from tunelab.train.loss import IGNORE, NEXT_TOKEN, Objective
 from tunelab.train.malloc import reuse_freed_memory
 from tunelab.train.optim8bit import AdamW8bit
@@ -335,6 +335,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
                                        {"total_steps": total_steps, "loss": record.get("loss")}, cfg.keep_last)
             if world > 1:
                 dist.barrier()
+        status.beat(out_dir, done, total_steps)  # status.json for `tunelab board` (when run.py tracks this run)
     if bar:
         bar.close()
     if tb:

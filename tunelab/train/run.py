@@ -15,7 +15,7 @@ from tunelab.data.validate import check as check_data
 from tunelab.errors import TunelabError
 from tunelab.models import kernels as accel
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, model_folder, resolve_dtype
-from tunelab.train import checkpoint, outdir
+from tunelab.train import checkpoint, outdir, status
 from tunelab.train.checkpoint import atomic_folder
 from tunelab.train.loop import train_loop
 
@@ -274,20 +274,22 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
         enable_checkpointing(model)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json"):
+        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json",
+                  status.NAME):
             inside(out, f)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
         if made:
             outdir.point_latest(out)
             print(f"tunelab: this run writes to {out} ({out.parent / 'latest'} points to it)")
-    summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
-                         pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
-                         kernels=kernels, objective=task.objective(tok) if task else None)
-    if task and rank == 0:
-        summary["spans"] = task.final(model, tok, out, summary["steps"])
-    whole = _gather_outputs(model, cfg) if cfg.train.distributed == "fsdp" and _world_size() > 1 else None
-    if rank == 0:
-        summary["output"] = str(save_outputs(model, tok, cfg, out, whole))
-        summary["method"] = cfg.method
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with status.tracking(out, enabled=rank == 0):  # status.json: running, then finished or failed
+        summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
+                             pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
+                             kernels=kernels, objective=task.objective(tok) if task else None)
+        if task and rank == 0:
+            summary["spans"] = task.final(model, tok, out, summary["steps"])
+        whole = _gather_outputs(model, cfg) if cfg.train.distributed == "fsdp" and _world_size() > 1 else None
+        if rank == 0:
+            summary["output"] = str(save_outputs(model, tok, cfg, out, whole))
+            summary["method"] = cfg.method
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary, model
