@@ -14,7 +14,7 @@ function el(tag, attrs, ...kids) {
     if (k === "class") e.className = v; else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else e.setAttribute(k, v);
   }
-  for (const k of kids.flat()) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+  for (const k of kids.flat(Infinity)) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
   return e;
 }
 function svg(tag, attrs, ...kids) {
@@ -32,7 +32,9 @@ async function api(path) {
   if (!r.ok) throw new Error(body.error || `HTTP ${r.status}`);
   return body;
 }
-function showError(box, err) { box.replaceChildren(el("p", {class: "problem"}, String(err.message || err))); }
+// replaceChildren with nested arrays flattened and empty parts ("" / null) dropped
+const put = (box, ...kids) => box.replaceChildren(...kids.flat(Infinity).filter(k => k !== null && k !== undefined && k !== ""));
+function showError(box, err) { put(box, el("p", {class: "problem"}, String(err.message || err))); }
 
 // ---- views ----
 function show(view) {
@@ -65,7 +67,7 @@ function drawRuns() {
   const rows = S.runs.filter(r => !f || [r.name, r.method, r.model, r.data, r.status].join(" ").toLowerCase().includes(f));
   const {key, dir} = S.sort;
   rows.sort((a, b) => (a[key] ?? -Infinity) > (b[key] ?? -Infinity) ? dir : (a[key] ?? -Infinity) < (b[key] ?? -Infinity) ? -dir : 0);
-  document.querySelector("#runs-table tbody").replaceChildren(...rows.map(r => el("tr", {"data-run": r.name},
+  put(document.querySelector("#runs-table tbody"), ...rows.map(r => el("tr", {"data-run": r.name},
     el("td", {}, el("input", {type: "checkbox", title: "overlay in Curves", ...(S.overlay.has(r.name) ? {checked: ""} : {}),
       onchange: (e) => e.target.checked ? S.overlay.add(r.name) : S.overlay.delete(r.name)})),
     el("td", {}, el("a", {href: "#run", onclick: () => pick(r.name)}, r.name),
@@ -85,7 +87,7 @@ async function loadRun() {
   let d;
   try { d = await api("/api/run?" + q({name: S.current})); } catch (e) { return showError(box, e); }
   const kib = (b) => (b / 1024).toFixed(1) + " KiB";
-  box.replaceChildren(
+  put(box, 
     el("h2", {}, d.name, " ", el("span", {class: "status-" + d.status}, d.status)),
     el("p", {class: "muted"}, d.status_why),
     d.problems.map(p => el("p", {class: "problem"}, p)),
@@ -104,6 +106,11 @@ async function loadRun() {
 
 // ---- curves: every metric of every overlaid run, polled while the view is open ----
 async function poll() {
+  if (S.polling) return;  // one poll at a time: two with the same `since` would add the rows twice
+  S.polling = true;
+  try { await pollOnce(); } finally { S.polling = false; }
+}
+async function pollOnce() {
   const names = [...S.overlay];
   for (const n of names) {
     try {
@@ -123,12 +130,12 @@ function loadCurves() {
 }
 function drawCurves() {
   const names = [...S.overlay];
-  document.getElementById("curves-runs").replaceChildren(names.length ? "" : "Tick runs in the Runs table (or pick one) to see their curves. ",
+  put(document.getElementById("curves-runs"), names.length ? "" : "Tick runs in the Runs table (or pick one) to see their curves. ",
     ...names.map((n, i) => el("span", {style: `color:${COLORS[i % COLORS.length]}`}, "■ " + n + " ",
       S.series[n]?.bad ? el("span", {class: "problem"}, `(${S.series[n].bad} unreadable line(s) skipped) `) : "",
       S.series[n]?.error ? el("span", {class: "problem"}, `(${S.series[n].error}) `) : "")));
   document.getElementById("curves-live").textContent = "updates every 2 s";
-  document.getElementById("charts").replaceChildren(...CURVES.map(([key, label]) =>
+  put(document.getElementById("charts"), ...CURVES.map(([key, label]) =>
     chart(label, names.map((n, i) => ({color: COLORS[i % COLORS.length], name: n,
       pts: (S.series[n] || []).filter(r => typeof r[key] === "number").map(r => [r.step, r[key]])})), key)));
 }
@@ -162,14 +169,14 @@ function chart(title, lines, key) {
 async function loadData() {
   const box = document.getElementById("data-body");
   if (!S.current) return;
-  box.replaceChildren(el("p", {class: "muted"}, "loading the tokenizer and rows..."));
+  put(box, el("p", {class: "muted"}, "loading the tokenizer and rows..."));
   let d;
   try {
     d = await api("/api/data?" + q({name: S.current, split: document.getElementById("data-split").value,
       start: document.getElementById("data-start").value, n: document.getElementById("data-n").value}));
   } catch (e) { return showError(box, e); }
   const rep = d.report;
-  box.replaceChildren(
+  put(box, 
     el("p", {}, `${d.split}: ${d.rows} rows, packing ${d.packing}, seq_len ${d.seq_len}; prepared in ${d.prepared}`),
     d.examples.map(x => el("div", {class: "example", "data-row": x.index},
       el("div", {class: "muted"}, `row ${x.index}: ${x.length} tokens, ${x.trained} trained `, x.cut ? el("span", {class: "cut"}, "cut at seq_len") : ""),
@@ -198,9 +205,9 @@ async function loadEvals() {
   if (!S.current) return;
   let d;
   try { d = await api("/api/evals?" + q({name: S.current})); } catch (e) { return showError(box, e); }
-  if (!d.evals.length) return box.replaceChildren(el("p", {class: "muted"},
+  if (!d.evals.length) return put(box, el("p", {class: "muted"},
     "No evaluation yet: `tunelab eval RUN` writes RUN/eval/results.json; `tunelab quickstart` writes quickstart.json."));
-  box.replaceChildren(...d.evals.map(ev => el("div", {class: "eval"}, el("h2", {}, ev.name),
+  put(box, ...d.evals.map(ev => el("div", {class: "eval"}, el("h2", {}, ev.name),
     ev.error ? el("p", {class: "problem"}, ev.error) : "",
     ev.tables.map(t => [el("h3", {}, t.title), evalTable(t), rateBars(t)]))));
 }
