@@ -29,6 +29,7 @@ COMMANDS = {
     "chat": ("tunelab.export.cli.chat", "chat in the terminal with a model or run (chat template, streaming)"),
     "sweep": ("tunelab.experiments.sweep_cli", "run a resumable grid of training runs (method x lr x batch size ...) and report the optima"),
     "cost": ("tunelab.experiments.cost_cli", "parameters, memory and FLOPs of each training method before you launch; --measure runs a few steps"),
+    "board": ("tunelab.board.cli", "a local web dashboard of your runs: curves (live), data masks, evaluations, side-by-side chat"),
     "doctor": ("tunelab.accel.doctor", "versions, CPU and GPU, and which speed-ups run here (and why the others do not)"),
 }
 

@@ -45,6 +45,20 @@ class DataReport:
         tsum = sum(s.tokens for s in self.sources) or 1
         return [(s.weight / wsum, s.tokens / tsum) for s in self.sources]
 
+    def to_dict(self) -> dict:
+        """The report as JSON-ready numbers: per source the asked (planned) and realised token shares, per
+        filter (dedup included) the records removed, and the truncation and bad-row counts."""
+        return {"task": self.task, "train_rows": self.train_rows, "eval_rows": self.eval_rows,
+                "train_tokens": self.train_tokens, "labels": self.labels,
+                "sources": [{"name": s.name, "kind": s.kind, "docs": s.docs, "tokens": s.tokens, "passes": s.passes_started,
+                             "share_planned": asked, "share_realised": got}
+                            for s, (asked, got) in zip(self.sources, self.shares())],
+                "filters": {"seen": self.filters.seen, "removed": self.filters.removed,
+                            "by_filter": {k: {"removed": v.removed, "examples": v.examples}
+                                          for k, v in self.filters.stats.items()}},
+                "skipped_rows": len(self.skipped), "skipped_examples": [str(e) for e in self.skipped[:3]],
+                "truncated": self.truncated, "truncated_examples": self.truncated_examples}
+
     def summary(self) -> str:
         lines = [f"data ({self.task}): {self.train_rows} train rows, {self.eval_rows} eval rows, "
                  f"{self.train_tokens} train tokens"]

@@ -5,7 +5,7 @@ A prepared folder holds, per split (`train`, `eval`) and shard k, four arrays (n
   `{split}-{k:05d}.offsets.npy`  int64 (rows + 1,): row i is [offsets[i], offsets[i + 1]) of the three above
 and `manifest.json`: the fingerprint of what made them (each source's content hash, the tokenizer's and chat
 template's hashes, the data section, seq_len, seed, the tunelab version), the byte size of every shard file,
-and the build report. `load_or_build` reuses the folder while the fingerprint matches and rebuilds it when
+and the build report (as printed, and as numbers: `data_report`, which `tunelab board` shows). `load_or_build` reuses the folder while the fingerprint matches and rebuilds it when
 anything in it changed; the folder is written beside itself and renamed into place, so it is never half-written.
 """
 
@@ -133,8 +133,9 @@ def _write_split(folder: Path, split: str, rows: list[dict]) -> list[str]:
     return names
 
 
-def write(folder: Path, train: list[dict], eval_: list[dict], fp: dict, report: str) -> None:
-    """Write the rows and manifest into a temporary folder beside `folder`, then rename it into place."""
+def write(folder: Path, train: list[dict], eval_: list[dict], fp: dict, report: str, data_report: dict | None = None) -> None:
+    """Write the rows and manifest into a temporary folder beside `folder`, then rename it into place.
+    `report` is the build report as printed, `data_report` the same as numbers (DataReport.to_dict)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
@@ -144,7 +145,7 @@ def write(folder: Path, train: list[dict], eval_: list[dict], fp: dict, report: 
         files = {"train": _write_split(tmp, "train", train), "eval": _write_split(tmp, "eval", eval_)}
         sizes = {n: (tmp / n).stat().st_size for names in files.values() for n in names}
         manifest = {"fingerprint": fp, "files": files, "bytes": sizes, "rows": {"train": len(train), "eval": len(eval_)},
-                    "report": report}
+                    "report": report, "data_report": data_report}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         old = folder.parent / f".old-{folder.name}-{os.getpid()}"
         if folder.exists():
@@ -208,5 +209,5 @@ def load_or_build(cfg: DataConfig, tokenizer, seq_len: int, seed: int, folder: P
     if verbose:
         print(report)
     if write_it:
-        write(folder, built.train, built.eval, fp, report)
+        write(folder, built.train, built.eval, fp, report, built.report.to_dict())
     return built.train, built.eval

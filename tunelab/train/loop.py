@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.train import checkpoint, faults, fsdp
+from tunelab.train import checkpoint, faults, fsdp, status
 from tunelab.train.early_stop import EarlyStopping
 from tunelab.train.loss import IGNORE, NEXT_TOKEN, Objective
 from tunelab.train.optim8bit import AdamW8bit
@@ -360,6 +360,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
                 ckpt = checkpoint.save(ckpt_root, done, tensors, state, cfg.keep_last)
             if world > 1:
                 dist.barrier()
+        status.beat(out_dir, done, total_steps)  # status.json for `tunelab board` (when run.py tracks this run)
         if stopped:
             if rank == 0:
                 print(f"tunelab: early stopping at step {done}: eval loss did not improve for {stopper.patience} "

@@ -16,7 +16,7 @@ from tunelab.config import RunConfig, dump_config
 from tunelab.data.validate import check as check_data
 from tunelab.errors import TunelabError
 from tunelab.models.load import from_scratch, load_pretrained, load_tokenizer, model_folder, resolve_dtype
-from tunelab.train import checkpoint, outdir
+from tunelab.train import checkpoint, outdir, status
 from tunelab.train.loop import train_loop
 from tunelab.train.tracking import MLflowRun, flatten
 from tunelab.train.tracking import check_available as check_tracking
@@ -291,7 +291,7 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json",
-                  "best", "mlruns", "mlflow.json"):
+                  "best", "mlruns", "mlflow.json", status.NAME):
             inside(out, f)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
         if made:
@@ -308,24 +308,25 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
     if rank == 0 and "mlflow" in cfg.train.tracking:
         mlflow = MLflowRun(out, cfg.train.mlflow_uri, cfg.train.mlflow_experiment,
                            flatten(cfg.model_dump(mode="json")), cfg.resume)
-    try:
-        summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
-                             pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
-                             kernels=kernels, objective=task.objective(tok) if task else None, on_best=on_best,
-                             on_log=mlflow.log if mlflow else None)
-        if task and rank == 0:
-            summary["spans"] = task.final(model, tok, out, summary["steps"])
-        whole = _gather_outputs(model, cfg) if sharded else None
-        if rank == 0:
-            summary["output"] = str(save_outputs(model, tok, cfg, out, whole))
-            if summary.get("early_stopping"):
-                summary["early_stopping"]["best"] = str(out / "best")
-            summary["method"] = cfg.method
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    except BaseException:
-        if mlflow:
-            mlflow.fail()
-        raise
+    with status.tracking(out, enabled=rank == 0):  # status.json: running, then finished or failed
+        try:
+            summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
+                                 pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
+                                 kernels=kernels, objective=task.objective(tok) if task else None, on_best=on_best,
+                                 on_log=mlflow.log if mlflow else None)
+            if task and rank == 0:
+                summary["spans"] = task.final(model, tok, out, summary["steps"])
+            whole = _gather_outputs(model, cfg) if sharded else None
+            if rank == 0:
+                summary["output"] = str(save_outputs(model, tok, cfg, out, whole))
+                if summary.get("early_stopping"):
+                    summary["early_stopping"]["best"] = str(out / "best")
+                summary["method"] = cfg.method
+                (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        except BaseException:
+            if mlflow:
+                mlflow.fail()
+            raise
     if mlflow:
         mlflow.finish(cfg.method)
     return summary, model
