@@ -20,7 +20,8 @@ class SourceConfig(BaseModel):
 
     name: str = Field(description="a short name shown in reports")
     path: str = Field(
-        description="a file or folder; or a builtin local corpus: `local:code`, `local:prose`, `local:qa`"
+        description="a file or folder; or a builtin local corpus: `local:code`, `local:prose`, `local:qa`; "
+        "preference pairs `local:preference` (kto: `local:preference-unpaired`)"
     )
     kind: str = Field("web", description="what the text is (web, qa, code, ...); shown in reports")
     weight: float = Field(1.0, gt=0, description="share of mixture tokens, relative to the other sources")
@@ -73,9 +74,13 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["pretrain", "sft", "spans"] = Field(
+    task: Literal["pretrain", "sft", "spans", "preference"] = Field(
         "sft", description="pretrain: a token mixture; sft: prompt->response pairs; spans: a token classifier "
-        "over labelled character spans or BIO tags (tunelab/data/spans.py, docs/spans.md)")
+        "over labelled character spans or BIO tags (tunelab/data/spans.py, docs/spans.md); preference: "
+        "{prompt, chosen, rejected} pairs or unpaired {prompt, completion, label} (tunelab/data/preference.py, "
+        "docs/preference.md)")
+    preference: Literal["pairs", "unpaired"] = Field(
+        "pairs", description="preference: the records' layout: `pairs` for dpo/ipo/orpo/simpo, `unpaired` for kto")
     sources: list[SourceConfig] = Field(min_length=1, description="one or more sources")
     sft_format: Literal["auto", "alpaca", "chat", "prompt_completion"] = Field(
         "auto", description="record layout for SFT; auto detects it per record"
@@ -117,6 +122,8 @@ class DataConfig(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"source names must be unique; repeated: {dup}")
+        if self.task == "preference" and self.packing == "packed":
+            raise ValueError("task preference needs packing: padded (one pair or response per row)")
         if self.task == "spans" and self.packing == "packed":
             raise ValueError("task spans needs packing: padded (one document window per row)")
         return self

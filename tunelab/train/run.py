@@ -274,15 +274,21 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
         enable_checkpointing(model)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json"):
+        for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json",
+                  "reference_logps"):
             inside(out, f)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
         if made:
             outdir.point_latest(out)
             print(f"tunelab: this run writes to {out} ({out.parent / 'latest'} points to it)")
+    objective = task.objective(tok) if task else None
+    if cfg.train.objective != "sft":  # the reference (adapter off, a copy, or precomputed now) and pair batches
+        from tunelab.train import preference
+
+        objective, train_set, eval_set = preference.setup(cfg, model, tok, kernels, out, train_set, eval_set, device)
     summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
                          pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
-                         kernels=kernels, objective=task.objective(tok) if task else None)
+                         kernels=kernels, objective=objective)
     if task and rank == 0:
         summary["spans"] = task.final(model, tok, out, summary["steps"])
     whole = _gather_outputs(model, cfg) if cfg.train.distributed == "fsdp" and _world_size() > 1 else None
