@@ -76,6 +76,9 @@ def to_pair(example: dict) -> tuple[list[dict], dict, dict]:
     """(prompt messages, chosen answer, rejected answer) of a pair record in either layout."""
     if not isinstance(example, dict):
         raise RecordError(f"expected an object, got {type(example).__name__}")
+    if "completion" in example and "chosen" not in example:
+        raise RecordError("an unpaired record {prompt, completion, label} where pairs are expected: set "
+                          "data.preference=unpaired and train.objective=kto, or give chosen and rejected")
     for key in ("chosen", "rejected"):
         if example.get(key) is None:
             raise RecordError(f"missing field {key!r}: a preference record needs prompt, chosen and rejected")
@@ -130,6 +133,9 @@ def to_unpaired(example: dict) -> tuple[list[dict], dict, bool]:
     """(prompt messages, the answer, desirable) of an unpaired (KTO) record."""
     if not isinstance(example, dict):
         raise RecordError(f"expected an object, got {type(example).__name__}")
+    if "completion" not in example and "chosen" in example:
+        raise RecordError("a pair record (chosen/rejected) where unpaired records {prompt, completion, label} are "
+                          "expected (data.preference=unpaired, train.objective=kto): use unpaired data")
     label = example.get("label")
     if not isinstance(label, bool):
         raise RecordError(f"field 'label' is {label!r}: it must be true (desirable) or false (undesirable)")
