@@ -258,7 +258,7 @@ def main() -> int:
                     print(f"the {s} worker failed (exit {proc.returncode}); its stderr is above", file=sys.stderr)
                     return 1
                 results[s].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                print(f"  round {k}: {s} steps {['%.2f' % t for t in results[s][-1]['times']]} s", file=sys.stderr)
+                print(f"  round {k}: {s} steps {[f'{t:.2f}' for t in results[s][-1]['times']]} s", file=sys.stderr)
     from lora_train_bench import machine
 
     shape = dict(zip(("pairs", "prompt", "response"), TINY_SHAPE if args.tiny else (PAIRS, PROMPT, RESPONSE)))

@@ -158,7 +158,7 @@ def _split_pair(row: dict) -> tuple[dict, dict]:
     restart at 0."""
     pos = row["position_ids"]
     k = next(i for i in range(1, len(pos)) if pos[i] == 0)
-    part = lambda a, b: {f: row[f][a:b] for f in ("input_ids", "labels", "position_ids")}  # noqa: E731
+    part = lambda a, b: {f: row[f][a:b] for f in ("input_ids", "labels", "position_ids")}
     return part(0, k), part(k, len(pos))
 
 
@@ -232,7 +232,7 @@ class PreferenceObjective:
         self._seen = {True: [], False: []}  # metrics of the micro-batches since the last read, by model.training
 
     @classmethod
-    def from_config(cls, train_cfg, reference=None) -> "PreferenceObjective":
+    def from_config(cls, train_cfg, reference=None) -> PreferenceObjective:
         t = train_cfg
         return cls(t.objective, t.beta, reference, t.label_smoothing, t.simpo_gamma, t.kto_desirable_weight,
                    t.kto_undesirable_weight)
@@ -352,7 +352,7 @@ def setup(cfg, model, tok, kernels, out: Path, train_set, eval_set, device):
     elif cfg.method in ("lora", "qlora"):
         reference = adapter_off_logps
     else:
-        reference = lambda m, b, c, k: sequence_logps(m, b, c, k)[0]  # noqa: E731  precompute: the weights before training
+        reference = lambda m, b, c, k: sequence_logps(m, b, c, k)[0]  # precomputed from the weights before training
     if not t.precompute_ref:
         return PreferenceObjective.from_config(t, reference), train_set, eval_set
     from tunelab.data import prepared
