@@ -270,3 +270,21 @@ def test_bad_preference_record_names_file_and_line(workspace, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"{bad}:2" in proc.stderr and "identical" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_prepared_preference_rows_round_trip(tok, tmp_path):
+    """Pair rows and KTO rows (with their `desirable` flag) read back from a prepared folder equal the built
+    ones, so a resumed run trains on the same batches."""
+    from tunelab.data import prepared
+    from tunelab.data.config import DataConfig
+
+    for layout, path in (("pairs", "local:preference"), ("unpaired", "local:preference-unpaired")):
+        cfg = DataConfig(task="preference", preference=layout, sources=[{"name": "p", "path": path}])
+        built = prepared.load_or_build(cfg, tok, 48, 0, tmp_path / layout, verbose=False)
+        loaded = prepared.load_or_build(cfg, tok, 48, 0, tmp_path / layout, verbose=False)
+        assert isinstance(loaded[0], prepared.Rows) and list(loaded[0]) == list(built[0])
+        assert list(loaded[1]) == list(built[1]) and len(built[1]) == 20 * (1 if layout == "pairs" else 2)
+        if layout == "unpaired":
+            assert {r["desirable"] for r in loaded[0]} == {True, False}
+        else:
+            assert all(pref._split_pair(r)[1]["position_ids"][0] == 0 for r in loaded[0][:5])
