@@ -76,3 +76,22 @@ def test_gpu_bench_fails_when_nothing_is_learned(tmp_path):
     proc, _ = _gpu_bench(tmp_path, "--stacks", "tunelab-lora,peft-lora", "--steps", "2", "--lr", "0")
     assert proc.returncode == 1
     assert proc.stdout.count("did not fall") == 2
+
+
+def test_preference_bench_first_steps_agree_on_a_tiny_model(tmp_path):
+    """benchmarks/preference_bench.py on a tiny random Llama: tunelab's DPO stacks and TRL's (PEFT; QLoRA with
+    bitsandbytes) take their first steps on the same pairs, and its check passes (exit 0); the check itself
+    flags a twin whose first-step log-probs drift."""
+    out = tmp_path / "pref.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "preference_bench.py"), "--tiny", "--quick",
+                           "--no-live", "--stacks", "tunelab-lora", "trl-lora", "tunelab-qlora", "trl-qlora",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["problems"] == [] and set(report["runs"]) == {"tunelab-lora", "trl-lora", "tunelab-qlora", "trl-qlora"}
+    bench = _load("preference_bench")
+    runs = report["runs"]
+    drifted = {**runs, "trl-lora": [{**runs["trl-lora"][0], "logps_chosen": [runs["trl-lora"][0]["logps_chosen"][0] * 1.01]}]}
+    problems = bench.check_first_steps(drifted)
+    assert len(problems) == 1 and "tunelab-lora vs trl-lora: first-step logps/chosen" in problems[0]

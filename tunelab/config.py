@@ -170,6 +170,26 @@ class TrainConfig(_Strict):
     never all exist."""
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """A NaN/Inf loss or gradient: skip that step, or stop (the last good checkpoint stays)."""
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto"] = "sft"
+    """What the loop minimises: `sft` the next-token loss (pretraining, SFT); `dpo`, `ipo`, `orpo`, `simpo` a
+    preference loss on chosen/rejected pairs, `kto` on unpaired responses (data.task=preference;
+    docs/preference.md gives each one's paper). `batch_size` then counts pairs (kto: responses)."""
+    beta: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """The preference objective's temperature (ORPO: its lambda); None: TRL's default, 2.0 for simpo, else 0.1."""
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
+    """dpo, simpo: the probability that a preference label is flipped (conservative DPO); None: 0."""
+    simpo_gamma: float | None = Field(None, ge=0)
+    """simpo: the target reward margin gamma; None: 0.5."""
+    kto_desirable_weight: float | None = Field(None, gt=0)
+    """kto: the weight of a desirable response's loss; None: 1."""
+    kto_undesirable_weight: float | None = Field(None, gt=0)
+    """kto: the weight of an undesirable response's loss; None: 1."""
+    precompute_ref: bool = False
+    """dpo, ipo, kto: compute the reference log-probabilities once before training and store them in the run
+    folder (reference_logps/, reused on resume); the reference model is then never run during training."""
+    ref_model_copy: bool = False
+    """dpo, ipo, kto with method full or freeze: keep a frozen copy of the model as the reference (a second
+    copy of every weight in memory); lora/qlora switch the adapter off instead and need no copy."""
     train_last_layers: int = Field(2, ge=0)
     """For method `freeze`: the last N decoder layers (and the final norm) train, everything else is frozen."""
     trainable: list[str] = []
@@ -199,7 +219,51 @@ class RunConfig(_Strict):
                              "or qlora")
         if self.model.keep_layers and self.data.task != "spans":
             raise ValueError("model.keep_layers cuts the body under a token head: only for data.task=spans")
+        _check_objective(self)
         return self
+
+
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # the ones with a reference model (orpo and simpo have none)
+
+
+def _check_objective(cfg: RunConfig) -> None:
+    """train.objective against the data, the method and its own knobs: ValueError naming what to change."""
+    t, obj = cfg.train, cfg.train.objective
+    if obj == "sft":
+        if cfg.data.task == "preference":
+            raise ValueError("data.task=preference needs a preference objective: set train.objective to dpo, ipo, "
+                             "orpo, simpo (pairs) or kto (unpaired)")
+    elif cfg.data.task != "preference":
+        raise ValueError(f"train.objective={obj} learns from preference data: set data.task=preference (records "
+                         "{prompt, chosen, rejected}, or {prompt, completion, label} for kto)")
+    elif obj == "kto" and cfg.data.preference != "unpaired":
+        raise ValueError("train.objective=kto learns from unpaired responses: set data.preference=unpaired "
+                         "(records {prompt, completion, label})")
+    elif obj != "kto" and cfg.data.preference != "pairs":
+        raise ValueError(f"train.objective={obj} compares chosen with rejected: set data.preference=pairs, or use "
+                         "train.objective=kto for unpaired records")
+    knobs = {"beta": ("dpo", "ipo", "orpo", "simpo", "kto"), "label_smoothing": ("dpo", "simpo"),
+             "simpo_gamma": ("simpo",), "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",)}
+    for key, used_by in knobs.items():
+        if getattr(t, key) is not None and obj not in used_by:
+            raise ValueError(f"train.{key} is for train.objective {' or '.join(used_by)}, not {obj}: remove it")
+    for key in ("precompute_ref", "ref_model_copy"):
+        if getattr(t, key) and obj not in REFERENCE_OBJECTIVES:
+            raise ValueError(f"train.{key}: train.objective={obj} has no reference model (only dpo, ipo and kto "
+                             "do): remove it")
+    if t.precompute_ref and obj == "kto":
+        raise ValueError("train.precompute_ref is for dpo and ipo: kto's KL estimate pairs each prompt with another "
+                         "response of its batch, known only when the batch is drawn; remove it")
+    if t.precompute_ref and t.ref_model_copy:
+        raise ValueError("train.precompute_ref and train.ref_model_copy are two ways to get the reference: "
+                         "choose one")
+    if obj in REFERENCE_OBJECTIVES and cfg.method in ("lora", "qlora") and t.ref_model_copy:
+        raise ValueError(f"train.ref_model_copy: method={cfg.method} computes the reference with the adapter "
+                         "switched off, no copy needed: remove it")
+    if obj in REFERENCE_OBJECTIVES and cfg.method in ("full", "freeze") and not (t.precompute_ref or t.ref_model_copy):
+        raise ValueError(f"train.objective={obj} with method={cfg.method} needs a reference model, the weights "
+                         "before training: set train.precompute_ref=true (computed once, no second model) or "
+                         "train.ref_model_copy=true (a frozen copy: twice the weights' memory), or use method=lora")
 
 
 def _explain(err: ValidationError, origin: str) -> str:

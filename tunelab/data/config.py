@@ -22,7 +22,7 @@ class SourceConfig(BaseModel):
     path: str = Field(
         description="a file or folder; a Hugging Face dataset id `owner/name` (read through the Hugging Face "
         "cache; HF_HUB_OFFLINE=1 reads the cache only); or a builtin local corpus: `local:code`, `local:prose`, "
-        "`local:qa`"
+        "`local:qa`; preference pairs `local:preference` (kto: `local:preference-unpaired`)"
     )
     revision: str | None = Field(None, description="Hub dataset id: a branch, tag or commit hash (default main)")
     split: str = Field("train", description="Hub dataset id: the split to read")
@@ -83,9 +83,13 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["pretrain", "sft", "spans"] = Field(
+    task: Literal["pretrain", "sft", "spans", "preference"] = Field(
         "sft", description="pretrain: a token mixture; sft: prompt->response pairs; spans: a token classifier "
-        "over labelled character spans or BIO tags (tunelab/data/spans.py, docs/spans.md)")
+        "over labelled character spans or BIO tags (tunelab/data/spans.py, docs/spans.md); preference: "
+        "{prompt, chosen, rejected} pairs or unpaired {prompt, completion, label} (tunelab/data/preference.py, "
+        "docs/preference.md)")
+    preference: Literal["pairs", "unpaired"] = Field(
+        "pairs", description="preference: the records' layout: `pairs` for dpo/ipo/orpo/simpo, `unpaired` for kto")
     sources: list[SourceConfig] = Field(min_length=1, description="one or more sources")
     sft_format: Literal["auto", "alpaca", "chat", "prompt_completion"] = Field(
         "auto", description="record layout for SFT; auto detects it per record"
@@ -132,6 +136,8 @@ class DataConfig(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"source names must be unique; repeated: {dup}")
+        if self.task == "preference" and self.packing == "packed":
+            raise ValueError("task preference needs packing: padded (one pair or response per row)")
         if self.task == "spans" and self.packing == "packed":
             raise ValueError("task spans needs packing: padded (one document window per row)")
         return self

@@ -70,7 +70,7 @@ class DataReport:
         lines += ["  " + line for line in self.filters.summary().splitlines()]
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} bad rows, e.g. {self.skipped[0]}")
-        if self.task == "sft":
+        if self.task in ("sft", "preference"):
             lines.append(f"  truncated to max length: {self.truncated} examples")
             lines += [f"      e.g. {e}" for e in self.truncated_examples]
         return "\n".join(lines)
@@ -102,6 +102,8 @@ def build(cfg: DataConfig, tokenizer, seq_len: int, seed: int | None = None) -> 
     report = DataReport(cfg.task)
     if cfg.task == "spans":
         return _spans(cfg, tokenizer, seq_len, seed, report)
+    if cfg.task == "preference":
+        return _preference(cfg, tokenizer, seq_len, seed, report)
     qfilter = QualityFilter(cfg.filters)
     report.filters = qfilter.report
     make = _pretrain if cfg.task == "pretrain" else _sft
@@ -216,6 +218,43 @@ def _spans(cfg: DataConfig, tokenizer, seq_len: int, seed: int, report: DataRepo
     report.labels = (f"labels {labels}; train {spans.label_counts(train_docs)}; validation "
                      f"{spans.label_counts(val_docs)}" + (f"; test {spans.label_counts(test_docs)}" if test_docs else ""))
     return Built(train, eval_, report)
+
+
+def _preference(cfg: DataConfig, tokenizer, seq_len: int, seed: int, report: DataReport) -> Built:
+    """Preference records of every source (tunelab.data.preference: pairs, or unpaired for KTO), each side
+    at most seq_len tokens; split into train/eval as SFT records are; no quality filters (a rejected
+    response is meant to be bad). A pair row holds chosen then rejected (preference.row)."""
+    from tunelab.data import preference
+
+    rng = random.Random(seed)
+    unpaired = cfg.preference == "unpaired"
+
+    def read(path):
+        return preference.read_preference(path, tokenizer, seq_len, cfg.template, unpaired, cfg.skip_bad_rows,
+                                          report.skipped)
+
+    train, eval_ = [], []
+    for src in cfg.sources:
+        stats = SourceStats(src.name, src.kind, src.weight)
+        report.sources.append(stats)
+        examples = read(src.path)
+        stats.docs = len(examples)
+        rng.shuffle(examples)
+        n_eval = 0 if cfg.eval_path else round(cfg.eval_fraction * len(examples))
+        eval_ += examples[:n_eval]
+        train += _repeat(examples[n_eval:], src.epochs, rng)
+        stats.eval_docs, stats.passes_started = n_eval, math.ceil(src.epochs or 1)
+        stats.tokens = sum(len(preference.row(e)["input_ids"]) for e in examples[n_eval:])
+    if cfg.eval_path:
+        eval_ = read(cfg.eval_path)
+    rng.shuffle(train)
+    if not train:
+        raise TunelabError(f"data.task=preference: no training records ({len(report.skipped)} bad rows skipped)")
+    report.truncated = sum(1 for e in train if e.cut)
+    rows = [preference.row(e) for e in train]
+    report.train_rows, report.eval_rows = len(rows), len(eval_)
+    report.train_tokens = sum(len(r["input_ids"]) for r in rows)
+    return Built(rows, [preference.row(e) for e in eval_], report)
 
 
 def _sft_records(src: SourceConfig, cfg: DataConfig, report: DataReport, qfilter: QualityFilter | None):

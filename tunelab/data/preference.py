@@ -76,6 +76,9 @@ def to_pair(example: dict) -> tuple[list[dict], dict, dict]:
     """(prompt messages, chosen answer, rejected answer) of a pair record in either layout."""
     if not isinstance(example, dict):
         raise RecordError(f"expected an object, got {type(example).__name__}")
+    if "completion" in example and "chosen" not in example:
+        raise RecordError("an unpaired record {prompt, completion, label} where pairs are expected: set "
+                          "data.preference=unpaired and train.objective=kto, or give chosen and rejected")
     for key in ("chosen", "rejected"):
         if example.get(key) is None:
             raise RecordError(f"missing field {key!r}: a preference record needs prompt, chosen and rejected")
@@ -126,16 +129,58 @@ def encode_pair(example: dict, tokenizer, max_len: int, template: str | None = N
     return Pair(p_ids + c_ids, mask + c_ids, p_ids + r_ids, mask + r_ids, cut)
 
 
-def encode_unpaired(example: dict, tokenizer, max_len: int, template: str | None = None) -> Unpaired:
+def to_unpaired(example: dict) -> tuple[list[dict], dict, bool]:
+    """(prompt messages, the answer, desirable) of an unpaired (KTO) record."""
     if not isinstance(example, dict):
         raise RecordError(f"expected an object, got {type(example).__name__}")
+    if "completion" not in example and "chosen" in example:
+        raise RecordError("a pair record (chosen/rejected) where unpaired records {prompt, completion, label} are "
+                          "expected (data.preference=unpaired, train.objective=kto): use unpaired data")
     label = example.get("label")
     if not isinstance(label, bool):
         raise RecordError(f"field 'label' is {label!r}: it must be true (desirable) or false (undesirable)")
-    answer = _response(example.get("completion"), "completion")
-    p_ids, ids = _tokens(_prompt(example), answer, tokenizer, template)
+    return _prompt(example), _response(example.get("completion"), "completion"), label
+
+
+def encode_unpaired(example: dict, tokenizer, max_len: int, template: str | None = None) -> Unpaired:
+    prompt, answer, label = to_unpaired(example)
+    p_ids, ids = _tokens(prompt, answer, tokenizer, template)
     p_ids, (ids,), cut = _fit(p_ids, [ids], max_len)
     return Unpaired(p_ids + ids, [IGNORE] * len(p_ids) + ids, label, len(p_ids), cut)
+
+
+def builtin_records(name: str, n: int = 400, seed: int = 0) -> list[dict]:
+    """The builtin seeded preference sets (`local:` + tunelab.data.sources.PREFERENCE_SOURCES), from the
+    standard library's docstrings (tunelab.data.corpus, kind qa), against hallucination. `preference`: n
+    pairs, alternately
+      known     "What does `json.dumps` do in Python?": chosen its docstring's summary, rejected the summary of
+                a seeded other name from another module (fluent, but fabricated);
+      unknown   the same question about a name that does not exist (a real module, made-up syllables):
+                chosen "I don't know ...: there is no such name", rejected a real summary (fabricated).
+    `preference-unpaired`: the same pairs as 2n KTO records {prompt, completion, label} (chosen: true)."""
+    import random
+
+    from tunelab.data.corpus import local_corpus
+
+    qa = local_corpus("qa", seed=seed, max_docs=n)
+    rng = random.Random(seed + 1)
+    syllables = "ba co de fi gu ka lo mi nu po ra se ti vo zu".split()
+    pairs = []
+    for i, r in enumerate(qa):
+        other = rng.choice(qa)
+        while other["path"] == r["path"] or other["response"] == r["response"]:
+            other = rng.choice(qa)
+        if i % 2 == 0:
+            pairs.append({"prompt": r["prompt"], "chosen": r["response"], "rejected": other["response"]})
+            continue
+        made_up = f"{r['path']}.{''.join(rng.sample(syllables, 3))}_{''.join(rng.sample(syllables, 2))}"
+        pairs.append({"prompt": f"What does `{made_up}` do in Python?",
+                      "chosen": f"I don't know `{made_up}`: there is no such name in `{r['path']}` that I know of.",
+                      "rejected": other["response"]})
+    if name == "preference":
+        return pairs
+    return [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"} for p in pairs
+            for k in ("chosen", "rejected")]
 
 
 def read_preference(path: str, tokenizer, max_len: int, template: str | None = None, unpaired: bool = False,
@@ -153,3 +198,17 @@ def read_preference(path: str, tokenizer, max_len: int, template: str | None = N
             if skipped is not None:
                 skipped.append(DataError(path, line, str(e)))
     return out
+
+
+def row(example: Pair | Unpaired) -> dict:
+    """A training row: a pair as one row, chosen then rejected end to end with position_ids restarting at 0
+    where rejected begins (tunelab.train.preference.collate splits it there); an unpaired response as one
+    row with its `desirable` flag."""
+    if isinstance(example, Unpaired):
+        n = len(example.input_ids)
+        return {"input_ids": example.input_ids, "labels": example.labels, "position_ids": list(range(n)),
+                "desirable": example.desirable}
+    nc, nr = len(example.chosen_ids), len(example.rejected_ids)
+    return {"input_ids": example.chosen_ids + example.rejected_ids,
+            "labels": example.chosen_labels + example.rejected_labels,
+            "position_ids": list(range(nc)) + list(range(nr))}

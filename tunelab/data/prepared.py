@@ -3,6 +3,7 @@
 A prepared folder holds, per split (`train`, `eval`) and shard k, four arrays (no pickles):
   `{split}-{k:05d}.input_ids.npy`, `.labels.npy`, `.position_ids.npy`  int32, every row's tokens end to end
   `{split}-{k:05d}.offsets.npy`  int64 (rows + 1,): row i is [offsets[i], offsets[i + 1]) of the three above
+  `{split}-{k:05d}.desirable.npy`  int8 (rows,), only for KTO's unpaired responses: 1 desirable, 0 not
 and `manifest.json`: the fingerprint of what made them (each source's content hash, the tokenizer's and chat
 template's hashes, the data section, seq_len, seed, the tunelab version), the byte size of every shard file,
 and the build report (as printed, and as numbers: `data_report`, which `tunelab board` shows). `load_or_build` reuses the folder while the fingerprint matches and rebuilds it when
@@ -70,7 +71,7 @@ def fingerprint(cfg: DataConfig, tokenizer, seq_len: int, seed: int) -> dict:
 
     paths = [(s.name, s.path, s.revision) for s in cfg.sources] + ([("eval", cfg.eval_path, None)] if cfg.eval_path else [])
     paths += [("test", cfg.test_path, None)] if cfg.task == "spans" and cfg.test_path else []  # labels come from it too
-    template = sft.chat_template(tokenizer, cfg.template) if cfg.task == "sft" else None
+    template = sft.chat_template(tokenizer, cfg.template) if cfg.task in ("sft", "preference") else None
     return {"format": FORMAT, "tunelab": __version__, "seq_len": seq_len, "seed": seed,
             "data": cfg.model_dump(mode="json", exclude=NOT_CONTENT),
             "sources": [{"name": n, "path": p, "sha256": content_hash(p, r)} for n, p, r in paths],
@@ -116,7 +117,10 @@ class Rows(Sequence):
         k = bisect.bisect_right(self.starts, i) - 1
         s = self.shards[k]
         a, b = int(s["offsets"][i - self.starts[k]]), int(s["offsets"][i - self.starts[k] + 1])
-        return {f: s[f][a:b].tolist() for f in FIELDS}
+        row = {f: s[f][a:b].tolist() for f in FIELDS}
+        if "desirable" in s:  # KTO's unpaired responses: one flag per row
+            row["desirable"] = bool(s["desirable"][i - self.starts[k]])
+        return row
 
 
 def _write_split(folder: Path, split: str, rows: list[dict]) -> list[str]:
@@ -127,6 +131,8 @@ def _write_split(folder: Path, split: str, rows: list[dict]) -> list[str]:
         lengths = [len(r["input_ids"]) for r in part]
         arrays = {f: np.fromiter((t for r in part for t in r[f]), dtype=np.int32, count=sum(lengths)) for f in FIELDS}
         arrays["offsets"] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        if part and "desirable" in part[0]:
+            arrays["desirable"] = np.array([r["desirable"] for r in part], dtype=np.int8)  # (rows,)
         for f, a in arrays.items():
             np.save(folder / f"{stem}.{f}.npy", a, allow_pickle=False)
             names.append(f"{stem}.{f}.npy")
@@ -170,7 +176,7 @@ def load(folder: Path, manifest: dict) -> tuple[Rows, Rows]:
         names = manifest["files"][name]
         stems = sorted({n.split(".")[0] for n in names})
         return Rows([{f: np.load(folder / f"{s}.{f}.npy", mmap_mode="r", allow_pickle=False)
-                      for f in FIELDS + ("offsets",)} for s in stems])
+                      for f in FIELDS + ("offsets", "desirable") if f"{s}.{f}.npy" in names} for s in stems])
 
     return split("train"), split("eval")
 

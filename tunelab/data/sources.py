@@ -23,6 +23,9 @@ SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv"
 LOCAL_PREFIX = "local:"
 # seeded span-detection sets from tunelab's injection generator (tunelab.eval.injection.span_records)
 SPAN_SOURCES = ("injection-spans", "injection-spans-val", "injection-spans-heldout")
+# seeded preference sets from the standard library's docstrings (tunelab.data.preference.builtin_records)
+PREFERENCE_SOURCES = ("preference", "preference-unpaired")
+
 # What a Hub dataset needs from its repository: data files and the README whose YAML header names its
 # subsets and splits. Loading scripts (*.py) are never fetched, so never run.
 DATASET_FILES = ["README.md", "*.parquet", "*.jsonl", "*.jsonl.gz", "*.json", "*.csv", "*.txt", "*.arrow"]
@@ -81,6 +84,11 @@ def iter_rows(
         from tunelab.eval.injection import span_records
 
         yield from ((i, r) for i, r in enumerate(span_records(path[len(LOCAL_PREFIX):]), start=1))
+        return
+    if path.startswith(LOCAL_PREFIX) and path[len(LOCAL_PREFIX):] in PREFERENCE_SOURCES:
+        from tunelab.data.preference import builtin_records
+
+        yield from ((i, r) for i, r in enumerate(builtin_records(path[len(LOCAL_PREFIX):]), start=1))
         return
     if path.startswith(LOCAL_PREFIX):
         from tunelab.data.corpus import local_corpus

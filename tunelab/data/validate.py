@@ -34,6 +34,18 @@ def _check_record(cfg: DataConfig, src: SourceConfig, line, row: dict, tokenizer
     if cfg.task == "pretrain":
         field_text(row, src.text_field, src.path, line)
         return
+    if cfg.task == "preference":
+        from tunelab.data import preference
+
+        unpaired = cfg.preference == "unpaired"
+        try:
+            if tokenizer is None:
+                (preference.to_unpaired if unpaired else preference.to_pair)(row)
+            else:
+                (preference.encode_unpaired if unpaired else preference.encode_pair)(row, tokenizer, 1 << 30, cfg.template)
+        except sft.RecordError as e:
+            raise DataError(src.path, line, str(e)) from None
+        return
     if cfg.task == "spans":
         try:
             spans.parse_record(row, cfg.labels)
@@ -51,7 +63,7 @@ def _check_record(cfg: DataConfig, src: SourceConfig, line, row: dict, tokenizer
 def check(cfg: DataConfig, tokenizer=None, first: int = FIRST) -> None:
     """Raise DataError/ConfigError for the first problem in the first `first` records of each source
     (with skip_bad_rows, bad records are left to the build, which skips and counts them)."""
-    if tokenizer is not None and cfg.task == "sft":
+    if tokenizer is not None and cfg.task in ("sft", "preference"):
         sft.chat_template(tokenizer, cfg.template)  # a missing or unknown template, even with no records
     for src in _sources(cfg):
         rows = iter_rows(src.path, src.format, src.text_field, cfg.skip_bad_rows, [], src.extensions, **src.hub())

@@ -168,7 +168,7 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int, dev
     total, count = 0.0, 0
     starts = list(range(0, len(examples), batch_size))[:max_batches]
     for i in starts:
-        batch = collate(examples[i : i + batch_size], pad_id, device)
+        batch = (objective.collate or collate)(examples[i : i + batch_size], pad_id, device)
         with _autocast(device):
             s, n = objective.loss_sum(model, batch, chunk, kernels)
         total, count = total + float(s), count + n
@@ -197,7 +197,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     """Train `model` on tokenized examples; cfg is a TrainConfig. Returns a summary of the run.
 
     `kernels`: the speed-ups the loss runs (tunelab.accel.kernels.choose; default auto for the model).
-    `objective`: next-token (default) or token classification (tunelab.train.loss.Objective).
+    `objective`: next-token (default), token classification or a preference objective (tunelab.train.loss.Objective).
     `on_best(step)`: called on every process when cfg.early_stopping sees a new best eval loss (run.py writes
     the weights to best/ there). `on_log(record)`: called on rank 0 with each record written to metrics.jsonl
     (MLflow, tunelab.train.tracking).
@@ -273,7 +273,7 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
         idx = order(epoch)[k * global_batch : (k + 1) * global_batch]
         mine = idx[rank * cfg.batch_size * cfg.grad_accum : (rank + 1) * cfg.batch_size * cfg.grad_accum]
         chunks = mine.split(cfg.batch_size)
-        return [collate([train_set[int(i)] for i in c], pad_id, device) for c in chunks]
+        return [(objective.collate or collate)([train_set[int(i)] for i in c], pad_id, device) for c in chunks]
 
     log = open(metrics_path, "a") if rank == 0 else None
     tb = _tensorboard(out_dir) if rank == 0 and "tensorboard" in cfg.tracking else None
@@ -321,6 +321,8 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
             elapsed = time.time() - t0
             record = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": float(norm), "tokens": tokens_seen, "tok_per_s": tokens_seen / elapsed}
+        if objective.step_metrics:  # e.g. a preference objective's rewards and margins: this step's means
+            record.update(objective.step_metrics())
         done = step + 1
         faults.point("step")
         if cfg.eval_every and done % cfg.eval_every == 0 or done == total_steps:

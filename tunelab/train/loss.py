@@ -323,11 +323,14 @@ def token_classification_loss_sum(model, batch: dict, chunk: int = 256, kernels=
 class Objective:
     """What the training loop minimises: `loss_sum(model, batch, chunk, kernels) -> (sum, tokens)`,
     `label_tokens(labels) -> tokens with a loss` (the divisor of the global mean), and optional `metrics(model)
-    -> dict` added to the log at every evaluation."""
+    -> dict` added to the log at every evaluation, `step_metrics() -> dict` added at every step, and
+    `collate(rows, pad_id, device) -> batch` in place of the loop's (a preference objective's pairs)."""
 
     loss_sum: Callable
     label_tokens: Callable
     metrics: Callable | None = None
+    step_metrics: Callable | None = None
+    collate: Callable | None = None
 
 
 NEXT_TOKEN = Objective(causal_lm_loss_sum, lambda labels: int((labels[:, 1:] != IGNORE).sum()))

@@ -20,7 +20,7 @@ RUNS = Path("runs")
 # Everything a run writes into its folder (train/run.py, train/loop.py, data/prepared.py); other files
 # there (e.g. the quickstart's data/) are not the run's and are never deleted.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "summary.json", "adapter", "model", "tensorboard",
-             "loss.png", "prepared", "spans.json", "best", "mlruns", "mlflow.json", "status.json")
+             "loss.png", "prepared", "spans.json", "best", "mlruns", "mlflow.json", "status.json", "reference_logps")
 
 
 def held_run(out: Path) -> list[str]:

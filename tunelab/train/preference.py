@@ -12,6 +12,9 @@ one forward computes both halves: `sequence_logps` then `.chunk(2)`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -146,3 +149,221 @@ def kto_loss(logps, ref_logps, desirable, kl_logps, ref_kl_logps, beta: float = 
     if desirable.any() and (~desirable).any():
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return losses.mean(), metrics
+
+
+# --- In the training loop: batches, the reference model, the Objective (tunelab.train.loss.Objective).
+
+def _split_pair(row: dict) -> tuple[dict, dict]:
+    """A pair row (tunelab.data.preference.row) -> (chosen, rejected): rejected begins where position_ids
+    restart at 0."""
+    pos = row["position_ids"]
+    k = next(i for i in range(1, len(pos)) if pos[i] == 0)
+    part = lambda a, b: {f: row[f][a:b] for f in ("input_ids", "labels", "position_ids")}
+    return part(0, k), part(k, len(pos))
+
+
+def _with_completion(prompt_row: dict, completion_row: dict) -> dict:
+    """KTO's mismatched sequence: the prompt of one row (its tokens before the first label) followed by the
+    completion (labelled tokens) of another."""
+    p = next(i for i, y in enumerate(prompt_row["labels"]) if y != IGNORE)
+    c = next(i for i, y in enumerate(completion_row["labels"]) if y != IGNORE)
+    ids = prompt_row["input_ids"][:p] + completion_row["input_ids"][c:]
+    return {"input_ids": ids, "labels": [IGNORE] * p + completion_row["labels"][c:], "position_ids": list(range(len(ids)))}
+
+
+def collate_pairs(rows: list[dict], pad_id: int, device) -> dict:
+    """P pair rows -> one batch of 2P sequences [chosen_0 .. chosen_{P-1}, rejected_0 ..] (one forward for
+    both halves), right-padded as the loop's collate does; `ref_logps` (2P,) when the rows carry
+    precomputed reference log-probs ("ref": [chosen, rejected])."""
+    from tunelab.train.loop import collate
+
+    halves = [_split_pair(r) for r in rows]
+    batch = collate([c for c, _ in halves] + [r for _, r in halves], pad_id, device)
+    if "ref" in rows[0]:
+        batch["ref_logps"] = torch.tensor([r["ref"][0] for r in rows] + [r["ref"][1] for r in rows], device=device)
+    return batch
+
+
+def collate_unpaired(rows: list[dict], pad_id: int, device) -> dict:
+    """n KTO rows -> the batch of their sequences, `desirable` (n,) and `kl`: the batch of the mismatched
+    sequences (prompt i with completion kl_mismatch(n)[i], TRL's pairing) for the KL estimate."""
+    from tunelab.train.loop import collate
+
+    batch = collate(rows, pad_id, device)
+    batch["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows], device=device)
+    batch["kl"] = collate([_with_completion(r, rows[j]) for r, j in zip(rows, kl_mismatch(len(rows)))], pad_id, device)
+    return batch
+
+
+def adapter_off_logps(model, batch: dict, chunk: int = 256, kernels=None) -> torch.Tensor:
+    """The reference of lora/qlora: the same model with every adapter switched off (tunelab.lora.
+    disable_adapters), no gradient; no second copy of the weights."""
+    from tunelab.lora import disable_adapters
+
+    with torch.no_grad(), disable_adapters(model):
+        return sequence_logps(model, batch, chunk, kernels)[0]
+
+
+def frozen_copy_logps(ref_model):
+    """The reference of full/freeze with train.ref_model_copy: a frozen copy taken before training."""
+    def logps(model, batch: dict, chunk: int = 256, kernels=None) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_logps(ref_model, batch, chunk, kernels)[0]
+    return logps
+
+
+class PreferenceObjective:
+    """One preference objective as the loop's Objective: `loss_sum` returns the batch's mean loss times its
+    number of pairs (KTO: responses), `label_tokens` that number, so the loop's sum / global count is the
+    mean over the global batch. `reference(model, batch, chunk, kernels) -> logps` (DPO, IPO, KTO) is used
+    where the batch carries no precomputed `ref_logps`. The objective's numbers (rewards, margins, ...)
+    are averaged over a step's micro-batches (`step_metrics`) and over an evaluation (`metrics`, eval_ names)."""
+
+    def __init__(self, name: str, beta: float | None = None, reference=None, label_smoothing: float | None = None,
+                 simpo_gamma: float | None = None, kto_desirable_weight: float | None = None,
+                 kto_undesirable_weight: float | None = None):
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown preference objective {name!r}: one of {', '.join(OBJECTIVES)}")
+        self.name, self.reference = name, reference
+        self.beta = beta if beta is not None else (2.0 if name == "simpo" else 0.1)  # TRL's defaults
+        self.label_smoothing, self.gamma = label_smoothing or 0.0, 0.5 if simpo_gamma is None else simpo_gamma
+        self.weights = (kto_desirable_weight or 1.0, kto_undesirable_weight or 1.0)
+        self.collate = collate_unpaired if name == "kto" else collate_pairs
+        self._seen = {True: [], False: []}  # metrics of the micro-batches since the last read, by model.training
+
+    @classmethod
+    def from_config(cls, train_cfg, reference=None) -> PreferenceObjective:
+        t = train_cfg
+        return cls(t.objective, t.beta, reference, t.label_smoothing, t.simpo_gamma, t.kto_desirable_weight,
+                   t.kto_undesirable_weight)
+
+    def label_tokens(self, labels: torch.Tensor) -> int:
+        return labels.shape[0] if self.name == "kto" else labels.shape[0] // 2
+
+    def _ref(self, model, batch, key: str, chunk, kernels):
+        if key in batch:
+            return batch[key]
+        if self.reference is None:
+            raise ValueError(f"objective {self.name} needs reference log-probs: give a reference or precompute them")
+        return self.reference(model, batch if key == "ref_logps" else batch["kl"], chunk, kernels)
+
+    def loss_sum(self, model, batch: dict, chunk: int = 256, kernels=None) -> tuple[torch.Tensor, int]:
+        logps, tokens = sequence_logps(model, batch, chunk, kernels)  # (2P,) or KTO's (n,)
+        if self.name == "kto":
+            with torch.no_grad():  # the KL estimate is not backpropagated (TRL computes it without gradient)
+                kl_logps = sequence_logps(model, batch["kl"], chunk, kernels)[0]
+            loss, metrics = kto_loss(logps, self._ref(model, batch, "ref_logps", chunk, kernels), batch["desirable"],
+                                     kl_logps, self._ref(model, batch, "ref_kl_logps", chunk, kernels), self.beta,
+                                     *self.weights)
+        else:
+            (pc, pr), (tc, tr) = logps.chunk(2), tokens.chunk(2)
+            if self.name in ("dpo", "ipo"):
+                rc, rr = self._ref(model, batch, "ref_logps", chunk, kernels).chunk(2)
+            if self.name == "dpo":
+                loss, metrics = dpo_loss(pc, pr, rc, rr, self.beta, self.label_smoothing)
+            elif self.name == "ipo":
+                loss, metrics = ipo_loss(pc, pr, rc, rr, tc, tr, self.beta)
+            elif self.name == "orpo":
+                loss, metrics = orpo_loss(pc, pr, tc, tr, self.beta)
+            else:
+                loss, metrics = simpo_loss(pc, pr, tc, tr, self.beta, self.gamma, self.label_smoothing)
+        self._seen[model.training].append(metrics)
+        n = self.label_tokens(batch["labels"])
+        return loss * n, n
+
+    def _drain(self, training: bool) -> dict:
+        seen, self._seen[training] = self._seen[training], []
+        keys = dict.fromkeys(k for m in seen for k in m)  # KTO: a key only where its micro-batch had that kind
+        return {k: sum(m[k] for m in seen if k in m) / sum(1 for m in seen if k in m) for k in keys}
+
+    def step_metrics(self) -> dict:
+        return self._drain(True)
+
+    def metrics(self, model) -> dict:
+        return {f"eval_{k}": v for k, v in self._drain(False).items()}
+
+
+class WithRef(Sequence):
+    """Rows with their precomputed reference log-probs: rows[i] plus "ref": [chosen, rejected]."""
+
+    def __init__(self, rows, ref):
+        self.rows, self.ref = rows, ref
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return {**self.rows[i], "ref": [float(x) for x in self.ref[i]]}
+
+
+@torch.no_grad()
+def reference_table(rows, reference, model, batch_size: int, pad_id: int, device, chunk: int, kernels):
+    """(len(rows), 2) float32 numpy: every pair row's reference log-probs [chosen, rejected], in batches of
+    batch_size pairs under the loop's autocast (so they equal what the loop would compute)."""
+    import numpy as np
+
+    from tunelab.train.loop import _autocast
+
+    out = np.zeros((len(rows), 2), dtype=np.float32)
+    for i in range(0, len(rows), batch_size):
+        part = rows[i : i + batch_size]
+        with _autocast(device):
+            logps = reference(model, collate_pairs(part, pad_id, device), chunk, kernels).float()
+        out[i : i + len(part)] = logps.view(2, -1).t().cpu().numpy()
+    return out
+
+
+def precomputed(folder: Path, key: str, splits: dict, compute) -> dict:
+    """{split: table} read from `folder` (reference_logps/ in the run folder) when its key.txt equals `key`
+    (the prepared data's and the model's fingerprint), else computed with compute(rows) and written there."""
+    import numpy as np
+
+    folder = Path(folder)
+    if (folder / "key.txt").is_file() and (folder / "key.txt").read_text() == key and all(
+            (folder / f"{s}.npy").is_file() for s in splits):
+        print(f"tunelab: reusing the reference log-probs in {folder}")
+        return {s: np.load(folder / f"{s}.npy") for s in splits}
+    print(f"tunelab: computing the reference log-probs once ({', '.join(f'{len(r)} {s}' for s, r in splits.items())} "
+          f"pairs) into {folder}")
+    tables = {s: compute(rows) for s, rows in splits.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    for s, t in tables.items():
+        np.save(folder / f"{s}.npy", t, allow_pickle=False)
+    (folder / "key.txt").write_text(key)  # last: a crash before it leaves no matching key
+    return tables
+
+
+def setup(cfg, model, tok, kernels, out: Path, train_set, eval_set, device):
+    """The run's preference objective (cfg a RunConfig, model prepared and on its device) and its rows:
+    the reference is the adapter switched off (lora/qlora), a frozen copy (train.ref_model_copy), or
+    precomputed into out/reference_logps (train.precompute_ref, the rows then carry it)."""
+    import copy
+    import hashlib
+    import json
+
+    t = cfg.train
+    if t.objective not in NEEDS_REFERENCE:
+        return PreferenceObjective.from_config(t), train_set, eval_set
+    if t.ref_model_copy:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        reference = frozen_copy_logps(ref_model)
+    elif cfg.method in ("lora", "qlora"):
+        reference = adapter_off_logps
+    else:
+        reference = lambda m, b, c, k: sequence_logps(m, b, c, k)[0]  # precomputed from the weights before training
+    if not t.precompute_ref:
+        return PreferenceObjective.from_config(t, reference), train_set, eval_set
+    from tunelab.data import prepared
+
+    key = hashlib.sha256(json.dumps([prepared.fingerprint(cfg.data, tok, t.seq_len, t.seed),
+                                     cfg.model.model_dump(mode="json"), cfg.method, cfg.quant.model_dump(mode="json"),
+                                     t.batch_size], sort_keys=True).encode()).hexdigest()
+    was = model.training
+    model.eval()
+    tables = precomputed(out / "reference_logps", key, {"train": train_set, "eval": eval_set},
+                         lambda rows: reference_table(rows, reference, model, t.batch_size, tok.pad_token_id, device,
+                                                      t.loss_chunk_tokens, kernels))
+    model.train(was)
+    return (PreferenceObjective.from_config(t), WithRef(train_set, tables["train"]), WithRef(eval_set, tables["eval"]))

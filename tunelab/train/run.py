@@ -291,7 +291,7 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for f in ("config.yaml", "checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "summary.json", "spans.json",
-                  "best", "mlruns", "mlflow.json", status.NAME):
+                  "best", "mlruns", "mlflow.json", status.NAME, "reference_logps"):
             inside(out, f)  # every path a run writes; adapter/ or model/ are checked when written
         (out / "config.yaml").write_text(dump_config(cfg))
         if made:
@@ -308,11 +308,16 @@ def run_training(cfg: RunConfig, progress: bool = True, model=None, name: str = 
     if rank == 0 and "mlflow" in cfg.train.tracking:
         mlflow = MLflowRun(out, cfg.train.mlflow_uri, cfg.train.mlflow_experiment,
                            flatten(cfg.model_dump(mode="json")), cfg.resume)
+    objective = task.objective(tok) if task else None
+    if cfg.train.objective != "sft":  # the reference (adapter off, a copy, or precomputed now) and pair batches
+        from tunelab.train import preference
+
+        objective, train_set, eval_set = preference.setup(cfg, model, tok, kernels, out, train_set, eval_set, device)
     with status.tracking(out, enabled=rank == 0):  # status.json: running, then finished or failed
         try:
             summary = train_loop(model, train_set, eval_set, cfg.train, out, param_groups=groups,
                                  pad_id=tok.pad_token_id, resume=cfg.resume, device=device, progress=progress,
-                                 kernels=kernels, objective=task.objective(tok) if task else None, on_best=on_best,
+                                 kernels=kernels, objective=objective, on_best=on_best,
                                  on_log=mlflow.log if mlflow else None)
             if task and rank == 0:
                 summary["spans"] = task.final(model, tok, out, summary["steps"])
