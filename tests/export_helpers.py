@@ -1,4 +1,5 @@
-"""Tiny models on disk for the export tests: a base HF folder, a LoRA adapter, a QLoRA run folder."""
+"""Tiny models for the export tests: one random model per family; on disk a base HF folder, a LoRA adapter, a
+QLoRA run folder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_tiny_llama, make_tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
 from tunelab.lora import LoraConfig, apply_lora, save_adapter
 from tunelab.quant import quantize_model
@@ -55,6 +57,24 @@ def make_run(base: Path, run: Path, method: str = "qlora") -> Path:
            "lora": LORA, "data": {}, "output_dir": str(run)}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     return run
+
+
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=2)
+
+
+def tiny(model_type: str, **over):
+    """A random tiny model of a family from transformers' own config class."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**SMALL, **over})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms and biases start at 1 / 0: make them random so a mix-up would show
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model
 
 
 def parse(module, argv: list[str]) -> argparse.Namespace:

@@ -1,0 +1,157 @@
+"""GGUF exports run inside llama.cpp itself (llama-cpp-python, installed by the `test` extra), per family, and
+compared with the model transformers runs on the same token ids.
+
+Reference: the tiny random model's own forward in transformers (fp32), on a prompt of random ids followed
+by that model's own greedy continuation of 32 tokens, so "0 decided misses" (tunelab.export.validate) means
+llama.cpp's greedy continuation is identical except after a top-2 margin below 1e-3.
+"""
+
+import gguf
+import llama_cpp  # noqa: F401  (the `test` extra installs llama-cpp-python: a missing one fails here, loudly)
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_tokenizer
+from export_helpers import adapter, base, tiny  # noqa: F401  (fixtures)
+
+from tunelab.export.gguf import export_gguf, llama_cpp_quantizer
+from tunelab.export.validate import agreement, llama_cpp_logits
+
+# Tolerances on max |logit difference| over every position and the whole vocabulary (the tiny models' logits
+# span about +-1): llama.cpp computes in fp32 with other summation orders (f32); an f16 file also rounds
+# the activations to f16 before each matrix product on the CPU (f16 and q8_0 are looser).
+TOL = {"f32": 1e-3, "f16": 2e-2, "q8_0": 5e-2}
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # 16-dim heads: every regime
+FAMILIES = {
+    "llama": ("llama", {}),
+    "llama3": ("llama", {"rope_parameters": LLAMA3_ROPE}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 32}),  # head_dim != hidden/heads: llama.cpp reads key/value_length
+    # windows of 16 < the 72 positions: llama.cpp's sliding layers (gemma2: every other one) must mask as HF's
+    "gemma2": ("gemma2", {"head_dim": 256, "tie_word_embeddings": True, "sliding_window": 16}),
+    "phi3": ("phi3", {"pad_token_id": 0}),
+    "gemma3": ("gemma3_text", {"head_dim": 256, "tie_word_embeddings": True, "sliding_window": 16,
+                               "layer_types": ["sliding_attention", "full_attention"]}),
+}
+
+
+def prompt_and_greedy(model, n_prompt: int = 40, n_new: int = 32, seed: int = 0) -> list[int]:
+    """Random prompt ids followed by the model's own greedy continuation (transformers, fp32)."""
+    prompt = torch.randint(3, model.config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                             min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+    return out[0].tolist()
+
+
+def hf_logits(model, seq: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
+    model_type, over = FAMILIES[family]
+    model = tiny(model_type, **over)
+    seq = prompt_and_greedy(model)
+    ref = hf_logits(model, seq)
+    tok = make_tiny_tokenizer()
+    runs = {}
+    for dtype in ("f32", "f16", "q8_0"):
+        path = export_gguf(model, tok, tmp_path / f"{dtype}.gguf", dtype)
+        runs[dtype] = agreement(ref, llama_cpp_logits(path, seq))
+        assert runs[dtype].max_abs <= TOL[dtype], (dtype, runs[dtype])
+        assert runs[dtype].decided_misses == 0, (dtype, runs[dtype])
+    # llama.cpp's own q8_0 from our f16 file agrees with the reference as ours does
+    llama_cpp_quantizer("q8_0")(str(tmp_path / "f16.gguf"), str(tmp_path / "theirs.gguf"))
+    theirs = agreement(ref, llama_cpp_logits(tmp_path / "theirs.gguf", seq))
+    assert theirs.decided_misses == 0 and abs(theirs.top1 - runs["q8_0"].top1) <= 0.02, (theirs, runs["q8_0"])
+    assert runs["f32"].max_abs < runs["f16"].max_abs  # each rounding shows, in order
+
+
+def test_our_q8_0_is_llama_cpps_q8_0_bit_for_bit(tmp_path):
+    """gguf's Q8_0 quantizer (ours) and llama.cpp's, both from the same f32 weights: identical blocks."""
+    model, tok = tiny("llama"), make_tiny_tokenizer()
+    export_gguf(model, tok, tmp_path / "f32.gguf", "f32")
+    export_gguf(model, tok, tmp_path / "ours.gguf", "q8_0")
+    llama_cpp_quantizer("q8_0")(str(tmp_path / "f32.gguf"), str(tmp_path / "theirs.gguf"))
+    ours = {t.name: t for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert t.tensor_type == theirs[name].tensor_type, name
+        assert np.array_equal(np.asarray(t.data), np.asarray(theirs[name].data)), name
+    assert sum(t.tensor_type.name == "Q8_0" for t in ours.values()) == 2 * 7 + 2  # every matrix
+
+
+# k-quants need rows that are a multiple of 256 (llama.cpp falls back to other types otherwise)
+KQ = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+# floors measured on these tiny models (see docs/export.md): top-1 agreement with the f16 export, mean KL
+KQUANT_FLOORS = {"q6_k": (0.95, 1e-4), "q5_k_m": (0.9, 5e-4), "q4_k_m": (0.8, 2e-3)}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_k_quants_through_llama_cpps_quantizer(family, tmp_path):
+    model, tok = tiny(family, **KQ), make_tiny_tokenizer()
+    seq = prompt_and_greedy(model)
+    f16 = llama_cpp_logits(export_gguf(model, tok, tmp_path / "f16.gguf", "f16"), seq)
+    kls = []
+    for dtype, (top1, kl) in KQUANT_FLOORS.items():
+        path = export_gguf(model, tok, tmp_path / f"{dtype}.gguf", dtype)
+        types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+        assert dtype[:2].upper() + "_K" in types, (dtype, types)  # llama.cpp really wrote its k-quant blocks
+        got = agreement(f16, llama_cpp_logits(path, seq))
+        assert got.top1 >= top1 and got.mean_kl <= kl, (dtype, got)
+        kls.append(got.mean_kl)
+    assert kls == sorted(kls)  # fewer bits, further from f16
+
+
+@pytest.mark.parametrize("family,over", [("llama", {}), ("qwen2", {}), ("phi3", {"pad_token_id": 0})],
+                         ids=["llama", "qwen2", "phi3"])
+def test_lora_adapter_gguf_applied_by_llama_cpp_at_load(family, over, tmp_path):
+    """Base GGUF + our GGUF LoRA adapter in llama.cpp == tunelab's adapter on the fly in transformers (the
+    llama q/k rows of B permuted like the weights; phi3's fused qkv / gate_up adapters as HF stores them)."""
+    from export_helpers import LORA, randomize_lora_b
+
+    from tunelab.export.gguf_adapter import export_gguf_adapter
+    from tunelab.lora import LoraConfig, apply_lora
+
+    model, tok = tiny(family, **over), make_tiny_tokenizer()
+    base = export_gguf(model, tok, tmp_path / "base.gguf", "f32")
+    apply_lora(model, LoraConfig(**{**LORA, "use_rslora": family == "qwen2"}), verbose=False)  # rsLoRA: alpha*sqrt(r)
+    randomize_lora_b(model)
+    seq = prompt_and_greedy(model)
+    ref = hf_logits(model, seq)
+    adapter = export_gguf_adapter(model, tmp_path / "adapter.gguf")
+    fields = gguf.GGUFReader(adapter).fields
+    assert (fields["general.type"].contents(), fields["adapter.type"].contents()) == ("adapter", "lora")
+    with_adapter = agreement(ref, llama_cpp_logits(base, seq, lora=adapter))
+    assert with_adapter.max_abs <= TOL["f32"] and with_adapter.decided_misses == 0, with_adapter
+    without = agreement(ref, llama_cpp_logits(base, seq))
+    assert without.max_abs > 100 * TOL["f32"]  # the adapter moves the logits: the check above means something
+
+
+def test_lora_adapter_cli_and_what_it_refuses(base, adapter, tmp_path, capsys):
+    from conftest import make_tiny_llama
+
+    from tunelab.cli import main
+    from tunelab.errors import TunelabError
+    from tunelab.export.gguf_adapter import export_gguf_adapter
+    from tunelab.lora import LoraConfig, apply_lora
+
+    out = tmp_path / "a.gguf"
+    assert main(["export", str(adapter), "--base", str(base), "--gguf", str(out), "--lora-adapter"]) == 0
+    tensors = gguf.GGUFReader(out).tensors
+    assert len(tensors) == 2 * 2 * 7 and {t.tensor_type.name for t in tensors} == {"F16"}  # A and B, 7 linears x 2
+    capsys.readouterr()
+    assert main(["export", str(adapter), "--base", str(base), "--gguf", str(out), "--lora-adapter",
+                 "--dtype", "q8_0"]) == 2
+    assert capsys.readouterr().err.strip().startswith("tunelab export: error: --lora-adapter writes f32 or f16")
+    with pytest.raises(TunelabError, match="no LoRA layers"):
+        export_gguf_adapter(make_tiny_llama(), tmp_path / "b.gguf")
+    dora = apply_lora(make_tiny_llama(), LoraConfig(r=4, alpha=8, use_dora=True), verbose=False)
+    with pytest.raises(TunelabError, match="uses DoRA"):
+        export_gguf_adapter(dora, tmp_path / "b.gguf")
+    assert not (tmp_path / "b.gguf").exists()
