@@ -6,6 +6,8 @@ by that model's own greedy continuation of 32 tokens, so "0 decided misses" (tun
 llama.cpp's greedy continuation is identical except after a top-2 margin below 1e-3.
 """
 
+import copy
+
 import gguf
 import llama_cpp  # noqa: F401  (the `test` extra installs llama-cpp-python: a missing one fails here, loudly)
 import numpy as np
@@ -18,9 +20,11 @@ from tunelab.export.gguf import export_gguf, llama_cpp_quantizer
 from tunelab.export.validate import agreement, llama_cpp_logits
 
 # Tolerances on max |logit difference| over every position and the whole vocabulary (the tiny models' logits
-# span about +-1): llama.cpp computes in fp32 with other summation orders (f32); an f16 file also rounds
-# the activations to f16 before each matrix product on the CPU (f16 and q8_0 are looser).
-TOL = {"f32": 1e-3, "f16": 2e-2, "q8_0": 5e-2}
+# span about +-1.3), about 1.5x the largest measured over the families (docs/export.md has each): f32 against
+# the model with ggml's GELU (below; llama-like families measure 4e-7, Gemma 1.1e-4 / 1.8e-4); f16 and q8_0
+# against the plain model (llama.cpp's CPU also rounds the activations to f16 / q8 before each product:
+# 5e-4 / 1.3e-2 for llama-like families, 6e-3 / 0.17 for the tiny Gemma-3 with its (1 + w) ~ 2 norms).
+TOL = {"f32": 3e-4, "f16": 1e-2, "q8_0": 0.25}
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # 16-dim heads: every regime
 FAMILIES = {
@@ -51,6 +55,25 @@ def hf_logits(model, seq: list[int]) -> np.ndarray:
         return model(torch.tensor([seq])).logits[0].float().numpy()
 
 
+class GgmlGelu(torch.nn.Module):
+    """GELU (tanh form) as ggml's CPU computes it (ggml-cpu/vec.h, GGML_GELU_FP16): a table over f16 inputs
+    holding f16 outputs, x itself above 10, 0 below -10. It moves the tiny Gemmas' logits by up to 8e-4."""
+
+    def forward(self, x):
+        table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+
+
+def with_ggml_gelu(model):
+    """A copy of a Gemma model whose MLPs use GgmlGelu (other families have no GELU: the model itself)."""
+    if not model.config.model_type.startswith("gemma"):
+        return model
+    model = copy.deepcopy(model)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = GgmlGelu()
+    return model
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
     model_type, over = FAMILIES[family]
@@ -60,15 +83,18 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
     tok = make_tiny_tokenizer()
     runs = {}
     for dtype in ("f32", "f16", "q8_0"):
-        path = export_gguf(model, tok, tmp_path / f"{dtype}.gguf", dtype)
-        runs[dtype] = agreement(ref, llama_cpp_logits(path, seq))
-        assert runs[dtype].max_abs <= TOL[dtype], (dtype, runs[dtype])
+        got = llama_cpp_logits(export_gguf(model, tok, tmp_path / f"{dtype}.gguf", dtype), seq)
+        runs[dtype] = agreement(ref, got)
+        close = agreement(hf_logits(with_ggml_gelu(model), seq), got) if dtype == "f32" else runs[dtype]
+        assert close.max_abs <= TOL[dtype], (dtype, close)
+    for dtype in ("f32", "f16"):  # the same greedy continuation, except after a near-tie
         assert runs[dtype].decided_misses == 0, (dtype, runs[dtype])
-    # llama.cpp's own q8_0 from our f16 file agrees with the reference as ours does
+    # our q8_0 (from f32) is as close to the model as llama.cpp's own q8_0 made from our f16 file (72 positions:
+    # one position is 1.4 points of top-1; the KLs measure 0.9-1.1x each other)
     llama_cpp_quantizer("q8_0")(str(tmp_path / "f16.gguf"), str(tmp_path / "theirs.gguf"))
-    theirs = agreement(ref, llama_cpp_logits(tmp_path / "theirs.gguf", seq))
-    assert theirs.decided_misses == 0 and abs(theirs.top1 - runs["q8_0"].top1) <= 0.02, (theirs, runs["q8_0"])
-    assert runs["f32"].max_abs < runs["f16"].max_abs  # each rounding shows, in order
+    theirs, ours = agreement(ref, llama_cpp_logits(tmp_path / "theirs.gguf", seq)), runs["q8_0"]
+    assert ours.top1 >= theirs.top1 - 0.05 and ours.mean_kl <= 1.5 * theirs.mean_kl, (ours, theirs)
+    assert runs["f32"].mean_kl < runs["f16"].mean_kl < ours.mean_kl  # each rounding shows, in order
 
 
 def test_our_q8_0_is_llama_cpps_q8_0_bit_for_bit(tmp_path):
@@ -88,8 +114,11 @@ def test_our_q8_0_is_llama_cpps_q8_0_bit_for_bit(tmp_path):
 
 # k-quants need rows that are a multiple of 256 (llama.cpp falls back to other types otherwise)
 KQ = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-# floors measured on these tiny models (see docs/export.md): top-1 agreement with the f16 export, mean KL
-KQUANT_FLOORS = {"q6_k": (0.95, 1e-4), "q5_k_m": (0.9, 5e-4), "q4_k_m": (0.8, 2e-3)}
+# (top-1 agreement floor, mean KL ceiling) against our f16 export in llama.cpp. Measured (llama / qwen2):
+# q6_k 0.85 / 0.86, KL 1.1e-4 / 8.7e-5; q5_k_m 0.90 / 0.82, 3.8e-4 / 2.3e-4; q4_k_m 0.67 / 0.67, 1.4e-3 / 7.9e-4.
+# A random model's top-2 logits are close (its logits span +-1.3), so top-1 flips easily: the floors keep
+# ~0.1-0.2 and the ceilings ~2x of headroom; the bundled model's figures (docs/export.md) are the real bar.
+KQUANT_FLOORS = {"q6_k": (0.75, 2.5e-4), "q5_k_m": (0.7, 7.5e-4), "q4_k_m": (0.5, 3e-3)}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -24,13 +24,17 @@ MARGIN = 1e-3  # a top-2 logit margin below this is a tie that fp rounding may b
 def llama_cpp_logits(path: str | os.PathLike, ids: list[int], lora: str | os.PathLike | None = None,
                      n_threads: int | None = None) -> np.ndarray:
     """(len(ids), n_vocab) float32 logits llama.cpp computes for `ids` (no BOS added), one batch, on the CPU;
-    with `lora`, a GGUF LoRA adapter file applied at load (scale 1)."""
+    with `lora`, a GGUF LoRA adapter file applied at load (scale 1).
+
+    The KV cache is f32 (llama.cpp's default is f16, which rounds every key and value: that would be
+    measured as the file's error, e.g. 3e-3 instead of 2e-4 on the tiny Gemma-3 of the tests)."""
     from tunelab.export.gguf import require_llama_cpp
 
     llama_cpp = require_llama_cpp("checking a GGUF file in llama.cpp")
     n = len(ids)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(n, 16), n_batch=n, n_ubatch=n, logits_all=True,
                           n_threads=n_threads or min(4, os.cpu_count() or 1), n_gpu_layers=0, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
                           lora_path=None if lora is None else str(lora))
     try:
         llm.eval(list(map(int, ids)))
