@@ -86,6 +86,7 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
         got = llama_cpp_logits(export_gguf(model, tok, tmp_path / f"{dtype}.gguf", dtype), seq)
         runs[dtype] = agreement(ref, got)
         close = agreement(hf_logits(with_ggml_gelu(model), seq), got) if dtype == "f32" else runs[dtype]
+        print(f"{family} {dtype}: max_abs {close.max_abs:.2g}; vs the plain model {runs[dtype]}")  # pytest -s
         assert close.max_abs <= TOL[dtype], (dtype, close)
     for dtype in ("f32", "f16"):  # the same greedy continuation, except after a near-tie
         assert runs[dtype].decided_misses == 0, (dtype, runs[dtype])
@@ -93,6 +94,7 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
     # one position is 1.4 points of top-1; the KLs measure 0.9-1.1x each other)
     llama_cpp_quantizer("q8_0")(str(tmp_path / "f16.gguf"), str(tmp_path / "theirs.gguf"))
     theirs, ours = agreement(ref, llama_cpp_logits(tmp_path / "theirs.gguf", seq)), runs["q8_0"]
+    print(f"{family} llama.cpp's q8_0 from our f16: {theirs}")
     assert ours.top1 >= theirs.top1 - 0.05 and ours.mean_kl <= 1.5 * theirs.mean_kl, (ours, theirs)
     assert runs["f32"].mean_kl < runs["f16"].mean_kl < ours.mean_kl  # each rounding shows, in order
 
@@ -132,6 +134,7 @@ def test_k_quants_through_llama_cpps_quantizer(family, tmp_path):
         types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
         assert dtype[:2].upper() + "_K" in types, (dtype, types)  # llama.cpp really wrote its k-quant blocks
         got = agreement(f16, llama_cpp_logits(path, seq))
+        print(f"{family} {dtype} vs our f16: {got}")  # pytest -s
         assert got.top1 >= top1 and got.mean_kl <= kl, (dtype, got)
         kls.append(got.mean_kl)
     assert kls == sorted(kls)  # fewer bits, further from f16

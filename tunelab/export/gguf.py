@@ -12,7 +12,8 @@ Families (model_type -> llama.cpp architecture, from the family table): llama an
 permuted; llama3 rope scaling as a rope_freqs tensor), qwen2 -> qwen2 (q/k/v biases, NEOX rope: no
 permutation), qwen3 -> qwen3 (per-head q/k RMSNorms attn_q_norm / attn_k_norm, NEOX rope), gemma2 ->
 gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sliding window), phi3 -> phi3
-(fused attn_qkv and ffn_up = gate|up as HF stores them, partial rotary as rope.dimension_count). Only
+(fused attn_qkv and ffn_up = gate|up as HF stores them, partial rotary as rope.dimension_count),
+gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, local rope base). Only
 byte-level BPE tokenizers; anything else is an error that names it and what is supported.
 """
 
