@@ -187,3 +187,24 @@ def test_lora_adapter_cli_and_what_it_refuses(base, adapter, tmp_path, capsys):
     with pytest.raises(TunelabError, match="uses DoRA"):
         export_gguf_adapter(dora, tmp_path / "b.gguf")
     assert not (tmp_path / "b.gguf").exists()
+
+
+TEXTS = ["Hello world, 12345 ok!", "<|im_start|>user\nhi there<|im_end|>\n", "  two spaces\n\ttab ünïcode 日本",
+         "def f(x):\n    return x ** 2  # 3.14159", "It's 'quoted' — and   spaced\r\n"]
+
+
+@pytest.mark.parametrize("which", ["tiny", "bundled"])
+def test_llama_cpp_tokenizes_as_transformers(which, bundled_tokenizer, tmp_path):
+    """The tokenizer written into the GGUF (gpt-2 / smollm pre-tokenizer, merges, special tokens) splits text
+    into the same ids in llama.cpp as the original tokenizer in transformers."""
+    from conftest import make_tiny_llama
+
+    tok = make_tiny_tokenizer() if which == "tiny" else bundled_tokenizer
+    path = export_gguf(make_tiny_llama(vocab_size=len(tok)), tok, tmp_path / "t.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+                tok(text, add_special_tokens=False)["input_ids"], text
+    finally:
+        llm.close()
