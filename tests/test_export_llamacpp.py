@@ -7,6 +7,7 @@ llama.cpp's greedy continuation is identical except after a top-2 margin below 1
 """
 
 import copy
+import os
 
 import gguf
 import llama_cpp  # noqa: F401  (the `test` extra installs llama-cpp-python: a missing one fails here, loudly)
@@ -39,6 +40,12 @@ FAMILIES = {
     "gemma3": ("gemma3_text", {"head_dim": 256, "tie_word_embeddings": True, "sliding_window": 16,
                                "layer_types": ["sliding_attention", "full_attention"]}),
 }
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def prompt_and_greedy(model, n_prompt: int = 40, n_new: int = 32, seed: int = 0) -> list[int]:
@@ -133,6 +140,7 @@ def test_k_quants_through_llama_cpps_quantizer(family, tmp_path):
         path = export_gguf(model, tok, tmp_path / f"{dtype}.gguf", dtype)
         types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
         assert dtype[:2].upper() + "_K" in types, (dtype, types)  # llama.cpp really wrote its k-quant blocks
+        assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's 0600
         got = agreement(f16, llama_cpp_logits(path, seq))
         print(f"{family} {dtype} vs our f16: {got}")  # pytest -s
         assert got.top1 >= top1 and got.mean_kl <= kl, (dtype, got)

@@ -161,12 +161,20 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         if quantizer:
             tmps.append(_tmp_beside(out))
             quantizer(tmps[0], tmps[1])
-        os.replace(tmps[-1], out)
+        publish(tmps[-1], out)
     finally:
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
     return out
+
+
+def publish(tmp: str, out: Path) -> None:
+    """Rename the finished temporary file to `out` with a plain file's mode (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, out)
 
 
 def _tmp_beside(out: Path) -> str:

@@ -27,7 +27,7 @@ def export_gguf_adapter(model: nn.Module, out: str | os.PathLike, dtype: str = "
     """Write the LoRA layers of `model` (a SUPPORTED family with unmerged LoRALinear layers) to `out`."""
     import gguf
 
-    from tunelab.export.gguf import (SUPPORTED, _check_replaceable, _tmp_beside, gguf_arch, gguf_name,
+    from tunelab.export.gguf import (SUPPORTED, _check_replaceable, _tmp_beside, gguf_arch, gguf_name, publish,
                                      rows_for_llama_cpp, tensor_names)
     from tunelab.lora import lora_layers
     from tunelab.lora.layer import ModuleToSave
@@ -71,7 +71,7 @@ def export_gguf_adapter(model: nn.Module, out: str | os.PathLike, dtype: str = "
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
