@@ -1,4 +1,5 @@
-"""Tiny models on disk for the export tests: a base HF folder, a LoRA adapter, a QLoRA run folder."""
+"""Tiny models for the export tests: one random model per family; on disk a base HF folder, a LoRA adapter, a
+QLoRA run folder."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from tunelab.config import dump_config, load_config
@@ -55,6 +57,24 @@ def make_run(base: Path, run: Path, method: str = "qlora") -> Path:
            "lora": LORA, "data": {"sources": [{"name": "unused", "path": "unused"}]}, "output_dir": str(run)}
     (run / "config.yaml").write_text(dump_config(load_config(None, base=cfg)))
     return run
+
+
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=2)
+
+
+def tiny(model_type: str, **over):
+    """A random tiny model of a family from transformers' own config class."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**SMALL, **over})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms and biases start at 1 / 0: make them random so a mix-up would show
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model
 
 
 def parse(module, argv: list[str]) -> argparse.Namespace:

@@ -8,27 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_tokenizer
-from export_helpers import ids, logits
+from export_helpers import ids, logits, tiny
 from tunelab.errors import TunelabError
 from tunelab.export.gguf import export_gguf, llama3_rope_factors
 
 TOL = 1e-4
-SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=2)
-
-
-def tiny(model_type: str, **over):
-    """A random tiny model of a family from transformers' own config class."""
-    from transformers import AutoConfig
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **{**SMALL, **over})
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # norms and biases start at 1 / 0: make them random so a mix-up would show
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-    return model
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -36,6 +20,9 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# one sliding layer (own rope base 1e4) and one global (1e6), as Gemma-3 alternates them 5:1
+GEMMA3 = {"head_dim": 256, "tie_word_embeddings": True, "sliding_window": 16,
+          "layer_types": ["sliding_attention", "full_attention"]}
 # model_type, its GGUF architecture, extra config, per-layer tensors beyond Llama's, q/k permuted
 CASES = [
     ("llama", "llama", {}, [], True),
@@ -48,6 +35,8 @@ CASES = [
     ("gemma2", "gemma2", {"head_dim": 256, "tie_word_embeddings": True, "sliding_window": 128},
      ["post_attention_norm.weight", "post_ffw_norm.weight"], False),
     ("phi3", "phi3", {"pad_token_id": 0}, [], False),  # fused: attn_qkv and ffn_up (gate | up), see PHI3_LAYER
+    ("gemma3_text", "gemma3", GEMMA3, ["post_attention_norm.weight", "post_ffw_norm.weight", "attn_q_norm.weight",
+                                       "attn_k_norm.weight"], False),
 ]
 LLAMA_LAYER = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
@@ -65,9 +54,13 @@ def test_family_round_trip(model_type, arch, over, extra, permuted, tmp_path):
     for key, value in (("context_length", 256), ("embedding_length", 64), ("block_count", 2),
                        ("feed_forward_length", 128), ("attention.head_count", 4), ("attention.head_count_kv", 2)):
         assert fields[f"{arch}.{key}"].contents() == value, key
-    assert fields[f"{arch}.rope.freq_base"].contents() == model.config.rope_parameters["rope_theta"]
+    rope = model.config.rope_parameters
+    assert fields[f"{arch}.rope.freq_base"].contents() == rope.get("full_attention", rope)["rope_theta"]
     assert fields[f"{arch}.rope.dimension_count"].contents() == (getattr(model.config, "head_dim", None) or 16)
     assert fields[f"{arch}.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(model.config.rms_norm_eps)
+    if arch == "gemma3":
+        assert (fields["gemma3.rope.freq_base_swa"].contents(), fields["gemma3.attention.sliding_window"].contents(),
+                fields["gemma3.attention.sliding_window_pattern"].contents()) == (10000.0, 16, [True, False])
     if arch == "gemma2":
         assert (fields["gemma2.attn_logit_softcapping"].contents(), fields["gemma2.final_logit_softcapping"].contents(),
                 fields["gemma2.attention.sliding_window"].contents(), fields["gemma2.attention.key_length"].contents()) \
@@ -93,18 +86,20 @@ def test_family_round_trip(model_type, arch, over, extra, permuted, tmp_path):
     if model_type == "phi3":  # HF's own fused layouts, written as they are
         hf |= {f"blk.{i}.{g}": f"model.layers.{i}.{h}" for i in range(2) for g, h in (
             ("attn_qkv.weight", "self_attn.qkv_proj.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight"))}
-    if model_type == "gemma2":  # its ffn_norm is the pre-feed-forward norm; post_attention_layernorm is above
+    if model_type.startswith("gemma"):  # ffn_norm is the pre-feed-forward norm; post_attention_layernorm is above
         hf |= {f"blk.{i}.ffn_norm.weight": f"model.layers.{i}.pre_feedforward_layernorm.weight" for i in range(2)}
     for name, t in tensors.items():
         w = np.asarray(t.data)
         if permuted and (".attn_q." in name or ".attn_k." in name):
             w = unpermute(w, 4 if ".attn_q." in name else 2)
-        if model_type == "gemma2" and name.endswith("norm.weight"):
+        if model_type.startswith("gemma") and name.endswith("norm.weight"):
             w = w - 1  # written as 1 + w: llama.cpp multiplies by the stored weight, Gemma by (1 + w)
             assert np.allclose(w, state[hf[name]].numpy(), atol=1e-6), name  # f32 rounding of the + 1
             continue
         assert np.array_equal(w, state[hf[name]].numpy()), name
-    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    # transformers' gemma3 reader ignores sliding_window_pattern (all layers slide): given back as an override
+    over = {"layer_types": model.config.layer_types} if arch == "gemma3" else {}
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32, **over).eval()
     assert (logits(back, ids()) - logits(model, ids())).abs().max() <= TOL
 
 
@@ -138,7 +133,7 @@ def test_llama3_rope_scaling_writes_rope_freqs(tmp_path):
 def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     model = tiny("olmo2")
     with pytest.raises(TunelabError, match=r"does not support the 'olmo2' family .*supported: llama, mistral, "
-                                            r"qwen2, qwen3, gemma2, phi3$"):
+                                            r"qwen2, qwen3, gemma2, phi3, gemma3_text$"):
         export_gguf(model, make_tiny_tokenizer(), tmp_path / "g.gguf")
     with pytest.raises(TunelabError, match="query_pre_attn_scalar=256 but llama.cpp scales queries by "
                                            r"1/sqrt\(head_dim=16\)"):
@@ -156,7 +151,7 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     assert main(["export", str(tmp_path / "olmo2"), "--gguf", str(tmp_path / "g.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
     assert err.startswith("tunelab export: error: GGUF export does not support the 'olmo2' family")
-    assert err.endswith("supported: llama, mistral, qwen2, qwen3, gemma2, phi3") and not (tmp_path / "g.gguf").exists()
+    assert err.endswith("supported: llama, mistral, qwen2, qwen3, gemma2, phi3, gemma3_text") and not (tmp_path / "g.gguf").exists()
 
 
 def test_partial_rotary_is_the_rope_dimension_count(tmp_path):

@@ -12,7 +12,8 @@ Families (model_type -> llama.cpp architecture, from the family table): llama an
 permuted; llama3 rope scaling as a rope_freqs tensor), qwen2 -> qwen2 (q/k/v biases, NEOX rope: no
 permutation), qwen3 -> qwen3 (per-head q/k RMSNorms attn_q_norm / attn_k_norm, NEOX rope), gemma2 ->
 gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sliding window), phi3 -> phi3
-(fused attn_qkv and ffn_up = gate|up as HF stores them, partial rotary as rope.dimension_count). Only
+(fused attn_qkv and ffn_up = gate|up as HF stores them, partial rotary as rope.dimension_count),
+gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, local rope base). Only
 byte-level BPE tokenizers; anything else is an error that names it and what is supported.
 """
 
@@ -42,7 +43,9 @@ SUPPORTED = {
     "qwen3": {"permute_qk": False},   # + q_norm / k_norm over each head's head_dim
     "gemma2": {"permute_qk": False},  # norms x * (1 + w) -> w + 1; pre/post norms; softcaps; tied lm_head
     "phi3": {"permute_qk": False},    # fused qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (as HF stores them)
+    "gemma3_text": {"permute_qk": False},  # gemma2's layout + q/k norms; sliding layers' own rope base
 }
+GEMMA = ("gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
 
 
 def gguf_arch(config) -> str:
@@ -69,33 +72,46 @@ def check_exportable(model: nn.Module) -> None:
         raise TunelabError("this model has 4-bit linears: GGUF export needs float weights (merge into the "
                            "original base, or load the full-precision model)")
     rope = _rope(config).get("rope_type", "default")
-    if rope not in ("default", "llama3") or (rope == "llama3" and not SUPPORTED[config.model_type]["permute_qk"]):
+    allowed = {"default": True, "llama3": SUPPORTED[config.model_type]["permute_qk"],
+               "linear": config.model_type == "gemma3_text"}
+    if not allowed.get(rope) or _rope(config, "sliding_attention").get("rope_type", "default") != "default":
         raise TunelabError(f"GGUF export of {config.model_type} supports plain RoPE (and llama3 scaling for the "
-                           f"llama architecture); this model uses rope_type={rope!r}")
-    if config.model_type == "gemma2":
-        _check_gemma2(config)
+                           f"llama architecture, linear scaling of Gemma-3's global layers); this model uses "
+                           f"rope_type={rope!r}")
+    if config.model_type in GEMMA:
+        _check_gemma(config)
     flags = ("attention_bias", "mlp_bias") if config.model_type != "qwen2" else ()  # qwen2's biases are its own
     for flag in flags:
         if getattr(config, flag, False):
             raise TunelabError(f"GGUF export of {config.model_type} models with {flag}=True is not supported")
 
 
-def _check_gemma2(config) -> None:
-    """What llama.cpp's gemma2 graph assumes rather than reads: the output head is the embedding, queries
-    scaled by 1/sqrt(head_dim), both softcaps on (it applies its defaults when the keys are missing)."""
-    if not config.tie_word_embeddings:
+def _check_gemma(config) -> None:
+    """What llama.cpp's gemma2 / gemma3 graphs assume rather than read. gemma2: the output head is the
+    embedding, both softcaps on (it applies its defaults when the keys are missing); gemma3: no attention
+    softcap. Both scale queries by 1/sqrt(head_dim) (gemma3's 62-layer 27B by 1/sqrt(hidden/heads))."""
+    name, gemma3 = config.model_type, config.model_type == "gemma3_text"
+    if not config.tie_word_embeddings and not gemma3:
         raise TunelabError("GGUF export of gemma2: llama.cpp's gemma2 uses the embedding as output head, and "
                            "this model has its own lm_head (tie_word_embeddings=False)")
-    if config.query_pre_attn_scalar != config.head_dim:
-        raise TunelabError(f"GGUF export of gemma2: query_pre_attn_scalar={config.query_pre_attn_scalar} but "
-                           f"llama.cpp scales queries by 1/sqrt(head_dim={config.head_dim})")
-    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, cap, None) is None:
-            raise TunelabError(f"GGUF export of gemma2: {cap}=None, but llama.cpp's gemma2 always caps")
+    wide = gemma3 and config.num_hidden_layers == 62
+    scale, what = ((config.hidden_size // config.num_attention_heads, "hidden/heads") if wide
+                   else (config.head_dim, "head_dim"))
+    if config.query_pre_attn_scalar != scale:
+        raise TunelabError(f"GGUF export of {name}: query_pre_attn_scalar={config.query_pre_attn_scalar} but "
+                           f"llama.cpp scales queries by 1/sqrt({what}={scale})")
+    for cap in ("attn_logit_softcapping",) if gemma3 else ("attn_logit_softcapping", "final_logit_softcapping"):
+        if (getattr(config, cap, None) is None) != gemma3:
+            raise TunelabError(f"GGUF export of {name}: {cap}={getattr(config, cap, None)}, but llama.cpp's "
+                               f"{gguf_arch(config)} {'never' if gemma3 else 'always'} caps")
 
 
-def _rope(config) -> dict:
-    return getattr(config, "rope_parameters", None) or {}
+def _rope(config, layer_type: str = "full_attention") -> dict:
+    """The RoPE parameters; Gemma-3 has one set per layer type (the global layers' is the model's own)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in rope:
+        return rope.get(layer_type, {})
+    return rope if layer_type == "full_attention" else {}
 
 
 def llama3_rope_factors(config) -> torch.Tensor:
@@ -145,12 +161,20 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
         if quantizer:
             tmps.append(_tmp_beside(out))
             quantizer(tmps[0], tmps[1])
-        os.replace(tmps[-1], out)
+        publish(tmps[-1], out)
     finally:
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
     return out
+
+
+def publish(tmp: str, out: Path) -> None:
+    """Rename the finished temporary file to `out` with a plain file's mode (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, out)
 
 
 def _tmp_beside(out: Path) -> str:
@@ -173,18 +197,24 @@ def _write(model: nn.Module, tokenizer, path: str, dtype: str, name: str | None)
     writer.close()
 
 
+def require_llama_cpp(what: str, tail: str = ""):
+    """The llama_cpp module (optional llama-cpp-python), or a one-line error saying `what` needs it and how."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise TunelabError(f"{what} needs the optional llama-cpp-python package (the `llamacpp` extra): "
+                           f"pip install 'tunelab[llamacpp]' (it compiles llama.cpp){tail}") from None
+    return llama_cpp
+
+
 def llama_cpp_quantizer(dtype: str):
     """f(src, dst): llama.cpp's own quantizer (llama_model_quantize) from src (f16 GGUF) to the k-quant dtype.
 
     llama.cpp picks each tensor's type for a k-quant "mix" itself (e.g. Q4_K_M keeps some ffn_down / attn_v
     in Q6_K, and falls back from k-quants for rows not a multiple of 256), so this is left to it.
     """
-    try:
-        import llama_cpp
-    except ImportError:
-        raise TunelabError(f"GGUF --dtype {dtype} uses llama.cpp's own quantizer from the optional "
-                           "llama-cpp-python package (the `llamacpp` extra): pip install 'tunelab[llamacpp]' "
-                           "(it compiles llama.cpp); f32, f16 and q8_0 need nothing extra") from None
+    llama_cpp = require_llama_cpp(f"GGUF --dtype {dtype} uses llama.cpp's own quantizer, and",
+                                  "; f32, f16 and q8_0 need nothing extra")
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{dtype.upper()}")
 
     def quantize(src: str, dst: str) -> None:
@@ -226,19 +256,39 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(int(head_dim * _rope(config).get("partial_rotary_factor", 1.0)))
-    # llama.cpp assumes hidden/heads without these; its gemma2 converter always writes them
-    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type == "gemma2":
+    # llama.cpp assumes hidden/heads without these; its gemma converters always write them
+    if head_dim != config.hidden_size // config.num_attention_heads or config.model_type in GEMMA:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     if config.model_type == "gemma2":  # as llama.cpp's converter writes them (its graph reads them)
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
         writer.add_sliding_window(config.sliding_window)
+    if config.model_type == "gemma3_text":
+        _write_gemma3(writer, config)
     if config.model_type == "phi3" and config.sliding_window is not None:
         writer.add_sliding_window(config.sliding_window)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_gemma3(writer, config) -> None:
+    """Gemma-3: which layers slide (llama.cpp's default pattern is 5 sliding then 1 global; written from the
+    config's layer_types), the sliding layers' own RoPE base, linear scaling of the global layers only
+    (llama.cpp scales the sliding ones by its freq_scale_swa = 1), the final softcap when set."""
+    import gguf
+
+    sliding = [t == "sliding_attention" for t in config.layer_types]
+    if any(sliding):
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern(sliding)
+        writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention")["rope_theta"]))
+    if _rope(config).get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(_rope(config)["factor"]))
+    if config.final_logit_softcapping is not None:
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -252,30 +302,47 @@ def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def _tensors(model: nn.Module, dtype: str):
     """(gguf name, numpy array, ggml type) for every weight, in the model's order (+ rope_freqs for llama3)."""
-    import gguf
-
     config = model.config
-    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[gguf_arch(config)]
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    permute = SUPPORTED[config.model_type]["permute_qk"]
+    names = tensor_names(config)
     state = model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when there is no output.weight
     if _rope(config).get("rope_type") == "llama3":
         yield ("rope_freqs.weight", *_encode(llama3_rope_factors(config).numpy(), dtype))
     for key, tensor in state.items():
-        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise TunelabError(f"GGUF export: no {gguf_arch(config)} tensor name for {key}; this model has layers "
-                               f"that llama.cpp's {gguf_arch(config)} architecture does not run")
-        w = tensor.detach().to("cpu", torch.float32)
-        if permute and key.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-            w = llama_permute(w, config.num_attention_heads)
-        elif permute and key.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-            w = llama_permute(w, config.num_key_value_heads)
-        elif config.model_type == "gemma2" and key.endswith("norm.weight"):
+        w = rows_for_llama_cpp(config, key, tensor.detach().to("cpu", torch.float32))
+        if config.model_type in GEMMA and key.endswith("norm.weight"):
             w = w + 1  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by the stored weight
-        yield (gguf_name, *_encode(w.numpy(), dtype))
+        yield (gguf_name(names, config, key), *_encode(w.numpy(), dtype))
+
+
+def tensor_names(config):
+    """gguf's map from HF tensor names to llama.cpp's for the model's architecture and layer count."""
+    import gguf
+
+    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[gguf_arch(config)]
+    return gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+
+
+def gguf_name(names, config, key: str) -> str:
+    """llama.cpp's name of the HF tensor `key` (e.g. model.layers.0.self_attn.q_proj.weight -> blk.0.attn_q.weight)."""
+    name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise TunelabError(f"GGUF export: no {gguf_arch(config)} tensor name for {key}; this model has layers "
+                           f"that llama.cpp's {gguf_arch(config)} architecture does not run")
+    return name
+
+
+def rows_for_llama_cpp(config, key: str, w: torch.Tensor) -> torch.Tensor:
+    """The output rows of HF tensor `key` in llama.cpp's order: q/k rows permuted for the llama architecture
+    (the weight, its bias, or a LoRA B of that projection: each is indexed by the projection's outputs)."""
+    if not SUPPORTED[config.model_type]["permute_qk"]:
+        return w
+    if ".self_attn.q_proj." in key:
+        return llama_permute(w, config.num_attention_heads)
+    if ".self_attn.k_proj." in key:
+        return llama_permute(w, config.num_key_value_heads)
+    return w
 
 
 def _encode(w: np.ndarray, dtype: str):
