@@ -14,9 +14,9 @@ import llama_cpp  # noqa: F401  (the `test` extra installs llama-cpp-python: a m
 import numpy as np
 import pytest
 import torch
+
 from conftest import make_tiny_tokenizer
 from export_helpers import adapter, base, tiny  # noqa: F401  (fixtures)
-
 from tunelab.export.gguf import export_gguf, llama_cpp_quantizer
 from tunelab.export.validate import agreement, llama_cpp_logits
 
@@ -154,7 +154,6 @@ def test_lora_adapter_gguf_applied_by_llama_cpp_at_load(family, over, tmp_path):
     """Base GGUF + our GGUF LoRA adapter in llama.cpp == tunelab's adapter on the fly in transformers (the
     llama q/k rows of B permuted like the weights; phi3's fused qkv / gate_up adapters as HF stores them)."""
     from export_helpers import LORA, randomize_lora_b
-
     from tunelab.export.gguf_adapter import export_gguf_adapter
     from tunelab.lora import LoraConfig, apply_lora
 
@@ -175,7 +174,6 @@ def test_lora_adapter_gguf_applied_by_llama_cpp_at_load(family, over, tmp_path):
 
 def test_lora_adapter_cli_and_what_it_refuses(base, adapter, tmp_path, capsys):
     from conftest import make_tiny_llama
-
     from tunelab.cli import main
     from tunelab.errors import TunelabError
     from tunelab.export.gguf_adapter import export_gguf_adapter

@@ -27,8 +27,16 @@ def export_gguf_adapter(model: nn.Module, out: str | os.PathLike, dtype: str = "
     """Write the LoRA layers of `model` (a SUPPORTED family with unmerged LoRALinear layers) to `out`."""
     import gguf
 
-    from tunelab.export.gguf import (SUPPORTED, _check_replaceable, _tmp_beside, gguf_arch, gguf_name, publish,
-                                     rows_for_llama_cpp, tensor_names)
+    from tunelab.export.gguf import (
+        SUPPORTED,
+        _check_replaceable,
+        _tmp_beside,
+        gguf_arch,
+        gguf_name,
+        publish,
+        rows_for_llama_cpp,
+        tensor_names,
+    )
     from tunelab.lora import lora_layers
     from tunelab.lora.layer import ModuleToSave
 
