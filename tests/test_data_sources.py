@@ -156,3 +156,15 @@ def test_cli_disk_full_is_one_line_and_leaves_no_partial_output(tmp_path, capsys
     monkeypatch.undo()
     assert main(["data", "filter", str(src), "--out", str(out)]) == 0  # with room again, the same command works
     assert len(out.read_text().splitlines()) == 200
+
+
+def test_csv_with_a_bare_carriage_return_is_a_data_error(tmp_path):
+    """csv.reader stops on a carriage return inside an unquoted field (found by tests/test_fuzz.py): the
+    reader reports the file and line as data, not a csv.Error traceback; skip_bad_rows skips the rest."""
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"text,b\nok,1\nbro\rken,2\n")
+    with pytest.raises(DataError, match=r"d\.csv:3: not valid CSV"):
+        list(read_records(path))
+    skipped = []
+    assert list(read_records(path, skip_bad_rows=True, skipped=skipped)) == [{"text": "ok", "b": "1"}]
+    assert len(skipped) == 1

@@ -191,6 +191,13 @@ def _csv(path):
                     yield text
 
     reader = csv.reader(lines())
+    try:
+        yield from _csv_rows(path, reader, bad)
+    except csv.Error as e:  # e.g. a bare carriage return inside an unquoted field: the reader cannot go on
+        yield reader.line_num, DataError(path, reader.line_num, f"not valid CSV ({e}); quote fields that hold line breaks")
+
+
+def _csv_rows(path, reader, bad: list[DataError]):
     header = next(reader, None)
     if bad:
         yield 1, bad.pop()
