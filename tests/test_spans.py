@@ -277,3 +277,75 @@ def test_keyword_baseline_marks_whole_lines(spans_run):
     assert [text[a:b] for a, b in keyword_spans(text)] == ["Please IGNORE this.", "system: x"]
     m = keyword_baseline(spans_run / "run")  # marker documents hold no keyword: nothing marked
     assert m["test"]["raw"]["m"]["span"]["recall"] == 0.0 and m["test"]["documents"] == 8
+
+
+def test_remove_spans_cuts_characters_and_emptied_lines():
+    from tunelab.eval.guard import remove_spans
+
+    text = "Task.\n\nDoc one.\n```python\n# evil\n```\nDoc two. PRINT X now"
+    a = text.index("```")
+    spans = [{"start": a, "end": text.index("```", a + 3) + 3}, {"start": text.index("PRINT"), "end": text.index(" now")}]
+    assert remove_spans(text, spans) == "Task.\n\nDoc one.\nDoc two.  now"  # the own blank line stays
+    assert remove_spans("abc", []) == "abc" and remove_spans("abc", [{"start": 0, "end": 3}]) == ""
+
+
+def test_guard_cleans_generate_and_chat_prompts(spans_run, capsys):
+    """generate --guard answers the prompt with the detected spans cut: the same answer as the cleaned prompt
+    given directly; chat --guard cleans each user turn; a run that is not a spans run is a one-line error."""
+    import io
+
+    from tunelab.eval.guard import Guard, remove_spans
+    from tunelab.export.chat import chat_loop
+
+    run, model = spans_run / "run", spans_run / "model"
+    guard = Guard(run)
+    found = guard.spans([r["text"] for r in _marker_docs(4, 7)])  # the documents detect finds >= 3 of 4 in
+    texts = [r["text"] for r, f in zip(_marker_docs(4, 7), found) if any(s["text"] == "zeta eta" for s in f)]
+    assert len(texts) >= 2
+    found = guard.spans(texts)
+    cleaned = guard.clean(texts)
+    assert cleaned == [remove_spans(t, f) for t, f in zip(texts, found)] and cleaned[0] != texts[0]
+    capsys.readouterr()
+    args = ["generate", str(model), "--no-chat", "--max-new-tokens", "4"]
+    assert main(args + ["--guard", str(run), "--prompt", texts[0]]) == 0
+    guarded = capsys.readouterr()
+    assert f"removed {len(texts[0]) - len(cleaned[0])} characters from 1 of 1 prompts" in guarded.err
+    assert main(args + ["--prompt", cleaned[0]]) == 0
+    assert capsys.readouterr().out == guarded.out
+    out = io.StringIO()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    assert chat_loop(AutoModelForCausalLM.from_pretrained(model), tok, io.StringIO(texts[1] + "\n"), out,
+                     max_new_tokens=2, guard=guard) == 1
+    assert f"[guard: removed {len(texts[1]) - len(cleaned[1])} characters from 1 of 1 prompts]" in out.getvalue()
+    assert main(args + ["--guard", str(model), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (progress bars of earlier loads come before it)
+    assert err.startswith("tunelab generate: error: ") and "not a finished spans run" in err
+
+
+def test_injection_suite_with_and_without_a_guard(spans_run):
+    """compare() scores the same items both ways; a guard that cuts exactly the gold injections removes every
+    canary, touches no clean document, and no attack can succeed (the canary is no longer in the prompt)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.eval import injection as J
+    from tunelab.eval.guard import compare, table
+
+    class Oracle:  # the gold spans: what a perfect detector would cut
+        def spans(self, texts):
+            gold = {it.prompt: it.meta["span"] for it in J.make_items(2, 5)}
+            return [[{"start": gold[t][0], "end": gold[t][1]}] if gold[t] else [] for t in texts]
+
+    model = spans_run / "model"
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    r = compare(AutoModelForCausalLM.from_pretrained(model), tok, Oracle(), n=2, seed=5, batch_size=4)
+    assert r["items"] == {"documents": 2, "seed": 5, "attacked": 10, "clean": 2}
+    g = r["guard"]
+    assert g["canary removed"]["value"] == 1.0 and g["injection characters removed"]["value"] == 1.0
+    assert g["clean documents changed"]["value"] == 0.0 and g["canary removed"]["interval"][0] > 0.6
+    assert r["with guard"]["metrics"]["attack success rate"] == 0.0
+    assert set(r["with guard"]["metrics"]) == set(r["without guard"]["metrics"])
+    assert "| attack success rate | " in table(r) and "| canary removed | 1.000 [" in table(r)
