@@ -271,11 +271,11 @@ def test_builtin_injection_span_sets_are_seeded_and_disjoint():
 
 def test_keyword_baseline_marks_whole_lines(spans_run):
     from tunelab.eval.spans import keyword_spans
-    from tunelab.train.spans import keyword_baseline
+    from tunelab.train.spans import baseline
 
     text = "Summarise.\n  Please IGNORE this.  \nA town.\nsystem: x"
     assert [text[a:b] for a, b in keyword_spans(text)] == ["Please IGNORE this.", "system: x"]
-    m = keyword_baseline(spans_run / "run")  # marker documents hold no keyword: nothing marked
+    m = baseline(spans_run / "run", "keyword")  # marker documents hold no keyword: nothing marked
     assert m["test"]["raw"]["m"]["span"]["recall"] == 0.0 and m["test"]["documents"] == 8
 
 
@@ -349,3 +349,28 @@ def test_injection_suite_with_and_without_a_guard(spans_run):
     assert r["with guard"]["metrics"]["attack success rate"] == 0.0
     assert set(r["with guard"]["metrics"]) == set(r["without guard"]["metrics"])
     assert "| attack success rate | " in table(r) and "| canary removed | 1.000 [" in table(r)
+
+
+def test_builtin_pii_span_sets_hold_out_formats_and_regex_baseline():
+    import re
+
+    from tunelab.data import pii
+
+    labels = list(pii.LABELS)
+    train, val, test = (S.read_docs(f"local:pii-spans{s}", labels=labels) for s in ("", "-val", "-heldout"))
+    assert (len(train), len(val), len(test)) == (400, 100, 100)
+    assert [d.text for d in S.read_docs("local:pii-spans-heldout")] == [d.text for d in test]
+    pii_texts = lambda docs: {d.text for d in docs if d.spans}  # noqa: E731  (filler-only documents may repeat)
+    assert not pii_texts(train) & pii_texts(val) and not pii_texts(val) & pii_texts(test)
+    assert {s[2] for d in train for s in d.spans} == set(labels) == {s[2] for d in test for s in d.spans}
+    values = lambda docs, lab: [d.text[a:b] for d in docs for a, b, k in d.spans if k == lab]  # noqa: E731
+    for d in train + test:  # a span is the value alone: no surrounding space or final punctuation
+        assert all(d.text[a:b] == d.text[a:b].strip(" .,;|-") for a, b, _ in d.spans)
+    # the phone layouts never overlap: train is NNN-NNN-NNNN / (NNN) NNN-NNNN, test +44 / +49 / dots
+    assert all(re.fullmatch(r"\(?\d{3}\)?[ -]\d{3}-\d{4}", v) for v in values(train, "phone"))
+    assert not any(re.fullmatch(r"\(?\d{3}\)?[ -]\d{3}-\d{4}", v) for v in values(test, "phone"))
+    assert not set(values(test, "name")) & {f"{f} {la}" for f in pii.FIRST for la in pii.LAST}
+    text = "Call Ann Lee at (555) 123-4567 or ann.lee@mail.com; ship to 12 Oak Street, Springfield. Order 4821-7731."
+    assert [(text[a:b], k) for a, b, k in pii.regex_spans(text)] == [
+        ("Call Ann", "name"), ("(555) 123-4567", "phone"), ("ann.lee@mail.com", "email"),
+        ("12 Oak Street, Springfield", "address")]

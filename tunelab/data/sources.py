@@ -19,8 +19,9 @@ from tunelab.errors import DataError
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 LOCAL_PREFIX = "local:"
-# seeded span-detection sets from tunelab's injection generator (tunelab.eval.injection.span_records)
-SPAN_SOURCES = ("injection-spans", "injection-spans-val", "injection-spans-heldout")
+# seeded span-detection sets (tunelab.data.spans.builtin_records): injections and personal data
+SPAN_SOURCES = ("injection-spans", "injection-spans-val", "injection-spans-heldout",
+                "pii-spans", "pii-spans-val", "pii-spans-heldout")
 
 
 def detect_format(path: str | Path, extensions: list[str] | tuple[str, ...] = (".py",)) -> str:
@@ -60,9 +61,9 @@ def iter_rows(
     """Like `read_records`, with each record's 1-based line (or row) number, None for whole files."""
     path = str(path)
     if path.startswith(LOCAL_PREFIX) and path[len(LOCAL_PREFIX):] in SPAN_SOURCES:
-        from tunelab.eval.injection import span_records
+        from tunelab.data.spans import builtin_records
 
-        yield from ((i, r) for i, r in enumerate(span_records(path[len(LOCAL_PREFIX):]), start=1))
+        yield from ((i, r) for i, r in enumerate(builtin_records(path[len(LOCAL_PREFIX):]), start=1))
         return
     if path.startswith(LOCAL_PREFIX):
         from tunelab.data.corpus import local_corpus

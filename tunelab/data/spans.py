@@ -98,6 +98,15 @@ def parse_record(row: dict, labels: list[str] | None = None) -> tuple[str, list[
     return text, spans
 
 
+def builtin_records(name: str) -> list[dict]:
+    """The records of a seeded builtin span set `local:<name>` (tunelab.data.sources.SPAN_SOURCES)."""
+    if name.startswith("pii-"):
+        from tunelab.data.pii import span_records
+    else:
+        from tunelab.eval.injection import span_records
+    return span_records(name)
+
+
 def read_docs(path: str, fmt: str = "auto", labels: list[str] | None = None) -> list[SpanDoc]:
     """Every record of a source as a SpanDoc; a bad record is a DataError naming file and line."""
     docs = []
