@@ -374,3 +374,73 @@ def test_builtin_pii_span_sets_hold_out_formats_and_regex_baseline():
     assert [(text[a:b], k) for a, b, k in pii.regex_spans(text)] == [
         ("Call Ann", "name"), ("(555) 123-4567", "phone"), ("ann.lee@mail.com", "email"),
         ("12 Oak Street, Springfield", "address")]
+
+
+def _encoder_folder(d, kind: str):
+    """A tiny random encoder (masked-LM checkpoint + the tiny tokenizer) built from transformers' config class."""
+    import transformers
+
+    from conftest import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    small = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=128, max_position_embeddings=128, pad_token_id=tok.pad_token_id or 0)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = {"bert": transformers.BertConfig(**small, **no_dropout),
+              "deberta-v2": transformers.DebertaV2Config(**small, **no_dropout),
+              "modernbert": transformers.ModernBertConfig(**small, global_attn_every_n_layers=2, local_attention=16)}[kind]
+    torch.manual_seed(0)
+    transformers.AutoModelForMaskedLM.from_config(config).save_pretrained(d / kind)
+    tok.save_pretrained(d / kind)
+    return d / kind
+
+
+@pytest.mark.parametrize("kind", ["bert", "deberta-v2", "modernbert"])
+def test_encoder_folder_becomes_a_token_classifier(tmp_path, kind):
+    """An encoder folder loads as a body (is_encoder; a decoder folder is not one); under tunelab's head its
+    logits equal transformers' *ForTokenClassification with the same weights (eval mode, no dropout) where
+    that class is the body + one linear (BERT, DeBERTa-v2); keep_layers cuts encoder.layer / layers."""
+    import transformers
+
+    from tunelab.models.token_cls import is_encoder, load_encoder
+
+    folder = _encoder_folder(tmp_path, kind)
+    make_workspace(tmp_path, records=1)
+    assert is_encoder(str(folder)) and not is_encoder(str(tmp_path / "model")) and not is_encoder("bundled")
+    body, tok = load_encoder(str(folder))
+    model = from_causal_lm(body, ["x"]).eval()
+    ids = torch.tensor([tok("alpha beta gamma delta", add_special_tokens=False)["input_ids"]])
+    if kind != "modernbert":  # ModernBERT's class puts a dense + norm head before its classifier
+        ref = transformers.AutoModelForTokenClassification.from_pretrained(folder, num_labels=3).eval()
+        ref.classifier.load_state_dict(model.score.state_dict())
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+    cut = from_causal_lm(load_encoder(str(folder))[0], ["x"], layers=1)
+    assert len(cut.model.layers if kind == "modernbert" else cut.model.encoder.layer) == 1
+    assert cut(input_ids=ids).logits.shape == (1, ids.shape[1], 3)
+
+
+def test_encoder_spans_run_trains_lora_and_detects(tmp_path, capsys):
+    """tunelab train with model.source = a tiny BERT folder: LoRA on the encoder's linears (not the unused
+    pooler), the head in full; the marker spans are learned; tunelab detect and --guard open the run."""
+    from safetensors.torch import load_file
+
+    folder = _encoder_folder(tmp_path, "bert")
+    ws = make_workspace(tmp_path, records=1)
+    path = _jsonl(tmp_path / "s.jsonl", _marker_docs(48, 0))
+    cfg = run_config(ws, tmp_path / "run", model={"source": str(folder)},
+                     data={"task": "spans", "sources": [{"name": "m", "path": path}], "eval_fraction": 0.25, "stride": 8},
+                     train={"max_steps": 60, "lr": 1e-2, "seq_len": 32})
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert any("encoder.layer.1.attention.self.query.lora_A" in k for k in saved)
+    assert not any("pooler" in k for k in saved) and "base_model.model.score.weight" in saved
+    info = json.loads((tmp_path / "run" / "spans.json").read_text())
+    # a random 2-layer encoder over a near character-level tokenizer: the marker's tokens (also inside beta,
+    # theta) need context; 0.73 in the run made while writing this test, all-O scores 0
+    assert info["validation"]["post"]["m"]["token"]["f1"] > 0.5
+    _jsonl(tmp_path / "new.jsonl", [{"text": r["text"]} for r in _marker_docs(8, 7)])
+    assert main(["detect", str(tmp_path / "run"), "--input", str(tmp_path / "new.jsonl"),
+                 "--out", str(tmp_path / "out.jsonl")]) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert all(r["text"][s["start"]:s["end"]] == s["text"] for r in out for s in r["spans"])
+    assert sum("zeta" in s["text"] for r in out for s in r["spans"]) >= 4
