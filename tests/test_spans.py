@@ -34,6 +34,11 @@ def _jsonl(path, rows):
     ({"tokens": ["a", "b"], "tags": ["O", "I-x"]}, "tags[1] is 'I-x' but the previous tag is not B-/I-x"),
     ({"tokens": ["a", "b"], "tags": ["O"]}, "one tag per token"),
     ({"text": "abc"}, "needs text+spans or tokens+tags"),
+    ({"text": "abc", "spans": [{"start": 0, "end": 1, "label": ""}]}, "label a non-empty string"),
+    ({"text": "a", "spans": [], "tokens": ["a"], "tags": ["O"]}, "both 'spans' and 'tokens'"),
+    ({"text": "abc", "spans": "[]"}, "write span records as JSONL or Parquet"),
+    ({"tokens": ["a"], "tags": ["B-"]}, "use O, B-<label> or I-<label>"),
+    ([1, 2], "expected a JSON object per line"),
 ])
 def test_bad_records_are_one_line_naming_file_and_line(tmp_path, bad, message):
     good = {"text": "abc", "spans": [{"start": 0, "end": 1, "label": "x"}]}
@@ -41,6 +46,30 @@ def test_bad_records_are_one_line_naming_file_and_line(tmp_path, bad, message):
     with pytest.raises(DataError) as e:
         S.read_docs(path, labels=["x"])
     assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_span_records_in_parquet_and_eval_files_name_file_and_row(tmp_path, capsys):
+    """The row number of a Parquet file; a bad record of data.test_path stops `tunelab train` with exit 2 and
+    one line, before any model loads; so does a bad line of `tunelab detect --input`."""
+    import pandas as pd
+
+    pd.DataFrame({"text": ["abc", "abcd"], "spans": [[], [{"start": 2, "end": 9, "label": "x"}]]}).to_parquet(
+        tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'b.parquet'}:2: spans\[0\] \[2, 9\) is outside"):
+        S.read_docs(str(tmp_path / "b.parquet"))
+    ws = make_workspace(tmp_path, records=1)
+    good = _jsonl(tmp_path / "g.jsonl", _marker_docs(4, 0))
+    bad = _jsonl(tmp_path / "t.jsonl", _marker_docs(2, 1) + [{"text": "ab", "spans": [{"start": 0, "end": 3, "label": "m"}]}])
+    cfg = run_config(ws, tmp_path / "run", model={"source": str(tmp_path / "missing-model")},
+                     data={"task": "spans", "sources": [{"name": "m", "path": good}], "test_path": bad})
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{bad}:3: spans[0] [0, 3) is outside the text (0..2)" in err
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
+    assert main(["detect", str(tmp_path / "run"), "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{tmp_path / 'in.jsonl'}:2:" in err and "text" in err
 
 
 def test_bio_layout_becomes_char_spans_and_labels_are_counted(tmp_path):
