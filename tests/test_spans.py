@@ -473,3 +473,16 @@ def test_encoder_spans_run_trains_lora_and_detects(tmp_path, capsys):
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert all(r["text"][s["start"]:s["end"]] == s["text"] for r in out for s in r["spans"])
     assert sum("zeta" in s["text"] for r in out for s in r["spans"]) >= 4
+
+
+def test_checkpoint_detector_equals_the_finished_run_at_its_last_step(spans_run):
+    from tunelab.train.spans import checkpoint_detector, open_detector
+
+    run = spans_run / "run"
+    last = sorted((run / "checkpoints").glob("step-*"))[-1]
+    assert last.name == "step-00000030"
+    a, tok, _ = open_detector(run)
+    b, _ = checkpoint_detector(run, last)
+    ids = torch.tensor([tok("alpha zeta eta beta", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, atol=1e-6, rtol=1e-5)

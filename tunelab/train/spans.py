@@ -54,7 +54,7 @@ class SpanTask:
     def scores(self, model, tok) -> dict:
         """Validation raw -> post-processing chosen there -> validation and test with it (with intervals)."""
         result = {"labels": self.labels, "seq_len": self.cfg.train.seq_len, "stride": self.cfg.data.stride,
-                  "matching": "exact: same label, same first and last token",
+                  "matching": MATCHING,
                   "postprocess": {"gap": 0, "min_len": 1, "chosen_on": None}}
         if not self.val:
             return result
@@ -126,6 +126,28 @@ def open_detector(run: str | Path):
     return model.eval(), tok, info
 
 
+def checkpoint_detector(run: str | Path, checkpoint: str | Path):
+    """(model, tokenizer) of a spans run at one of its checkpoints (checkpoints/step-N: the trainable LoRA and
+    head weights by name), e.g. to score a run stopped before its end."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tunelab.config import load_config
+    from tunelab.errors import TunelabError
+    from tunelab.train.run import build_model, prepare_method
+
+    cfg = with_head(load_config(Path(run) / "config.yaml"))
+    lm, tok = build_model(cfg, torch.device("cpu"))
+    model = SpanTask(cfg).model(lm)
+    prepare_method(model, cfg)
+    weights = load_file(Path(checkpoint) / "weights.safetensors")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise TunelabError(f"{checkpoint}: its weights are not this run's trainable parameters")
+    model.load_state_dict(weights, strict=False)
+    return model.eval(), tok
+
+
 BASELINES = {"keyword": "every line holding a word of tunelab.eval.spans.KEYWORDS, as the run's first label",
              "regex": "the regular expressions of tunelab.data.pii.PATTERNS, one label each"}
 
@@ -159,17 +181,24 @@ def baseline(run: str | Path, kind: str = "keyword") -> dict:
     return out
 
 
-if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline | --regex-baseline | --rescore]
+MATCHING = "exact: same label, same first and last token"
+
+
+if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline | --regex-baseline | --rescore [CKPT]]
     import sys
 
-    info = json.loads((Path(sys.argv[1]) / INFO).read_text())
-    if "--rescore" in sys.argv[2:]:  # the run's detector scored again by this code (e.g. intervals added later)
-        from tunelab.config import load_config
+    from tunelab.config import load_config
 
-        detector, tok, _ = open_detector(sys.argv[1])
-        info = SpanTask(load_config(Path(sys.argv[1]) / "config.yaml")).scores(detector, tok)
-    for kind in BASELINES:
-        if f"--{kind}-baseline" in sys.argv[2:]:
-            info = {"labels": info["labels"], "matching": info["matching"], **baseline(sys.argv[1], kind),
-                    "postprocess": {"gap": 0, "min_len": 1, "chosen_on": f"nothing: {BASELINES[kind]}, as marked"}}
+    run, rest = sys.argv[1], sys.argv[2:]
+    kind = next((k for k in BASELINES if f"--{k}-baseline" in rest), None)
+    if kind:
+        info = {"labels": SpanTask(load_config(Path(run) / "config.yaml")).labels, "matching": MATCHING,
+                **baseline(run, kind),
+                "postprocess": {"gap": 0, "min_len": 1, "chosen_on": f"nothing: {BASELINES[kind]}, as marked"}}
+    elif "--rescore" in rest:  # the run's detector (or its weights at checkpoints/step-N) scored by this code
+        at = rest[rest.index("--rescore") + 1:][:1]
+        detector, tok = checkpoint_detector(run, at[0]) if at else open_detector(run)[:2]
+        info = SpanTask(load_config(Path(run) / "config.yaml")).scores(detector, tok)
+    else:
+        info = json.loads((Path(run) / INFO).read_text())
     print(table(info))
