@@ -21,8 +21,9 @@ from tunelab.hub import HUB_ID, snapshot
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 LOCAL_PREFIX = "local:"
-# seeded span-detection sets from tunelab's injection generator (tunelab.eval.injection.span_records)
-SPAN_SOURCES = ("injection-spans", "injection-spans-val", "injection-spans-heldout")
+# seeded span-detection sets (tunelab.data.spans.builtin_records): injections and personal data
+SPAN_SOURCES = ("injection-spans", "injection-spans-val", "injection-spans-heldout",
+                "pii-spans", "pii-spans-val", "pii-spans-heldout")
 # seeded preference sets from the standard library's docstrings (tunelab.data.preference.builtin_records)
 PREFERENCE_SOURCES = ("preference", "preference-unpaired")
 
@@ -81,9 +82,9 @@ def iter_rows(
     `revision`, `split`, `subset`: which snapshot, split and subset (config) of a Hub dataset id to read."""
     path = str(path)
     if path.startswith(LOCAL_PREFIX) and path[len(LOCAL_PREFIX):] in SPAN_SOURCES:
-        from tunelab.eval.injection import span_records
+        from tunelab.data.spans import builtin_records
 
-        yield from ((i, r) for i, r in enumerate(span_records(path[len(LOCAL_PREFIX):]), start=1))
+        yield from ((i, r) for i, r in enumerate(builtin_records(path[len(LOCAL_PREFIX):]), start=1))
         return
     if path.startswith(LOCAL_PREFIX) and path[len(LOCAL_PREFIX):] in PREFERENCE_SOURCES:
         from tunelab.data.preference import builtin_records

@@ -65,6 +65,8 @@ def _from_tags(row: dict) -> tuple[str, list[tuple[int, int, str]]]:
 
 def parse_record(row: dict, labels: list[str] | None = None) -> tuple[str, list[tuple[int, int, str]]]:
     """(text, sorted spans) of one record; ValueError saying what is wrong (the caller adds file:line)."""
+    if "tokens" in row and "spans" in row:
+        raise ValueError("the record has both 'spans' and 'tokens': use one layout (text+spans or tokens+tags)")
     if "tokens" in row:
         text, spans = _from_tags(row)
     elif "text" in row and "spans" in row:
@@ -72,14 +74,15 @@ def parse_record(row: dict, labels: list[str] | None = None) -> tuple[str, list[
         if not isinstance(text, str):
             raise ValueError(f"field 'text' is {type(text).__name__}, expected a string")
         if not isinstance(raw, list):
-            raise ValueError(f"field 'spans' is {type(raw).__name__}, expected a list of {{start, end, label}}")
+            hint = " (a CSV cell is text: write span records as JSONL or Parquet)" if isinstance(raw, str) else ""
+            raise ValueError(f"field 'spans' is {type(raw).__name__}, expected a list of {{start, end, label}}{hint}")
         spans = []
         for i, s in enumerate(raw):
             if not isinstance(s, dict) or not all(k in s for k in ("start", "end", "label")):
                 raise ValueError(f"spans[{i}] must be an object with start, end and label, got {s!r}")
             a, b, lab = s["start"], s["end"], s["label"]
-            if type(a) is not int or type(b) is not int or not isinstance(lab, str):
-                raise ValueError(f"spans[{i}]: start and end must be integers and label a string, got {s!r}")
+            if type(a) is not int or type(b) is not int or not isinstance(lab, str) or not lab.strip():
+                raise ValueError(f"spans[{i}]: start and end must be integers and label a non-empty string, got {s!r}")
             if not 0 <= a < b <= len(text):
                 raise ValueError(f"spans[{i}] [{a}, {b}) is outside the text (0..{len(text)}) or empty")
             spans.append((a, b, lab))
@@ -96,6 +99,15 @@ def parse_record(row: dict, labels: list[str] | None = None) -> tuple[str, list[
         if bad:
             raise ValueError(f"unknown label {bad[0]!r}: data.labels declares {labels}; add it there or fix the record")
     return text, spans
+
+
+def builtin_records(name: str) -> list[dict]:
+    """The records of a seeded builtin span set `local:<name>` (tunelab.data.sources.SPAN_SOURCES)."""
+    if name.startswith("pii-"):
+        from tunelab.data.pii import span_records
+    else:
+        from tunelab.eval.injection import span_records
+    return span_records(name)
 
 
 def read_docs(path: str, fmt: str = "auto", labels: list[str] | None = None) -> list[SpanDoc]:

@@ -11,6 +11,7 @@ of 1s and a predicted span matches a gold span when their token IoU is >= 0.5 (e
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -190,21 +191,44 @@ def postprocess(spans: list[tuple[int, int, int]], gap: int = 0, min_len: int = 
     return sorted((a, b, k) for a, b, k in joined if b - a >= min_len)
 
 
-def bio_metrics(pred: list[list[tuple]], gold: list[list[tuple]], labels: list[str]) -> dict:
+def bio_metrics(pred: list[list[tuple]], gold: list[list[tuple]], labels: list[str], intervals: bool = False) -> dict:
     """{label: {"token": P/R/F1, "span": P/R/F1}} per label and under "micro" (all labels pooled), over
-    documents given as lists of (start, end, k) token spans; span matching is exact (label and boundaries)."""
-    counts = {k: [0] * 6 for k in range(len(labels))}  # token tp, pred, gold; span tp, pred, gold
-    for p, g in zip(pred, gold, strict=True):
-        for k, c in counts.items():
+    documents given as lists of (start, end, k) token spans; span matching is exact (label and boundaries).
+    `intervals`: also "span_interval" {precision, recall, f1: (lo, hi)} per label, 95%: Wilson for precision
+    (matched of predicted spans) and recall (matched of gold spans), a bootstrap over documents for F1."""
+    # per document and label: token tp, pred, gold; span tp, pred, gold
+    counts = torch.zeros(len(gold), len(labels), 6, dtype=torch.long)
+    for d, (p, g) in enumerate(zip(pred, gold, strict=True)):
+        for k in range(len(labels)):
             pt = {i for a, b, j in p if j == k for i in range(a, b)}
             gt = {i for a, b, j in g if j == k for i in range(a, b)}
             ps, gs = {s for s in p if s[2] == k}, {s for s in g if s[2] == k}
-            for n, v in enumerate((len(pt & gt), len(pt), len(gt), len(ps & gs), len(ps), len(gs))):
-                c[n] += v
-    pooled = [sum(c[n] for c in counts.values()) for n in range(6)]
-    out = {labels[k]: {"token": _prf(*c[:3]), "span": _prf(*c[3:])} for k, c in counts.items()}
-    out["micro"] = {"token": _prf(*pooled[:3]), "span": _prf(*pooled[3:])}
+            counts[d, k] = torch.tensor((len(pt & gt), len(pt), len(gt), len(ps & gs), len(ps), len(gs)))
+    per_label = {labels[k]: counts[:, k] for k in range(len(labels))}
+    per_label["micro"] = counts.sum(1)  # (docs, 6)
+    out = {}
+    for name, c in per_label.items():
+        tot = c.sum(0).tolist()
+        out[name] = {"token": _prf(*tot[:3]), "span": _prf(*tot[3:])}
+        if intervals:
+            out[name]["span_interval"] = _span_intervals(c[:, 3:])
     return out
+
+
+def _span_intervals(c: torch.Tensor, resamples: int = 2000, seed: int = 0) -> dict:
+    """95% intervals of span P, R (Wilson) and F1 (percentile bootstrap over documents) from per-document
+    (matched, predicted, gold) span counts c (docs, 3); None where a rate has no denominator."""
+    from tunelab.eval.stats import wilson_interval
+
+    tp, n_pred, n_gold = c.sum(0).tolist()
+    g = torch.Generator().manual_seed(seed)
+    sums = c[torch.randint(0, len(c), (resamples, len(c)), generator=g)].sum(1).double()  # (resamples, 3)
+    both = sums[:, 1] + sums[:, 2]
+    f1 = torch.where(both > 0, 2 * sums[:, 0] / both.clamp(min=1), 1.0).sort().values  # _prf's F1: 2 tp / (pred + gold)
+    lo, hi = math.floor(0.025 * (resamples - 1)), math.ceil(0.975 * (resamples - 1))  # as stats.bootstrap_interval
+    return {"precision": wilson_interval(tp, n_pred) if n_pred else None,
+            "recall": wilson_interval(tp, n_gold) if n_gold else None,
+            "f1": (f1[lo].item(), f1[hi].item()) if len(c) else None}
 
 
 @torch.no_grad()
@@ -241,12 +265,13 @@ def scored_spans(probs: torch.Tensor, gap: int = 0, min_len: int = 1) -> list[tu
     return [(a, b, k, float((probs[a:b, 1 + 2 * k] + probs[a:b, 2 + 2 * k]).mean())) for a, b, k in spans]
 
 
-def scored_metrics(probs: list[torch.Tensor], gold: list[list[tuple]], labels: list[str], post: dict | None = None) -> dict:
+def scored_metrics(probs: list[torch.Tensor], gold: list[list[tuple]], labels: list[str], post: dict | None = None,
+                   intervals: bool = False) -> dict:
     """bio_metrics of the argmax spans of `probs` (one (tokens, tags) tensor per document), raw or after
     post-processing {gap, min_len}."""
     post = post or {"gap": 0, "min_len": 1}
     pred = [[s[:3] for s in scored_spans(p, post["gap"], post["min_len"])] for p in probs]
-    return bio_metrics(pred, gold, labels)
+    return bio_metrics(pred, gold, labels, intervals)
 
 
 def choose_postprocess(probs: list[torch.Tensor], gold: list[list[tuple]], labels: list[str]) -> dict:

@@ -43,10 +43,11 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, out
 
 
 def chat_loop(model, tokenizer, stdin: TextIO, stdout: TextIO, system: str | None = None,
-              max_new_tokens: int = 256) -> int:
+              max_new_tokens: int = 256, guard=None) -> int:
     """Read user lines from `stdin`, stream answers to `stdout`; `/exit` or end of input quits.
 
-    The conversation so far is the context of every answer. Returns the number of answered turns.
+    The conversation so far is the context of every answer. `guard` (a tunelab.eval.guard.Guard) cleans each
+    user turn before the model sees it. Returns the number of answered turns.
     """
     messages = [{"role": "system", "content": system}] if system else []
     model.eval()
@@ -61,7 +62,13 @@ def chat_loop(model, tokenizer, stdin: TextIO, stdout: TextIO, system: str | Non
             return turns
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
+        text = line.rstrip("\n")
+        if guard is not None:
+            from tunelab.eval.guard import guard_note
+
+            text, before = guard.clean([text])[0], text
+            stdout.write(f"[{guard_note([before], [text])}]\n")
+        messages.append({"role": "user", "content": text})
         answer = reply(model, tokenizer, messages, max_new_tokens, out=stdout)
         messages.append({"role": "assistant", "content": answer})
         turns += 1

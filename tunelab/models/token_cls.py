@@ -1,4 +1,6 @@
-"""Any causal LM of the family table as a token classifier: its decoder body plus a new linear head `score`.
+"""Any causal LM of the family table as a token classifier: its decoder body plus a new linear head `score`;
+or a BERT-family encoder (a local folder of a masked-LM type: BERT, RoBERTa, DeBERTa-v2, ModernBERT) under the
+same head (`is_encoder`, `load_encoder`).
 
 The layout is transformers' `GenericForTokenClassification` (`LlamaForTokenClassification` etc.: `model` =
 the body, `score` = Linear(hidden, labels) with a bias; no dropout before the head here), built generically from the loaded causal LM's `base_model`, so families that transformers
@@ -42,26 +44,69 @@ class TokenClassifier(nn.Module):
         return TokenClassifierOutput(logits=self.score(hidden))  # (B, T, num_labels)
 
 
+def is_encoder(source: str) -> bool:
+    """A local model folder whose config is a masked-LM (bidirectional encoder) type that is not saved as a
+    causal LM: BERT, RoBERTa, DeBERTa-v2, ModernBERT... (transformers' masked-LM mapping)."""
+    from pathlib import Path
+
+    if not (Path(source) / "config.json").is_file():
+        return False
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(source)
+    causal = any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not causal
+
+
+def load_encoder(source: str, dtype: torch.dtype = torch.float32):
+    """(encoder body, tokenizer) of a local encoder folder: transformers' AutoModel (any task head dropped,
+    and the pooler, which a token head does not use), safetensors only."""
+    from safetensors import SafetensorError
+    from transformers import AutoModel
+
+    from tunelab.errors import TunelabError
+    from tunelab.models.load import load_tokenizer
+
+    tok = load_tokenizer(source)
+    try:
+        body = AutoModel.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise TunelabError(f"{source}: cannot load the encoder ({str(e).splitlines()[0]})") from e
+    if getattr(body, "pooler", None) is not None:
+        body.pooler = None
+    return body, tok
+
+
+def _layer_list(body: nn.Module) -> tuple[nn.Module, str]:
+    """(owner, attribute) of the body's list of blocks: `layers` (decoders, ModernBERT) or `encoder.layer`
+    (BERT, RoBERTa, DeBERTa)."""
+    for owner, name in ((body, "layers"), (getattr(body, "encoder", None), "layer")):
+        if isinstance(getattr(owner, name, None), nn.ModuleList):
+            return owner, name
+    raise ConfigError(f"model.keep_layers: {type(body).__name__} has no `layers` list to cut")
+
+
 def keep_layers(body: nn.Module, n: int) -> None:
-    """Cut the body to its first n decoder layers, in place (a cheaper detector: spotting text that does not
+    """Cut the body to its first n layers, in place (a cheaper detector: spotting text that does not
     belong needs less depth than generating)."""
-    layers = getattr(body, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ConfigError(f"model.keep_layers: {type(body).__name__} has no `layers` list to cut")
+    owner, name = _layer_list(body)
+    layers = getattr(owner, name)
     if not 0 < n <= len(layers):
         raise ConfigError(f"model.keep_layers={n}: the model has {len(layers)} layers; use 1..{len(layers)}")
-    body.layers = layers[:n]
+    setattr(owner, name, layers[:n])
     body.config.num_hidden_layers = n
     if isinstance(getattr(body.config, "layer_types", None), list):  # per-layer attention kinds (Gemma, Qwen)
         body.config.layer_types = body.config.layer_types[:n]
 
 
 def from_causal_lm(lm: nn.Module, labels: list[str], layers: int | None = None) -> TokenClassifier:
-    """The classifier over `lm`'s body (its LM head dropped) with len(tag_names(labels)) outputs."""
+    """The classifier over `lm`'s body (its LM head dropped; an encoder from load_encoder is a body already)
+    with len(tag_names(labels)) outputs."""
     from tunelab.data.spans import tag_names
 
     body = lm.base_model
-    if body is lm:
+    if body is lm and type(lm).__name__.endswith("ForCausalLM"):
         raise ConfigError(f"{type(lm).__name__} has no separate decoder body (base_model) to put a token head on")
     if layers:
         keep_layers(body, layers)

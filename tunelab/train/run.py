@@ -60,6 +60,10 @@ def build_model(cfg: RunConfig, device: torch.device):
         # qlora: quantized shard by shard as it loads, never whole in 16/32 bits (prepare_method then finds
         # the linears already 4-bit)
         quant = cfg.quant if cfg.method == "qlora" else None
+        from tunelab.models.token_cls import is_encoder, load_encoder
+
+        if cfg.data.task == "spans" and is_encoder(cfg.model.source):  # a BERT-family body (qlora: quantized later)
+            return load_encoder(cfg.model.source, dtype)
         model, tok = load_pretrained(cfg.model.source, dtype, cfg.model.trust_remote_code, quant, cfg.model.revision)
     return model, tok
 

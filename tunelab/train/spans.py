@@ -51,23 +51,27 @@ class SpanTask:
 
         return dataclasses.replace(TOKEN_CLASSIFICATION, metrics=metrics)
 
-    def final(self, model, tok, out: Path, step: int) -> dict:
-        """Validation raw -> post-processing chosen there -> validation and test with it; written to
-        spans.json and appended to metrics.jsonl."""
+    def scores(self, model, tok) -> dict:
+        """Validation raw -> post-processing chosen there -> validation and test with it (with intervals)."""
         result = {"labels": self.labels, "seq_len": self.cfg.train.seq_len, "stride": self.cfg.data.stride,
-                  "matching": "exact: same label, same first and last token",
+                  "matching": MATCHING,
                   "postprocess": {"gap": 0, "min_len": 1, "chosen_on": None}}
-        score = eval_spans.scored_metrics
-        if self.val:
-            probs, gold = self._predict(model, tok, self.val)
-            post = eval_spans.choose_postprocess(probs, gold, self.labels)
-            result["postprocess"] = {**post, "chosen_on": f"validation ({len(self.val)} documents)"}
-            result["validation"] = {"raw": score(probs, gold, self.labels), "post": score(probs, gold, self.labels, post),
-                                    "documents": len(self.val)}
-            if self.test:
-                probs, gold = self._predict(model, tok, self.test)
-                result["test"] = {"raw": score(probs, gold, self.labels), "post": score(probs, gold, self.labels, post),
-                                  "documents": len(self.test)}
+        if not self.val:
+            return result
+        predicted = {"validation": self._predict(model, tok, self.val)}
+        post = eval_spans.choose_postprocess(*predicted["validation"], self.labels)
+        result["postprocess"] = {**post, "chosen_on": f"validation ({len(self.val)} documents)"}
+        if self.test:
+            predicted["test"] = self._predict(model, tok, self.test)
+        for split, (probs, gold) in predicted.items():
+            result[split] = {"raw": eval_spans.scored_metrics(probs, gold, self.labels, intervals=True),
+                             "post": eval_spans.scored_metrics(probs, gold, self.labels, post, intervals=True),
+                             "documents": len(gold)}
+        return result
+
+    def final(self, model, tok, out: Path, step: int) -> dict:
+        """scores(), written to spans.json and appended to metrics.jsonl."""
+        result = self.scores(model, tok)
         (out / INFO).write_text(json.dumps(result, indent=1))
         print(table(result))
         with open(out / "metrics.jsonl", "a") as f:
@@ -75,11 +79,18 @@ class SpanTask:
         return result
 
 
+def _with_interval(m: dict, key: str) -> str:
+    ci = (m.get("span_interval") or {}).get(key)
+    return f"{m['span'][key]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def table(info: dict) -> str:
-    """A Markdown table of a spans.json: token and span P/R/F1 per label and split, raw and post-processed."""
+    """A Markdown table of a spans.json: token and span P/R/F1 per label and split, raw and post-processed
+    (span rates with their 95% intervals where recorded)."""
     post = info["postprocess"]
     lines = [f"post-processing: close gaps <= {post['gap']} tokens, min length {post['min_len']} tokens (chosen on "
-             f"{post['chosen_on']}); span match: {info['matching']}", "",
+             f"{post['chosen_on']}); span match: {info['matching']}; [95% intervals: Wilson for P and R, bootstrap "
+             "over documents for F1]", "",
              "| split | decoding | label | token P | token R | token F1 | span P | span R | span F1 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for split in ("validation", "test"):
@@ -87,9 +98,10 @@ def table(info: dict) -> str:
             for label, m in info.get(split, {}).get(decoding, {}).items():
                 if label == "micro" and len(info["labels"]) == 1:
                     continue  # the same numbers as the one label's
-                t, sp = m["token"], m["span"]
+                t = m["token"]
                 lines.append(f"| {split} | {decoding} | {label} | {t['precision']:.3f} | {t['recall']:.3f} | "
-                             f"{t['f1']:.3f} | {sp['precision']:.3f} | {sp['recall']:.3f} | {sp['f1']:.3f} |")
+                             f"{t['f1']:.3f} | " + " | ".join(_with_interval(m, k) for k in ("precision", "recall", "f1"))
+                             + " |")
     return "\n".join(lines)
 
 
@@ -114,9 +126,43 @@ def open_detector(run: str | Path):
     return model.eval(), tok, info
 
 
-def keyword_baseline(run: str | Path) -> dict:
-    """eval_spans.bio_metrics of the keyword-line baseline (eval_spans.keyword_spans, as the run's first label)
-    on the run's validation and test documents, in the run's tokens."""
+def checkpoint_detector(run: str | Path, checkpoint: str | Path):
+    """(model, tokenizer) of a spans run at one of its checkpoints (checkpoints/step-N: the trainable LoRA and
+    head weights by name), e.g. to score a run stopped before its end."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tunelab.config import load_config
+    from tunelab.errors import TunelabError
+    from tunelab.train.run import build_model, prepare_method
+
+    cfg = with_head(load_config(Path(run) / "config.yaml"))
+    lm, tok = build_model(cfg, torch.device("cpu"))
+    model = SpanTask(cfg).model(lm)
+    prepare_method(model, cfg)
+    weights = load_file(Path(checkpoint) / "weights.safetensors")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise TunelabError(f"{checkpoint}: its weights are not this run's trainable parameters")
+    model.load_state_dict(weights, strict=False)
+    return model.eval(), tok
+
+
+BASELINES = {"keyword": "every line holding a word of tunelab.eval.spans.KEYWORDS, as the run's first label",
+             "regex": "the regular expressions of tunelab.data.pii.PATTERNS, one label each"}
+
+
+def _baseline_spans(kind: str, text: str, labels: list[str]) -> list[tuple[int, int, str]]:
+    if kind == "keyword":
+        return [(a, b, labels[0]) for a, b in eval_spans.keyword_spans(text)]
+    from tunelab.data.pii import regex_spans
+
+    return [s for s in regex_spans(text) if s[2] in labels]
+
+
+def baseline(run: str | Path, kind: str = "keyword") -> dict:
+    """eval_spans.bio_metrics (with intervals) of a rule baseline (BASELINES) on the run's validation and test
+    documents, in the run's tokens."""
     from tunelab.config import load_config
     from tunelab.train.run import early_tokenizer
 
@@ -127,19 +173,32 @@ def keyword_baseline(run: str | Path) -> dict:
         pred, gold = [], []
         for d in docs:
             offsets, tags = data_spans.encode_doc(d, tok, task.labels, cfg.train.seq_len, cfg.data.stride)[1:3]
-            marked = [(a, b, task.labels[0]) for a, b in eval_spans.keyword_spans(d.text)]
+            marked = _baseline_spans(kind, d.text, task.labels)
             pred.append(eval_spans.decode(data_spans.token_tags(offsets, marked, task.labels)))
             gold.append(eval_spans.decode(tags))
         if docs:
-            out[split] = {"raw": eval_spans.bio_metrics(pred, gold, task.labels), "documents": len(docs)}
+            out[split] = {"raw": eval_spans.bio_metrics(pred, gold, task.labels, intervals=True), "documents": len(docs)}
     return out
 
 
-if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline]: the table of RUN/spans.json
+MATCHING = "exact: same label, same first and last token"
+
+
+if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline | --regex-baseline | --rescore [CKPT]]
     import sys
 
-    info = json.loads((Path(sys.argv[1]) / INFO).read_text())
-    if "--keyword-baseline" in sys.argv[2:]:
-        info = {"labels": info["labels"], "matching": info["matching"], **keyword_baseline(sys.argv[1]),
-                "postprocess": {"gap": 0, "min_len": 1, "chosen_on": "nothing: the keyword-line baseline, as marked"}}
+    from tunelab.config import load_config
+
+    run, rest = sys.argv[1], sys.argv[2:]
+    kind = next((k for k in BASELINES if f"--{k}-baseline" in rest), None)
+    if kind:
+        info = {"labels": SpanTask(load_config(Path(run) / "config.yaml")).labels, "matching": MATCHING,
+                **baseline(run, kind),
+                "postprocess": {"gap": 0, "min_len": 1, "chosen_on": f"nothing: {BASELINES[kind]}, as marked"}}
+    elif "--rescore" in rest:  # the run's detector (or its weights at checkpoints/step-N) scored by this code
+        at = rest[rest.index("--rescore") + 1:][:1]
+        detector, tok = checkpoint_detector(run, at[0]) if at else open_detector(run)[:2]
+        info = SpanTask(load_config(Path(run) / "config.yaml")).scores(detector, tok)
+    else:
+        info = json.loads((Path(run) / INFO).read_text())
     print(table(info))
