@@ -87,7 +87,7 @@ FILLERS = (  # no personal data, some of it shaped like it (the baseline's false
 
 def _sentence(rng: random.Random, carrier: str, formats: dict) -> tuple[str, list[tuple[int, int, str]]]:
     first, last = rng.choice(FIRST), rng.choice(LAST)
-    text, spans, pos = "", [], 0
+    text, spans = "", []
     for part in re.split(r"(\{\w+\})", carrier):
         if part.startswith("{"):
             label = part[1:-1]

@@ -12,6 +12,7 @@ quantized while loading stays quantized. tests/test_spans.py checks that for Lla
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tunelab.errors import ConfigError
