@@ -138,3 +138,29 @@ def test_4bit_folder_with_wrong_config_names_the_tensor(base, tmp_path):
     make_tiny_llama(num_hidden_layers=1).config.save_pretrained(tmp_path / "q4")
     with pytest.raises(TunelabError, match="layers.1"):
         open_model(str(tmp_path / "q4"))
+
+
+def test_kernels_switch_for_opened_models(base, tmp_path, capsys):
+    """--kernels (as train.kernels) on a model opened to run: a QLoRA run with `auto` gets the fused LoRA
+    autograd, the dequantize kernel and the fused modules on this instance only; its logits agree with `off`
+    (the plain path) to float32 rounding (matmul_error_bound-sized: 1e-5 of the largest logit here); the
+    generated text is the same; another model opened with `off` in the same process is untouched."""
+    from tunelab.lora.layer import LoRALinear
+    from tunelab.quant import Linear4bit
+
+    run = make_run(base, tmp_path / "run")
+    fast, plain = open_model(str(run), kernels="auto").model, open_model(str(run)).model
+    lora = [m for m in fast.modules() if isinstance(m, LoRALinear)]
+    assert lora and all(m.kernel is not None for m in lora)
+    assert all(m.kernel is None for m in plain.modules() if isinstance(m, LoRALinear))
+    assert all(m.dequant is None for m in plain.modules() if isinstance(m, Linear4bit))
+    from tunelab.accel import fused
+
+    assert (type(fast.model.norm) is not type(plain.model.norm)) == fused.available()  # the fused RMSNorm, per instance
+    a, b = logits(fast, ids()), logits(plain, ids())
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    argv = [str(run), "--max-new-tokens", "12", "--prompt", PROMPTS[0]]
+    generate_cli.run(parse(generate_cli, argv + ["--kernels", "off"]))
+    off_text = capsys.readouterr().out
+    generate_cli.run(parse(generate_cli, argv))  # the default: auto
+    assert capsys.readouterr().out == off_text

@@ -49,17 +49,21 @@ def _is_run(path: Path) -> bool:
     return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
 
 
-def _tuned_from_run(run: Path, base_model, dtype, device):
-    """The run's tuned model: its model/ folder, or the base with the run's method (e.g. 4-bit + LoRA) and adapter."""
+def _tuned_from_run(run: Path, base_model, dtype, device, kernels: str):
+    """The run's tuned model: its model/ folder, or the base with the run's method (e.g. 4-bit + LoRA) and adapter;
+    with the speed-ups of `kernels` (--kernels), as the base model got them."""
+    from tunelab.accel.kernels import choose
     from tunelab.config import load_config
+    from tunelab.export.resolve import with_kernels
     from tunelab.models.load import load_pretrained
 
     if (run / "model").is_dir():
-        return load_pretrained(str(run / "model"), dtype)[0].to(device)
+        return with_kernels(load_pretrained(str(run / "model"), dtype)[0].to(device), kernels, device)
     from tunelab.lora import load_adapter
     from tunelab.train.run import prepare_method
 
-    prepare_method(base_model, load_config(run / "config.yaml"))  # quantize (qlora) and add empty LoRA layers
+    # quantize (qlora), add empty LoRA layers, and attach the speed-ups to the new layers too
+    prepare_method(base_model, load_config(run / "config.yaml"), choose(base_model, kernels, device))
     return load_adapter(base_model, run / "adapter", verbose=False).to(device)
 
 
@@ -151,6 +155,9 @@ def run(args) -> int:
         from tunelab.lora import load_adapter
 
         load_adapter(model, args.adapter, verbose=False).to(device)
+    from tunelab.export.resolve import with_kernels
+
+    with_kernels(model, args.kernels, device)  # base and tuned get the same speed-ups (--kernels)
 
     def evaluate(label: str, m) -> dict:
         print(f"tunelab eval: {label}: suites {', '.join(suites)}")
@@ -163,7 +170,7 @@ def run(args) -> int:
         with disable_adapters(model):  # the base output exactly (a no-op without an adapter)
             results["base"] = evaluate("base", model)
     if run_dir is not None:
-        results["tuned"] = evaluate("tuned", _tuned_from_run(run_dir, model, dtype, device))
+        results["tuned"] = evaluate("tuned", _tuned_from_run(run_dir, model, dtype, device, args.kernels))
     elif args.adapter:
         results["tuned"] = evaluate("tuned", model)
     tuned_from = f"; tuned: {run_dir or args.adapter}" if "tuned" in results else ""

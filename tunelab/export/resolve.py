@@ -197,13 +197,15 @@ def load_base(base: str, quant: dict | None = None, dtype: torch.dtype = torch.f
 
 def open_model(path_or_run: str, adapter: str | None = None, base: str | None = None, merge: bool = False,
                from_quantized: bool = False, dtype: torch.dtype | str = torch.float32,
-               device: torch.device | str = "cpu") -> Opened:
+               device: torch.device | str = "cpu", kernels: str = "off") -> Opened:
     """Load MODEL_OR_RUN (see the module doc) with its adapter applied on the fly, or merged if `merge`.
 
     A QLoRA adapter merges into the original full-precision base weights unless `from_quantized`, which
     merges into the de-quantized 4-bit weights (warns: it keeps their rounding error). dtype: a torch dtype
     or a `pick_dtype` name (bf16, fp16, fp32, auto, base); device: a `pick_device` name or torch.device.
     The model is loaded on the CPU and then moved; a QLoRA base's original weights stay on the CPU.
+    kernels: auto | off | strict, the speed-ups this instance gets, as train.kernels (tunelab.accel.kernels);
+    off (the default here) is the plain reference path.
     """
     src = find_source(path_or_run, adapter, base)
     device = device if isinstance(device, torch.device) else pick_device(device)
@@ -214,7 +216,20 @@ def open_model(path_or_run: str, adapter: str | None = None, base: str | None = 
 
         load_adapter(model, src.adapter, verbose=False)
     opened = Opened(model.to(device), tok, src, base_weights=base_weights)
-    return merge_opened(opened, from_quantized) if merge else opened
+    opened = merge_opened(opened, from_quantized) if merge else opened
+    with_kernels(opened.model, kernels, device)
+    return opened
+
+
+def with_kernels(model: nn.Module, mode: str, device: torch.device | str) -> nn.Module:
+    """Give a model opened for inference the speed-ups of `mode` (auto | off | strict, as train.kernels) on
+    `device`, once its adapter and 4-bit layers are in; `auto` says in one line what it turned off."""
+    from tunelab.accel import kernels as accel
+
+    chosen = accel.choose(model, mode, device)
+    accel.report(chosen)
+    accel.apply(model, chosen)
+    return model
 
 
 def merge_opened(opened: Opened, from_quantized: bool = False) -> Opened:

@@ -27,6 +27,8 @@ def add_placement_arguments(parser: argparse.ArgumentParser, merge: bool = False
     on CUDA)."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU, else CPU), cpu, "
                                                          "cuda or cuda:N")
+    if not merge:
+        add_kernels_argument(parser)
     if merge:
         parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="base",
                             help="dtype of the merged model (default: the base's own, from its config.json "
@@ -36,6 +38,13 @@ def add_placement_arguments(parser: argparse.ArgumentParser, merge: bool = False
                             help="weights' dtype (default auto: fp32 on CPU, bf16 on CUDA)")
 
 
+def add_kernels_argument(parser: argparse.ArgumentParser) -> None:
+    """--kernels, the speed-up switch of train.kernels for a model opened to run (tunelab.accel.kernels)."""
+    parser.add_argument("--kernels", choices=("auto", "off", "strict"), default="auto",
+                        help="speed-ups as train.kernels: auto (what works here; says what it turned off), off "
+                             "(the plain reference path), strict (stop if one cannot run)")
+
+
 def open_from_args(args: argparse.Namespace, merge: bool | None = None, dtype: str | None = None):
     """open_model(...) as the shared arguments say; `merge` overrides --merge, `dtype` --dtype."""
     from tunelab.export.resolve import open_model
@@ -43,4 +52,4 @@ def open_from_args(args: argparse.Namespace, merge: bool | None = None, dtype: s
     merge = getattr(args, "merge", False) if merge is None else merge
     return open_model(args.source, adapter=args.adapter, base=args.base, merge=merge or args.from_quantized,
                       from_quantized=args.from_quantized, dtype=dtype or args.dtype,
-                      device=getattr(args, "device", "cpu"))
+                      device=getattr(args, "device", "cpu"), kernels=getattr(args, "kernels", "off"))
