@@ -214,7 +214,8 @@ def test_eval_run_folder_with_a_broken_adapter_fails_before_the_base(tiny_folder
 
 
 def test_eval_instruct_collection_reports_held_out_phrasings(tiny_folder, tmp_path):
-    from tunelab.eval.instruct_tasks import HELDOUT_FAMILIES as HELD, TRAIN_FAMILIES as TRAIN
+    from tunelab.eval.instruct_tasks import HELDOUT_FAMILIES as HELD
+    from tunelab.eval.instruct_tasks import TRAIN_FAMILIES as TRAIN
 
     out = tmp_path / "report"
     assert main(["eval", str(tiny_folder), "--collection", "instruct", "--n", "1", "--out", str(out)]) == 0

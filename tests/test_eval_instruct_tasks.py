@@ -9,7 +9,8 @@ import pytest
 
 from tunelab.errors import TunelabError
 from tunelab.eval import instruct_tasks as I
-from tunelab.eval.tasks import FAMILIES as QUICKSTART, Item, all_families, collection, generate_items, score
+from tunelab.eval.tasks import FAMILIES as QUICKSTART
+from tunelab.eval.tasks import Item, all_families, collection, generate_items, score
 
 TRAIN, HELD = collection("instruct")
 
