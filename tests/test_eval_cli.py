@@ -211,3 +211,19 @@ def test_eval_run_folder_with_a_broken_adapter_fails_before_the_base(tiny_folder
     assert main(["eval", str(run), "--suite", "ppl", "--n", "1"]) == 2
     captured = capsys.readouterr()
     assert "not a readable safetensors file" in captured.err and "base: suites" not in captured.out
+
+
+def test_eval_instruct_collection_reports_held_out_phrasings(tiny_folder, tmp_path):
+    from tunelab.eval.instruct_tasks import HELDOUT_FAMILIES as HELD
+    from tunelab.eval.instruct_tasks import TRAIN_FAMILIES as TRAIN
+
+    out = tmp_path / "report"
+    assert main(["eval", str(tiny_folder), "--collection", "instruct", "--n", "1", "--out", str(out)]) == 0
+    tasks = json.loads((out / "results.json").read_text())["base"]["tasks"]
+    # every family once under its training phrasings, and the trained families once more under held-out ones
+    assert tasks["detail"]["items"] == len(TRAIN) + len(HELD) + len(TRAIN)
+    m = tasks["metrics"]
+    for group in ("train families", "train families, held-out phrasings", "held-out families"):
+        assert 0 <= m[f"{group} exact match"] <= m[f"{group} score (partial credit)"] <= 1
+    assert f"family {HELD[0]} score" in m and "family sort_words score" not in m
+    assert "--collection instruct" in (out / "report.md").read_text()

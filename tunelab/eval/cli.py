@@ -21,6 +21,11 @@ def add_arguments(p) -> None:
     p.add_argument("--adapter", help="a PEFT-layout LoRA adapter folder to evaluate on top of the model")
     p.add_argument("--n", type=int, default=20, help="items per family / per kind / documents (default 20)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the built-in items (default 1234)")
+    from tunelab.eval.tasks import COLLECTIONS
+
+    p.add_argument("--collection", default="quickstart", choices=COLLECTIONS,
+                   help="task families of the tasks and sensitivity suites: quickstart (14, default) or "
+                        "instruct (55, with held-out phrasings; docs/eval.md)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data", action="append", default=[], metavar="SUITE=FILE.jsonl",
                    help="your own data for a suite instead of the built-in items (schemas: docs/eval.md)")
@@ -161,7 +166,7 @@ def run(args) -> int:
 
     def evaluate(label: str, m) -> dict:
         print(f"tunelab eval: {label}: suites {', '.join(suites)}")
-        return run_suites(m, tok, suites, args.n, args.seed, args.batch_size, data, exclude)
+        return run_suites(m, tok, suites, args.n, args.seed, args.batch_size, data, exclude, args.collection)
 
     results = {}
     if not args.skip_base:
@@ -181,7 +186,8 @@ def run(args) -> int:
         print(f"tunelab eval: {line}")
         notes.insert(0, line)
     notes = [f"Command: `tunelab eval {' '.join(_argv(args))}`",
-             f"Base model: {base_source}{tuned_from}. Seed {args.seed}, n={args.n}, greedy decoding.", *notes,
+             f"Base model: {base_source}{tuned_from}. Seed {args.seed}, n={args.n}, greedy decoding."
+             + ("" if args.collection == "quickstart" else f" Task collection: {args.collection}."), *notes,
              INTERVAL_NOTE]
     path = write_report(results, out, f"tunelab eval: {', '.join(suites)}", notes)
     print(path.read_text())
@@ -194,6 +200,7 @@ def _argv(args) -> list[str]:
     parts = [args.source] + [f"--suite {s}" for s in args.suite or []]
     parts += [f"--{k.replace('_', '-')} {v}" for k, v in (("adapter", args.adapter), ("n", args.n), ("seed", args.seed),
                                                           ("batch_size", args.batch_size), ("out", args.out),
+                                                          ("collection", args.collection != "quickstart" and args.collection),
                                                           ("device", args.device), ("dtype", args.dtype)) if v]
     parts += [f"--data {d}" for d in args.data] + (["--skip-base"] if args.skip_base else [])
     return parts

@@ -79,11 +79,11 @@ def constant_baseline(items) -> dict:
     """
     import collections
 
-    from tunelab.eval.tasks import FAMILIES, generate_items, score
+    from tunelab.eval.tasks import all_families, generate_items, score
 
     answers = {}
     for fam in dict.fromkeys(it.family for it in items):
-        ref = generate_items([fam], BASELINE_ITEMS, BASELINE_SEED) if fam in FAMILIES else \
+        ref = generate_items([fam], BASELINE_ITEMS, BASELINE_SEED) if fam in all_families() else \
             [it for it in items if it.family == fam]
         counts = collections.Counter(it.answer for it in ref)
         answers[fam] = min(counts, key=lambda a: (-counts[a], a))  # the most common; ties: the first in order

@@ -19,8 +19,9 @@ from tunelab.eval.perplexity import perplexity_by_source
 from tunelab.eval.stats import constant_baseline, exact, interval, mean
 from tunelab.eval.tasks import (
     HELDOUT_FAMILIES,
-    TRAIN_FAMILIES,
+    all_families,
     answer_items,
+    collection,
     evaluate_items,
     evaluate_sensitivity,
     generate_items,
@@ -48,12 +49,21 @@ def _add(result: dict, name: str, scores: list[float], baseline: list[float] | N
         result["baselines"][name] = mean(baseline)
 
 
+def _paraphrased(it) -> bool:
+    return it.meta.get("phrasing") == "heldout"
+
+
 def run_tasks(model, tok, n: int, seed: int, batch_size: int, data: str | None = None,
-              exclude: set[str] | None = None) -> dict:
+              exclude: set[str] | None = None, collection_name: str = "quickstart") -> dict:
     """Score (partial credit) and exact match, overall, per group of families and per family, each with a
     95% interval and the constant-answer baseline. Items whose prompt is in `exclude` (the training prompts
-    of the run being evaluated) are removed first; detail["removed"] says how many."""
-    items = userdata.task_items(data) if data else generate_items(TRAIN_FAMILIES + HELDOUT_FAMILIES, n, seed)
+    of the run being evaluated) are removed first; detail["removed"] says how many. A collection whose
+    trained families have held-out phrasings (`instruct`) adds their `n` items per family under those."""
+    train, held = collection(collection_name)
+    paraphrases = not data and all(all_families()[f].heldout_templates for f in train)
+    items = userdata.task_items(data) if data else generate_items(train + held, n, seed)
+    if paraphrases:
+        items += generate_items(train, n, seed, phrasings="heldout")
     items, removed = remove_training_prompts(items, exclude or set())
     if not items:
         raise TunelabError(f"all {removed} task items are training prompts of the run: use another --seed or --data")
@@ -61,21 +71,27 @@ def run_tasks(model, tok, n: int, seed: int, batch_size: int, data: str | None =
     base = constant_baseline(items)
     res = _result(r["items_per_s"], {"items": len(items), "removed": removed, "constant_answers": base["answers"],
                                      "examples": _examples(items, r["outputs"])})
-    groups = [("", None)] + ([] if data else [("train families ", TRAIN_FAMILIES), ("held-out families ", HELDOUT_FAMILIES)])
-    for prefix, fams in groups:
-        pick = [i for i, it in enumerate(items) if fams is None or it.family in fams]
+    groups = [("", lambda it: True)]
+    if not data:
+        groups.append(("train families ", lambda it: it.family in train and not _paraphrased(it)))
+        if paraphrases:
+            groups.append(("train families, held-out phrasings ", _paraphrased))
+        groups.append(("held-out families ", lambda it: it.family in held))
+    for prefix, keep in groups:
+        pick = [i for i, it in enumerate(items) if keep(it)]
         scores, baseline = [r["scores"][i] for i in pick], [base["scores"][i] for i in pick]
         _add(res, f"{prefix}score (partial credit)", scores, baseline)
         _add(res, f"{prefix}exact match", exact(scores), exact(baseline))
     for fam in dict.fromkeys(it.family for it in items):
-        pick = [i for i, it in enumerate(items) if it.family == fam]
+        pick = [i for i, it in enumerate(items) if it.family == fam and not _paraphrased(it)]
         _add(res, f"family {fam} score", [r["scores"][i] for i in pick], [base["scores"][i] for i in pick])
     return res
 
 
-def run_sensitivity(model, tok, n: int, seed: int, batch_size: int, data: str | None = None) -> dict:
+def run_sensitivity(model, tok, n: int, seed: int, batch_size: int, data: str | None = None,
+                    collection_name: str = "quickstart") -> dict:
     """The held-out families under each of their templates: mean score and spread across templates."""
-    r = evaluate_sensitivity(model, tok, HELDOUT_FAMILIES, n, seed, batch_size)
+    r = evaluate_sensitivity(model, tok, collection(collection_name)[1], n, seed, batch_size)
     res = _result(r["items_per_s"], r)
     res["metrics"] = {"mean score over templates (partial credit)": r["mean"], "spread (best - worst template)": r["spread"]}
     res["metrics"].update({f"{f} by template": " / ".join(f"{a:.2f}" for a in v) for f, v in r["per_template"].items()})
@@ -156,9 +172,12 @@ RUNNERS = {"tasks": run_tasks, "sensitivity": run_sensitivity, "ppl": run_ppl,
 
 
 def run_suites(model, tok, suites: list[str], n: int, seed: int, batch_size: int = 16,
-               data: dict[str, str] | None = None, exclude: set[str] | None = None) -> dict[str, dict]:
-    """{suite: result} for each suite name, in order; `exclude`: training prompts to drop from the task items."""
+               data: dict[str, str] | None = None, exclude: set[str] | None = None,
+               collection_name: str = "quickstart") -> dict[str, dict]:
+    """{suite: result} for each suite name, in order; `exclude`: training prompts to drop from the task items;
+    `collection_name`: the task families of the tasks and sensitivity suites (tunelab.eval.tasks.collection)."""
     data = data or {}
-    extra = {"tasks": {"exclude": exclude}}
+    extra = {"tasks": {"exclude": exclude, "collection_name": collection_name},
+             "sensitivity": {"collection_name": collection_name}}
     return {s: RUNNERS[s](model, tok, n, seed, batch_size, data.get(s), **extra.get(s, {})) for s in suites}
 

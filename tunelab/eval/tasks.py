@@ -56,13 +56,18 @@ Checker = Callable[[str, Item], float]
 
 @dataclass(frozen=True)
 class Family:
-    """A skill: `generate(rng) -> Sample`, paraphrased `templates` (each has one `{input}`), a `check`er."""
+    """A skill: `generate(rng) -> Sample`, paraphrased `templates` (each has one `{input}`), a `check`er.
+
+    `heldout_templates` are paraphrases kept out of training (`generate_items(..., phrasings="heldout")`);
+    `scoring` says in words how `check` scores (exact match or partial credit, and how)."""
 
     name: str
     group: str
     generate: Callable[[random.Random], Sample]
     templates: tuple[str, ...]
     check: Checker
+    heldout_templates: tuple[str, ...] = ()
+    scoring: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,32 +367,63 @@ TRAIN_FAMILIES: list[str] = [f.name for f in _FAMILY_LIST[0::2]]
 HELDOUT_FAMILIES: list[str] = [f.name for f in _FAMILY_LIST[1::2]]
 
 
+@functools.cache
+def all_families() -> dict[str, Family]:
+    """Every built-in family by name: the 14 above and those of tunelab.eval.instruct_tasks."""
+    from tunelab.eval import instruct_tasks
+
+    return {**FAMILIES, **instruct_tasks.FAMILIES}
+
+
+# Named collections of families, each split by family into (trained, held-out) lists.
+COLLECTIONS = ("quickstart", "instruct")
+
+
+def collection(name: str) -> tuple[list[str], list[str]]:
+    """(train families, held-out families) of a collection: `quickstart` (the 14 families above, what the
+    quickstart and `tunelab eval` use by default) or `instruct` (55 families, tunelab.eval.instruct_tasks)."""
+    if name == "quickstart":
+        return TRAIN_FAMILIES, HELDOUT_FAMILIES
+    if name == "instruct":
+        from tunelab.eval import instruct_tasks
+
+        return instruct_tasks.TRAIN_FAMILIES, instruct_tasks.HELDOUT_FAMILIES
+    raise TunelabError(f"unknown task collection {name!r}; choose from: {', '.join(COLLECTIONS)}")
+
+
 def _family(name: str) -> Family:
-    if name not in FAMILIES:
-        raise TunelabError(f"unknown task family {name!r}; choose from: {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+    if name not in all_families():
+        raise TunelabError(f"unknown task family {name!r}; choose from: {', '.join(all_families())}")
+    return all_families()[name]
 
 
-def generate_items(families: list[str], n: int, seed: int, template: int | None = None) -> list[Item]:
+def generate_items(families: list[str], n: int, seed: int, template: int | None = None,
+                   phrasings: str = "train") -> list[Item]:
     """`n` items per family, the same for the same seed on every machine.
 
     Item contents depend only on (seed, family, index); the template is drawn from a separate stream, so
     `template=k` gives the same items under template k for every k (what prompt sensitivity needs).
-    `template=None` draws one of the family's templates per item.
+    `template=None` draws one of the family's templates per item. `phrasings="heldout"` takes the templates
+    from the family's held-out paraphrases instead (same contents; ids end in "-p", meta["phrasing"]).
     """
+    if phrasings not in ("train", "heldout"):
+        raise TunelabError(f"phrasings must be 'train' or 'heldout', not {phrasings!r}")
+    heldout = phrasings == "heldout"
     items = []
     for name in families:
         fam = _family(name)
-        if template is not None and not 0 <= template < len(fam.templates):
-            raise TunelabError(f"family {name!r} has templates 0..{len(fam.templates) - 1}, not {template}")
+        pool, kind = (fam.heldout_templates, "held-out templates") if heldout else (fam.templates, "templates")
+        if not pool:
+            raise TunelabError(f"family {name!r} has no held-out phrasings (the `instruct` collection's families have)")
+        if template is not None and not 0 <= template < len(pool):
+            raise TunelabError(f"family {name!r} has {kind} 0..{len(pool) - 1}, not {template}")
         content_rng = random.Random(f"tunelab.tasks:{seed}:{name}")
         template_rng = random.Random(f"tunelab.tasks.template:{seed}:{name}")
         for i in range(n):
             s = fam.generate(content_rng)
-            t = template_rng.randrange(len(fam.templates)) if template is None else template
-            prompt = fam.templates[t].format(input=s.input)
-            meta = {"template": t, "input": s.input, "group": fam.group, **s.meta}
-            items.append(Item(f"{name}-{seed}-{i}", name, prompt, s.answer, meta))
+            t = template_rng.randrange(len(pool)) if template is None else template
+            meta = {"template": t, "input": s.input, "group": fam.group, **s.meta, **({"phrasing": "heldout"} if heldout else {})}
+            items.append(Item(f"{name}-{seed}-{i}" + ("-p" if heldout else ""), name, pool[t].format(input=s.input), s.answer, meta))
     return items
 
 
