@@ -261,3 +261,16 @@ def test_cuda_matches_cpu():
         dq = tq.quantize(x.cuda(), quant_type, double_quant=True)
         torch.testing.assert_close(dq.dequantize().cpu(), tq.quantize(x, quant_type, double_quant=True).dequantize(),
                                    rtol=0, atol=1e-3 * float(x.abs().max()))
+
+
+def test_double_quant_of_scales_whose_mean_overflows_is_a_quant_error():
+    """Block maxima near float32's limit (found by tests/test_fuzz.py): their mean is inf, so the nested codes
+    would index outside the look-up table; the quantizer says so in a QuantError, and without double
+    quantization the same tensor round-trips."""
+    from tunelab.quant import quantize
+
+    t = torch.full((128,), 3e38)
+    t[::2] = -3e38
+    with pytest.raises(QuantError, match="mean overflows float32"):
+        quantize(t, "nf4", block_size=64, double_quant=True)
+    assert torch.equal(quantize(t, "nf4", block_size=64, double_quant=False).dequantize(), t)

@@ -311,6 +311,11 @@ def quantize_nested(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     and code = the number of dynamic-map midpoints below -1 + 2i / 65535.
     """
     offset = scales.mean()  # one whole-tensor reduction, exactly as bitsandbytes sums
+    if not bool(torch.isfinite(offset)):  # block maxima near float32's limit: their sum overflows
+        from tunelab.quant.tensor import QuantError
+
+        raise QuantError("double quantization cannot center the block scales: their mean overflows float32 "
+                         f"(largest scale {float(scales.max()):.3g}); quantize with double_quant=false")
     m, device = scales.numel(), scales.device
     nested_absmax = torch.empty(-(-m // NESTED_BLOCK), device=device)
     codes = torch.empty(m, dtype=torch.uint8, device=device)
