@@ -95,3 +95,16 @@ def test_preference_bench_first_steps_agree_on_a_tiny_model(tmp_path):
     drifted = {**runs, "trl-lora": [{**runs["trl-lora"][0], "logps_chosen": [runs["trl-lora"][0]["logps_chosen"][0] * 1.01]}]}
     problems = bench.check_first_steps(drifted)
     assert len(problems) == 1 and "tunelab-lora vs trl-lora: first-step logps/chosen" in problems[0]
+
+
+def test_gguf_check_fails_on_a_missed_bar():
+    """benchmarks/gguf_check.py exits 1 on a missed bar: its recorded results (docs/gguf_check.json) meet every
+    bar, and each kind of miss (float top-1, greedy, q8_0 gap, a k-quant floor) is reported."""
+    check = _load("gguf_check")
+    recorded = json.loads((ROOT / "docs" / "gguf_check.json").read_text())
+    assert check.failures(recorded) == []
+    for path, value in ((("vs_transformers", "f16", "top1"), 0.98), (("greedy", "f32", "decided_misses"), 1),
+                        (("vs_transformers", "q8_0", "top1"), 0.95), (("vs_our_f16", "q4_k_m", "mean_kl"), 0.2)):
+        broken = json.loads(json.dumps(recorded))
+        broken[path[0]][path[1]][path[2]] = value
+        assert len(check.failures(broken)) == 1, path
