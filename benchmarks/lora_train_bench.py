@@ -405,7 +405,10 @@ TARGETS = (("all", "peft-lora", "tunelab-lora", "LoRA speed / PEFT's", ">= 1.15"
            ("all", "peft-qlora", "tunelab-qlora", "QLoRA speed / PEFT + bitsandbytes'", ">= 1.25"),
            ("all", "tunelab-qlora", "tunelab-lora", "QLoRA step / LoRA step", "<= 1.05"),
            ("half", "peft-lora", "tunelab-lora", "LoRA speed / PEFT's", ">= 1.3"),
-           ("half", "peft-qlora", "tunelab-qlora", "QLoRA speed / PEFT + bitsandbytes'", ">= 1.4"))
+           ("half", "peft-qlora", "tunelab-qlora", "QLoRA speed / PEFT + bitsandbytes'", ">= 1.4"),
+           # no regression (--baseline): this commit's speed over the old one's
+           *((labels, f"old-tunelab-{m}", f"tunelab-{m}", f"{name} speed, this commit / --baseline's", ">= 0.97")
+             for labels in ("all", "half") for m, name in (("lora", "LoRA"), ("qlora", "QLoRA"))))
 
 
 def pool(files: list[str], boot: int = 2000) -> None:
