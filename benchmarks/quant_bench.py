@@ -6,7 +6,10 @@ For a size x size fp32 weight: quantize NF4 + double quant, dequantize to fp32; 
 run back to back in every repeat (which goes first alternates), and the ratio is taken within each repeat:
 the median ratio, its min-max, and a 90% bootstrap interval of the median (repeats resampled, seed 0), since
 the machine's speed drifts over seconds by more than a target's margin (one script gave 3.9x, 6.5x, 7.1x).
-Also times dequantize of a 576x1536 weight (SmolLM2's MLP), what a QLoRA step pays per layer.
+Also times dequantize of a 576x1536 weight (SmolLM2's MLP), what a QLoRA step pays per layer. "ours" is
+the path a training step takes (tunelab.accel.dequant.matmul_weight: the C kernel into a reused buffer, or
+Triton on CUDA); "reference" is its plain-PyTorch twin QuantizedTensor.dequantize into fresh memory. The
+script exits non-zero when the bytes or the de-quantized values of the stacks differ.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 import torch
 
 import tunelab.quant as tq
+from tunelab.accel.dequant import matmul_weight
 
 
 def _time(fn, sync) -> float:
@@ -68,8 +72,15 @@ def run(device: str, size: int, repeats: int) -> None:
     qt = tq.quantize(w, "nf4", 64, double_quant=True)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     assert torch.equal(packed.view(-1), qt.data), "packed bytes differ from bitsandbytes"
-    d_ours, d_bnb, d_ratio = side_by_side(qt.dequantize, lambda: bnbf.dequantize_4bit(packed, state), repeats, sync)
+    reference = qt.dequantize()
+    assert torch.equal(matmul_weight(qt, torch.float32), reference), "kernel differs from its reference twin"
+    assert torch.allclose(bnbf.dequantize_4bit(packed, state), reference, rtol=1e-6, atol=1e-6), \
+        "de-quantized values differ from bitsandbytes"
+    d_ours, d_bnb, d_ratio = side_by_side(lambda: matmul_weight(qt, torch.float32),
+                                          lambda: bnbf.dequantize_4bit(packed, state), repeats, sync)
     print(f"dequantize fp32   ours {d_ours * 1e3:8.1f} ms   bitsandbytes {d_bnb * 1e3:8.1f} ms   speed-up {d_ratio}")
+    _, r_ref, r_ratio = side_by_side(lambda: matmul_weight(qt, torch.float32), qt.dequantize, repeats, sync)
+    print(f"  (reference twin {r_ref * 1e3:8.1f} ms: kernel speed-up over it {r_ratio})")
     if device == "cuda":
         copy_s = statistics.median(_time(lambda: w.clone(), sync) for _ in range(repeats))
         nbytes_dq = qt.nbytes + w.numel() * 4  # read packed + state, write fp32
@@ -78,7 +89,8 @@ def run(device: str, size: int, repeats: int) -> None:
     small = torch.randn(576, 1536, device=device)
     qs = tq.quantize(small, "nf4", 64, double_quant=True)
     ps, ss = bnbf.quantize_4bit(small, blocksize=64, quant_type="nf4", compress_statistics=True)
-    s_ours, s_bnb, s_ratio = side_by_side(qs.dequantize, lambda: bnbf.dequantize_4bit(ps, ss), repeats * 5, sync)
+    s_ours, s_bnb, s_ratio = side_by_side(lambda: matmul_weight(qs, torch.float32),
+                                          lambda: bnbf.dequantize_4bit(ps, ss), repeats * 5, sync)
     print(f"dequantize 576x1536  ours {s_ours * 1e3:6.2f} ms   bitsandbytes {s_bnb * 1e3:6.2f} ms   speed-up {s_ratio}")
 
 
