@@ -108,3 +108,13 @@ def test_gguf_check_fails_on_a_missed_bar():
         broken = json.loads(json.dumps(recorded))
         broken[path[0]][path[1]][path[2]] = value
         assert len(check.failures(broken)) == 1, path
+
+
+def test_quant_bench_checks_bytes_and_values_against_bitsandbytes():
+    """The quantize benchmark runs end to end on a small weight; its asserts compare our bytes, our kernel and
+    its reference twin with bitsandbytes (a mismatch exits non-zero)."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quant_bench.py"), "--device", "cpu",
+                           "--size", "256", "--repeats", "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dequantize fp32" in done.stdout and "reference twin" in done.stdout
