@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))  # the checkout: tunelab and tests.support
 
-from tiny_run import losses, make_workspace, run_config  # noqa: E402
+from tests.support.tiny_run import losses, make_workspace, run_config  # noqa: E402
 from tunelab.cli import main  # noqa: E402
 
 METHODS = ["full", "lora", "qlora"]
@@ -46,7 +46,7 @@ def main_() -> None:
         jobs = [str(cfg(m, "fsdp", batch_size=2, distributed="fsdp")) for m in METHODS]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641",
-                        str(ROOT / "tests" / "torchrun_train.py"), *jobs], env=env, check=True, capture_output=True)
+                        str(ROOT / "tests" / "support" / "torchrun_train.py"), *jobs], env=env, check=True, capture_output=True)
         print(f"packed 4-bit weights (qlora, every process keeps all): {packed_bytes(ws):,} B")
         print("| method | processes | float parameters / process | AdamW state / process | losses |")
         print("|---|---|---|---|---|")

@@ -17,8 +17,8 @@ PYTEST_LIMIT=${PYTEST_LIMIT:-150}  # seconds
 BENCH_LIMIT=${BENCH_LIMIT:-330}
 BENCH_ARGS=${BENCH_ARGS:-}
 PY=$(command -v python3 || command -v python)  # the CUDA image's python3 holds torch
-CUDA_TESTS=(tests/test_quant.py tests/test_quant_linear.py tests/test_quant_triton.py tests/test_train_device.py
-            tests/test_models_triton_fused.py)
+CUDA_TESTS=(tests/quant/test_quant.py tests/quant/test_quant_linear.py tests/accel/test_quant_triton.py tests/train/test_train_device.py
+            tests/accel/test_models_triton_fused.py)
 
 {
   date -u

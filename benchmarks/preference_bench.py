@@ -3,7 +3,7 @@
     python benchmarks/preference_bench.py                        # 4 stacks, 4 rounds of 3 steps each
     python benchmarks/preference_bench.py --quick                # LoRA stacks only, 1 round of 2 steps
     python benchmarks/preference_bench.py --stacks tunelab-qlora trl-qlora --rounds 6
-    python benchmarks/preference_bench.py --tiny --quick         # a tiny random Llama (tests/test_benchmarks.py)
+    python benchmarks/preference_bench.py --tiny --quick         # a tiny random Llama (tests/project/test_benchmarks.py)
 
 Setup (issue 26): the bundled SmolLM2-135M-Instruct in fp32 on CPU; a batch of 4 pairs, prompts of 200 tokens
 and responses of 30 (+ EOS; max length 256) cut from Python's reference prose; LoRA r=16, alpha 32 on all

@@ -67,7 +67,7 @@ def make_model(folder: Path) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.conftest import make_tiny_tokenizer
+    from tests.support.tiny_models import make_tiny_tokenizer
 
     cfg = LlamaConfig(vocab_size=16000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
                       num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)

@@ -9,7 +9,7 @@ the output dtype (round to nearest even, by hand for bf16), and no fused multipl
 Imported lazily (by tunelab.accel.dequant, for CUDA tensors only): importing Triton takes seconds.
 Without Triton, `AVAILABLE` is False and callers use the PyTorch path. TUNELAB_TRITON=0 turns it off through
 train.kernels (tunelab.accel.kernels.choose reads it), e.g. to time both paths. Tests run the kernel on CPU tensors under Triton's interpreter
-(TRITON_INTERPRET=1 set before Triton is imported; tests/triton_interp_cases.py).
+(TRITON_INTERPRET=1 set before Triton is imported; tests/support/triton_interp_cases.py).
 """
 
 from __future__ import annotations

@@ -40,12 +40,12 @@ class SpeedUp:
     reference: str
     """The twin it must equal: what runs when it is off."""
     test: str
-    """The parity test (tests/...::name); tests/test_speedups.py checks that each exists, and generates
+    """The parity test (tests/...::name); tests/accel/test_speedups.py checks that each exists, and generates
     test_parity's cases (every family that claims it) for the entries that name it."""
     needs: tuple[str, ...] = ()
 
 
-PARITY = "tests/test_speedups.py::test_parity"
+PARITY = "tests/accel/test_speedups.py::test_parity"
 REGISTRY: tuple[SpeedUp, ...] = (
     SpeedUp("chunked_head", "head + cross-entropy in chunks, the gradient formed in forward, no full-vocabulary "
             "logits; the family's softcap/scale inside (tunelab/train/loss.py)", "all",
@@ -61,12 +61,12 @@ REGISTRY: tuple[SpeedUp, ...] = (
     SpeedUp("fused_lora", "LoRA's fused autograd: scale folded into the GEMMs, addmm accumulation "
             "(tunelab/accel/lora.py)", "all", "LoRALinear's forward, base(x) + scale * B(A(dropout(x)))", PARITY),
     SpeedUp("dequant", "a 4-bit weight de-quantized in one pass, C on CPU (fp32; tunelab/accel/dequant_c.py), "
-            "Triton on CUDA (tunelab/accel/dequant_triton.py, bit for bit in tests/test_quant_triton.py), into "
+            "Triton on CUDA (tunelab/accel/dequant_triton.py, bit for bit in tests/accel/test_quant_triton.py), into "
             "one buffer reused by every layer (tunelab/accel/dequant.py)", "all",
             "QuantizedTensor.dequantize (tunelab/quant/tensor.py) into fresh memory", PARITY),
     SpeedUp("malloc", "glibc keeps freed blocks for the next step (tunelab/accel/malloc.py; a malloc setting "
             "in the environment wins)", "all", "glibc's default malloc",
-            "tests/test_speedups.py::test_malloc_setting_changes_no_loss"),
+            "tests/accel/test_speedups.py::test_malloc_setting_changes_no_loss"),
 )
 
 
@@ -77,7 +77,7 @@ def claims(speedup: SpeedUp, family: Family | None) -> bool:
 
 def only(model: nn.Module, name: str, device: torch.device | str = "cpu") -> Kernels:
     """The Kernels of `auto` for this model with only `name` (and what it needs) on: one speed-up against
-    its reference twin, as tests/test_speedups.py's generated parity suite runs them."""
+    its reference twin, as tests/accel/test_speedups.py's generated parity suite runs them."""
     full = choose(model, "auto", device)
     entry = next(e for e in REGISTRY if e.name == name)
     on = {n: getattr(full, n) for n in (name, *entry.needs)}

@@ -65,7 +65,7 @@ def last_layer_from(body, batch: dict, start: int, rotary_kernel: bool = False) 
     The caller passes start 0 unless the family table says its decoder layer is LlamaDecoderLayer's
     (pre-norm attention and MLP, residual adds) over an attention of Llama's formula (q/k/v/o projections,
     rotary on q and k), which LastLayerFrom re-implements for a suffix of query positions
-    (tests/test_train_loss.py checks the result against the whole layer). Here: no q/k norms, SDPA or
+    (tests/train/test_train_loss.py checks the result against the whole layer). Here: no q/k norms, SDPA or
     eager attention, the sequence within the sliding window."""
     layers = getattr(body, "layers", None)
     layer = layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None

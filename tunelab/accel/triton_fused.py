@@ -17,7 +17,7 @@ may come out as inf; arithmetic never makes those.)
 
 Without Triton, `AVAILABLE` is False and the module still imports; TUNELAB_TRITON=0 turns the kernels off
 through train.kernels (tunelab.accel.kernels.choose reads it).
-Tests run them on CPU tensors under Triton's interpreter (tests/triton_fused_cases.py).
+Tests run them on CPU tensors under Triton's interpreter (tests/support/triton_fused_cases.py).
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ class NearDedup:
     a false candidate: 14 x 9 at 0.8 with 128 permutations). The band tables are plain dicts keyed by a
     numpy hash of each band, computed for a whole batch at once: MinHashLSH's own per-document insert and
     query (a byteswap and a storage call per band) took ~4x longer than the signatures themselves.
-    tests/test_data_filters.py checks that the result equals MinHashLSH's on the same signatures.
+    tests/data/test_data_filters.py checks that the result equals MinHashLSH's on the same signatures.
     """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, seed: int = 1):

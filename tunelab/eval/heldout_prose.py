@@ -3,7 +3,7 @@
 The built-in corpora (`local:prose`, `local:code`, `local:qa`) are all read from Python's standard library
 and the task families draw their words from it, so Python's own reference pages cannot be held-out text:
 a run on `local:prose` trains on them. These paragraphs were written for this file (no source text was
-copied) on subjects far from programming; tests/test_eval_heldout.py checks that no word 8-gram of them
+copied) on subjects far from programming; tests/eval/test_eval_heldout.py checks that no word 8-gram of them
 occurs in any built-in corpus, and `tunelab eval` checks each run's own sources the same way.
 """
 

@@ -2,11 +2,11 @@
 
 For each family: what its own forward does to the logits after the output head (tunelab's chunked head +
 loss does the same inside, tunelab/train/loss.py), which of its modules have Llama's formula (so the fused
-RMSNorm / SwiGLU / rotary kernels and the last-layer shortcut give the same results; tests/test_families.py
+RMSNorm / SwiGLU / rotary kernels and the last-layer shortcut give the same results; tests/models/test_families.py
 compares their source with Llama's), whether it is a mixture of experts, and its llama.cpp (GGUF)
 architecture name. A model_type not listed here trains through the model's own forward (tunelab.accel.kernels).
 
-Every family listed is checked by tests/test_families.py: tunelab's loss and gradients equal the model's own
+Every family listed is checked by tests/models/test_families.py: tunelab's loss and gradients equal the model's own
 `model(input_ids, labels=...)`. `python -m tunelab.models.families` prints the table of docs/families.md.
 """
 
@@ -97,13 +97,13 @@ def logits_transform(family: Family | None, config) -> tuple[str, float] | None:
 
 
 def markdown() -> str:
-    """The table of docs/families.md (tests/test_families.py checks the docs hold exactly this)."""
+    """The table of docs/families.md (tests/models/test_families.py checks the docs hold exactly this)."""
     on = lambda x: "yes" if x else "-"  # noqa: E731
     rows = ["| model_type | loss = own forward's | LoRA, QLoRA = PEFT's | logits transform | fused RMSNorm | fused SwiGLU "
             "| fused rotary | last-layer shortcut | MoE router loss | GGUF arch |", "|" + " --- |" * 10]
     for f in FAMILIES.values():
         logits = f"{f.logits[0]} `{f.logits[1]}`" if f.logits else "-"
-        # tests/test_family_adapters.py (dense families); tests/test_moe_experts.py (MoE, LoRA on the experts too)
+        # tests/models/test_family_adapters.py (dense families); tests/models/test_moe_experts.py (MoE, LoRA on the experts too)
         peft = "checked, experts too" if f.experts else "checked"
         rows.append(f"| {f.model_type} | checked | {peft} | {logits} | {on(f.norm)} | {on(f.mlp)} | {on(f.attention)} | "
                     f"{on(f.decoder)} | {on(f.router_aux)} | {f.gguf} |")

@@ -5,7 +5,7 @@ same head (`is_encoder`, `load_encoder`).
 The layout is transformers' `GenericForTokenClassification` (`LlamaForTokenClassification` etc.: `model` =
 the body, `score` = Linear(hidden, labels) with a bias; no dropout before the head here), built generically from the loaded causal LM's `base_model`, so families that transformers
 gives no `*ForTokenClassification` class (Gemma-3, OLMo-2, Granite, Cohere) get one too, and a QLoRA body
-quantized while loading stays quantized. tests/test_spans.py checks that for Llama the logits equal
+quantized while loading stays quantized. tests/eval/test_spans.py checks that for Llama the logits equal
 `LlamaForTokenClassification`'s with the same weights. LoRA adapts the body; the head trains in full as a
 `modules_to_save` module, so the saved adapter holds `base_model.model.score.weight` (PEFT's layout).
 """

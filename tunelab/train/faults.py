@@ -4,7 +4,7 @@ is reached. A no-op unless the variable is set.
 Sites (where a real crash hurts most): `step` (after an optimizer step, before its checkpoint), and inside
 a checkpoint write `ckpt_weights`, `ckpt_optimizer` (after each file), `ckpt_manifest` (files written, no
 manifest yet), `ckpt_rename` (manifest written, folder not yet renamed into place), `ckpt_prune` (renamed,
-older checkpoints not yet deleted). tests/test_reliability_crash.py draws seeded (site, n) pairs.
+older checkpoints not yet deleted). tests/train/test_reliability_crash.py draws seeded (site, n) pairs.
 """
 
 from __future__ import annotations

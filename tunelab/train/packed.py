@@ -1,7 +1,7 @@
 """Packed rows need attention that keeps to each example: checked on the model itself before training.
 
 A packed row holds several examples, position ids restarting at 0 at each (tunelab.data.packing). transformers
-(>= 5, every family of tunelab's table; tests/test_train_packing.py) builds the block-diagonal causal mask from
+(>= 5, every family of tunelab's table; tests/train/test_train_packing.py) builds the block-diagonal causal mask from
 such position ids when no 2-D attention mask and no cache is given, as the loop's collate and loss call it. A
 model that does not (its own remote code, an older transformers, an attention implementation that ignores
 the packed-sequence mask) would let each example attend to the ones before it in its row: a different, silent

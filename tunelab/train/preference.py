@@ -4,7 +4,7 @@ Every objective is a small function of tensors of shape (P,): `logps` are sums o
 response's tokens (labels != -100), `tokens` their counts. Each returns (loss, metrics): the scalar loss
 the loop backpropagates, and the detached numbers people log (TRL's names: rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected, and the objective's
-own). tests/test_preference.py checks losses, rewards and gradients against TRL 1.16's own code.
+own). tests/train/test_preference.py checks losses, rewards and gradients against TRL 1.16's own code.
 
 A batch of pairs is laid out [chosen_0 .. chosen_{P-1}, rejected_0 .. rejected_{P-1}] (TRL's layout), so
 one forward computes both halves: `sequence_logps` then `.chunk(2)`.

@@ -1,0 +1,216 @@
+"""GGUF exports run inside llama.cpp itself (llama-cpp-python, installed by the `test` extra), per family, and
+compared with the model transformers runs on the same token ids.
+
+Reference: the tiny random model's own forward in transformers (fp32), on a prompt of random ids followed
+by that model's own greedy continuation of 32 tokens, so "0 decided misses" (tunelab.export.validate) means
+llama.cpp's greedy continuation is identical except after a top-2 margin below 1e-3.
+"""
+
+import copy
+import os
+
+import gguf
+import llama_cpp  # noqa: F401  (the `test` extra installs llama-cpp-python: a missing one fails here, loudly)
+import numpy as np
+import pytest
+import torch
+
+from tests.support.export_helpers import adapter, base, tiny  # noqa: F401  (fixtures)
+from tests.support.tiny_models import make_tiny_tokenizer
+from tunelab.export.gguf import export_gguf, llama_cpp_quantizer
+from tunelab.export.validate import agreement, llama_cpp_logits
+
+# Tolerances on max |logit difference| over every position and the whole vocabulary (the tiny models' logits
+# span about +-1.3), about 1.5x the largest measured over the families (docs/export.md has each): f32 against
+# the model with ggml's GELU (below; llama-like families measure 4e-7, Gemma 1.1e-4 / 1.8e-4); f16 and q8_0
+# against the plain model (llama.cpp's CPU also rounds the activations to f16 / q8 before each product:
+# 5e-4 / 1.3e-2 for llama-like families, 6e-3 / 0.17 for the tiny Gemma-3 with its (1 + w) ~ 2 norms).
+TOL = {"f32": 3e-4, "f16": 1e-2, "q8_0": 0.25}
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # 16-dim heads: every regime
+FAMILIES = {
+    "llama": ("llama", {}),
+    "llama3": ("llama", {"rope_parameters": LLAMA3_ROPE}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 32}),  # head_dim != hidden/heads: llama.cpp reads key/value_length
+    # windows of 16 < the 72 positions: llama.cpp's sliding layers (gemma2: every other one) must mask as HF's
+    "gemma2": ("gemma2", {"head_dim": 256, "tie_word_embeddings": True, "sliding_window": 16}),
+    "phi3": ("phi3", {"pad_token_id": 0}),
+    "gemma3": ("gemma3_text", {"head_dim": 256, "tie_word_embeddings": True, "sliding_window": 16,
+                               "layer_types": ["sliding_attention", "full_attention"]}),
+}
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def prompt_and_greedy(model, n_prompt: int = 40, n_new: int = 32, seed: int = 0) -> list[int]:
+    """Random prompt ids followed by the model's own greedy continuation (transformers, fp32)."""
+    prompt = torch.randint(3, model.config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                             min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+    return out[0].tolist()
+
+
+def hf_logits(model, seq: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0].float().numpy()
+
+
+class GgmlGelu(torch.nn.Module):
+    """GELU (tanh form) as ggml's CPU computes it (ggml-cpu/vec.h, GGML_GELU_FP16): a table over f16 inputs
+    holding f16 outputs, x itself above 10, 0 below -10. It moves the tiny Gemmas' logits by up to 8e-4."""
+
+    def forward(self, x):
+        table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+
+
+def with_ggml_gelu(model):
+    """A copy of a Gemma model whose MLPs use GgmlGelu (other families have no GELU: the model itself)."""
+    if not model.config.model_type.startswith("gemma"):
+        return model
+    model = copy.deepcopy(model)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = GgmlGelu()
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
+    model_type, over = FAMILIES[family]
+    model = tiny(model_type, **over)
+    seq = prompt_and_greedy(model)
+    ref = hf_logits(model, seq)
+    tok = make_tiny_tokenizer()
+    runs = {}
+    for dtype in ("f32", "f16", "q8_0"):
+        got = llama_cpp_logits(export_gguf(model, tok, tmp_path / f"{dtype}.gguf", dtype), seq)
+        runs[dtype] = agreement(ref, got)
+        close = agreement(hf_logits(with_ggml_gelu(model), seq), got) if dtype == "f32" else runs[dtype]
+        print(f"{family} {dtype}: max_abs {close.max_abs:.2g}; vs the plain model {runs[dtype]}")  # pytest -s
+        assert close.max_abs <= TOL[dtype], (dtype, close)
+    for dtype in ("f32", "f16"):  # the same greedy continuation, except after a near-tie
+        assert runs[dtype].decided_misses == 0, (dtype, runs[dtype])
+    # our q8_0 (from f32) is as close to the model as llama.cpp's own q8_0 made from our f16 file (72 positions:
+    # one position is 1.4 points of top-1; the KLs measure 0.9-1.1x each other)
+    llama_cpp_quantizer("q8_0")(str(tmp_path / "f16.gguf"), str(tmp_path / "theirs.gguf"))
+    theirs, ours = agreement(ref, llama_cpp_logits(tmp_path / "theirs.gguf", seq)), runs["q8_0"]
+    print(f"{family} llama.cpp's q8_0 from our f16: {theirs}")
+    assert ours.top1 >= theirs.top1 - 0.05 and ours.mean_kl <= 1.5 * theirs.mean_kl, (ours, theirs)
+    assert runs["f32"].mean_kl < runs["f16"].mean_kl < ours.mean_kl  # each rounding shows, in order
+
+
+def test_our_q8_0_is_llama_cpps_q8_0_bit_for_bit(tmp_path):
+    """gguf's Q8_0 quantizer (ours) and llama.cpp's, both from the same f32 weights: identical blocks."""
+    model, tok = tiny("llama"), make_tiny_tokenizer()
+    export_gguf(model, tok, tmp_path / "f32.gguf", "f32")
+    export_gguf(model, tok, tmp_path / "ours.gguf", "q8_0")
+    llama_cpp_quantizer("q8_0")(str(tmp_path / "f32.gguf"), str(tmp_path / "theirs.gguf"))
+    ours = {t.name: t for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert t.tensor_type == theirs[name].tensor_type, name
+        assert np.array_equal(np.asarray(t.data), np.asarray(theirs[name].data)), name
+    assert sum(t.tensor_type.name == "Q8_0" for t in ours.values()) == 2 * 7 + 2  # every matrix
+
+
+# k-quants need rows that are a multiple of 256 (llama.cpp falls back to other types otherwise)
+KQ = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+# (top-1 agreement floor, mean KL ceiling) against our f16 export in llama.cpp. Measured (llama / qwen2):
+# q6_k 0.85 / 0.86, KL 1.1e-4 / 8.7e-5; q5_k_m 0.90 / 0.82, 3.8e-4 / 2.3e-4; q4_k_m 0.67 / 0.67, 1.4e-3 / 7.9e-4.
+# A random model's top-2 logits are close (its logits span +-1.3), so top-1 flips easily: the floors keep
+# ~0.1-0.2 and the ceilings ~2x of headroom; the bundled model's figures (docs/export.md) are the real bar.
+KQUANT_FLOORS = {"q6_k": (0.75, 2.5e-4), "q5_k_m": (0.7, 7.5e-4), "q4_k_m": (0.5, 3e-3)}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_k_quants_through_llama_cpps_quantizer(family, tmp_path):
+    model, tok = tiny(family, **KQ), make_tiny_tokenizer()
+    seq = prompt_and_greedy(model)
+    f16 = llama_cpp_logits(export_gguf(model, tok, tmp_path / "f16.gguf", "f16"), seq)
+    kls = []
+    for dtype, (top1, kl) in KQUANT_FLOORS.items():
+        path = export_gguf(model, tok, tmp_path / f"{dtype}.gguf", dtype)
+        types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+        assert dtype[:2].upper() + "_K" in types, (dtype, types)  # llama.cpp really wrote its k-quant blocks
+        assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's 0600
+        got = agreement(f16, llama_cpp_logits(path, seq))
+        print(f"{family} {dtype} vs our f16: {got}")  # pytest -s
+        assert got.top1 >= top1 and got.mean_kl <= kl, (dtype, got)
+        kls.append(got.mean_kl)
+    assert kls == sorted(kls)  # fewer bits, further from f16
+
+
+@pytest.mark.parametrize("family,over", [("llama", {}), ("qwen2", {}), ("phi3", {"pad_token_id": 0})],
+                         ids=["llama", "qwen2", "phi3"])
+def test_lora_adapter_gguf_applied_by_llama_cpp_at_load(family, over, tmp_path):
+    """Base GGUF + our GGUF LoRA adapter in llama.cpp == tunelab's adapter on the fly in transformers (the
+    llama q/k rows of B permuted like the weights; phi3's fused qkv / gate_up adapters as HF stores them)."""
+    from tests.support.export_helpers import LORA, randomize_lora_b
+    from tunelab.export.gguf_adapter import export_gguf_adapter
+    from tunelab.lora import LoraConfig, apply_lora
+
+    model, tok = tiny(family, **over), make_tiny_tokenizer()
+    base = export_gguf(model, tok, tmp_path / "base.gguf", "f32")
+    apply_lora(model, LoraConfig(**{**LORA, "use_rslora": family == "qwen2"}), verbose=False)  # rsLoRA: alpha*sqrt(r)
+    randomize_lora_b(model)
+    seq = prompt_and_greedy(model)
+    ref = hf_logits(model, seq)
+    adapter = export_gguf_adapter(model, tmp_path / "adapter.gguf")
+    fields = gguf.GGUFReader(adapter).fields
+    assert (fields["general.type"].contents(), fields["adapter.type"].contents()) == ("adapter", "lora")
+    with_adapter = agreement(ref, llama_cpp_logits(base, seq, lora=adapter))
+    assert with_adapter.max_abs <= TOL["f32"] and with_adapter.decided_misses == 0, with_adapter
+    without = agreement(ref, llama_cpp_logits(base, seq))
+    assert without.max_abs > 100 * TOL["f32"]  # the adapter moves the logits: the check above means something
+
+
+def test_lora_adapter_cli_and_what_it_refuses(base, adapter, tmp_path, capsys):
+    from tests.support.tiny_models import make_tiny_llama
+    from tunelab.cli import main
+    from tunelab.errors import TunelabError
+    from tunelab.export.gguf_adapter import export_gguf_adapter
+    from tunelab.lora import LoraConfig, apply_lora
+
+    out = tmp_path / "a.gguf"
+    assert main(["export", str(adapter), "--base", str(base), "--gguf", str(out), "--lora-adapter"]) == 0
+    tensors = gguf.GGUFReader(out).tensors
+    assert len(tensors) == 2 * 2 * 7 and {t.tensor_type.name for t in tensors} == {"F16"}  # A and B, 7 linears x 2
+    capsys.readouterr()
+    assert main(["export", str(adapter), "--base", str(base), "--gguf", str(out), "--lora-adapter",
+                 "--dtype", "q8_0"]) == 2
+    assert capsys.readouterr().err.strip().startswith("tunelab export: error: --lora-adapter writes f32 or f16")
+    with pytest.raises(TunelabError, match="no LoRA layers"):
+        export_gguf_adapter(make_tiny_llama(), tmp_path / "b.gguf")
+    dora = apply_lora(make_tiny_llama(), LoraConfig(r=4, alpha=8, use_dora=True), verbose=False)
+    with pytest.raises(TunelabError, match="uses DoRA"):
+        export_gguf_adapter(dora, tmp_path / "b.gguf")
+    assert not (tmp_path / "b.gguf").exists()
+
+
+TEXTS = ["Hello world, 12345 ok!", "<|im_start|>user\nhi there<|im_end|>\n", "  two spaces\n\ttab ünïcode 日本",
+         "def f(x):\n    return x ** 2  # 3.14159", "It's 'quoted' — and   spaced\r\n"]
+
+
+@pytest.mark.parametrize("which", ["tiny", "bundled"])
+def test_llama_cpp_tokenizes_as_transformers(which, bundled_tokenizer, tmp_path):
+    """The tokenizer written into the GGUF (gpt-2 / smollm pre-tokenizer, merges, special tokens) splits text
+    into the same ids in llama.cpp as the original tokenizer in transformers."""
+    from tests.support.tiny_models import make_tiny_llama
+
+    tok = make_tiny_tokenizer() if which == "tiny" else bundled_tokenizer
+    path = export_gguf(make_tiny_llama(vocab_size=len(tok)), tok, tmp_path / "t.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+                tok(text, add_special_tokens=False)["input_ids"], text
+    finally:
+        llm.close()
