@@ -197,12 +197,23 @@ SHELL_BLOCKS = [b for b in ALL_BLOCKS if b.lang in SHELL]
 COMMANDS_IN_DOCS = [c for b in SHELL_BLOCKS for c in block_commands(b)]
 
 
-def readme_inline_synopses() -> list[Command]:
-    """`tunelab ...` in the README's inline code (its command table), checked as synopses."""
-    text = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S)
-    block = Block(ROOT / "README.md", 0, "inline", [], "")
-    return [Command(block, 0, "synopsis", shlex.split(re.sub(r"[\[\]]|\\\|", " ", code)))
-            for code in re.findall(r"`(tunelab [^`]+)`", text)]
+def prose(page: Path) -> str:
+    """A page's text without its fenced blocks (a `# comment` in a block is no heading, its `[x](y)` no link)."""
+    text = page.read_text(encoding="utf-8")
+    for b in blocks(page):
+        text = text.replace(b.text, "")
+    return text
+
+
+def inline_code(page: Path) -> list[str]:
+    return re.findall(r"`([^`\n]+)`", prose(page))
+
+
+def inline_synopses() -> list[Command]:
+    """`tunelab ...` in inline code (the README's command table, the pages' prose), checked as synopses."""
+    return [Command(Block(page, 0, "inline", [], ""), 0, "synopsis", shlex.split(re.sub(r"[\[\]]|\\\|", " ", code)))
+            for page in PAGES for code in inline_code(page)
+            if code.startswith("tunelab ") and not re.match(r"tunelab [\w-]+: error: ", code)]
 
 
 # ---- the checks ---------------------------------------------------------------------------------------------
@@ -296,7 +307,7 @@ def test_tunelab_commands_parse_and_their_overrides_validate(cmd):
         assert any(p.endswith(cmd.error) for p in problems), f"{cmd}: shown failing with {cmd.error!r}, got {problems}"
 
 
-@pytest.mark.parametrize("cmd", [c for c in COMMANDS_IN_DOCS if c.kind == "synopsis"] + readme_inline_synopses(),
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS_IN_DOCS if c.kind == "synopsis"] + inline_synopses(),
                          ids=str)
 def test_synopses_name_real_commands_and_flags(cmd):
     assert not synopsis_problems(cmd), f"{cmd}: {synopsis_problems(cmd)}"
@@ -351,6 +362,19 @@ tunelab train configs/dpo.yaml train.objective=simpo train.simpo_gamma=-1
     assert "invalid choice: 'quantise'" in tunelab_problems(cmds[4])[0]
     assert synopsis_problems(cmds[5]) == ["`tunelab export` has no --no-such-flag"]
     assert "simpo_gamma" in tunelab_problems(cmds[6])[0]
+
+
+FILE_SUFFIXES = {"json", "jsonl", "safetensors", "yaml", "gguf", "npy", "py", "md"}  # `model.safetensors`: a file
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_keys_in_inline_code_exist(page):
+    # `train.kernels`, `lora.r=16`, `data.task: spans` in the prose name fields of RunConfig
+    keys = [m.group(1) for code in inline_code(page)
+            if (m := re.fullmatch(r"((?:model|quant|lora|data|train)(?:\.[a-z_]+)+)(?:=\S*|: \S+)?", code))
+            and not FILE_SUFFIXES & set(m.group(1).split("."))]
+    unknown = [k for k in keys if not names_a_field(k)]
+    assert not unknown, f"{page.relative_to(ROOT)}: no such config field {unknown}"
 
 
 # ---- yaml and python blocks ---------------------------------------------------------------------------------
@@ -447,9 +471,7 @@ def github_slug(heading: str) -> str:
 
 
 def anchors(page: Path) -> set[str]:
-    text = page.read_text(encoding="utf-8")
-    for b in blocks(page):  # a `# comment` in a code block is no heading
-        text = text.replace(b.text, "")
+    text = prose(page)
     seen: dict[str, int] = {}
     out = set(re.findall(r"<a (?:id|name)=\"([^\"]+)\"", text))
     for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, flags=re.M):
@@ -460,10 +482,7 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path) -> list[str]:
-    text = page.read_text(encoding="utf-8")
-    for b in blocks(page):
-        text = text.replace(b.text, "")
-    text = re.sub(r"`[^`\n]*`", "", text)  # inline code
+    text = re.sub(r"`[^`\n]*`", "", prose(page))  # inline code
     return re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text) + \
         re.findall(r"^\[[^\]]+\]:\s*(\S+)", text, flags=re.M)
 
