@@ -22,6 +22,7 @@ import argparse
 import ast
 import contextlib
 import importlib
+import inspect
 import io
 import os
 import re
@@ -403,28 +404,67 @@ def test_bundled_configs_validate(path):
     assert load_config(path)
 
 
-def _python_blocks():
+def python_blocks() -> list[tuple[Block, ast.Module]]:
     out = []
     for b in ALL_BLOCKS:
         if b.lang == "python":
             try:
                 out.append((b, ast.parse(b.text)))
-            except SyntaxError:  # a signature list, `... train ...`: prose in code font, listed by the test below
+            except SyntaxError:  # a signature list, `... train ...`: prose in code font (read only)
                 pass
     return out
 
 
-@pytest.mark.parametrize("block,tree", _python_blocks(), ids=lambda x: str(x) if isinstance(x, Block) else "")
-def test_python_blocks_import_what_exists(block, tree):
+def tunelab_names(tree: ast.Module) -> dict[str, object]:
+    """What a block's imports bind from tunelab: `from tunelab.x import f` -> f, `import tunelab.x as m` -> m."""
+    names = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tunelab"):
             module = importlib.import_module(node.module)
-            missing = [a.name for a in node.names if not hasattr(module, a.name)]
-            assert not missing, f"{block}: {node.module} has no {missing}"
+            for a in node.names:
+                assert hasattr(module, a.name), f"{node.module} has no {a.name}"
+                names[a.asname or a.name] = getattr(module, a.name)
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.startswith("tunelab"):
-                    importlib.import_module(a.name)
+                    names[a.asname or a.name] = importlib.import_module(a.name)
+    return names
+
+
+def resolve(node: ast.expr, names: dict[str, object]) -> object | None:
+    """The tunelab object `f` or `tq.quantize` or `tq.QuantizedTensor.from_bnb_state_dict` names, else None."""
+    if isinstance(node, ast.Name):
+        return names.get(node.id)
+    if isinstance(node, ast.Attribute) and (owner := resolve(node.value, names)) is not None:
+        assert hasattr(owner, node.attr), f"{getattr(owner, '__name__', owner)} has no {node.attr}"
+        return getattr(owner, node.attr)
+    return None
+
+
+@pytest.mark.parametrize("block,tree", python_blocks(), ids=lambda x: str(x) if isinstance(x, Block) else "")
+def test_python_blocks_call_tunelab_as_it_is(block, tree):
+    # every tunelab name exists, and every call of one binds to its signature (argument count, keyword names)
+    names = tunelab_names(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            resolve(node, names)
+        if isinstance(node, ast.Call) and callable(f := resolve(node.func, names)) and not any(
+                isinstance(a, ast.Starred) for a in node.args) and all(k.arg for k in node.keywords):
+            try:
+                inspect.signature(f).bind(*node.args, **{k.arg: k.value for k in node.keywords})
+            except TypeError as e:
+                raise AssertionError(f"{block}: {ast.unparse(node)}: {e}") from None
+
+
+def test_python_check_catches_a_renamed_argument_and_a_missing_name():
+    block = Block(ROOT / "README.md", 1, "python", [], "")
+    good = ast.parse("import tunelab.quant as tq\nqt = tq.quantize(w, 'nf4', block_size=64)")
+    test_python_blocks_call_tunelab_as_it_is(block, good)
+    for bad, says in [("import tunelab.quant as tq\ntq.quantize(w, 'nf4', blocksize=64)", "blocksize"),
+                      ("import tunelab.quant as tq\ntq.quantise(w)", "has no quantise"),
+                      ("from tunelab.lora import apply_loras", "has no apply_loras")]:
+        with pytest.raises(AssertionError, match=says):
+            test_python_blocks_call_tunelab_as_it_is(block, ast.parse(bad))
 
 
 # ---- runnable blocks ----------------------------------------------------------------------------------------
@@ -532,10 +572,10 @@ def test_mkdocs_builds_strict(tmp_path):
 
 if __name__ == "__main__":  # python tests/test_docs.py: which blocks are run, which parsed, which only read
     yaml_ids = {id(b) for b in YAML_CONFIGS}
-    python_ids = {id(b) for b, _ in _python_blocks()}
+    python_ids = {id(b) for b, _ in python_blocks()}
     for b in ALL_BLOCKS:
         n = sum(c.block is b for c in COMMANDS_IN_DOCS)
         how = ("run" if b in RUNNABLE else f"parsed: {n} command line(s)" if n else
-               "validated as RunConfig" if id(b) in yaml_ids else "imports checked" if id(b) in python_ids else
+               "validated as RunConfig" if id(b) in yaml_ids else "tunelab names and calls checked" if id(b) in python_ids else
                "read only (output, layout or not a tunelab config)")
         print(f"{b}: {how}")
