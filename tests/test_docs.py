@@ -238,7 +238,7 @@ def synopsis_problems(cmd: Command) -> list[str]:
     words = [w for w in cmd.words if w != "..."]
     if words[:1] == ["tunelab"]:
         words = words[1:]
-    if words[0] in ("python", "-m"):  # `python -m tunelab ...` in the README's inline code
+    if not words or words[0] in ("python", "-m"):  # `python -m tunelab ...` in the README's inline code
         return []
     names = [n for n in words[0].split("|") if n and not n.isupper()]  # `tunelab COMMAND --help`: a placeholder
     problems = []
