@@ -9,11 +9,12 @@ Every fenced block of README.md and docs/*.md is read:
   its source. A command followed by the line `tunelab CMD: error: MESSAGE` must fail with that message.
 - yaml blocks with a top-level method/model/quant/lora/data/train key validate as RunConfig, merged into a
   minimal config the way `load_config` merges overrides;
-- python blocks that are Python import what they name from tunelab;
+- python blocks that are Python: the tunelab names they use exist and their calls bind to the signatures;
 - blocks whose info string carries the word `run` (```bash run) are run, in a temporary folder holding links
   to configs/ and benchmarks/, with TUNELAB_DOCS_TINY=1 (tunelab.cli: every run 2 steps, 1 eval batch).
-Inline code in the README (`tunelab ...` in its tables) is checked as a synopsis. Relative links and #anchors
-(GitHub's heading slugs) resolve, and `mkdocs build --strict` (mkdocs.yml) has no warning.
+Inline code: `tunelab ...` spans are checked as synopses, config keys (`train.lr`) must name RunConfig fields.
+Relative links and #anchors (GitHub's heading slugs) resolve, and `mkdocs build --strict` (mkdocs.yml) passes.
+`python tests/test_docs.py` lists every block and what is done with it.
 """
 
 from __future__ import annotations
@@ -113,14 +114,19 @@ def is_synopsis(line: str) -> bool:
 
 
 def simple_commands(line: str) -> list[list[str]]:
-    """Words of each command of a line (split at |, &&, ||, ;), env assignments and wrappers removed."""
-    line = re.sub(r"\$\([^)]*\)", "SUBST", line)
-    lex = shlex.shlex(line, posix=True, punctuation_chars="|&;")
+    """Words of each command of a line (split at |, &&, ||, ;), redirections, env assignments and wrappers
+    removed."""
+    line = re.sub(r"\$\([^)]*\)", "SUBST", line)  # $(cat prompt.txt): one word
+    line = re.sub(r"(^|\s)[12]?>&[12](?=\s|$)", " ", line)  # 2>&1
+    lex = shlex.shlex(line, posix=True, punctuation_chars="|&;<>")
     lex.whitespace_split = True
     words, cmds = list(lex), [[]]
-    for w in words:
+    while words:
+        w = words.pop(0)
         if w in ("|", "||", "&&", ";", "&"):
             cmds.append([])
+        elif w in (">", ">>", "<", "&>"):  # > out.txt: not the command's argument
+            words = words[1:]
         else:
             cmds[-1].append(w)
     return [strip_wrappers(c) for c in cmds if c]
@@ -349,7 +355,7 @@ def test_the_checks_catch_broken_lines():
 $ tunelab eval runs/x --suites all
 python -m tunelab.eval.nothing RUN
 python benchmarks/quant_bench.py --no-such-flag
-pip install -e . && tunelab quantise bundled
+pip install -e . && tunelab quantise bundled > out.txt 2>&1
 tunelab export RUN --gguf out.gguf [--dtype f32|f16] [--no-such-flag]
 tunelab train configs/dpo.yaml train.objective=simpo train.simpo_gamma=-1
 """
@@ -360,7 +366,7 @@ tunelab train configs/dpo.yaml train.objective=simpo train.simpo_gamma=-1
     assert _module_file(cmds[2].words[0]) is None
     assert "--no-such-flag" not in _source_flags(ROOT / cmds[3].words[0]) and "--repeats" in _source_flags(
         ROOT / cmds[3].words[0])
-    assert "invalid choice: 'quantise'" in tunelab_problems(cmds[4])[0]
+    assert cmds[4].words == ["quantise", "bundled"] and "invalid choice: 'quantise'" in tunelab_problems(cmds[4])[0]
     assert synopsis_problems(cmds[5]) == ["`tunelab export` has no --no-such-flag"]
     assert "simpo_gamma" in tunelab_problems(cmds[6])[0]
 
