@@ -7,8 +7,8 @@ Every fenced block of README.md and docs/*.md is read:
   (`[--flag]`, `a|b`) names only flags its command has; `python -m tunelab.X`, `python benchmarks/X.py`,
   `python tests/X.py`, `bash benchmarks/X.sh` and pytest's files exist, and the flags given a script appear in
   its source. A command followed by the line `tunelab CMD: error: MESSAGE` must fail with that message.
-- yaml blocks with a top-level method/model/quant/lora/data/train key validate as RunConfig, merged into a
-  minimal config the way `load_config` merges overrides;
+- yaml blocks with a top-level method/model/quant/lora/data/train key (or marked: ```yaml config) validate as
+  RunConfig, merged into a minimal config the way `load_config` merges overrides;
 - python blocks that are Python: the tunelab names they use exist and their calls bind to the signatures;
 - blocks whose info string carries the word `run` (```bash run) are run, in a temporary folder holding links
   to configs/ and benchmarks/, with TUNELAB_DOCS_TINY=1 (tunelab.cli: every run 2 steps, 1 eval batch).
@@ -53,7 +53,7 @@ class Block:
     page: Path
     line: int  # of the opening fence, 1-based
     lang: str
-    markers: list[str]  # the info string's words after the language: `run`
+    markers: list[str]  # the info string's words after the language: `run`, `config`
     text: str
 
     def __str__(self) -> str:
@@ -394,8 +394,9 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 MINIMAL = {"data": {"sources": [{"name": "docs", "path": "local:qa"}]}}
-YAML_CONFIGS = [b for b in ALL_BLOCKS if b.lang in ("yaml", "yml")
-                and isinstance(t := yaml.safe_load(b.text), dict) and CONFIG_KEYS & set(t)]
+# a tunelab config: one of its sections at the top, or the marker (```yaml config) on a block of other keys only
+YAML_CONFIGS = [b for b in ALL_BLOCKS if b.lang in ("yaml", "yml") and ("config" in b.markers or (
+                isinstance(t := yaml.safe_load(b.text), dict) and CONFIG_KEYS & set(t)))]
 
 
 @pytest.mark.parametrize("block", YAML_CONFIGS, ids=str)
@@ -476,6 +477,12 @@ def test_python_check_catches_a_renamed_argument_and_a_missing_name():
 # ---- runnable blocks ----------------------------------------------------------------------------------------
 
 RUNNABLE = [b for b in ALL_BLOCKS if "run" in b.markers]
+
+
+def test_markers_are_known():
+    # mkdocs_hooks.py drops exactly these from the info string before mkdocs renders the page
+    unknown = [f"{b}: {b.markers}" for b in ALL_BLOCKS if not set(b.markers) <= {"run", "config"}]
+    assert not unknown, unknown
 
 
 def test_runnable_blocks_are_few_and_shell():
