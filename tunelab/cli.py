@@ -65,8 +65,14 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+# Set by the docs test (tests/test_docs.py) when it runs the README's and docs' runnable blocks: every run
+# stops after 2 optimizer steps and 1 eval batch, so a recipe written for a real job runs in CI in seconds.
+TINY_ENV = "TUNELAB_DOCS_TINY"
+TINY_OVERRIDES = ["train.max_steps=2", "train.eval_batches=1"]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line as `main` does, without running it (argparse exits 2 on a bad one)."""
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = _parser(command if command in COMMANDS else None)
     args, unknown = parser.parse_known_args(argv)
@@ -75,8 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + unknown
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if os.environ.get(TINY_ENV) == "1":
+        if hasattr(args, "overrides"):
+            args.overrides = list(args.overrides) + TINY_OVERRIDES
+        if getattr(args, "max_steps", 0) is None:  # quickstart's --max-steps
+            args.max_steps = 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command is None:
-        parser.print_help()
+        _parser().print_help()
         return 2
     debug = args.debug or os.environ.get("TUNELAB_DEBUG") == "1"
     try:
