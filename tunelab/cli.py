@@ -65,7 +65,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-# Set by the docs test (tests/test_docs.py) when it runs the README's and docs' runnable blocks: every run
+# Set by the docs test (tests/project/test_docs.py) when it runs the README's and docs' runnable blocks: every run
 # stops after 2 optimizer steps and 1 eval batch, so a recipe written for a real job runs in CI in seconds.
 TINY_ENV = "TUNELAB_DOCS_TINY"
 TINY_OVERRIDES = ["train.max_steps=2", "train.eval_batches=1"]

@@ -14,7 +14,7 @@ Every fenced block of README.md and docs/*.md is read:
   to configs/ and benchmarks/, with TUNELAB_DOCS_TINY=1 (tunelab.cli: every run 2 steps, 1 eval batch).
 Inline code: `tunelab ...` spans are checked as synopses, config keys (`train.lr`) must name RunConfig fields.
 Relative links and #anchors (GitHub's heading slugs) resolve, and `mkdocs build --strict` (mkdocs.yml) passes.
-`python tests/test_docs.py` lists every block and what is done with it.
+`python tests/project/test_docs.py` lists every block and what is done with it.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from tunelab.cli import COMMANDS, TINY_ENV, _parser, parse_args
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = {"", "bash", "sh", "shell", "console"}
 CONFIG_KEYS = {"method", "model", "quant", "lora", "data", "train"}
@@ -583,7 +583,7 @@ def test_mkdocs_builds_strict(tmp_path):
         assert f'<code class="language-{block.lang}">{first}' in html, block
 
 
-if __name__ == "__main__":  # python tests/test_docs.py: which blocks are run, which parsed, which only read
+if __name__ == "__main__":  # python tests/project/test_docs.py: which blocks are run, which parsed, which only read
     yaml_ids = {id(b) for b in YAML_CONFIGS}
     python_ids = {id(b) for b, _ in python_blocks()}
     for b in ALL_BLOCKS:
