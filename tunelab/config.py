@@ -327,6 +327,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         if not sep or not key:
             raise ConfigError(f"override `{item}` is not key=value (e.g. train.lr=1e-4)")
         _set_path(tree, key.strip(), _parse_value(value))
+    return validate_config(tree, origin)
+
+
+def validate_config(tree: dict, origin: str = "config") -> RunConfig:
+    """A RunConfig from nested dicts (a YAML file's tree, or one built in code); `origin` starts the error line."""
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:

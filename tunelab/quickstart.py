@@ -98,7 +98,6 @@ def _measure(model, tok, sets: dict, prose: list[str]) -> dict:
 def run(args) -> int:
     import torch
 
-    from tunelab.config import load_config
     from tunelab.errors import TunelabError
     from tunelab.eval import injection as J
     from tunelab.eval.heldout import scan_training_data
@@ -109,11 +108,7 @@ def run(args) -> int:
     from tunelab.train.run import build_model, pick_device, run_training
 
     clock = _Clock()
-    overrides = [f"method={args.method}", f"model.source={args.model}", f"train.lr={args.lr}",
-                 f"train.epochs={args.epochs}"]
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    cfg = load_config(None, overrides, base=QUICKSTART)  # a bad flag fails here, before anything is written
+    cfg = quickstart_config(args)  # a bad flag fails here, before anything is written
     for flag, value in (("--eval-per-family", args.eval_per_family), ("--check-n", args.check_n),
                         ("--train-per-family", args.train_per_family)):
         if value < 1:
@@ -219,6 +214,17 @@ def _report(args, cfg, sets, before, after, summary, scan, out, clock) -> str:
         "Time, wall / CPU seconds (CPU: this process, all threads): "
         + ", ".join(f"{k} {w:.0f} / {c:.0f}" for k, (w, c) in clock.table().items()) + ".",
     ])
+
+
+def quickstart_config(args):
+    """The RunConfig of a quickstart run: QUICKSTART with the flags' values (paths are filled in later)."""
+    from tunelab.config import validate_config
+
+    train = {**QUICKSTART["train"], "lr": args.lr, "epochs": args.epochs}
+    if args.max_steps is not None:
+        train["max_steps"] = args.max_steps
+    tree = {**QUICKSTART, "method": args.method, "model": {**QUICKSTART["model"], "source": args.model}, "train": train}
+    return validate_config(tree, "quickstart")  # validation copies the nested dicts: QUICKSTART stays as it is
 
 
 def _eval_loss(model, tok, cfg) -> float:
