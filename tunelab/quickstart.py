@@ -250,7 +250,7 @@ def _strip(r: dict) -> dict:
 QUICKSTART = {
     "method": "qlora",
     "model": {"source": "bundled"},
-    "quant": {"dtype": "nf4", "block_size": 64, "double_quant": True},
+    "quant": {"quant_type": "nf4", "block_size": 64, "double_quant": True},
     "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
     "data": {"task": "sft", "sources": [{"name": "tasks", "path": "train.jsonl", "kind": "instructions"}],
              "packing": "padded", "eval_path": "eval.jsonl"},
