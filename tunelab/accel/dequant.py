@@ -62,11 +62,13 @@ def _triton_for(qweight: QuantizedTensor):
     return dequant_triton if dequant_triton.serves(qweight) else None
 
 
-def matmul_weight(qweight: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor,
+def matmul_weight(qweight: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None = None,
                   guard: Guard | None = None) -> torch.Tensor:
     """qweight in `dtype` (its shape) through a kernel where one serves it, written into `out` (a flat `dtype`
-    buffer of at least numel + 2 on its device). The same numbers as qweight.dequantize(dtype).
+    buffer of at least numel + 2 on its device; default a new one). The same numbers as qweight.dequantize(dtype).
     `guard`: what a failing Triton kernel does (default: a fresh one, auto)."""
+    if out is None:
+        out = blockwise.empty_output(qweight.numel() + 2, dtype, qweight.device)
     gpu = _triton_for(qweight)
     if gpu is not None:
         return (guard or Guard()).run(TRITON, lambda: gpu.dequantize_4bit(qweight, dtype, out=out).view(qweight.shape),
