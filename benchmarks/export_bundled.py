@@ -34,7 +34,7 @@ from tunelab.models.bundled import gguf_path, model_dir
 from tunelab.models.load import load_pretrained
 from tunelab.quant import quantize, quantize_model
 
-QUANT = dict(dtype="nf4", block_size=64, double_quant=True)
+QUANT = dict(quant_type="nf4", block_size=64, double_quant=True)
 LORA = dict(r=16, alpha=32, target_modules="all-linear")
 PROMPTS = ["What is the capital of France?", "Write one sentence about cats.", "List three primary colors."]
 TEXTS = ["Hello world, 12345 ok!", "<|im_start|>user\nhi there<|im_end|>\n", "  two spaces\n\ttab ünïcode 日本"]
@@ -76,7 +76,7 @@ def requantized_merge(trained) -> torch.nn.Module:
     with torch.no_grad():
         for _, m in model.named_modules():
             if isinstance(m, torch.nn.Linear) and m is not model.lm_head:
-                m.weight.copy_(quantize(m.weight, QUANT["dtype"], QUANT["block_size"], QUANT["double_quant"])
+                m.weight.copy_(quantize(m.weight, QUANT["quant_type"], QUANT["block_size"], QUANT["double_quant"])
                                .dequantize())
     return model
 

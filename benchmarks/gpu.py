@@ -81,10 +81,7 @@ def sync(device: torch.device) -> None:
 
 
 def free(device: torch.device) -> None:
-    from tunelab.accel.dequant import free_workspaces
-
-    free_workspaces()
-    gc.collect()
+    gc.collect()  # a model's dequantize workspaces go with it (tunelab.accel.dequant.Dequant)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -136,12 +136,13 @@ def dequant(reps: int) -> None:
     for out_f, in_f in ((FF, D), (D, D)):
         w = torch.randn(out_f, in_f)
         q = quantize(w, "nf4", block_size=64, double_quant=True)
-        buf = dequant.workspace(q, torch.float32)
+        speedup = dequant.Dequant()  # as train.kernels=auto applies it to a model
+        buf = speedup.workspace(q, torch.float32)
 
         def with_kernel(on: bool):
             def run():
                 dequant_c._lib = lib if on else None
-                dequant.matmul_weight(q, torch.float32)  # into buf: the kernel, or PyTorch's ops without it
+                speedup(q, torch.float32)  # into buf: the kernel, or PyTorch's ops without it
             return run
 
         copy = paired(lambda: buf[: w.numel()].copy_(w.view(-1)), lambda: None, reps)[0]
@@ -165,7 +166,7 @@ def qlora_layer(reps: int) -> None:
     lib = dequant_c._lib
     for out_f, in_f in ((FF, D), (D, FF), (D, D)):
         base = Linear4bit.from_linear(torch.nn.Linear(in_f, out_f, bias=False))
-        base.dequant = dequant.matmul_weight  # as train.kernels=auto applies it
+        base.dequant = dequant.Dequant()  # as train.kernels=auto applies it
         layer = LoRALinear(base, R, 2 * R)
         layer.kernel = lora.fused_forward
         x, g = torch.randn(T, in_f, requires_grad=True), torch.randn(T, out_f)

@@ -152,7 +152,7 @@ def build_stack(stack: str, labels: str, batch: int, seq: int, r: int, malloc: s
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         if stack == "tunelab-qlora":
-            quantize_model(model, dtype="nf4", block_size=64, double_quant=True)
+            quantize_model(model, "nf4", block_size=64, double_quant=True)
         apply_lora(model, LoraConfig(r=r, alpha=32, target_modules="all-linear"), verbose=False)
         # train.kernels=auto, as tunelab's training runs apply it: fused RMSNorm, SwiGLU and rotary embedding,
         # the fused LoRA autograd, the dequantize kernel and workspace, the malloc setting

@@ -31,7 +31,7 @@ def make_run(run: Path) -> None:
     from tunelab.models.load import load_pretrained
     from tunelab.quant import quantize_model
 
-    quant = dict(dtype="nf4", block_size=64, double_quant=True)
+    quant = dict(quant_type="nf4", block_size=64, double_quant=True)
     lora = dict(r=16, alpha=32, target_modules="all-linear")
     model, _ = load_pretrained("bundled")
     quantize_model(model, **quant)

@@ -6,6 +6,7 @@ A wrong key, type or range is a `ConfigError` naming the key and what is allowed
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -52,10 +53,24 @@ class ModelConfig(_Strict):
 class QuantConfig(_Strict):
     """How `qlora` stores the frozen linear weights."""
 
-    dtype: Literal["nf4", "fp4", "int4", "int8"] = "nf4"
+    quant_type: Literal["nf4", "fp4", "int4", "int8"] = "nf4"
+    """The storage format (code book) of the 4-bit weights; torch dtypes are `dtype` keys (model.dtype).
+    The old name of this key, `quant.dtype`, is still read, with a warning."""
     block_size: int = Field(64, ge=32, le=4096)
     """Weights per absmax scale: a power of two (the packed blocks tile every row evenly)."""
     double_quant: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_name(cls, data):
+        """`quant.dtype` (before quant_type had its own name; run folders written then still have it)."""
+        if isinstance(data, dict) and "dtype" in data:
+            if "quant_type" in data:
+                raise ValueError("quant.dtype is the old name of quant.quant_type: give quant_type only")
+            warnings.warn("quant.dtype is now quant.quant_type (the 4-bit format; `dtype` names torch dtypes): "
+                          "rename it in the config", FutureWarning, stacklevel=3)  # the caller of model_validate
+            data = {("quant_type" if k == "dtype" else k): v for k, v in data.items()}
+        return data
 
     @field_validator("block_size")
     @classmethod
@@ -327,6 +342,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         if not sep or not key:
             raise ConfigError(f"override `{item}` is not key=value (e.g. train.lr=1e-4)")
         _set_path(tree, key.strip(), _parse_value(value))
+    return validate_config(tree, origin)
+
+
+def validate_config(tree: dict, origin: str = "config") -> RunConfig:
+    """A RunConfig from nested dicts (a YAML file's tree, or one built in code); `origin` starts the error line."""
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:

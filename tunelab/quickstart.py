@@ -98,7 +98,6 @@ def _measure(model, tok, sets: dict, prose: list[str]) -> dict:
 def run(args) -> int:
     import torch
 
-    from tunelab.config import load_config
     from tunelab.errors import TunelabError
     from tunelab.eval import injection as J
     from tunelab.eval.heldout import scan_training_data
@@ -109,11 +108,7 @@ def run(args) -> int:
     from tunelab.train.run import build_model, pick_device, run_training
 
     clock = _Clock()
-    overrides = [f"method={args.method}", f"model.source={args.model}", f"train.lr={args.lr}",
-                 f"train.epochs={args.epochs}"]
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    cfg = load_config(None, overrides, base=QUICKSTART)  # a bad flag fails here, before anything is written
+    cfg = quickstart_config(args)  # a bad flag fails here, before anything is written
     for flag, value in (("--eval-per-family", args.eval_per_family), ("--check-n", args.check_n),
                         ("--train-per-family", args.train_per_family)):
         if value < 1:
@@ -221,6 +216,17 @@ def _report(args, cfg, sets, before, after, summary, scan, out, clock) -> str:
     ])
 
 
+def quickstart_config(args):
+    """The RunConfig of a quickstart run: QUICKSTART with the flags' values (paths are filled in later)."""
+    from tunelab.config import validate_config
+
+    train = {**QUICKSTART["train"], "lr": args.lr, "epochs": args.epochs}
+    if args.max_steps is not None:
+        train["max_steps"] = args.max_steps
+    tree = {**QUICKSTART, "method": args.method, "model": {**QUICKSTART["model"], "source": args.model}, "train": train}
+    return validate_config(tree, "quickstart")  # validation copies the nested dicts: QUICKSTART stays as it is
+
+
 def _eval_loss(model, tok, cfg) -> float:
     """The held-out loss before training, on the batches the training loop evaluates after it (same data
     build, seed, batch size and eval_batches). For qlora the model is already 4-bit: the loop's start."""
@@ -244,7 +250,7 @@ def _strip(r: dict) -> dict:
 QUICKSTART = {
     "method": "qlora",
     "model": {"source": "bundled"},
-    "quant": {"dtype": "nf4", "block_size": 64, "double_quant": True},
+    "quant": {"quant_type": "nf4", "block_size": 64, "double_quant": True},
     "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
     "data": {"task": "sft", "sources": [{"name": "tasks", "path": "train.jsonl", "kind": "instructions"}],
              "packing": "padded", "eval_path": "eval.jsonl"},

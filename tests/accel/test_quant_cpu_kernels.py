@@ -24,7 +24,7 @@ def _both_paths(qt, monkeypatch):
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.fail("this check needs a C compiler, which the test machines have")
     monkeypatch.setattr(dequant_c, "_lib", False)
-    fast = dequant.matmul_weight(qt, torch.float32).clone()  # the kernel, into the reused workspace
+    fast = dequant.Dequant()(qt, torch.float32).clone()  # the kernel, into a model's reused workspace
     assert dequant_c.available()
     slow = qt.dequantize(torch.float32)  # the reference: PyTorch ops
     return fast, slow
@@ -76,7 +76,7 @@ def test_switched_off_or_failing_compiler_falls_back(fresh_cache, monkeypatch):
     assert not dequant_c.available()
     assert not list(fresh_cache.rglob("*.so"))  # nothing half-written left in the cache
     qt = quantize(torch.randn(65), "nf4", block_size=32)
-    assert torch.equal(dequant.matmul_weight(qt, torch.float32), qt.dequantize(torch.float32))  # PyTorch's path
+    assert torch.equal(dequant.Dequant()(qt, torch.float32), qt.dequantize(torch.float32))  # PyTorch's path
     qt = quantize(torch.randn(10, 64), "nf4")
     assert torch.equal(qt.dequantize(torch.float32), _reference(qt))
 

@@ -86,17 +86,17 @@ def test_cuda_kernel_equals_pytorch_path_and_fills_workspace():
     ref = blockwise.dequantize_blocks(qt.data, "nf4", qt.numel(), 64, qt.block_scales, None, torch.bfloat16)
     from tunelab.accel import dequant
 
-    work = dequant.workspace(qt, torch.bfloat16)
-    ours = dequant.matmul_weight(qt, torch.bfloat16)  # the `dequant` speed-up: Triton, into the workspace
+    speedup = dequant.Dequant()  # the `dequant` speed-up of one model: Triton, into its workspace
+    work = speedup.workspace(qt, torch.bfloat16)
+    ours = speedup(qt, torch.bfloat16)
     assert ours.data_ptr() == work.data_ptr()
     assert torch.equal(ours.reshape(-1), ref)
 
 
 def test_a_failing_triton_dequantize_warns_once_and_the_pytorch_path_takes_over(monkeypatch):
     """As the fused Triton kernels do: one warning naming the failure, the same numbers from PyTorch's path,
-    and the kernel not tried again (stand-ins for a CUDA tensor and a broken kernel)."""
+    and the kernel not tried again for this model (stand-ins for a CUDA tensor and a broken kernel)."""
     from tunelab.accel import dequant, dequant_triton
-    from tunelab.quant.tensor import QuantizedTensor
 
     qt = tq.quantize(torch.randn(8, 64), "nf4", double_quant=True)
     want = qt.dequantize(torch.float32)
@@ -106,12 +106,11 @@ def test_a_failing_triton_dequantize_warns_once_and_the_pytorch_path_takes_over(
         calls.append(1)
         raise RuntimeError("no sm_120 in this Triton")
 
-    monkeypatch.setattr(QuantizedTensor, "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(dequant_triton, "AVAILABLE", True)
+    monkeypatch.setattr(dequant, "_triton_for", lambda qt: dequant_triton)  # as for a CUDA tensor
     monkeypatch.setattr(dequant_triton, "dequantize_4bit", broken)
-    monkeypatch.setattr(dequant, "workspace", lambda qt, dtype: torch.empty(qt.numel() + 2, dtype=dtype))  # CPU
+    speedup = dequant.Dequant()
     with pytest.warns(UserWarning, match="Triton dequantize kernel failed .*no sm_120"):
-        got = dequant.matmul_weight(qt, torch.float32)
-    assert torch.equal(got, want) and not dequant_triton.AVAILABLE
-    dequant.matmul_weight(qt, torch.float32)
+        got = speedup(qt, torch.float32)
+    assert torch.equal(got, want) and dequant.TRITON in speedup.guard.failed
+    speedup(qt, torch.float32)
     assert calls == [1]

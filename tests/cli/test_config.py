@@ -14,7 +14,7 @@ def test_defaults_and_typed_overrides():
     cfg = load_config(None, ["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "resume=true"],
                       base={"data": DATA})
     assert cfg.train.lr == 1e-4 and cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.resume is True
-    assert cfg.method == "lora" and cfg.quant.dtype == "nf4" and cfg.quant.block_size == 64
+    assert cfg.method == "lora" and cfg.quant.quant_type == "nf4" and cfg.quant.block_size == 64
 
 
 def test_default_packing_is_padded():

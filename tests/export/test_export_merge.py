@@ -121,7 +121,7 @@ def test_a_run_folder_is_reopened_through_run_config(tmp_path):
     (run / "adapter").mkdir(parents=True)
     (run / "config.yaml").write_text("method: qlora\nmodel: {source: bundled}\ndata: {sources: [{name: x, path: x}]}\n")
     src = find_source(str(run))
-    assert src.base == "bundled" and src.quant == {"dtype": "nf4", "block_size": 64, "double_quant": True}
+    assert src.base == "bundled" and src.quant == {"quant_type": "nf4", "block_size": 64, "double_quant": True}
     (run / "config.yaml").write_text("method: qlora\nmodel: {source: bundled}\nquant: {block_sise: 64}\n"
                                      "data: {sources: [{name: x, path: x}]}\n")
     with pytest.raises(TunelabError, match=r"config.yaml.*block_sise"):

@@ -30,7 +30,7 @@ def test_streamed_4bit_load_equals_load_then_quantize(tmp_path, cfg):
     assert len(shards) >= 3
     streamed, _ = load_pretrained(str(d), quant=QUANT)
     whole, _ = load_pretrained(str(d))
-    quantize_model(whole, QUANT.dtype, QUANT.block_size, QUANT.double_quant)
+    quantize_model(whole, QUANT.quant_type, QUANT.block_size, QUANT.double_quant)
 
     a, b = streamed.state_dict(), whole.state_dict()  # packed codes, absmax, quant maps, float params, biases
     assert list(a) == list(b)

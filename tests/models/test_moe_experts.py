@@ -208,7 +208,7 @@ def test_streaming_loader_stacks_and_quantizes_experts_as_transformers(case, tmp
     from tunelab.models.load import load_quantized
 
     ws = _workspace(tmp_path, case)
-    q = SimpleNamespace(dtype="nf4", block_size=32, double_quant=True)
+    q = SimpleNamespace(quant_type="nf4", block_size=32, double_quant=True)
     streamed = load_quantized(ws / "model", q)
     whole = quantize_model(transformers.AutoModelForCausalLM.from_pretrained(ws / "model", dtype=torch.float32),
                            block_size=32)

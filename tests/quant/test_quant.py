@@ -212,7 +212,7 @@ def test_int_absmax_codes_are_rounded_multiples():
         ((torch.randn(64), "nf4", 16), "power of two"),
         ((torch.randn(64), "nf4", 8192), "power of two"),
         ((torch.empty(0, 4),), "empty"),
-        ((torch.randn(64), "nf3"), "unknown quantization dtype"),
+        ((torch.randn(64), "nf3"), "unknown quant_type"),
     ],
 )
 def test_bad_input_is_a_clear_error(args, match):

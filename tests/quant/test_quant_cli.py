@@ -17,7 +17,7 @@ def test_quantize_report_and_save(tiny_llama, tmp_path, capsys):
 
     src, out = tmp_path / "model", tmp_path / "q"
     tiny_llama.save_pretrained(src)
-    assert main(["quantize", str(src), "--dtype", "nf4", "--double-quant", "--save", str(out)]) == 0
+    assert main(["quantize", str(src), "--quant-type", "nf4", "--double-quant", "--save", str(out)]) == 0
     text = capsys.readouterr().out
     rows = re.findall(r"^(model\.layers\.\d+\.\S+)\s+(\d+)x(\d+)\s+([\d.]+)\s+([\d.]+)$", text, re.M)
     assert len(rows) == 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head skipped
@@ -50,7 +50,7 @@ def test_quantize_report_and_save(tiny_llama, tmp_path, capsys):
 
 def test_int8_minmax_report(tiny_llama, tmp_path, capsys):
     tiny_llama.save_pretrained(tmp_path)
-    assert main(["quantize", str(tmp_path), "--dtype", "int8", "--scheme", "minmax", "--block-size", "128"]) == 0
+    assert main(["quantize", str(tmp_path), "--quant-type", "int8", "--scheme", "minmax", "--block-size", "128"]) == 0
     text = capsys.readouterr().out
     assert "int8 minmax, block 128" in text
     assert re.search(r"quantized layers: 8\.500 bits/param", text)  # 8 + (32 + 32) / 128
@@ -63,9 +63,9 @@ def test_clear_errors(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path), "--block-size", "100"]) == 2
     assert "power of two" in capsys.readouterr().err
-    assert main(["quantize", str(tmp_path), "--dtype", "nf4", "--scheme", "minmax"]) == 2
+    assert main(["quantize", str(tmp_path), "--quant-type", "nf4", "--scheme", "minmax"]) == 2
     assert "int4 or int8" in capsys.readouterr().err
-    assert main(["quantize", str(tmp_path), "--dtype", "int8", "--save", str(tmp_path / "o")]) == 2
+    assert main(["quantize", str(tmp_path), "--quant-type", "int8", "--save", str(tmp_path / "o")]) == 2
     assert "nf4/fp4" in capsys.readouterr().err
 
 

@@ -16,7 +16,7 @@ from tunelab.lora import LoraConfig, apply_lora, save_adapter
 from tunelab.quant import quantize_model
 
 LORA = dict(r=4, alpha=8, target_modules="all-linear")
-QUANT = dict(dtype="nf4", block_size=64, double_quant=True)
+QUANT = dict(quant_type="nf4", block_size=64, double_quant=True)
 
 
 def save_base(folder: Path, **cfg) -> Path:

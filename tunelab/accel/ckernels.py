@@ -41,7 +41,8 @@ X86_LEVELS = (
 )
 
 problems: dict[str, str] = {}
-"""Why a kernel library is not loaded, by stem (empty when all loaded); `tunelab doctor` prints it."""
+"""Why a kernel library is not loaded, by stem (empty when all loaded); `tunelab doctor` prints it.
+Process-wide, as the build it describes: a library is built (or found on disk) once per process."""
 
 
 def cache_dir() -> Path:
@@ -142,5 +143,6 @@ def load(stem: str, source: str, signatures: dict[str, list], extra: tuple[str, 
 
 @cache
 def pool(workers: int) -> ThreadPoolExecutor:
-    """Threads for splitting one large kernel call (ctypes lets go of the GIL during each call)."""
+    """Threads for splitting one large kernel call (ctypes lets go of the GIL during each call). Process-wide:
+    one pool per size, kept for the process's life (threads idle between calls cost nothing)."""
     return ThreadPoolExecutor(workers, thread_name_prefix="tunelab-kernel")

@@ -96,6 +96,7 @@ void tunelab_dequant4(const uint8_t *codes, const float *table, const float *sca
 """
 PARALLEL_MIN = 1 << 22  # values per thread below which one thread does all (a thread hand-off costs ~50 us)
 _lock = threading.Lock()
+# process-wide: the compiled library, loaded once (a build per process, cached on disk by tunelab.accel.ckernels)
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 _ARGS = [ctypes.c_void_p] * 7 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int64] * 3
 
@@ -140,7 +141,7 @@ def dequant4(codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor, n: int
     return out[:n]
 
 
-@cache
+@cache  # process-wide: a constant table
 def _dynamic_map() -> torch.Tensor:
     assert NESTED_BLOCK == 256  # the C code groups double-quantized scales by 256
     return codebooks.dynamic_map().float().contiguous()

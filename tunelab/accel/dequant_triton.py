@@ -26,7 +26,9 @@ try:
 except ImportError:  # the PyTorch path serves every device
     triton = None
 
-AVAILABLE = triton is not None  # TUNELAB_TRITON=0 is read by tunelab.accel.kernels.choose
+# a fact of the installation, never changed; a kernel that fails at run time is turned off per model by its
+# Guard (tunelab.accel.guard), and TUNELAB_TRITON=0 is read by tunelab.accel.kernels.choose
+AVAILABLE = triton is not None
 # Packed bytes per program: 1024 bytes -> 2048 outputs, 8 bytes in and 16 outputs per thread at 4 warps.
 BYTES_PER_PROGRAM = 1024
 NUM_WARPS = 4
@@ -98,7 +100,7 @@ if triton is not None:
         tl.store(out_ptr + j, (hi | (lo << 16)).to(tl.int32, bitcast=True), mask=in_range)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=None)  # process-wide: a constant (16 floats) per (format, device)
 def _book16(quant_type: str, device: torch.device) -> torch.Tensor:
     """The fp32 code book padded to 16 entries (int4 uses 15 patterns; the 16th never occurs)."""
     book = codebooks.code(quant_type, device)

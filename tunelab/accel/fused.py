@@ -33,13 +33,13 @@ import ctypes
 import inspect
 import threading
 import types
-import warnings
 from functools import cache
 
 import torch
 from torch import nn
 
 from tunelab.accel import ckernels
+from tunelab.accel.guard import Guard
 
 SOURCE = r"""
 #include <stdint.h>
@@ -155,6 +155,7 @@ _SIGNATURES = {
 PARALLEL_MIN = 1 << 22  # values per thread below which one thread does all (a thread hand-off costs ~50 us)
 SWIGLU_PARALLEL_MIN = 1 << 17  # the same for SwiGLU, whose exp makes each value dearer
 _lock = threading.Lock()
+# process-wide: the compiled library, loaded once (a build per process, cached on disk by tunelab.accel.ckernels)
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 
 
@@ -327,31 +328,15 @@ def _cpu_fp32(*ts: torch.Tensor) -> bool:
 
 
 def _gpu(*ts: torch.Tensor):
-    """tunelab.accel.triton_fused when its Triton kernels serve these CUDA tensors, else None.
-
-    A kernel that fails (a Triton too old or broken for this card) warns once and is not tried again in
-    this process: the module's own formula computes the same.
-    """
-    if ts[0].device.type != "cuda" or _gpu_broken:
+    """tunelab.accel.triton_fused when its Triton kernels serve these CUDA tensors, else None."""
+    if ts[0].device.type != "cuda":
         return None
     from tunelab.accel import triton_fused
 
     return triton_fused if triton_fused.serves(*ts) else None
 
 
-_gpu_broken = False
-
-
-def _on_gpu(kernel, fallback):
-    """kernel(), or fallback() for good after the first failure (with a warning saying why)."""
-    global _gpu_broken
-    try:
-        return kernel()
-    except Exception as e:  # noqa: BLE001 - e.g. Triton's compiler failing on an untested card
-        _gpu_broken = True
-        warnings.warn(f"tunelab's fused Triton kernels failed ({type(e).__name__}: {e}); using PyTorch ops instead",
-                      stacklevel=3)
-        return fallback()
+TRITON = "fused Triton kernels"  # the name under which the module's Guard turns both off when one fails
 
 
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -359,8 +344,9 @@ def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, self.weight, float(self.variance_epsilon))
     gpu = _gpu(hidden_states, self.weight)
     plain = lambda: super(type(self), self).forward(hidden_states)  # noqa: E731
-    if gpu is not None:
-        return _on_gpu(lambda: gpu.rms_norm(hidden_states, self.weight, float(self.variance_epsilon)), plain)
+    if gpu is not None:  # a failing kernel: train.kernels' policy (the model's Guard, set by fuse)
+        return self.accel_guard.run(TRITON, lambda: gpu.rms_norm(hidden_states, self.weight,
+                                                                 float(self.variance_epsilon)), plain)
     return plain()
 
 
@@ -370,20 +356,20 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(g, u))
     gpu = _gpu(g, u) if g.shape == u.shape else None
     if gpu is not None:
-        return self.down_proj(_on_gpu(lambda: gpu.swiglu(g, u), lambda: self.act_fn(g) * u))
+        return self.down_proj(self.accel_guard.run(TRITON, lambda: gpu.swiglu(g, u), lambda: self.act_fn(g) * u))
     return self.down_proj(self.act_fn(g) * u)
 
 
 def gpu_kernels() -> bool:
     """Whether the Triton kernels of tunelab.accel.triton_fused can serve this process (a CUDA device)."""
-    if not torch.cuda.is_available() or _gpu_broken:
+    if not torch.cuda.is_available():
         return False
     from tunelab.accel import triton_fused
 
     return triton_fused.AVAILABLE
 
 
-@cache
+@cache  # process-wide: one class per (class, forward), so models fused apart share it and pickle by its name
 def _fused_class(cls: type, forward) -> type:
     fused = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__,
                                                   "__doc__": f"{cls.__name__} with tunelab's fused CPU kernel."})
@@ -391,11 +377,13 @@ def _fused_class(cls: type, forward) -> type:
     return fused
 
 
-def fuse(model: nn.Module, norm: bool = True, swiglu: bool = True, rotary: bool = True) -> int:
+def fuse(model: nn.Module, norm: bool = True, swiglu: bool = True, rotary: bool = True,
+         guard: Guard | None = None) -> int:
     """fuse_rmsnorm, fuse_swiglu and fuse_rotary, each where asked: what `tunelab train` does to a model of a
     family in tunelab.models.families with train.kernels=auto (tunelab.accel.kernels); returns how many
-    modules."""
-    return ((fuse_rmsnorm(model) if norm else 0) + (fuse_swiglu(model) if swiglu else 0)
+    modules. `guard`: what a failing Triton kernel does (tunelab.accel.guard; default a new one, auto)."""
+    guard = guard or Guard()
+    return ((fuse_rmsnorm(model, guard) if norm else 0) + (fuse_swiglu(model, guard) if swiglu else 0)
             + (fuse_rotary(model) if rotary else 0))
 
 
@@ -425,7 +413,7 @@ def fuse_rotary(model: nn.Module) -> int:
     return count
 
 
-@cache
+@cache  # process-wide, as _fused_class
 def _rotary_class(cls: type) -> type:
     """cls with its forward's code run against globals whose apply_rotary_pos_emb is the kernel's router.
 
@@ -442,9 +430,10 @@ def _rotary_class(cls: type) -> type:
     return fused
 
 
-def fuse_swiglu(model: nn.Module) -> int:
+def fuse_swiglu(model: nn.Module, guard: Guard | None = None) -> int:
     """Give every MLP of LlamaMLP's formula (the family table's `mlp` class) whose activation is SiLU the
     fused SwiGLU; returns how many. Changed in place (the class), as fuse_rmsnorm does."""
+    guard = guard or Guard()
     cls = _family_class(model, "mlp")
     if not (available() or gpu_kernels()) or cls is None:
         return 0
@@ -452,16 +441,18 @@ def fuse_swiglu(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is cls and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
             module.__class__ = _fused_class(cls, _mlp_forward)
+            module.accel_guard = guard
             count += 1
     return count
 
 
-def fuse_rmsnorm(model: nn.Module) -> int:
+def fuse_rmsnorm(model: nn.Module, guard: Guard | None = None) -> int:
     """Give every RMSNorm of Llama's formula (the family table's `norm` class) the fused forward; returns how
     many.
 
     Nothing changes where the kernel cannot be built; a module is changed in place (its class), so
-    parameters, hooks and state_dict keys stay as they were."""
+    parameters, hooks and state_dict keys stay as they were. `guard`: as for fuse."""
+    guard = guard or Guard()
     cls = _family_class(model, "norm")
     if not (available() or gpu_kernels()) or cls is None:
         return 0
@@ -469,5 +460,6 @@ def fuse_rmsnorm(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is cls and hasattr(module, "variance_epsilon"):
             module.__class__ = _fused_class(cls, _norm_forward)
+            module.accel_guard = guard
             count += 1
     return count

@@ -11,6 +11,12 @@ chunked head, the logits transform and the last-layer shortcut from the Kernels 
 what it turned off and why; a family not in the table runs the model's own forward (the fused LoRA autograd,
 the dequantize kernels and the malloc setting, which do not depend on the architecture, still run).
 `strict` raises a TunelabError naming the first speed-up that cannot run.
+
+A kernel that can run but fails while running (Triton compiling for a card it does not know) follows the same
+switch, through the Guard `apply` gives the model instance (tunelab.accel.guard): `auto` warns once, naming
+it and why, and runs its reference twin for that model from then on; `strict` raises. State that outlives a
+model instance is process-wide only where what it records is: a compiled library, a build's error, the
+allocator setting, constant tables (each says so where it is defined).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from torch import nn
 
 from tunelab.accel import fused, malloc
+from tunelab.accel.guard import Guard
 from tunelab.errors import TunelabError
 from tunelab.models.families import Family, family_of, logits_transform
 
@@ -204,15 +211,17 @@ def apply(model: nn.Module, kernels: Kernels) -> int:
     from tunelab.lora.layer import LoRALinear
     from tunelab.quant.linear import Linear4bit
 
+    guard = Guard(kernels.mode)  # this instance's: a kernel failing while it runs warns (auto) or raises (strict)
     count = 0
     if kernels.family is not None:
-        count = fused.fuse(model, norm=kernels.norm, swiglu=kernels.swiglu, rotary=kernels.rotary)
+        count = fused.fuse(model, norm=kernels.norm, swiglu=kernels.swiglu, rotary=kernels.rotary, guard=guard)
+    dequantize = dequant.Dequant(guard) if kernels.dequant else None  # one workspace for the model's layers
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.kernel = lora.fused_forward if kernels.fused_lora else None
             count += kernels.fused_lora
         elif isinstance(module, Linear4bit):
-            module.dequant = dequant.matmul_weight if kernels.dequant else None
+            module.dequant = dequantize
             count += kernels.dequant
     if kernels.malloc:
         malloc.reuse_freed_memory()

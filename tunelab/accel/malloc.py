@@ -28,7 +28,7 @@ MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit systems
 TRIM_THRESHOLD = 1 << 30
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
-_done = False
+_done = False  # process-wide, as what it records: mallopt sets the process's allocator
 
 
 def applies() -> bool:

@@ -30,7 +30,9 @@ try:
 except ImportError:  # callers keep PyTorch's ops
     triton = None
 
-AVAILABLE = triton is not None  # TUNELAB_TRITON=0 is read by tunelab.accel.kernels.choose
+# a fact of the installation, never changed; a kernel that fails at run time is turned off per model by its
+# Guard (tunelab.accel.guard), and TUNELAB_TRITON=0 is read by tunelab.accel.kernels.choose
+AVAILABLE = triton is not None
 MAX_N = 65536  # longest rms_norm row: one program holds a whole row in registers
 SWIGLU_BLOCK = 2048  # elements per program: 16 per thread at 4 warps
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

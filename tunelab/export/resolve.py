@@ -27,7 +27,7 @@ class Source:
 
     base:    `bundled`, an HF folder, a 4-bit folder (tunelab quantize --save) or a .gguf file
     adapter: a PEFT-layout adapter folder, or None
-    quant:   for a QLoRA adapter, the run's quant settings {dtype, block_size, double_quant}; else None
+    quant:   for a QLoRA adapter, the run's quant settings {quant_type, block_size, double_quant}; else None
     run:     the run folder it came from (its config.yaml records model.dtype), or None
     """
 
@@ -98,7 +98,7 @@ def _run_source(run: Path) -> Source:
         return Source(base=str(run / "model"))
     if cfg.model.source == "scratch":
         raise TunelabError(f"{run}: a scratch run has no base model to put its adapter on")
-    quant = cfg.quant.model_dump() if cfg.method == "qlora" else None  # {dtype, block_size, double_quant}
+    quant = cfg.quant.model_dump() if cfg.method == "qlora" else None  # {quant_type, block_size, double_quant}
     return Source(base=cfg.model.source, adapter=run / "adapter", quant=quant, run=run)
 
 

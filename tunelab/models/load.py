@@ -97,7 +97,7 @@ def load_pretrained(source: str, dtype: torch.dtype = torch.float32, trust_remot
                     revision: str | None = None):
     """(model, tokenizer) from `bundled`, an HF folder or a .gguf file; safetensors only, no remote code by default.
 
-    With `quant` (a QuantConfig: dtype, block_size, double_quant) the linears come out as frozen 4-bit
+    With `quant` (a QuantConfig: quant_type, block_size, double_quant) the linears come out as frozen 4-bit
     tunelab.quant.Linear4bit, quantized one tensor at a time as the shards are read (load_quantized); the
     result is the same as loading in `dtype` and then quantize_model.
     """
@@ -214,7 +214,7 @@ def load_quantized(folder: Path, quant, dtype: torch.dtype = torch.float32, trus
                     t = t.to(dtype)
                     linear = model.get_submodule(module_name)
                     linear.weight = torch.nn.Parameter(t, requires_grad=False)
-                    model.set_submodule(module_name, Linear4bit.from_linear(linear, quant.dtype, quant.block_size,
+                    model.set_submodule(module_name, Linear4bit.from_linear(linear, quant.quant_type, quant.block_size,
                                                                             quant.double_quant))
                     linear.weight = None  # the float weight goes now, not at the end
                     continue
@@ -226,7 +226,7 @@ def load_quantized(folder: Path, quant, dtype: torch.dtype = torch.float32, trus
                 if attr in experts and not is_skipped(module_name, skip) and not any(
                         module._parameters[n].is_meta for n in experts):
                     model.set_submodule(module_name, Experts4bit.from_experts(
-                        module, quant.dtype, quant.block_size, quant.double_quant, path=module_name))
+                        module, quant.quant_type, quant.block_size, quant.double_quant, path=module_name))
     model.tie_weights()  # e.g. lm_head.weight = embed_tokens.weight when config.tie_word_embeddings (not saved twice)
     missing = [n for n, prm in model.named_parameters() if prm.is_meta]
     if missing:

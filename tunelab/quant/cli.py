@@ -1,7 +1,7 @@
 """`tunelab quantize MODEL`: quantize a model's linear weights and report what it costs in error and saves in memory.
 
-    tunelab quantize bundled --dtype nf4 --double-quant
-    tunelab quantize path/to/hf-folder --dtype int8 --scheme minmax --block-size 128 --save out/
+    tunelab quantize bundled --quant-type nf4 --double-quant
+    tunelab quantize path/to/hf-folder --quant-type int8 --scheme minmax --block-size 128 --save out/
 
 Prints one line per quantized layer (shape, relative error ||W - Q(W)|| / ||W||, SQNR in dB), totals,
 the model's weight memory before and after, and bits per quantized parameter. --save writes the model
@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
 
-DTYPES = ("nf4", "fp4", "int8", "int4")
+QUANT_TYPES = ("nf4", "fp4", "int8", "int4")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a Hugging Face model folder, or 'bundled' for the bundled SmolLM2-135M")
-    parser.add_argument("--dtype", choices=DTYPES, default="nf4", help="code book (default nf4)")
+    parser.add_argument("--quant-type", choices=QUANT_TYPES, default=None, help="code book (default nf4)")
+    parser.add_argument("--dtype", choices=QUANT_TYPES, dest="old_dtype", help=argparse.SUPPRESS)  # its old name
     parser.add_argument("--scheme", choices=("absmax", "minmax"), default="absmax",
                         help="absmax (symmetric) or minmax (zero point, int4/int8 only); default absmax")
     parser.add_argument("--block-size", type=int, default=64, help="elements per scale, a power of two 32..4096")
@@ -35,11 +37,13 @@ def run(args: argparse.Namespace) -> int:
     from tunelab.quant.tensor import check_block_size
 
     check_block_size(args.block_size)  # fail before loading a model
-    if args.scheme == "minmax" and args.dtype not in ("int4", "int8"):
-        raise TunelabError(f"--scheme minmax needs --dtype int4 or int8 ({args.dtype} is an absmax code book)")
-    if args.save and (args.dtype not in ("nf4", "fp4") or args.scheme != "absmax"):
+    _old_flag(args)
+    if args.scheme == "minmax" and args.quant_type not in ("int4", "int8"):
+        raise TunelabError(f"--scheme minmax needs --quant-type int4 or int8 ({args.quant_type} is an absmax code "
+                           "book)")
+    if args.save and (args.quant_type not in ("nf4", "fp4") or args.scheme != "absmax"):
         raise TunelabError("--save writes bitsandbytes' 4-bit layout, which holds nf4/fp4 absmax weights; "
-                           "drop --save or use --dtype nf4/fp4")
+                           "drop --save or use --quant-type nf4/fp4")
     if args.save:  # before the model loads
         from tunelab.atomic import check_model_folder_dest
 
@@ -54,13 +58,27 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, SafetensorError) as e:  # e.g. a truncated or mislabelled .safetensors file
         raise TunelabError(f"{model_dir}: cannot load the model ({str(e).splitlines()[0]}); check that its "
                            "config.json and *.safetensors files are complete (download them again)") from e
-    report = quantize_report(model, args.dtype, args.block_size, args.double_quant, args.scheme, tuple(args.skip))
-    print_report(report, f"{args.dtype} {args.scheme}, block {args.block_size}"
+    report = quantize_report(model, args.quant_type, args.block_size, args.double_quant, args.scheme,
+                             tuple(args.skip))
+    print_report(report, f"{args.quant_type} {args.scheme}, block {args.block_size}"
                  f"{', double quant' if args.double_quant else ''}: {model_dir}")
     if args.save:
         save_quantized(model, report["quantized"], args.save, args)
         print(f"saved: {args.save}")
     return 0
+
+
+def _old_flag(args: argparse.Namespace) -> None:
+    """--dtype, the old name of --quant-type (torch dtypes are --dtype elsewhere): still read, with a note."""
+    if args.old_dtype is None:
+        args.quant_type = args.quant_type or "nf4"
+        return
+    if args.quant_type is not None and args.quant_type != args.old_dtype:
+        raise TunelabError(f"--dtype {args.old_dtype} is the old name of --quant-type, which says "
+                           f"{args.quant_type}: give --quant-type only")
+    print("tunelab quantize: --dtype is now --quant-type (the 4-bit format); --dtype still works for now",
+          file=sys.stderr)
+    args.quant_type = args.old_dtype
 
 
 def _resolve(model: str) -> Path:
@@ -77,7 +95,7 @@ def _resolve(model: str) -> Path:
     return model_folder(str(path))  # refuses a folder whose weights are pickle files only
 
 
-def quantize_report(model, dtype: str, block_size: int, double_quant: bool, scheme: str, skip: tuple[str, ...]):
+def quantize_report(model, quant_type: str, block_size: int, double_quant: bool, scheme: str, skip: tuple[str, ...]):
     """Quantize every nn.Linear weight (except `skip`) and measure the error in float64.
 
     Returns {"rows": [(name, shape, rel_err, sqnr_db)], "quantized": {name: QuantizedTensor},
@@ -97,7 +115,7 @@ def quantize_report(model, dtype: str, block_size: int, double_quant: bool, sche
         if not isinstance(mod, nn.Linear) or is_skipped(name, skip):
             continue
         w = mod.weight.detach()
-        qt = quantize(w, dtype, block_size=block_size, double_quant=double_quant, scheme=scheme)
+        qt = quantize(w, quant_type, block_size=block_size, double_quant=double_quant, scheme=scheme)
         w64, err = w.double(), (qt.dequantize(torch.float64) - w.double())
         s, e = float((w64 ** 2).sum()), float((err ** 2).sum())
         rows.append((name, tuple(w.shape), math.sqrt(e / s), _db(s, e)))
@@ -155,7 +173,7 @@ def save_quantized(model, quantized: dict, out: Path, args: argparse.Namespace) 
         sd.update({k: v.contiguous() for k, v in qt.to_bnb_state_dict(name + ".").items()})
     model.config.quantization_config = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": args.dtype, "bnb_4bit_use_double_quant": bool(args.double_quant),
+        "bnb_4bit_quant_type": args.quant_type, "bnb_4bit_use_double_quant": bool(args.double_quant),
         "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": list(args.skip), "tunelab_block_size": args.block_size,
     }

@@ -71,11 +71,11 @@ class Experts4bit(nn.Module):
         self.num_experts = base.num_experts
 
     @classmethod
-    def from_experts(cls, experts: nn.Module, dtype: str = "nf4", block_size: int = 64, double_quant: bool = True,
+    def from_experts(cls, experts: nn.Module, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
                      compute_dtype: torch.dtype | None = None, path: str = "experts") -> "Experts4bit":
         """Quantize every expert weight of `experts` (removed from it as it goes) into a new Experts4bit."""
-        if dtype not in ("nf4", "fp4", "int4"):
-            raise QuantError(f"Experts4bit stores 4-bit weights (nf4, fp4, int4), not {dtype!r}")
+        if quant_type not in ("nf4", "fp4", "int4"):
+            raise QuantError(f"Experts4bit stores 4-bit weights (nf4, fp4, int4), not {quant_type!r}")
         qweights = {}
         for name in expert_weight_names(experts):
             w = experts._parameters.pop(name).detach()  # (E, out, in); the float copy goes with this frame
@@ -87,7 +87,7 @@ class Experts4bit(nn.Module):
                     f"dividing {per_expert}")
             # Flat row-major blocks: with per_expert % block_size == 0 each block lies inside one expert, so this
             # is quantize(w[e]) for every e (the double-quantized scales are grouped across experts).
-            qweights[name] = quantize(w, dtype, block_size=block_size, double_quant=double_quant)
+            qweights[name] = quantize(w, quant_type, block_size=block_size, double_quant=double_quant)
         return cls(experts, qweights, compute_dtype)
 
     @property
@@ -119,11 +119,11 @@ class Experts4bit(nn.Module):
         return f"{', '.join(self.qweights)}: {q.quant_type}{'+dq' if q.double_quant else ''}, block_size={q.block_size}"
 
 
-def quantize_experts(model: nn.Module, dtype: str = "nf4", block_size: int = 64, double_quant: bool = True,
+def quantize_experts(model: nn.Module, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
                      skip: tuple[str, ...] = (), compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every float MoE experts module (except paths matching `skip`) by a frozen Experts4bit, in place."""
     for path, module in expert_modules(model):
         if not isinstance(module, Experts4bit) and not is_skipped(path, tuple(skip)):
-            model.set_submodule(path, Experts4bit.from_experts(module, dtype, block_size, double_quant, compute_dtype,
+            model.set_submodule(path, Experts4bit.from_experts(module, quant_type, block_size, double_quant, compute_dtype,
                                                                path))
     return model

@@ -66,12 +66,12 @@ class Linear4bit(nn.Module):
         self.dequant = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, dtype: str = "nf4", block_size: int = 64, double_quant: bool = True,
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None) -> "Linear4bit":
         """Quantize an nn.Linear's weight (on its device) into a new frozen Linear4bit."""
-        if dtype not in ("nf4", "fp4", "int4"):
-            raise QuantError(f"Linear4bit stores 4-bit weights (nf4, fp4, int4), not {dtype!r}")
-        qweight = quantize(linear.weight.detach(), dtype, block_size=block_size, double_quant=double_quant)
+        if quant_type not in ("nf4", "fp4", "int4"):
+            raise QuantError(f"Linear4bit stores 4-bit weights (nf4, fp4, int4), not {quant_type!r}")
+        qweight = quantize(linear.weight.detach(), quant_type, block_size=block_size, double_quant=double_quant)
         return cls(qweight, linear.bias, compute_dtype)
 
     # ---- facts ---------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def is_skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
-def quantize_model(model: nn.Module, dtype: str = "nf4", block_size: int = 64, double_quant: bool = True,
+def quantize_model(model: nn.Module, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
                    skip: tuple[str, ...] = ("lm_head",), compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every nn.Linear (except names matching `skip`) by a frozen Linear4bit, and every mixture-of-experts
     experts module by a frozen Experts4bit (tunelab.quant.experts), in place.
@@ -166,11 +166,11 @@ def quantize_model(model: nn.Module, dtype: str = "nf4", block_size: int = 64, d
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(linear, dtype, block_size, double_quant, compute_dtype))
+        setattr(parent, child, Linear4bit.from_linear(linear, quant_type, block_size, double_quant, compute_dtype))
         linear.weight = None  # release the fp weight even if someone still holds the old module
     from tunelab.quant.experts import quantize_experts  # imports this module
 
-    return quantize_experts(model, dtype, block_size, double_quant, tuple(skip), compute_dtype)
+    return quantize_experts(model, quant_type, block_size, double_quant, tuple(skip), compute_dtype)
 
 
 def model_nbytes(model: nn.Module) -> int:

@@ -119,7 +119,7 @@ class QuantizedTensor:
         """
         if self.quant_type not in ("nf4", "fp4") or self.scheme != "absmax":
             raise QuantError(f"bitsandbytes' 4-bit layout holds nf4/fp4 absmax only, not {self.quant_type} "
-                             f"{self.scheme}; quantize with dtype='nf4' or 'fp4'")
+                             f"{self.scheme}; quantize with quant_type='nf4' or 'fp4'")
         key = prefix + "weight"
         meta = {"quant_type": self.quant_type, "blocksize": self.block_size, "dtype": _dtype_name(self.dtype),
                 "shape": list(self.shape)}
@@ -172,12 +172,12 @@ def check_block_size(block_size: int) -> None:
         raise QuantError(f"block size must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}, got {block_size!r}")
 
 
-def quantize(t: torch.Tensor, dtype: str = "nf4", block_size: int = 64, double_quant: bool = False,
+def quantize(t: torch.Tensor, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False,
              scheme: str = "absmax") -> QuantizedTensor:
     """Quantize a float tensor blockwise.
 
-    dtype: "nf4" | "fp4" (4-bit code books, absmax only), "int4" | "int8" (linear codes, absmax or
-    minmax). block_size: a power of two in 32..4096. double_quant: store the per-block scales as 8-bit
+    quant_type: the storage format (t.dtype is the torch dtype it came in and comes back in): "nf4" | "fp4"
+    (4-bit code books, absmax only), "int4" | "int8" (linear codes, absmax or minmax). block_size: a power of two in 32..4096. double_quant: store the per-block scales as 8-bit
     codes too (QLoRA). NF4/FP4 absmax output is bit-identical to bitsandbytes' quantize_4bit on CPU.
     """
     if not isinstance(t, torch.Tensor):
@@ -186,20 +186,20 @@ def quantize(t: torch.Tensor, dtype: str = "nf4", block_size: int = 64, double_q
         raise QuantError(f"quantize takes float32/float16/bfloat16 tensors, got {t.dtype}; convert with .float()")
     if t.numel() == 0:
         raise QuantError(f"cannot quantize an empty tensor (shape {tuple(t.shape)})")
-    if dtype not in codebooks.QUANT_TYPES:
-        raise QuantError(f"unknown quantization dtype {dtype!r}; choose one of {', '.join(codebooks.QUANT_TYPES)}")
+    if quant_type not in codebooks.QUANT_TYPES:
+        raise QuantError(f"unknown quant_type {quant_type!r}; choose one of {', '.join(codebooks.QUANT_TYPES)}")
     if scheme not in SCHEMES:
         raise QuantError(f"unknown scheme {scheme!r}; choose 'absmax' or 'minmax'")
-    if scheme == "minmax" and dtype not in codebooks.INT_LEVELS:
-        raise QuantError(f"{dtype} is an absmax code book; min-max (zero point) works with int4 or int8")
+    if scheme == "minmax" and quant_type not in codebooks.INT_LEVELS:
+        raise QuantError(f"{quant_type} is an absmax code book; min-max (zero point) works with int4 or int8")
     check_block_size(block_size)
     flat = t.detach().reshape(-1)
     zero = None
     if scheme == "absmax":
-        data, scales = blockwise.quantize_absmax(flat, dtype, block_size)
+        data, scales = blockwise.quantize_absmax(flat, quant_type, block_size)
     else:
-        data, scales, zero = blockwise.quantize_minmax(flat, dtype, block_size)
-    qt = QuantizedTensor(data=data, scales=scales, shape=t.shape, dtype=t.dtype, quant_type=dtype,
+        data, scales, zero = blockwise.quantize_minmax(flat, quant_type, block_size)
+    qt = QuantizedTensor(data=data, scales=scales, shape=t.shape, dtype=t.dtype, quant_type=quant_type,
                          block_size=block_size, scheme=scheme, zero=zero)
     if double_quant:
         qt.scales, qt.nested_absmax, qt.offset = blockwise.quantize_nested(scales)

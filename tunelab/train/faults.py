@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-_hits: dict[str, int] = {}
+_hits: dict[str, int] = {}  # process-wide, as what it counts: the times this process reached each site
 
 
 def point(site: str) -> None:

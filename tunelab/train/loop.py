@@ -7,6 +7,7 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -191,6 +192,52 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+@dataclass
+class _Run:
+    """What the loop's parts share: fixed at setup (above the line) and what the steps change (below it)."""
+
+    model: nn.Module
+    net: nn.Module  # the loss as a module; DDP's or FSDP's wrapper of it under torchrun
+    optimizer: torch.optim.Optimizer
+    params: list  # every trained parameter, for the gradient norm
+    cfg: object  # TrainConfig
+    train_set: list[dict]
+    eval_set: list[dict]
+    objective: Objective
+    kernels: object
+    pad_id: int
+    device: torch.device
+    rank: int
+    world: int
+    sharded: bool  # FSDP: parameters are shards, checkpoints and evaluation gather them
+    no_sync: object  # context manager: a micro-batch whose gradients are not yet synchronised
+    steps_per_epoch: int
+    global_batch: int
+    total_steps: int
+    save_every: int
+    out_dir: Path
+    stopper: EarlyStopping | None
+    on_best: object
+    on_log: object
+    # ---- changed while training
+    start: int = 0
+    ckpt: Path | None = None  # the last checkpoint written or resumed from
+    last_eval: float | None = None
+    tokens_seen: int = 0
+    t0: float = 0.0
+    log: object = None  # metrics.jsonl, open for appending (rank 0)
+    tb: object = None
+    bar: object = None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+
 def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir: Path, *, param_groups,
                pad_id: int, resume: bool = False, device=None, progress: bool = True, kernels=None,
                objective: Objective | None = None, on_best=None, on_log=None) -> dict:
@@ -204,9 +251,41 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     Examples are dicts of input_ids / labels (-100 = no loss) / optional position_ids. The example order of
     step s is a function of (seed, s) alone, so a resumed run sees exactly the batches it would have seen.
     """
+    run = _setup(model, train_set, eval_set, cfg, Path(out_dir), param_groups, pad_id, device, kernels,
+                 objective or NEXT_TOKEN, on_best, on_log)  # NEXT_TOKEN looked up now: tests replace it
+    if resume:
+        _resume(run)
+    _open_outputs(run, progress)
+    stopped = None
+    model.train()
+    for step in range(run.start, run.total_steps):
+        record = _step(run, step)  # accumulate, clip, optimizer step (or skip a non-finite one), schedule
+        done = step + 1
+        faults.point("step")
+        if cfg.eval_every and done % cfg.eval_every == 0 or done == run.total_steps:
+            stopped = _evaluate(run, record, done)
+        if run.log and (done % cfg.log_every == 0 or "eval_loss" in record or done == run.total_steps):
+            _log(run, record, done)
+        if run.bar:
+            run.bar.update(1)
+            run.bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss", "tok_per_s") if k in record})
+        if run.save_every and done % run.save_every == 0 or done == run.total_steps or stopped:
+            _checkpoint(run, record, done)
+        status.beat(run.out_dir, done, run.total_steps)  # status.json for `tunelab board` (when run.py tracks it)
+        if stopped:
+            if run.rank == 0:
+                s = run.stopper
+                print(f"tunelab: early stopping at step {done}: eval loss did not improve for {s.patience} "
+                      f"evaluations; best {s.best_loss:.4g} at step {s.best_step}")
+            break
+    return _finish(run, stopped)
+
+
+def _setup(model, train_set, eval_set, cfg, out_dir: Path, param_groups, pad_id, device, kernels, objective,
+           on_best, on_log) -> _Run:
+    """Sizes of the run, the loss module (wrapped by DDP/FSDP under torchrun), the optimizer, early stopping."""
     rank, world = _world()
     device = device or next(model.parameters()).device
-    objective = objective or NEXT_TOKEN  # looked up now: tests replace it to poison the loss
     global_batch = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch == 0:
@@ -215,10 +294,6 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
             "(train.batch_size x train.grad_accum x processes): lower train.batch_size or add data"
         )
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    save_every = save_interval(cfg.save_every, total_steps)
-    out_dir = Path(out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    metrics_path = out_dir / "metrics.jsonl"
 
     net = _LossModule(model, cfg.loss_chunk_tokens, kernels, objective)
     sharded = world > 1 and cfg.distributed == "fsdp"
@@ -236,150 +311,171 @@ def train_loop(model, train_set: list[dict], eval_set: list[dict], cfg, out_dir:
     optimizer = make(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    start, ckpt, stopped = 0, None, None
     stopper = EarlyStopping(**cfg.early_stopping.model_dump()) if cfg.early_stopping else None
     if stopper and not eval_set:
         raise TunelabError("train.early_stopping needs eval data: set data.eval_fraction > 0 or data.eval_path")
     torch.manual_seed(cfg.seed)
-    if resume:
-        last = checkpoint.latest(ckpt_root)
-        if last is None:
-            print(f"tunelab: resume=true but no complete checkpoint in {ckpt_root}: starting from step 0")
-        else:
-            state = checkpoint.load(last, model, optimizer)
-            start = state["step"]
-            if stopper:
-                stopper.restore(state)
-            ckpt = last
-            if rank == 0:
-                print(f"tunelab: resumed from {last} (step {start} of {total_steps})")
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_partial(ckpt_root)  # temporary folders of a write that a crash cut short
+    return _Run(model=model, net=net, optimizer=optimizer,
+                params=[p for g in optimizer.param_groups for p in g["params"]], cfg=cfg, train_set=train_set,
+                eval_set=eval_set, objective=objective, kernels=kernels, pad_id=pad_id, device=device, rank=rank,
+                world=world, sharded=sharded, no_sync=no_sync, steps_per_epoch=steps_per_epoch,
+                global_batch=global_batch, total_steps=total_steps,
+                save_every=save_interval(cfg.save_every, total_steps), out_dir=out_dir, stopper=stopper,
+                on_best=on_best, on_log=on_log)
+
+
+def _resume(run: _Run) -> None:
+    """Weights, optimizer, RNG and early-stopping state of the latest complete checkpoint, if there is one."""
+    last = checkpoint.latest(run.ckpt_root)
+    if last is None:
+        print(f"tunelab: resume=true but no complete checkpoint in {run.ckpt_root}: starting from step 0")
+        return
+    state = checkpoint.load(last, run.model, run.optimizer)
+    run.start, run.ckpt = state["step"], last
+    if run.stopper:
+        run.stopper.restore(state)
+    if run.rank == 0:
+        print(f"tunelab: resumed from {last} (step {run.start} of {run.total_steps})")
+
+
+def _open_outputs(run: _Run, progress: bool) -> None:
+    """Rank 0: the run folder, metrics.jsonl cut back to the resumed step, TensorBoard, the progress bar."""
+    if run.rank == 0:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(run.ckpt_root)  # temporary folders of a write that a crash cut short
         kept = []
-        if start and metrics_path.exists():  # drop records past the checkpoint: the curve continues, not repeats
-            kept = _read_metrics(metrics_path, start)
-        tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+        if run.start and run.metrics_path.exists():  # drop records past the checkpoint: the curve continues
+            kept = _read_metrics(run.metrics_path, run.start)
+        tmp = run.metrics_path.with_name(run.metrics_path.name + ".tmp")
         tmp.write_text("".join(l + "\n" for l in kept))
-        os.replace(tmp, metrics_path)  # a crash here must not lose the records kept
+        os.replace(tmp, run.metrics_path)  # a crash here must not lose the records kept
+        run.log = open(run.metrics_path, "a")
+        run.tb = _tensorboard(run.out_dir) if "tensorboard" in run.cfg.tracking else None
+        if progress:
+            from tqdm.auto import tqdm
 
-    def order(epoch: int) -> torch.Tensor:
-        return torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            run.bar = tqdm(total=run.total_steps, initial=run.start, desc="train", unit="step", dynamic_ncols=True)
+    run.t0 = time.time()
 
-    def micro_batches(step: int) -> list[dict]:
-        epoch, k = divmod(step, steps_per_epoch)
-        idx = order(epoch)[k * global_batch : (k + 1) * global_batch]
-        mine = idx[rank * cfg.batch_size * cfg.grad_accum : (rank + 1) * cfg.batch_size * cfg.grad_accum]
-        chunks = mine.split(cfg.batch_size)
-        return [(objective.collate or collate)([train_set[int(i)] for i in c], pad_id, device) for c in chunks]
 
-    log = open(metrics_path, "a") if rank == 0 else None
-    tb = _tensorboard(out_dir) if rank == 0 and "tensorboard" in cfg.tracking else None
-    bar = None
-    if rank == 0 and progress:
-        from tqdm.auto import tqdm
+def _micro_batches(run: _Run, step: int) -> list[dict]:
+    """This process's micro-batches of `step`: a slice of the epoch's seeded permutation (resume-exact)."""
+    cfg = run.cfg
+    epoch, k = divmod(step, run.steps_per_epoch)
+    order = torch.randperm(len(run.train_set), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    idx = order[k * run.global_batch : (k + 1) * run.global_batch]
+    per_rank = cfg.batch_size * cfg.grad_accum
+    mine = idx[run.rank * per_rank : (run.rank + 1) * per_rank]
+    collate_fn = run.objective.collate or collate
+    return [collate_fn([run.train_set[int(i)] for i in c], run.pad_id, run.device) for c in mine.split(cfg.batch_size)]
 
-        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    t0, tokens_seen, last_eval = time.time(), 0, None
-    model.train()
-    for step in range(start, total_steps):
-        factor = lr_factor(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * factor
-        batches = micro_batches(step)
-        n_global = _all_sum(sum(objective.label_tokens(b["labels"]) for b in batches), device)
-        loss_sum = 0.0
-        for i, batch in enumerate(batches):
-            sync = world == 1 or i == len(batches) - 1
-            with _explain_oom(cfg, step), (nullcontext() if sync else no_sync()), _autocast(device):
-                s, _ = net(batch)
-                # sum over tokens / global token count = mean over the global batch; DDP/FSDP average ranks
-                (s * (world / max(n_global, 1))).backward()
-            loss_sum += float(s.detach())
-            tokens_seen += int(batch["input_ids"].numel()) * world
-        loss = _all_sum(loss_sum, device) / max(n_global, 1)
-        # the norm first, clipping after the check: clipping by a NaN norm would spread NaN to every group
-        norm = fsdp.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-        finite = math.isfinite(loss) and bool(torch.isfinite(norm))
-        if cfg.max_grad_norm and finite:
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm)
-        if not finite:
-            bad = _nonfinite_groups(optimizer) or ["(the loss itself)"]
-            where = f"step {step + 1}: loss {loss}, non-finite gradients in {', '.join(bad)}"
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.on_nonfinite == "stop":
-                kept = f"; last good checkpoint: {ckpt}" if ckpt else ""
-                raise TunelabError(f"{where}; stopped{kept} (train.on_nonfinite=skip skips such steps)")
-            print(f"tunelab: {where}; step skipped")
-            record = {"step": step + 1, "skipped": "non-finite"}
-        else:
-            with _explain_oom(cfg, step):  # AdamW allocates its moments on the first step
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.time() - t0
-            record = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                      "grad_norm": float(norm), "tokens": tokens_seen, "tok_per_s": tokens_seen / elapsed}
-        if objective.step_metrics:  # e.g. a preference objective's rewards and margins: this step's means
-            record.update(objective.step_metrics())
-        done = step + 1
-        faults.point("step")
-        if cfg.eval_every and done % cfg.eval_every == 0 or done == total_steps:
-            if eval_set:
-                # evaluation calls the model's parts, not net.forward: gather the root's shards for it
-                gathered = fsdp.root_gathered(net) if sharded else nullcontext()
-                with _explain_oom(cfg, step), gathered:
-                    last_eval = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, device,
-                                              cfg.loss_chunk_tokens, cfg.eval_batches, kernels, objective)
-                record["eval_loss"] = last_eval
-                if objective.metrics:
-                    record.update(objective.metrics(model))
-                if stopper and stopper.update(done, last_eval):
-                    record["best"] = True
-                    if on_best:
-                        on_best(done)
-                stopped = done if stopper and stopper.stop and done < total_steps else None
-        if log and (done % cfg.log_every == 0 or "eval_loss" in record or done == total_steps):
-            try:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            except OSError as e:  # disk full: one clear line; on resume a record cut short is dropped
-                kept = f"the checkpoint {ckpt} is intact" if ckpt else "no checkpoint was written yet"
-                raise checkpoint.write_error(e, metrics_path, kept) from e
-            for k, v in record.items():
-                if tb and k != "step" and isinstance(v, float):
-                    tb.add_scalar(k, v, done)
-            if on_log:
-                on_log(record)
-        if bar:
-            bar.update(1)
-            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss", "tok_per_s") if k in record})
-        if save_every and done % save_every == 0 or done == total_steps or stopped:
-            tensors = checkpoint.gather(model, optimizer) if rank == 0 or sharded else None  # FSDP: collective
-            if rank == 0:
-                state = {"total_steps": total_steps, "loss": record.get("loss"), **(stopper.state() if stopper else {})}
-                ckpt = checkpoint.save(ckpt_root, done, tensors, state, cfg.keep_last)
-            if world > 1:
-                dist.barrier()
-        status.beat(out_dir, done, total_steps)  # status.json for `tunelab board` (when run.py tracks this run)
-        if stopped:
-            if rank == 0:
-                print(f"tunelab: early stopping at step {done}: eval loss did not improve for {stopper.patience} "
-                      f"evaluations; best {stopper.best_loss:.4g} at step {stopper.best_step}")
-            break
-    if bar:
-        bar.close()
-    if tb:
-        tb.close()
-    if log:
-        log.close()
-        _plot(metrics_path, out_dir / "loss.png")
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()] if rank == 0 else []
+
+def _step(run: _Run, step: int) -> dict:
+    """One optimizer step: schedule, accumulate the micro-batches, clip, step. Returns its metrics record."""
+    cfg, optimizer, world = run.cfg, run.optimizer, run.world
+    factor = lr_factor(step, run.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+    batches = _micro_batches(run, step)
+    n_global = _all_sum(sum(run.objective.label_tokens(b["labels"]) for b in batches), run.device)
+    loss_sum = 0.0
+    for i, batch in enumerate(batches):
+        sync = world == 1 or i == len(batches) - 1
+        with _explain_oom(cfg, step), (nullcontext() if sync else run.no_sync()), _autocast(run.device):
+            s, _ = run.net(batch)
+            # sum over tokens / global token count = mean over the global batch; DDP/FSDP average ranks
+            (s * (world / max(n_global, 1))).backward()
+        loss_sum += float(s.detach())
+        run.tokens_seen += int(batch["input_ids"].numel()) * world
+    loss = _all_sum(loss_sum, run.device) / max(n_global, 1)
+    # the norm first, clipping after the check: clipping by a NaN norm would spread NaN to every group
+    norm = fsdp.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None]))
+    finite = math.isfinite(loss) and bool(torch.isfinite(norm))
+    if cfg.max_grad_norm and finite:
+        torch.nn.utils.clip_grads_with_norm_(run.params, cfg.max_grad_norm, norm)
+    if not finite:
+        bad = _nonfinite_groups(optimizer) or ["(the loss itself)"]
+        where = f"step {step + 1}: loss {loss}, non-finite gradients in {', '.join(bad)}"
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.on_nonfinite == "stop":
+            kept = f"; last good checkpoint: {run.ckpt}" if run.ckpt else ""
+            raise TunelabError(f"{where}; stopped{kept} (train.on_nonfinite=skip skips such steps)")
+        print(f"tunelab: {where}; step skipped")
+        record = {"step": step + 1, "skipped": "non-finite"}
+    else:
+        with _explain_oom(cfg, step):  # AdamW allocates its moments on the first step
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.time() - run.t0
+        record = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm),
+                  "tokens": run.tokens_seen, "tok_per_s": run.tokens_seen / elapsed}
+    if run.objective.step_metrics:  # e.g. a preference objective's rewards and margins: this step's means
+        record.update(run.objective.step_metrics())
+    return record
+
+
+def _evaluate(run: _Run, record: dict, done: int) -> int | None:
+    """Eval loss (and the objective's metrics) into `record`; early stopping. Returns the step to stop at, or None."""
+    if not run.eval_set:
+        return None
+    cfg, stopper = run.cfg, run.stopper
+    # evaluation calls the model's parts, not net.forward: gather the root's shards for it
+    gathered = fsdp.root_gathered(run.net) if run.sharded else nullcontext()
+    with _explain_oom(cfg, done - 1), gathered:
+        run.last_eval = evaluate_loss(run.model, run.eval_set, cfg.batch_size, run.pad_id, run.device,
+                                      cfg.loss_chunk_tokens, cfg.eval_batches, run.kernels, run.objective)
+    record["eval_loss"] = run.last_eval
+    if run.objective.metrics:
+        record.update(run.objective.metrics(run.model))
+    if stopper and stopper.update(done, run.last_eval):
+        record["best"] = True
+        if run.on_best:
+            run.on_best(done)
+    return done if stopper and stopper.stop and done < run.total_steps else None
+
+
+def _log(run: _Run, record: dict, done: int) -> None:
+    """Rank 0: one line of metrics.jsonl, TensorBoard scalars, the on_log hook (MLflow)."""
+    try:
+        run.log.write(json.dumps(record) + "\n")
+        run.log.flush()
+    except OSError as e:  # disk full: one clear line; on resume a record cut short is dropped
+        kept = f"the checkpoint {run.ckpt} is intact" if run.ckpt else "no checkpoint was written yet"
+        raise checkpoint.write_error(e, run.metrics_path, kept) from e
+    for k, v in record.items():
+        if run.tb and k != "step" and isinstance(v, float):
+            run.tb.add_scalar(k, v, done)
+    if run.on_log:
+        run.on_log(record)
+
+
+def _checkpoint(run: _Run, record: dict, done: int) -> None:
+    """Weights, optimizer and loop state after step `done` (written atomically by rank 0; FSDP gathers first)."""
+    tensors = checkpoint.gather(run.model, run.optimizer) if run.rank == 0 or run.sharded else None  # collective
+    if run.rank == 0:
+        state = {"total_steps": run.total_steps, "loss": record.get("loss"),
+                 **(run.stopper.state() if run.stopper else {})}
+        run.ckpt = checkpoint.save(run.ckpt_root, done, tensors, state, run.cfg.keep_last)
+    if run.world > 1:
+        dist.barrier()
+
+
+def _finish(run: _Run, stopped: int | None) -> dict:
+    """Close the outputs, draw loss.png, and summarise the run."""
+    if run.bar:
+        run.bar.close()
+    if run.tb:
+        run.tb.close()
+    if run.log:
+        run.log.close()
+        _plot(run.metrics_path, run.out_dir / "loss.png")
+    rows = [json.loads(l) for l in run.metrics_path.read_text().splitlines() if l.strip()] if run.rank == 0 else []
     losses = [r["loss"] for r in rows if "loss" in r]
-    return {"steps": stopped or total_steps, "start_step": start, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None, "eval_loss": last_eval,
-            "seconds": time.time() - t0, "tokens": tokens_seen,
+    stopper, model, optimizer = run.stopper, run.model, run.optimizer
+    return {"steps": stopped or run.total_steps, "start_step": run.start,
+            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "eval_loss": run.last_eval, "seconds": time.time() - run.t0, "tokens": run.tokens_seen,
             **({"early_stopping": stopper.summary(stopped)} if stopper else {}),
             # what this process stores (FSDP: its shards), the numbers docs/training.md compares
             "process_bytes": {"parameters": fsdp.local_nbytes(model.parameters()),

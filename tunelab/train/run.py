@@ -135,7 +135,7 @@ def _prepare(model, cfg: RunConfig) -> list[dict]:
     if cfg.method == "qlora" and not any(isinstance(m, Linear4bit) for m in model.modules()):
         # a float model (build_model loads qlora models already 4-bit, with their own copies of every tensor)
         q = cfg.quant
-        quantize_model(model, dtype=q.dtype, block_size=q.block_size, double_quant=q.double_quant)
+        quantize_model(model, q.quant_type, block_size=q.block_size, double_quant=q.double_quant)
         # The float parameters left (embeddings, norms) still point into the memory-mapped checkpoint, which
         # keeps every page read while quantizing resident (427 MiB on SmolLM2-135M): own copies free them.
         with torch.no_grad():
