@@ -14,7 +14,7 @@ import warnings
 
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's tunelab
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout's tunelab
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -1,5 +1,5 @@
 """One failure policy for every kernel that can fail while it runs (train.kernels, tunelab.accel.guard): the
-real Triton kernels of a tiny QLoRA Llama under Triton's interpreter (tests/accel_policy_cases.py, in a
+real Triton kernels of a tiny QLoRA Llama under Triton's interpreter (tests/support/accel_policy_cases.py, in a
 subprocess), with failures forced by the script's fault seam.
 
 Tolerances: the loss equal to the reference path's (train.kernels=off: the model's own forward, PyTorch's
@@ -19,7 +19,7 @@ from tunelab.errors import TunelabError
 
 pytest.importorskip("triton")  # an optional dependency: without it PyTorch's ops serve CUDA too
 
-SCRIPT = Path(__file__).with_name("accel_policy_cases.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "support" / "accel_policy_cases.py"
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_each_model_instance_gets_its_own_guard_and_workspace():
 
     import torch
 
-    from conftest import make_tiny_llama
+    from tests.support.tiny_models import make_tiny_llama
     from tunelab.accel import kernels
     from tunelab.quant import Linear4bit, quantize_model
 
