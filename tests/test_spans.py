@@ -248,6 +248,25 @@ def test_detect_and_guard_apply_the_runs_snapping(spans_run, tmp_path):
             assert s["start"] == 0 or doc["text"][s["start"] - 1] == " "
 
 
+def test_rescore_write_rebuilds_the_runs_spans_json(spans_run, tmp_path):
+    """--rescore --write scores the finished run again (the same documents, the same choice on validation)
+    and replaces a stale spans.json with what training wrote."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    run = shutil.copytree(spans_run / "run", tmp_path / "run")
+    fresh = json.loads((run / "spans.json").read_text())
+    (run / "spans.json").write_text(json.dumps({**fresh, "postprocess": {"gap": 5, "min_len": 3, "chosen_on": "old"}}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-m", "tunelab.train.spans", str(run), "--rescore", "--write"], check=True,
+                   env=env, capture_output=True)
+    again = json.loads((run / "spans.json").read_text())
+    assert again["postprocess"] == fresh["postprocess"]
+    assert again["test"]["post"]["m"]["span"] == pytest.approx(fresh["test"]["post"]["m"]["span"])
+
+
 def test_qlora_spans_run_and_bad_record_exit_2(tmp_path, capsys):
     ws = make_workspace(tmp_path, records=4)
     data = _marker_docs(12, 2)

@@ -186,7 +186,7 @@ def baseline(run: str | Path, kind: str = "keyword") -> dict:
 MATCHING = "exact: same label, same first and last token"
 
 
-if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline | --regex-baseline | --rescore [CKPT]]
+if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline | --regex-baseline | --rescore [CKPT] [--write]]
     import sys
 
     from tunelab.config import load_config
@@ -198,9 +198,11 @@ if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-basel
                 **baseline(run, kind),
                 "postprocess": {**eval_spans.NO_POSTPROCESS, "chosen_on": f"nothing: {BASELINES[kind]}, as marked"}}
     elif "--rescore" in rest:  # the run's detector (or its weights at checkpoints/step-N) scored by this code
-        at = rest[rest.index("--rescore") + 1:][:1]
+        at = [a for a in rest[rest.index("--rescore") + 1:][:1] if not a.startswith("--")]
         detector, tok = checkpoint_detector(run, at[0]) if at else open_detector(run)[:2]
         info = SpanTask(load_config(Path(run) / "config.yaml")).scores(detector, tok)
+        if "--write" in rest and not at:  # the finished run's spans.json (what detect and --guard read) replaced
+            (Path(run) / INFO).write_text(json.dumps(info, indent=1))
     else:
         info = json.loads((Path(run) / INFO).read_text())
     print(table(info))
