@@ -175,6 +175,10 @@ def test_decode_postprocess_and_metrics_by_hand():
     assert m["micro"]["span"]["f1"] == pytest.approx(f1)
     spans = [{"start": 4, "end": 11, "label": "pii"}, {"start": 0, "end": 2, "label": "x"}]
     assert redact("Hi, Ann Lee!", spans) == "[X], [PII]!"
+    text = "ring 555.123.4567 and ask"  # a phone and an address on the same characters, a name inside the phone
+    spans = [{"start": 5, "end": 17, "label": "phone"}, {"start": 5, "end": 17, "label": "address"},
+             {"start": 9, "end": 12, "label": "name"}, {"start": 22, "end": 25, "label": "x"}]
+    assert redact(text, spans) == "ring [PHONE] and [X]"
 
 
 def _marker_docs(n: int, seed: int) -> list[dict]:

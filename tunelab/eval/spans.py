@@ -368,9 +368,17 @@ def char_spans(text: str, offsets, spans, labels: list[str], snap: str = "off") 
 
 
 def redact(text: str, spans: list[dict]) -> str:
-    """The text with every detected span replaced by [LABEL]."""
-    for s in sorted(spans, key=lambda s: s["start"], reverse=True):
-        text = text[:s["start"]] + f"[{s['label'].upper()}]" + text[s["end"]:]
+    """The text with every detected span replaced by [LABEL]. Spans that overlap (of different labels: snapping
+    to words or closing gaps can make them) become one mask, with the label of the first (earliest, then
+    longest), so no mask ever eats the characters after a span."""
+    masks: list[list] = []  # [start, end, label], disjoint, by start
+    for s in sorted(spans, key=lambda s: (s["start"], -s["end"])):
+        if masks and s["start"] < masks[-1][1]:
+            masks[-1][1] = max(masks[-1][1], s["end"])
+        else:
+            masks.append([s["start"], s["end"], s["label"]])
+    for start, end, label in reversed(masks):
+        text = text[:start] + f"[{label.upper()}]" + text[end:]
     return text
 
 
