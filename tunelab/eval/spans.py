@@ -11,6 +11,7 @@ of 1s and a predicted span matches a gold span when their token IoU is >= 0.5 (e
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -160,7 +161,8 @@ def evaluate_detector(model, tokenizer, items: list[Item], batch_size: int = 16)
 # (0 = O, 1 + 2k = B, 2 + 2k = I). Matching rule: a predicted span is correct when its label and both token
 # boundaries equal a gold span's (exact match); token metrics count the tokens inside spans, per label.
 
-POSTPROCESS_GRID = {"gap": (0, 1, 2, 3, 5), "min_len": (1, 2, 3)}
+POSTPROCESS_GRID = {"snap": ("off", "words"), "gap": (0, 1, 2, 3, 5), "min_len": (1, 2, 3)}
+NO_POSTPROCESS = {"gap": 0, "min_len": 1, "snap": "off"}
 
 
 def decode(tags: list[int]) -> list[tuple[int, int, int]]:
@@ -189,6 +191,54 @@ def postprocess(spans: list[tuple[int, int, int]], gap: int = 0, min_len: int = 
         else:
             joined.append([a, b, k])
     return sorted((a, b, k) for a, b, k in joined if b - a >= min_len)
+
+
+# snap="words": punctuation dropped from a snapped span's ends, and the bracket pairs whose half alone is dropped
+END_PUNCT, EDGE_QUOTES, BRACKETS = ",.;:!?", "\"'", {"(": ")", "[": "]", "{": "}", "<": ">"}
+
+
+def snap_chars(text: str, start: int, end: int) -> tuple[int, int]:
+    """[start, end) snapped to words: whitespace at the ends dropped; then extended to cover every
+    whitespace-delimited word it touches; then, repeatedly, from the end one of , . ; : ! ? or a quote, from
+    the start a quote, a closing bracket at the end whose kind has more closers than openers in the span (an
+    opener at the start: more openers), and an opener at the start paired with the same kind's closer at the
+    end. `(555) 123-4567.` -> `(555) 123-4567`; `(ann@x.com),` -> `ann@x.com`. May return start == end."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    if start == end:
+        return start, end
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    while end < len(text) and not text[end].isspace():
+        end += 1
+    closer = {c: o for o, c in BRACKETS.items()}
+    while start < end:
+        first, last, n = text[start], text[end - 1], text.count
+        if last in END_PUNCT + EDGE_QUOTES or (last in closer and n(closer[last], start, end) < n(last, start, end)):
+            end -= 1
+        elif first in EDGE_QUOTES or (first in BRACKETS and n(first, start, end) > n(BRACKETS[first], start, end)):
+            start += 1
+        elif end - start > 1 and first in BRACKETS and last == BRACKETS[first]:
+            start, end = start + 1, end - 1
+        else:
+            break
+    return start, end
+
+
+def snap_words(spans: list[tuple[int, int, int]], text: str, offsets) -> list[tuple[int, int, int]]:
+    """Token spans snapped to words (snap_chars on their characters), then back to the tokens whose
+    characters overlap the snapped range (tunelab.data.spans.token_tags' rule for gold spans); a span left
+    with no characters is dropped, and spans of one label that now overlap (pieces of one word) are joined;
+    spans that only touch stay apart."""
+    out = []
+    for a, b, k in spans:
+        start, end = snap_chars(text, offsets[a][0], offsets[b - 1][1])
+        covered = [i for i, (s, e) in enumerate(offsets) if s < end and e > start]
+        if start < end and covered:
+            out.append((covered[0], covered[-1] + 1, k))
+    return postprocess(out, gap=-1)  # gap -1: join spans that share a token
 
 
 def bio_metrics(pred: list[list[tuple]], gold: list[list[tuple]], labels: list[str], intervals: bool = False) -> dict:
@@ -258,66 +308,85 @@ def predict_docs(model, tokenizer, texts: list[str], seq_len: int, stride: int, 
     return [(offsets, pr) for (_, offsets), pr in zip(docs, probs)]
 
 
-def scored_spans(probs: torch.Tensor, gap: int = 0, min_len: int = 1) -> list[tuple[int, int, int, float]]:
-    """(start, end, k, score) token spans of argmax tags after postprocess; score = the mean probability
-    of label k (B or I) over the span's tokens."""
-    spans = postprocess(decode(probs.argmax(-1).tolist()), gap, min_len)
+def scored_spans(probs: torch.Tensor, post: dict | None = None, text: str = "", offsets=()) -> list[tuple]:
+    """(start, end, k, score) token spans of argmax tags after post-processing {gap, min_len, snap}: gaps
+    closed, then snapped to words (snap "words", snap_words: needs the document's text and token offsets),
+    then the spans shorter than min_len tokens dropped; score = the mean probability of label k (B or I) over
+    the span's tokens."""
+    post = {**NO_POSTPROCESS, **(post or {})}
+    spans = postprocess(decode(probs.argmax(-1).tolist()), post["gap"])
+    if post["snap"] == "words":
+        spans = snap_words(spans, text, offsets)
+    elif post["snap"] != "off":
+        raise ValueError(f"postprocess snap={post['snap']!r}: use one of {POSTPROCESS_GRID['snap']}")
+    spans = [s for s in spans if s[1] - s[0] >= post["min_len"]]
     return [(a, b, k, float((probs[a:b, 1 + 2 * k] + probs[a:b, 2 + 2 * k]).mean())) for a, b, k in spans]
 
 
-def scored_metrics(probs: list[torch.Tensor], gold: list[list[tuple]], labels: list[str], post: dict | None = None,
+def scored_metrics(docs: list[tuple], gold: list[list[tuple]], labels: list[str], post: dict | None = None,
                    intervals: bool = False) -> dict:
-    """bio_metrics of the argmax spans of `probs` (one (tokens, tags) tensor per document), raw or after
-    post-processing {gap, min_len}."""
-    post = post or {"gap": 0, "min_len": 1}
-    pred = [[s[:3] for s in scored_spans(p, post["gap"], post["min_len"])] for p in probs]
+    """bio_metrics of the argmax spans of predicted documents (text, offsets, probs (tokens, tags)), raw or
+    after post-processing {gap, min_len, snap}."""
+    pred = [[s[:3] for s in scored_spans(p, post, text, offsets)] for text, offsets, p in docs]
     return bio_metrics(pred, gold, labels, intervals)
 
 
-def choose_postprocess(probs: list[torch.Tensor], gold: list[list[tuple]], labels: list[str]) -> dict:
-    """The {gap, min_len} of POSTPROCESS_GRID with the best micro span F1 on these (validation) documents;
-    ties go to the smallest change (the grid's order)."""
+def choose_postprocess(docs: list[tuple], gold: list[list[tuple]], labels: list[str]) -> dict:
+    """The {snap, gap, min_len} of POSTPROCESS_GRID with the best micro span F1 on these (validation) documents
+    ((text, offsets, probs) each); ties go to the smallest change (the grid's order: no snapping first)."""
     best, best_f1 = None, -1.0
-    for gap in POSTPROCESS_GRID["gap"]:
-        for min_len in POSTPROCESS_GRID["min_len"]:
-            post = {"gap": gap, "min_len": min_len}
-            f1 = scored_metrics(probs, gold, labels, post)["micro"]["span"]["f1"]
-            if f1 > best_f1:
-                best, best_f1 = post, f1
+    for snap, gap, min_len in itertools.product(*POSTPROCESS_GRID.values()):
+        post = {"gap": gap, "min_len": min_len, "snap": snap}
+        f1 = scored_metrics(docs, gold, labels, post)["micro"]["span"]["f1"]
+        if f1 > best_f1:
+            best, best_f1 = post, f1
     return best
 
 
 def predict_gold(model, tokenizer, docs, labels: list[str], seq_len: int, stride: int):
-    """(probs, gold token spans) of span docs (tunelab.data.spans.SpanDoc), for scored_metrics."""
+    """(predicted, gold token spans) of span docs (tunelab.data.spans.SpanDoc), predicted as (text, offsets,
+    probs) per document, for scored_metrics."""
     from tunelab.data.spans import encode_doc
 
-    probs = [p for _, p in predict_docs(model, tokenizer, [d.text for d in docs], seq_len, stride)]
-    return probs, [decode(encode_doc(d, tokenizer, labels, seq_len, stride)[2]) for d in docs]
+    texts = [d.text for d in docs]
+    predicted = [(t, *op) for t, op in zip(texts, predict_docs(model, tokenizer, texts, seq_len, stride))]
+    return predicted, [decode(encode_doc(d, tokenizer, labels, seq_len, stride)[2]) for d in docs]
 
 
-def char_spans(text: str, offsets, spans, labels: list[str]) -> list[dict]:
-    """Token spans as {"start", "end", "label", "score", "text"} character spans (leading spaces trimmed)."""
+def char_spans(text: str, offsets, spans, labels: list[str], snap: str = "off") -> list[dict]:
+    """Token spans as {"start", "end", "label", "score", "text"} character spans (leading spaces trimmed;
+    snap "words": the characters snap_chars keeps of them, e.g. not a period that shares a token)."""
     out = []
     for a, b, k, score in spans:
         start, end = offsets[a][0], offsets[b - 1][1]
         while start < end and text[start].isspace():
             start += 1
+        if snap == "words":
+            start, end = snap_chars(text, start, end)
         out.append({"start": start, "end": end, "label": labels[k], "score": round(score, 4), "text": text[start:end]})
     return out
 
 
 def redact(text: str, spans: list[dict]) -> str:
-    """The text with every detected span replaced by [LABEL]."""
-    for s in sorted(spans, key=lambda s: s["start"], reverse=True):
-        text = text[:s["start"]] + f"[{s['label'].upper()}]" + text[s["end"]:]
+    """The text with every detected span replaced by [LABEL]. Spans that overlap (of different labels: snapping
+    to words or closing gaps can make them) become one mask, with the label of the first (earliest, then
+    longest), so no mask ever eats the characters after a span."""
+    masks: list[list] = []  # [start, end, label], disjoint, by start
+    for s in sorted(spans, key=lambda s: (s["start"], -s["end"])):
+        if masks and s["start"] < masks[-1][1]:
+            masks[-1][1] = max(masks[-1][1], s["end"])
+        else:
+            masks.append([s["start"], s["end"], s["label"]])
+    for start, end, label in reversed(masks):
+        text = text[:start] + f"[{label.upper()}]" + text[end:]
     return text
 
 
 def detect(model, tokenizer, texts: list[str], labels: list[str], seq_len: int, stride: int,
            post: dict | None = None) -> list[list[dict]]:
-    """The detected spans of each text (char_spans' dicts), with the post-processing {gap, min_len}."""
-    post = post or {"gap": 0, "min_len": 1}
-    return [char_spans(text, offsets, scored_spans(p, post["gap"], post["min_len"]), labels)
+    """The detected spans of each text (char_spans' dicts), with the post-processing {gap, min_len, snap}."""
+    post = {**NO_POSTPROCESS, **(post or {})}
+    return [char_spans(text, offsets, scored_spans(p, post, text, offsets), labels, post["snap"])
             for text, (offsets, p) in zip(texts, predict_docs(model, tokenizer, texts, seq_len, stride))]
 
 

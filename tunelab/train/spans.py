@@ -1,7 +1,8 @@
 """data.task=spans in a run: the token classifier, its objective with span metrics, the final scores, and
 opening a trained run again (tunelab detect).
 
-After training, the post-processing (tunelab.eval.spans.POSTPROCESS_GRID: gap closing, minimum length) is
+After training, the post-processing (tunelab.eval.spans.POSTPROCESS_GRID: snapping to words, gap closing,
+minimum length) is
 chosen on the validation split and then applied unchanged to the test split (data.test_path); both splits
 are reported raw and post-processed. The run folder's spans.json keeps what detection needs.
 """
@@ -55,7 +56,7 @@ class SpanTask:
         """Validation raw -> post-processing chosen there -> validation and test with it (with intervals)."""
         result = {"labels": self.labels, "seq_len": self.cfg.train.seq_len, "stride": self.cfg.data.stride,
                   "matching": MATCHING,
-                  "postprocess": {"gap": 0, "min_len": 1, "chosen_on": None}}
+                  "postprocess": {**eval_spans.NO_POSTPROCESS, "chosen_on": None}}
         if not self.val:
             return result
         predicted = {"validation": self._predict(model, tok, self.val)}
@@ -63,9 +64,9 @@ class SpanTask:
         result["postprocess"] = {**post, "chosen_on": f"validation ({len(self.val)} documents)"}
         if self.test:
             predicted["test"] = self._predict(model, tok, self.test)
-        for split, (probs, gold) in predicted.items():
-            result[split] = {"raw": eval_spans.scored_metrics(probs, gold, self.labels, intervals=True),
-                             "post": eval_spans.scored_metrics(probs, gold, self.labels, post, intervals=True),
+        for split, (docs, gold) in predicted.items():
+            result[split] = {"raw": eval_spans.scored_metrics(docs, gold, self.labels, intervals=True),
+                             "post": eval_spans.scored_metrics(docs, gold, self.labels, post, intervals=True),
                              "documents": len(gold)}
         return result
 
@@ -88,7 +89,8 @@ def table(info: dict) -> str:
     """A Markdown table of a spans.json: token and span P/R/F1 per label and split, raw and post-processed
     (span rates with their 95% intervals where recorded)."""
     post = info["postprocess"]
-    lines = [f"post-processing: close gaps <= {post['gap']} tokens, min length {post['min_len']} tokens (chosen on "
+    lines = [f"post-processing: close gaps <= {post['gap']} tokens, snap to words {post.get('snap', 'off')}, min "
+             f"length {post['min_len']} tokens (chosen on "
              f"{post['chosen_on']}); span match: {info['matching']}; [95% intervals: Wilson for P and R, bootstrap "
              "over documents for F1]", "",
              "| split | decoding | label | token P | token R | token F1 | span P | span R | span F1 |",
@@ -184,7 +186,7 @@ def baseline(run: str | Path, kind: str = "keyword") -> dict:
 MATCHING = "exact: same label, same first and last token"
 
 
-if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline | --regex-baseline | --rescore [CKPT]]
+if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline | --regex-baseline | --rescore [CKPT] [--write]]
     import sys
 
     from tunelab.config import load_config
@@ -194,11 +196,13 @@ if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-basel
     if kind:
         info = {"labels": SpanTask(load_config(Path(run) / "config.yaml")).labels, "matching": MATCHING,
                 **baseline(run, kind),
-                "postprocess": {"gap": 0, "min_len": 1, "chosen_on": f"nothing: {BASELINES[kind]}, as marked"}}
+                "postprocess": {**eval_spans.NO_POSTPROCESS, "chosen_on": f"nothing: {BASELINES[kind]}, as marked"}}
     elif "--rescore" in rest:  # the run's detector (or its weights at checkpoints/step-N) scored by this code
-        at = rest[rest.index("--rescore") + 1:][:1]
+        at = [a for a in rest[rest.index("--rescore") + 1:][:1] if not a.startswith("--")]
         detector, tok = checkpoint_detector(run, at[0]) if at else open_detector(run)[:2]
         info = SpanTask(load_config(Path(run) / "config.yaml")).scores(detector, tok)
+        if "--write" in rest and not at:  # the finished run's spans.json (what detect and --guard read) replaced
+            (Path(run) / INFO).write_text(json.dumps(info, indent=1))
     else:
         info = json.loads((Path(run) / INFO).read_text())
     print(table(info))
