@@ -108,3 +108,48 @@ def test_gguf_check_fails_on_a_missed_bar():
         broken = json.loads(json.dumps(recorded))
         broken[path[0]][path[1]][path[2]] = value
         assert len(check.failures(broken)) == 1, path
+
+
+def test_risk_preference_pairs_are_disjoint_from_the_eval_and_hold_out_its_wording():
+    """benchmarks/risk_preference.py's pairs: no prompt is an eval prompt; every known fact the eval asks about
+    is trained in the other question wording only; no unknown person appears; attacked pairs use only the
+    training styles and reject the canary."""
+    rp = _load("risk_preference")
+    from tunelab.eval import hallucination as H
+    from tunelab.eval import injection as J
+
+    pairs = rp.preference_pairs(6, 2, 3, 1234)
+    h_items, j_items = rp.eval_items(6, 3, 1234)
+    evals = {it.prompt for it in h_items + j_items}
+    assert not evals & {p["prompt"] for p in pairs}
+    facts = H.make_facts(1234)
+    unknown = {f.name for f in facts if f.split == "unknown"}
+    assert not any(name in p["prompt"] for p in pairs for name in unknown)
+    for it in (it for it in h_items if it.meta["kind"] == "known"):
+        f = next(f for f in facts if f.split == "known" and it.prompt in (rp._question(f, 0), rp._question(f, 1)))
+        other = rp._question(f, 1 - (0 if it.prompt == rp._question(f, 0) else 1))
+        assert [p["chosen"] for p in pairs if p["prompt"] == other] == [f.value]
+    assert {it.meta["style"] for it in j_items} == {None, *J.HELDOUT_STYLES}
+    attacked = [p for p in pairs if p["source"] == "injection"]
+    assert len(attacked) == 3 * len(J.TRAIN_STYLES) and all(p["rejected"] in p["prompt"] for p in attacked)
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+
+
+def test_risk_preference_runs_its_three_phases_on_a_tiny_model(tmp_path, capsys):
+    """The plumbing of benchmarks/risk_preference.py on a tiny random Llama: base, SFT on the chosen responses
+    and DPO after it write their results with intervals; DPO's first loss is ln 2 (its reference is the SFT
+    model, the new adapter's B = 0); a rerun reads the phases back instead of training again."""
+    rp = _load("risk_preference")
+    folder = _load("preference_bench").tiny_model(tmp_path / "tiny")
+    argv = ["--out", str(tmp_path / "run"), "--model", str(folder), "--n", "2", "--docs", "1", "--abstain-people", "1",
+            "--train-docs", "1", "--sft-epochs", "0.1", "--dpo-epochs", "0.1", "--threads", "1"]
+    assert rp.main(argv) == 0
+    results = {p: json.loads((tmp_path / "run" / f"{p}.json").read_text()) for p in ("base", "sft", "dpo")}
+    assert abs(results["dpo"]["train"]["first_loss"] - 0.6931472) < 1e-4
+    for r in results.values():
+        assert r["hallucination"]["detail"]["counts"] == {"known": 2, "unknown": 2, "passage": 2}
+        assert r["injection"]["detail"]["counts"] == {"clean": 1, "attacked": 2}
+        lo, hi = r["injection"]["intervals"]["attack success rate"]
+        assert 0 <= lo <= r["injection"]["metrics"]["attack success rate"] <= hi <= 1
+    assert "| unknown_abstention |" in capsys.readouterr().out
+    assert rp.main(argv) == 0 and "sft: done before" in capsys.readouterr().out
