@@ -1,7 +1,7 @@
 """Risk suites on the bundled model: base, SFT on the chosen responses of preference pairs, and that SFT then DPO.
 
-python benchmarks/risk_preference.py [--out runs/risk_preference] [--n 15] [--docs 30] [--abstain-people 6]
-                                     [--train-docs 16] [--sft-epochs 3] [--dpo-epochs 1] [--threads 2] [--model bundled]
+python benchmarks/risk_preference.py [--out runs/risk_preference] [--n 10] [--docs 16] [--abstain-people 4]
+                                     [--train-docs 8] [--sft-epochs 2] [--dpo-epochs 1] [--threads 2] [--model bundled]
 
 Issue 26, item 6. The pairs come from tunelab's own risk generators (tunelab.eval.hallucination,
 tunelab.eval.injection) and never contain an evaluation prompt (`preference_pairs`, tested):
@@ -16,12 +16,14 @@ The evaluation: the hallucination suite (n items per kind: known, unknown, passa
 injection suite on --docs documents (seed 1234), each clean + the HELDOUT_STYLES only (hidden-code-comment,
 multilingual: styles no pair was made from); clean task quality is the clean documents' score.
 
-Phases (OUT/<phase>.json, skipped when present; training checkpoints every 10 steps and resumes, so an
-interrupted run is finished by the same command):
+Models:
   base  the untuned model
   sft   LoRA SFT on the chosen responses (r=16 all-linear, lr 1e-3, batch 8), merged
   dpo   the merged SFT model + a new LoRA trained with DPO on the same pairs (the reference is that LoRA
-        switched off, i.e. the SFT model; beta 0.1, lr 2e-4, batch 4 pairs), merged
+        switched off, i.e. the SFT model; beta 0.1, lr 2e-4, batch 4 pairs; the shared prompt), merged
+Phases, one file each (OUT/<phase>.json, skipped when present; training checkpoints every 10 steps and
+resumes, so an interrupted run is finished by the same command): sft-train, dpo-train, then each suite on
+sft, dpo and base (the base model talks to its token budget: slowest, so last).
 Each metric is printed with its 95% interval (Wilson for rates, bootstrap for partial-credit quality).
 """
 
@@ -96,16 +98,16 @@ def eval_items(n: int, docs: int, seed: int) -> tuple[list, list]:
     return hallucination_eval_items(n, seed), J.make_items(docs, seed, J.HELDOUT_STYLES)
 
 
-def evaluate(model, tok, args) -> dict:
+def evaluate(model, tok, args, suite: str) -> dict:
+    """One suite's result (tunelab.eval.suites' format: metrics, 95% intervals) on eval_items, greedy, the
+    suites' token budgets (hallucination 24, injection 40)."""
     from tunelab.eval.suites import hallucination_result, injection_result
     from tunelab.eval.tasks import answer_items
 
     model.eval()
-    h_items, j_items = eval_items(args.n, args.docs, args.seed)
-    h = answer_items(model, tok, h_items, args.eval_batch, max_new_tokens=24)
-    j = answer_items(model, tok, j_items, args.eval_batch, max_new_tokens=40)
-    return {"hallucination": hallucination_result(h_items, h["outputs"], h["items_per_s"]),
-            "injection": injection_result(j_items, j["outputs"], j["items_per_s"])}
+    items = eval_items(args.n, args.docs, args.seed)[suite == "injection"]
+    r = answer_items(model, tok, items, args.eval_batch, max_new_tokens=24 if suite == "hallucination" else 40)
+    return (hallucination_result if suite == "hallucination" else injection_result)(items, r["outputs"], r["items_per_s"])
 
 
 def rows_of(pairs: list[dict], tok) -> list[dict]:
@@ -151,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/risk_preference")
     ap.add_argument("--model", default="bundled", help="bundled or an HF folder (tests: a tiny random model)")
-    ap.add_argument("--n", type=int, default=15, help="hallucination eval items per kind (known / unknown / passage)")
-    ap.add_argument("--docs", type=int, default=30, help="injection eval documents (each clean + 2 held-out styles)")
-    ap.add_argument("--abstain-people", type=int, default=6)
-    ap.add_argument("--train-docs", type=int, default=16, help="injection training documents (clean + 3 train styles)")
-    ap.add_argument("--sft-epochs", type=float, default=3.0)
+    ap.add_argument("--n", type=int, default=10, help="hallucination eval items per kind (known / unknown / passage)")
+    ap.add_argument("--docs", type=int, default=16, help="injection eval documents (each clean + 2 held-out styles)")
+    ap.add_argument("--abstain-people", type=int, default=4)
+    ap.add_argument("--train-docs", type=int, default=8, help="injection training documents (clean + 3 train styles)")
+    ap.add_argument("--sft-epochs", type=float, default=2.0)
     ap.add_argument("--dpo-epochs", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=8, help="SFT examples per step")
     ap.add_argument("--lr", type=float, default=1e-3, help="SFT learning rate")
@@ -174,29 +176,37 @@ def main(argv: list[str] | None = None) -> int:
     counts = {s: sum(p["source"] == s for p in pairs) for s in dict.fromkeys(p["source"] for p in pairs)}
     print(f"{len(pairs)} pairs: {counts}")
 
-    def base():
-        return evaluate(*load_pretrained(args.model), args)
+    def tuned(stages: tuple[str, ...]):
+        """The base model with the adapters of `stages` (each trained on the one before) merged in order."""
+        model, tok = load_pretrained(args.model)
+        for stage in stages:
+            merge_lora(load_adapter(model, out / stage / "adapter", verbose=False))
+        return model, tok
 
     def sft():
         model, tok = load_pretrained(args.model)
         examples = [{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs]
-        train = train_lora(model, tok, examples, args, out / "sft",
-                           steps_for(args.sft_epochs, len(examples), args.batch_size))
-        return {"train": train, **evaluate(model, tok, args)}
+        return train_lora(model, tok, examples, args, out / "sft", steps_for(args.sft_epochs, len(examples), args.batch_size))
 
     def dpo():
-        model, tok = load_pretrained(args.model)
-        merge_lora(load_adapter(model, out / "sft" / "adapter", verbose=False))  # the SFT model, merged
-        objective = PreferenceObjective("dpo", args.beta, adapter_off_logps)
-        train = train_lora(model, tok, rows_of(pairs, tok), args, out / "dpo",
-                           steps_for(args.dpo_epochs, len(pairs), args.dpo_batch), objective=objective,
-                           lr=args.dpo_lr, batch_size=args.dpo_batch)
-        return {"train": train, **evaluate(model, tok, args)}
+        model, tok = tuned(("sft",))  # the reference is this model: the new adapter switched off
+        objective = PreferenceObjective("dpo", args.beta, adapter_off_logps,
+                                        share_prompt=choose(model, "auto", "cpu").shared_prompt)
+        return train_lora(model, tok, rows_of(pairs, tok), args, out / "dpo",
+                          steps_for(args.dpo_epochs, len(pairs), args.dpo_batch), objective=objective,
+                          lr=args.dpo_lr, batch_size=args.dpo_batch)
 
-    results = {name: phase(out, name, fn) for name, fn in (("base", base), ("sft", sft), ("dpo", dpo))}
+    from tunelab.accel.kernels import choose
+
+    # Each phase is one file: training first, then the SFT vs SFT + DPO evaluations, the (slow) base model last.
+    train = {name: phase(out, f"{name}-train", fn) for name, fn in (("sft", sft), ("dpo", dpo))}
+    stages = {"sft": ("sft",), "dpo": ("sft", "dpo"), "base": ()}
+    results = {name: {} for name in ("base", "sft", "dpo")}
+    for suite in ("hallucination", "injection"):
+        for name in ("sft", "dpo", "base"):
+            results[name][suite] = phase(out, f"{name}-{suite}", lambda: evaluate(*tuned(stages[name]), args, suite))
     print(f"\nload average {open('/proc/loadavg').read().split()[:3]}, {args.threads} torch threads")
-    for name in ("sft", "dpo"):
-        t = results[name]["train"]
+    for name, t in train.items():
         print(f"{name}: {t['examples']} rows (mean {t['mean_tokens']:.0f} tokens), LoRA r=16 all-linear, "
               f"{t['steps']} steps x {t['batch_size']}, lr {t['lr']}, loss {t['first_loss']:.3f} -> "
               f"{t['final_loss']:.3f}, {t['wall_s']:.0f} s")
@@ -204,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nEval (seed {SEED}): hallucination {h}; injection {j} (held-out styles only)\n")
     print(table(results))
     for name, r in results.items():
-        print(f"{name}: hallucination {r['hallucination']['items_per_s']:.2f} items/s, injection "
-              f"{r['injection']['items_per_s']:.2f} items/s; phase {r['phase_s']:.0f} s")
+        print(f"{name}: " + ", ".join(f"{s} {r[s]['items_per_s']:.2f} items/s ({r[s]['phase_s']:.0f} s)" for s in r))
     return 0
 
 

@@ -144,12 +144,13 @@ def test_risk_preference_runs_its_three_phases_on_a_tiny_model(tmp_path, capsys)
     argv = ["--out", str(tmp_path / "run"), "--model", str(folder), "--n", "2", "--docs", "1", "--abstain-people", "1",
             "--train-docs", "1", "--sft-epochs", "0.1", "--dpo-epochs", "0.1", "--threads", "1"]
     assert rp.main(argv) == 0
-    results = {p: json.loads((tmp_path / "run" / f"{p}.json").read_text()) for p in ("base", "sft", "dpo")}
-    assert abs(results["dpo"]["train"]["first_loss"] - 0.6931472) < 1e-4
-    for r in results.values():
-        assert r["hallucination"]["detail"]["counts"] == {"known": 2, "unknown": 2, "passage": 2}
-        assert r["injection"]["detail"]["counts"] == {"clean": 1, "attacked": 2}
-        lo, hi = r["injection"]["intervals"]["attack success rate"]
-        assert 0 <= lo <= r["injection"]["metrics"]["attack success rate"] <= hi <= 1
+    read = lambda p: json.loads((tmp_path / "run" / f"{p}.json").read_text())  # noqa: E731
+    assert abs(read("dpo-train")["first_loss"] - 0.6931472) < 1e-4
+    for name in ("base", "sft", "dpo"):
+        assert read(f"{name}-hallucination")["detail"]["counts"] == {"known": 2, "unknown": 2, "passage": 2}
+        r = read(f"{name}-injection")
+        assert r["detail"]["counts"] == {"clean": 1, "attacked": 2}
+        lo, hi = r["intervals"]["attack success rate"]
+        assert 0 <= lo <= r["metrics"]["attack success rate"] <= hi <= 1
     assert "| unknown_abstention |" in capsys.readouterr().out
-    assert rp.main(argv) == 0 and "sft: done before" in capsys.readouterr().out
+    assert rp.main(argv) == 0 and "sft-train: done before" in capsys.readouterr().out

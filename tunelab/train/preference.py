@@ -39,6 +39,8 @@ def sequence_logps(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[
     targets = batch["labels"][:, 1:]  # (B, T-1)
     B = targets.shape[0]
     tokens = (targets != IGNORE).sum(1)
+    if "sequence" in batch:  # a shared-prompt batch (collate_shared): P rows hold 2P responses
+        return _shared_logps(model, batch, chunk, kernels)
     if not kernels.chunked_head:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
@@ -49,6 +51,18 @@ def sequence_logps(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[
     _, h, y, row = label_hidden(model, batch, kernels)
     per_token = linear_log_probs(h, model.get_output_embeddings(), y, chunk, logits=kernels.logits)  # (N,)
     return per_token.new_zeros(B).index_add(0, row, per_token), tokens
+
+
+def _shared_logps(model, batch: dict, chunk: int, kernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps of a shared-prompt batch: the chunked head on the label positions, each summed into
+    the response it belongs to (batch["sequence"][:, 1:], the same row-major order label_hidden keeps)."""
+    sequence = batch["sequence"][:, 1:]  # (P, T-1) as the targets labels[:, 1:]: their response, -1 where none
+    keep = sequence >= 0
+    dest = sequence[keep]  # (N,)
+    n = 2 * sequence.shape[0]
+    _, h, y, _ = label_hidden(model, batch, kernels)
+    per_token = linear_log_probs(h, model.get_output_embeddings(), y, chunk, logits=kernels.logits)  # (N,)
+    return per_token.new_zeros(n).index_add(0, dest, per_token), torch.bincount(dest, minlength=n)
 
 
 def _pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, **extra) -> dict:
@@ -184,6 +198,53 @@ def collate_pairs(rows: list[dict], pad_id: int, device) -> dict:
     return batch
 
 
+def _shared_row(row: dict) -> dict | None:
+    """A pair row (tunelab.data.preference.row) as one sequence that holds its prompt once (prefix sharing):
+    [prompt[:-1] | prompt[-1], chosen | prompt[-1], rejected], each response after its own copy of the last
+    prompt token (position p-1, which predicts the response's first token). "segment": 0 for the shared
+    tokens, 1 chosen, 2 rejected. None when the two halves do not start with the same prompt."""
+    c, r = _split_pair(row)
+    p = next((i for i, y in enumerate(c["labels"]) if y != IGNORE), 0)
+    if p == 0 or c["input_ids"][:p] != r["input_ids"][:p] or any(y != IGNORE for y in r["labels"][:p]):
+        return None
+    nc, nr = len(c["input_ids"]) - p + 1, len(r["input_ids"]) - p + 1
+    return {"input_ids": c["input_ids"] + r["input_ids"][p - 1:], "labels": c["labels"] + r["labels"][p - 1:],
+            "position_ids": list(range(p - 1 + nc)) + list(range(p - 1, p - 1 + nr)),
+            "segment": [0] * (p - 1) + [1] * nc + [2] * nr}
+
+
+def collate_shared(rows: list[dict], pad_id: int, device) -> dict:
+    """P pair rows -> P sequences, each its prompt once and both responses (`_shared_row`): about half the
+    tokens of collate_pairs' 2P sequences when prompts are long, so the forward, its kept activations and the
+    reference forward shrink with them. A 4-D boolean attention mask (P, 1, T, T) keeps each response
+    attending to the prompt and itself only (causal), so every response token sees what it sees in
+    collate_pairs' layout (position ids equal too); "sequence" (P, T) says which of the 2P responses
+    [chosen_0 .. chosen_{P-1}, rejected_0 ..] a label belongs to (-1: none). Falls back to collate_pairs when
+    a pair's halves do not share their prompt. The model must take a custom 4-D mask (Kernels.shared_prompt,
+    the speed-up `shared_prompt` of tunelab.accel.kernels)."""
+    shared = [_shared_row(r) for r in rows]
+    if any(s is None for s in shared):
+        return collate_pairs(rows, pad_id, device)
+    P, T = len(shared), max(len(s["input_ids"]) for s in shared)
+    ids = torch.full((P, T), pad_id, dtype=torch.long)
+    labels = torch.full((P, T), IGNORE, dtype=torch.long)
+    pos = torch.zeros((P, T), dtype=torch.long)
+    segment = torch.full((P, T), -1, dtype=torch.long)  # -1: padding, which attends to itself and the prompt
+    for i, s in enumerate(shared):
+        n = len(s["input_ids"])
+        for t, f in ((ids, "input_ids"), (labels, "labels"), (pos, "position_ids"), (segment, "segment")):
+            t[i, :n] = torch.tensor(s[f])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (query, key)
+    allowed = causal & ((segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0))  # (P, T, T)
+    # a label's response: row i's chosen is i, its rejected P + i (aligned with labels, -1 where none)
+    sequence = torch.where(labels != IGNORE, torch.arange(P)[:, None] + (segment == 2).long() * P, -1)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": allowed[:, None],
+             "sequence": sequence}
+    if "ref" in rows[0]:
+        batch["ref_logps"] = torch.tensor([r["ref"][0] for r in rows] + [r["ref"][1] for r in rows])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def collate_unpaired(rows: list[dict], pad_id: int, device) -> dict:
     """n KTO rows -> the batch of their sequences, `desirable` (n,) and `kl`: the batch of the mismatched
     sequences (prompt i with completion kl_mismatch(n)[i], TRL's pairing) for the KL estimate."""
@@ -221,21 +282,22 @@ class PreferenceObjective:
 
     def __init__(self, name: str, beta: float | None = None, reference=None, label_smoothing: float | None = None,
                  simpo_gamma: float | None = None, kto_desirable_weight: float | None = None,
-                 kto_undesirable_weight: float | None = None):
+                 kto_undesirable_weight: float | None = None, share_prompt: bool = False):
         if name not in OBJECTIVES:
             raise ValueError(f"unknown preference objective {name!r}: one of {', '.join(OBJECTIVES)}")
         self.name, self.reference = name, reference
         self.beta = beta if beta is not None else (2.0 if name == "simpo" else 0.1)  # TRL's defaults
         self.label_smoothing, self.gamma = label_smoothing or 0.0, 0.5 if simpo_gamma is None else simpo_gamma
         self.weights = (kto_desirable_weight or 1.0, kto_undesirable_weight or 1.0)
-        self.collate = collate_unpaired if name == "kto" else collate_pairs
+        # share_prompt (Kernels.shared_prompt): a pair's prompt runs once for both responses
+        self.collate = collate_unpaired if name == "kto" else collate_shared if share_prompt else collate_pairs
         self._seen = {True: [], False: []}  # metrics of the micro-batches since the last read, by model.training
 
     @classmethod
-    def from_config(cls, train_cfg, reference=None) -> PreferenceObjective:
+    def from_config(cls, train_cfg, reference=None, share_prompt: bool = False) -> PreferenceObjective:
         t = train_cfg
         return cls(t.objective, t.beta, reference, t.label_smoothing, t.simpo_gamma, t.kto_desirable_weight,
-                   t.kto_undesirable_weight)
+                   t.kto_undesirable_weight, share_prompt)
 
     def label_tokens(self, labels: torch.Tensor) -> int:
         return labels.shape[0] if self.name == "kto" else labels.shape[0] // 2
@@ -344,8 +406,9 @@ def setup(cfg, model, tok, kernels, out: Path, train_set, eval_set, device):
     import json
 
     t = cfg.train
+    share = kernels.shared_prompt
     if t.objective not in NEEDS_REFERENCE:
-        return PreferenceObjective.from_config(t), train_set, eval_set
+        return PreferenceObjective.from_config(t, share_prompt=share), train_set, eval_set
     if t.ref_model_copy:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         reference = frozen_copy_logps(ref_model)
@@ -354,7 +417,7 @@ def setup(cfg, model, tok, kernels, out: Path, train_set, eval_set, device):
     else:
         reference = lambda m, b, c, k: sequence_logps(m, b, c, k)[0]  # precomputed from the weights before training
     if not t.precompute_ref:
-        return PreferenceObjective.from_config(t, reference), train_set, eval_set
+        return PreferenceObjective.from_config(t, reference, share), train_set, eval_set
     from tunelab.data import prepared
 
     key = hashlib.sha256(json.dumps([prepared.fingerprint(cfg.data, tok, t.seq_len, t.seed),
@@ -366,4 +429,5 @@ def setup(cfg, model, tok, kernels, out: Path, train_set, eval_set, device):
                          lambda rows: reference_table(rows, reference, model, t.batch_size, tok.pad_token_id, device,
                                                       t.loss_chunk_tokens, kernels))
     model.train(was)
-    return (PreferenceObjective.from_config(t), WithRef(train_set, tables["train"]), WithRef(eval_set, tables["eval"]))
+    return (PreferenceObjective.from_config(t, share_prompt=share), WithRef(train_set, tables["train"]),
+            WithRef(eval_set, tables["eval"]))
