@@ -65,7 +65,7 @@ REGISTRY: tuple[SpeedUp, ...] = (
             "one buffer reused by every layer (tunelab/accel/dequant.py)", "all",
             "QuantizedTensor.dequantize (tunelab/quant/tensor.py) into fresh memory", PARITY),
     SpeedUp("shared_prompt", "a preference pair's prompt run once for both responses, a 4-D mask keeping each "
-            "response to the prompt and itself (tunelab/train/preference.py collate_shared)", "all",
+            "response to the prompt and itself (tunelab/accel/shared_prompt.py)", "all",
             "chosen and rejected as two sequences (collate_pairs)",
             "tests/test_preference.py::test_shared_prompt_batches_equal_the_plain_layout", needs=("chunked_head",)),
     SpeedUp("malloc", "glibc keeps freed blocks for the next step (tunelab/accel/malloc.py; a malloc setting "

@@ -26,7 +26,8 @@ NEEDS_REFERENCE = ("dpo", "ipo", "kto")
 
 def sequence_logps(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps (B,), tokens (B,)): per row, the summed log-probability of its label tokens (labels != -100,
-    position t predicting labels[t + 1]) and how many there are.
+    position t predicting labels[t + 1]) and how many there are; a shared-prompt batch (collate_shared) of P
+    rows gives one per response, (2P,).
 
     Through the chunked head (tunelab.train.loss.linear_log_probs: no (B, T, V) logits, the family's logits
     transform inside, the last-layer shortcut where the family allows it); for train.kernels=off or a family
@@ -39,9 +40,10 @@ def sequence_logps(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[
     targets = batch["labels"][:, 1:]  # (B, T-1)
     B = targets.shape[0]
     tokens = (targets != IGNORE).sum(1)
-    if "sequence" in batch:  # a shared-prompt batch (collate_shared): P rows hold 2P responses
-        return _shared_logps(model, batch, chunk, kernels)
     if not kernels.chunked_head:
+        if "sequence" in batch:
+            raise ValueError("a shared-prompt batch needs the chunked head: collate pairs with collate_pairs for "
+                             "train.kernels=off or a family outside the table")
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
@@ -50,19 +52,10 @@ def sequence_logps(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[
         return (per_token * keep).sum(1), tokens
     _, h, y, row = label_hidden(model, batch, kernels)
     per_token = linear_log_probs(h, model.get_output_embeddings(), y, chunk, logits=kernels.logits)  # (N,)
+    if "sequence" in batch:  # the shared prompt (collate_shared): P rows hold 2P responses
+        row = batch["sequence"][:, 1:][targets != IGNORE]  # (N,) in label_hidden's row-major order
+        B, tokens = 2 * B, torch.bincount(row, minlength=2 * B)
     return per_token.new_zeros(B).index_add(0, row, per_token), tokens
-
-
-def _shared_logps(model, batch: dict, chunk: int, kernels) -> tuple[torch.Tensor, torch.Tensor]:
-    """sequence_logps of a shared-prompt batch: the chunked head on the label positions, each summed into
-    the response it belongs to (batch["sequence"][:, 1:], the same row-major order label_hidden keeps)."""
-    sequence = batch["sequence"][:, 1:]  # (P, T-1) as the targets labels[:, 1:]: their response, -1 where none
-    keep = sequence >= 0
-    dest = sequence[keep]  # (N,)
-    n = 2 * sequence.shape[0]
-    _, h, y, _ = label_hidden(model, batch, kernels)
-    per_token = linear_log_probs(h, model.get_output_embeddings(), y, chunk, logits=kernels.logits)  # (N,)
-    return per_token.new_zeros(n).index_add(0, dest, per_token), torch.bincount(dest, minlength=n)
 
 
 def _pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, **extra) -> dict:
@@ -198,51 +191,19 @@ def collate_pairs(rows: list[dict], pad_id: int, device) -> dict:
     return batch
 
 
-def _shared_row(row: dict) -> dict | None:
-    """A pair row (tunelab.data.preference.row) as one sequence that holds its prompt once (prefix sharing):
-    [prompt[:-1] | prompt[-1], chosen | prompt[-1], rejected], each response after its own copy of the last
-    prompt token (position p-1, which predicts the response's first token). "segment": 0 for the shared
-    tokens, 1 chosen, 2 rejected. None when the two halves do not start with the same prompt."""
-    c, r = _split_pair(row)
-    p = next((i for i, y in enumerate(c["labels"]) if y != IGNORE), 0)
-    if p == 0 or c["input_ids"][:p] != r["input_ids"][:p] or any(y != IGNORE for y in r["labels"][:p]):
-        return None
-    nc, nr = len(c["input_ids"]) - p + 1, len(r["input_ids"]) - p + 1
-    return {"input_ids": c["input_ids"] + r["input_ids"][p - 1:], "labels": c["labels"] + r["labels"][p - 1:],
-            "position_ids": list(range(p - 1 + nc)) + list(range(p - 1, p - 1 + nr)),
-            "segment": [0] * (p - 1) + [1] * nc + [2] * nr}
-
-
 def collate_shared(rows: list[dict], pad_id: int, device) -> dict:
-    """P pair rows -> P sequences, each its prompt once and both responses (`_shared_row`): about half the
-    tokens of collate_pairs' 2P sequences when prompts are long, so the forward, its kept activations and the
-    reference forward shrink with them. A 4-D boolean attention mask (P, 1, T, T) keeps each response
-    attending to the prompt and itself only (causal), so every response token sees what it sees in
-    collate_pairs' layout (position ids equal too); "sequence" (P, T) says which of the 2P responses
-    [chosen_0 .. chosen_{P-1}, rejected_0 ..] a label belongs to (-1: none). Falls back to collate_pairs when
-    a pair's halves do not share their prompt. The model must take a custom 4-D mask (Kernels.shared_prompt,
-    the speed-up `shared_prompt` of tunelab.accel.kernels)."""
-    shared = [_shared_row(r) for r in rows]
-    if any(s is None for s in shared):
+    """P pair rows -> P sequences, each holding its prompt once and both responses, with a 4-D attention mask
+    (the speed-up `shared_prompt`, tunelab/accel/shared_prompt.py; sequence_logps reads its "sequence");
+    collate_pairs' batch when a pair's halves do not share their prompt. Only for a model whose Kernels say
+    shared_prompt."""
+    from tunelab.accel import shared_prompt
+
+    batch = shared_prompt.collate([_split_pair(r) for r in rows], pad_id, device)
+    if batch is None:
         return collate_pairs(rows, pad_id, device)
-    P, T = len(shared), max(len(s["input_ids"]) for s in shared)
-    ids = torch.full((P, T), pad_id, dtype=torch.long)
-    labels = torch.full((P, T), IGNORE, dtype=torch.long)
-    pos = torch.zeros((P, T), dtype=torch.long)
-    segment = torch.full((P, T), -1, dtype=torch.long)  # -1: padding, which attends to itself and the prompt
-    for i, s in enumerate(shared):
-        n = len(s["input_ids"])
-        for t, f in ((ids, "input_ids"), (labels, "labels"), (pos, "position_ids"), (segment, "segment")):
-            t[i, :n] = torch.tensor(s[f])
-    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (query, key)
-    allowed = causal & ((segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0))  # (P, T, T)
-    # a label's response: row i's chosen is i, its rejected P + i (aligned with labels, -1 where none)
-    sequence = torch.where(labels != IGNORE, torch.arange(P)[:, None] + (segment == 2).long() * P, -1)
-    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": allowed[:, None],
-             "sequence": sequence}
     if "ref" in rows[0]:
-        batch["ref_logps"] = torch.tensor([r["ref"][0] for r in rows] + [r["ref"][1] for r in rows])
-    return {k: v.to(device) for k, v in batch.items()}
+        batch["ref_logps"] = torch.tensor([r["ref"][0] for r in rows] + [r["ref"][1] for r in rows], device=device)
+    return batch
 
 
 def collate_unpaired(rows: list[dict], pad_id: int, device) -> dict:
