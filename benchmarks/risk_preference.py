@@ -1,7 +1,10 @@
 """Risk suites on the bundled model: base, SFT on the chosen responses of preference pairs, and that SFT then DPO.
 
 python benchmarks/risk_preference.py [--out runs/risk_preference] [--n 10] [--docs 16] [--abstain-people 4]
-                                     [--train-docs 8] [--sft-epochs 2] [--dpo-epochs 1] [--threads 2] [--model bundled]
+                                     [--train-docs 8] [--sft-epochs 2] [--dpo-epochs 1] [--threads 1] [--model bundled]
+
+On a shared CPU use --threads 1: at load ~17 on 2 cores, 2 torch threads took 486 s per SFT step and 1 took
+27 s (the threads wait for each other at every barrier while the scheduler runs other jobs).
 
 Issue 26, item 6. The pairs come from tunelab's own risk generators (tunelab.eval.hallucination,
 tunelab.eval.injection) and never contain an evaluation prompt (`preference_pairs`, tested):
