@@ -196,6 +196,14 @@ def choose(model: nn.Module, mode: str, device: torch.device | str | None = None
                    router_aux=router, off=(*off, *last), **on)
 
 
+def shared_prompt_collate(pairs: list[tuple[dict, dict]], pad_id: int, device) -> dict | None:
+    """The shared prompt's batch of (chosen, rejected) pairs (tunelab.accel.shared_prompt.collate), for the
+    core through this door; call it only where Kernels.shared_prompt is on."""
+    from tunelab.accel import shared_prompt
+
+    return shared_prompt.collate(pairs, pad_id, device)
+
+
 def _takes_custom_mask(config) -> bool:
     """Whether a custom 4-D boolean attention mask gives this model exactly the attention it describes (the
     shared prompt's): SDPA attention, which transformers hands the mask as given, and no sliding window or

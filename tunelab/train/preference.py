@@ -196,9 +196,9 @@ def collate_shared(rows: list[dict], pad_id: int, device) -> dict:
     (the speed-up `shared_prompt`, tunelab/accel/shared_prompt.py; sequence_logps reads its "sequence");
     collate_pairs' batch when a pair's halves do not share their prompt. Only for a model whose Kernels say
     shared_prompt."""
-    from tunelab.accel import shared_prompt
+    from tunelab.accel.kernels import shared_prompt_collate
 
-    batch = shared_prompt.collate([_split_pair(r) for r in rows], pad_id, device)
+    batch = shared_prompt_collate([_split_pair(r) for r in rows], pad_id, device)
     if batch is None:
         return collate_pairs(rows, pad_id, device)
     if "ref" in rows[0]:
