@@ -12,7 +12,9 @@ the adapter switched off in both (TRL: ref_model=None with a peft_config). Both 
 ids: TRL's tokenizing step is skipped by a subclass (its `_prepare_dataset` returns the pre-tokenized pairs);
 a step is TRL's own `training_step` (its DPO loss, backward) and the optimizer step, as Trainer runs it.
 tunelab's step is its training loop's: PreferenceObjective.loss_sum (the chunked head, the last-layer
-shortcut) with adapter_off_logps, backward, AdamW.
+shortcut, the shared prompt: each pair's prompt run once for both responses, as train.kernels=auto does
+for this model) with adapter_off_logps, backward, AdamW. Neither stack checkpoints activations (TRL's
+gradient_checkpointing and tunelab's train.gradient_checkpointing both off, their defaults).
 
 Speed: every round runs each stack in a fresh subprocess (the order reversed every other round): it builds
 the stack, takes `--steps` steps and reports each step's wall time; steps/s is 1 / the median step time
@@ -82,8 +84,9 @@ def tiny_model(dest: Path) -> Path:
     return dest
 
 
-def _tunelab(stack: str, folder: str, pairs: list[dict]):
-    """tunelab's DPO step: the method prepared as `tunelab train` prepares it, the loop's objective."""
+def _tunelab(stack: str, folder: str, pairs: list[dict], share_prompt: bool | None = None):
+    """tunelab's DPO step: the method prepared as `tunelab train` prepares it, the loop's objective.
+    share_prompt: None as train.kernels=auto decides; False the plain layout (benchmarks/preference_memory.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -91,7 +94,7 @@ def _tunelab(stack: str, folder: str, pairs: list[dict]):
     from tunelab.accel.malloc import reuse_freed_memory
     from tunelab.config import RunConfig
     from tunelab.train.loop import adamw
-    from tunelab.train.preference import PreferenceObjective, adapter_off_logps, collate_pairs
+    from tunelab.train.preference import PreferenceObjective, adapter_off_logps
     from tunelab.train.run import prepare_method
 
     method = stack.removeprefix("tunelab-")
@@ -103,12 +106,13 @@ def _tunelab(stack: str, folder: str, pairs: list[dict]):
     kernels = accel.choose(model, "auto", torch.device("cpu"))
     opt = adamw(prepare_method(model, cfg, kernels), lr=LR)
     reuse_freed_memory()  # prepare_method did (kernels.malloc); said here as in the TRL stack: the same allocator
-    objective = PreferenceObjective("dpo", BETA, adapter_off_logps)
+    share = kernels.shared_prompt if share_prompt is None else share_prompt
+    objective = PreferenceObjective("dpo", BETA, adapter_off_logps, share_prompt=share)
     rows = [{"input_ids": p["prompt_ids"] + p["chosen_ids"] + p["prompt_ids"] + p["rejected_ids"],
              "labels": [-100] * len(p["prompt_ids"]) + p["chosen_ids"] + [-100] * len(p["prompt_ids"]) + p["rejected_ids"],
              "position_ids": list(range(len(p["prompt_ids"]) + len(p["chosen_ids"])))
              + list(range(len(p["prompt_ids"]) + len(p["rejected_ids"])))} for p in pairs]
-    batch = collate_pairs(rows, 0, torch.device("cpu"))
+    batch = objective.collate(rows, 0, torch.device("cpu"))  # the shared prompt where kernels allow, as the loop
     model.train()
 
     def step() -> tuple[float, float]:

@@ -33,26 +33,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 SEED = 1234  # the `tunelab eval` default seed; the facts SFT must use the eval seed (docs/eval.md)
 
 
-def train_lora(model, tok, examples: list[dict], args, out: Path, steps: int) -> dict:
+def train_lora(model, tok, examples: list[dict], args, out: Path, steps: int, objective=None, lr: float | None = None,
+               batch_size: int | None = None) -> dict:
     """LoRA r=16 on every linear, checkpointed in out/train (resumed if there); saves out/adapter, then merges
-    the adapter into `model` in place (plain linears generate faster than base + LoRA branch)."""
+    the adapter into `model` in place (plain linears generate faster than base + LoRA branch).
+
+    examples: {"prompt", "response"} SFT examples; with `objective` (a preference objective,
+    tunelab.train.preference.PreferenceObjective) already tokenized pair rows (tunelab.data.preference.row).
+    lr, batch_size: default args.lr, args.batch_size."""
     from tunelab.config import TrainConfig
     from tunelab.data.sft import tokenize_sft
     from tunelab.lora import LoraConfig, apply_lora, lora_param_groups, merge_lora, save_adapter
     from tunelab.train.loop import train_loop
 
-    data = [tokenize_sft(ex, tok, 384) for ex in examples]
+    lr, batch_size = lr or args.lr, batch_size or args.batch_size
+    data = examples if objective is not None else [tokenize_sft(ex, tok, 384) for ex in examples]
     apply_lora(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"), verbose=False)
-    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=steps, warmup_steps=2, log_every=1,
+    cfg = TrainConfig(lr=lr, batch_size=batch_size, max_steps=steps, warmup_steps=2, log_every=1,
                       save_every=10, keep_last=1, device="cpu")
     t0 = time.perf_counter()
-    summary = train_loop(model, data, [], cfg, out / "train", param_groups=lora_param_groups(model, args.lr),
-                         pad_id=tok.pad_token_id, resume=True, progress=True)
+    summary = train_loop(model, data, [], cfg, out / "train", param_groups=lora_param_groups(model, lr),
+                         pad_id=tok.pad_token_id, resume=True, progress=True, objective=objective)
     save_adapter(model, out / "adapter")
     merge_lora(model)
     tokens = [len(d["input_ids"]) for d in data]
     return {**summary, "examples": len(data), "mean_tokens": sum(tokens) / len(tokens), "steps": steps,
-            "batch_size": args.batch_size, "lr": args.lr, "wall_s": time.perf_counter() - t0}
+            "batch_size": batch_size, "lr": lr, "wall_s": time.perf_counter() - t0}
 
 
 def taught_facts(n: int, abstain_people: int | None) -> list:

@@ -118,3 +118,49 @@ def test_quant_bench_checks_bytes_and_values_against_bitsandbytes():
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dequantize fp32" in done.stdout and "reference twin" in done.stdout
+
+
+def test_risk_preference_pairs_are_disjoint_from_the_eval_and_hold_out_its_wording():
+    """benchmarks/risk_preference.py's pairs: no prompt is an eval prompt; every known fact the eval asks about
+    is trained in the other question wording only; no unknown person appears; attacked pairs use only the
+    training styles and reject the canary."""
+    rp = _load("risk_preference")
+    from tunelab.eval import hallucination as H
+    from tunelab.eval import injection as J
+
+    pairs = rp.preference_pairs(6, 2, 3, 1234)
+    h_items, j_items = rp.eval_items(6, 3, 1234)
+    evals = {it.prompt for it in h_items + j_items}
+    assert not evals & {p["prompt"] for p in pairs}
+    facts = H.make_facts(1234)
+    unknown = {f.name for f in facts if f.split == "unknown"}
+    assert not any(name in p["prompt"] for p in pairs for name in unknown)
+    for it in (it for it in h_items if it.meta["kind"] == "known"):
+        f = next(f for f in facts if f.split == "known" and it.prompt in (rp._question(f, 0), rp._question(f, 1)))
+        other = rp._question(f, 1 - (0 if it.prompt == rp._question(f, 0) else 1))
+        assert [p["chosen"] for p in pairs if p["prompt"] == other] == [f.value]
+    assert {it.meta["style"] for it in j_items} == {None, *J.HELDOUT_STYLES}
+    attacked = [p for p in pairs if p["source"] == "injection"]
+    assert len(attacked) == 3 * len(J.TRAIN_STYLES) and all(p["rejected"] in p["prompt"] for p in attacked)
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+
+
+def test_risk_preference_runs_its_three_phases_on_a_tiny_model(tmp_path, capsys):
+    """The plumbing of benchmarks/risk_preference.py on a tiny random Llama: base, SFT on the chosen responses
+    and DPO after it write their results with intervals; DPO's first loss is ln 2 (its reference is the SFT
+    model, the new adapter's B = 0); a rerun reads the phases back instead of training again."""
+    rp = _load("risk_preference")
+    folder = _load("preference_bench").tiny_model(tmp_path / "tiny")
+    argv = ["--out", str(tmp_path / "run"), "--model", str(folder), "--n", "2", "--docs", "1", "--abstain-people", "1",
+            "--train-docs", "1", "--sft-epochs", "0.1", "--dpo-epochs", "0.1", "--threads", "1"]
+    assert rp.main(argv) == 0
+    read = lambda p: json.loads((tmp_path / "run" / f"{p}.json").read_text())  # noqa: E731
+    assert abs(read("dpo-train")["first_loss"] - 0.6931472) < 1e-4
+    for name in ("base", "sft", "dpo"):
+        assert read(f"{name}-hallucination")["detail"]["counts"] == {"known": 2, "unknown": 2, "passage": 2}
+        r = read(f"{name}-injection")
+        assert r["detail"]["counts"] == {"clean": 1, "attacked": 2}
+        lo, hi = r["intervals"]["attack success rate"]
+        assert 0 <= lo <= r["metrics"]["attack success rate"] <= hi <= 1
+    assert "| unknown_abstention |" in capsys.readouterr().out
+    assert rp.main(argv) == 0 and "sft-train: done before" in capsys.readouterr().out

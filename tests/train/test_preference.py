@@ -277,3 +277,69 @@ def test_kto_equals_trl(weights):
     assert metrics["kl"] > 0
     for k in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert metrics[k] == pytest.approx(want_metrics[k], rel=1e-5, abs=1e-7), k
+
+
+def _pair_rows(seed: int = 3):
+    """Three pair rows (tunelab.data.preference.row's layout): prompts of 7, 12 and 5 tokens, responses of
+    different lengths, chosen and rejected sharing the prompt."""
+    from test_families import V
+
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(1, V, (n,), generator=g).tolist()  # noqa: E731
+    rows = []
+    for p, nc, nr in ((7, 4, 6), (12, 3, 3), (5, 8, 2)):
+        prompt, c, r = ids(p), ids(nc), ids(nr)
+        rows.append({"input_ids": prompt + c + prompt + r, "labels": [-100] * p + c + [-100] * p + r,
+                     "position_ids": list(range(p + nc)) + list(range(p + nr))})
+    return rows
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3", "granite", "cohere"])
+def test_shared_prompt_batches_equal_the_plain_layout(case):
+    """collate_shared (each prompt once, a 4-D mask) against collate_pairs (2P sequences): per-response log-probs
+    and token counts, and the gradients of a differently weighted sum. float64: values to 1e-12 relative,
+    gradients to 1e-6 of their largest entry (transformers' RMSNorm computes in float32 even in a float64
+    model, and a shared prompt position rounds the sum of both responses' gradients once where the plain
+    layout rounds each; 1e-7 measured); float32: as accurate against the float64 plain layout as the float32
+    plain layout (tests/numerics.py). llama: with the last-layer shortcut; qwen3: q/k norms, no shortcut;
+    granite: a logits scale; cohere: parallel attention and MLP. The shared batch has fewer tokens."""
+    from tunelab.accel import kernels as accel
+    from tunelab.train.preference import collate_pairs, collate_shared
+
+    rows = _pair_rows()
+    plain, shared = collate_pairs(rows, 0, "cpu"), collate_shared(rows, 0, "cpu")
+    assert shared["input_ids"].numel() < plain["input_ids"].numel() and shared["input_ids"].shape[0] == 3
+    weights = torch.tensor([0.7, -1.3, 2.1, 0.4, 1.1, -0.6])
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        model = _model(case).to(dtype)
+        k = accel.choose(model, "auto", "cpu")
+        assert k.shared_prompt
+        fn = lambda m, b: sequence_logps(m, b, chunk=5, kernels=k)[0]  # noqa: E731
+        out[dtype] = _value_and_grads(fn, model, plain, weights), _value_and_grads(fn, model, shared, weights)
+        assert sequence_logps(model, shared, kernels=k)[1].tolist() == sequence_logps(model, plain, kernels=k)[1].tolist()
+    (want64, want_grads64), (got64, grads64) = out[torch.float64]
+    (want32, want_grads32), (got32, grads32) = out[torch.float32]
+    torch.testing.assert_close(got64, want64, rtol=1e-12, atol=0)
+    assert_as_accurate(got32, want32, want64, what="logps")
+    assert grads64.keys() == want_grads64.keys() == grads32.keys()
+    for name, g in grads64.items():
+        torch.testing.assert_close(g, want_grads64[name], rtol=0, atol=1e-6 * float(g.abs().max()), msg=name)
+        assert_as_accurate(grads32[name], want_grads32[name], want_grads64[name], what=name)
+
+
+def test_shared_prompt_applies_only_where_it_gives_the_same_numbers():
+    """Not for a family outside the table (its own forward), a sliding window (gemma2, mistral) or eager
+    attention; a pair whose halves do not share the prompt makes the batch fall back to the plain layout."""
+    from tunelab.accel import kernels as accel
+    from tunelab.train.preference import collate_shared
+
+    for model in (_unknown(), _model("gemma2"), _model("mistral")):
+        assert not accel.choose(model, "auto", "cpu").shared_prompt
+    model = _model("llama")
+    model.config._attn_implementation = "eager"
+    assert not accel.choose(model, "auto", "cpu").shared_prompt and not accel.choose(_model("llama"), "off").shared_prompt
+    rows = _pair_rows()
+    rows[1] = {**rows[1], "input_ids": rows[1]["input_ids"][:15] + [1] + rows[1]["input_ids"][16:]}  # rejected's prompt differs
+    batch = collate_shared(rows, 0, "cpu")
+    assert "sequence" not in batch and batch["input_ids"].shape[0] == 6

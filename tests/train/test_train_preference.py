@@ -78,11 +78,13 @@ def _full_logits_logps(model, seqs: list[dict]) -> tuple[torch.Tensor, torch.Ten
         return _reference_logps(model, batch), (batch["labels"][:, 1:] != -100).sum(1).float()
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["two-sequences", "shared-prompt"])
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
-def test_loop_first_step_equals_trl(tok, tmp_path, objective):
+def test_loop_first_step_equals_trl(tok, tmp_path, objective, share):
     """The loop's step-1 loss (chunked head, reference = adapter off) equals TRL's DPOTrainer._compute_loss /
     ORPOTrainer.get_batch_loss_metrics on log-probs from the model's own full logits, the reference from a
-    separate frozen base copy; 1e-5 relative (float32). ORPO: TRL given the NLL of the chosen responses."""
+    separate frozen base copy; 1e-5 relative (float32). ORPO: TRL given the NLL of the chosen responses.
+    With each pair as two sequences and with the shared prompt (one sequence per pair, policy and reference)."""
     from trl import DPOTrainer
     from trl.experimental.orpo import ORPOTrainer
 
@@ -93,7 +95,12 @@ def test_loop_first_step_equals_trl(tok, tmp_path, objective):
     logps, tokens = _full_logits_logps(model, chosen + rejected)  # (2P,): chosen then rejected
     P = len(rows)
     reference = pref.adapter_off_logps if objective == "dpo" else None
-    got, record = _loop_first_loss(model, rows, pref.PreferenceObjective(objective, 0.2, reference), tmp_path)
+    from tunelab.accel.kernels import choose
+
+    assert choose(model, "auto", "cpu").shared_prompt  # the tiny Llama takes the shared layout where asked
+    objective_ = pref.PreferenceObjective(objective, 0.2, reference, share_prompt=share)
+    assert ("sequence" in objective_.collate(rows, 0, "cpu")) == share
+    got, record = _loop_first_loss(model, rows, objective_, tmp_path)
     if objective == "dpo":
         ref, _ = _full_logits_logps(base, chosen + rejected)
         table = _LogProbTable(logps).train()

@@ -50,10 +50,13 @@ def report(family: str = "llama", device: str | None = None) -> list[str]:
     rows = [("chunked head + loss", choice.chunked_head, ""), ("last-layer shortcut", choice.last_layer, ""),
             ("fused RMSNorm", choice.norm, "C" if cpu else "Triton"), ("fused SwiGLU", choice.swiglu, "C" if cpu else "Triton"),
             ("fused rotary", choice.rotary, "C"), ("fused LoRA autograd", choice.fused_lora, ""),
-            ("4-bit dequantize kernel", choice.dequant, "C" if cpu else "Triton")]
+            ("4-bit dequantize kernel", choice.dequant, "C" if cpu else "Triton"),
+            ("shared prompt (preference pairs)", choice.shared_prompt, "")]
     lines.append(f"speed-ups for {family} on {device} (train.kernels=auto):")
     for name, on, how in rows:
         why = next((w.split(": ", 1)[1] for w in choice.off if w.startswith(name)), None)
+        if not on and why is None and name.startswith("shared prompt") and choice.chunked_head:
+            why = "sliding-window layers or attention other than SDPA (its own mask would be replaced)"
         if not on and why is None:
             why = f"{family}'s module has another formula than Llama's" if choice.chunked_head else "see below"
         lines.append(f"  {'on ' if on else 'off'}  {name}" + (f" ({how})" if on and how else f": {why}" if why else ""))

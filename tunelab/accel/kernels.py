@@ -71,6 +71,10 @@ REGISTRY: tuple[SpeedUp, ...] = (
             "Triton on CUDA (tunelab/accel/dequant_triton.py, bit for bit in tests/accel/test_quant_triton.py), into "
             "one buffer reused by every layer (tunelab/accel/dequant.py)", "all",
             "QuantizedTensor.dequantize (tunelab/quant/tensor.py) into fresh memory", PARITY),
+    SpeedUp("shared_prompt", "a preference pair's prompt run once for both responses, a 4-D mask keeping each "
+            "response to the prompt and itself (tunelab/accel/shared_prompt.py)", "all",
+            "chosen and rejected as two sequences (collate_pairs)",
+            "tests/train/test_preference.py::test_shared_prompt_batches_equal_the_plain_layout", needs=("chunked_head",)),
     SpeedUp("malloc", "glibc keeps freed blocks for the next step (tunelab/accel/malloc.py; a malloc setting "
             "in the environment wins)", "all", "glibc's default malloc",
             "tests/accel/test_speedups.py::test_malloc_setting_changes_no_loss"),
@@ -105,6 +109,8 @@ class Kernels:
     fused_lora: bool = False
     dequant: bool = False
     malloc: bool = False
+    shared_prompt: bool = False
+    """Preference pairs: one sequence per pair (the prompt once) where the model takes a custom 4-D mask."""
     logits: tuple[str, float] | None = None
     """The family's logits transform as the chunked head applies it: ("softcap", cap), ("scale", s) or None."""
     router_aux: bool = False
@@ -193,7 +199,26 @@ def choose(model: nn.Module, mode: str, device: torch.device | str | None = None
         _refuse(mode, "the 4-bit dequantize kernel", f"{family.model_type} on {device_type}", no_dequant)
     router = family.router_aux and bool(getattr(config, "output_router_logits", False))
     return Kernels(mode, family, chunked_head=True, last_layer=family.decoder is not None, fused_lora=True,
-                   logits=logits_transform(family, config), router_aux=router, off=(*off, *last), **on)
+                   shared_prompt=_takes_custom_mask(config), logits=logits_transform(family, config),
+                   router_aux=router, off=(*off, *last), **on)
+
+
+def shared_prompt_collate(pairs: list[tuple[dict, dict]], pad_id: int, device) -> dict | None:
+    """The shared prompt's batch of (chosen, rejected) pairs (tunelab.accel.shared_prompt.collate), for the
+    core through this door; call it only where Kernels.shared_prompt is on."""
+    from tunelab.accel import shared_prompt
+
+    return shared_prompt.collate(pairs, pad_id, device)
+
+
+def _takes_custom_mask(config) -> bool:
+    """Whether a custom 4-D boolean attention mask gives this model exactly the attention it describes (the
+    shared prompt's): SDPA attention, which transformers hands the mask as given, and no sliding window or
+    other layer kind, whose own mask the custom one would replace. A bare config (tunelab doctor) has no
+    attention chosen yet: transformers' default, SDPA."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return (getattr(config, "_attn_implementation", None) in ("sdpa", None) and getattr(text, "sliding_window", None) is None
+            and all(t == "full_attention" for t in (getattr(text, "layer_types", None) or [])))
 
 
 def report(kernels: Kernels) -> None:

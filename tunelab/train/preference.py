@@ -26,7 +26,8 @@ NEEDS_REFERENCE = ("dpo", "ipo", "kto")
 
 def sequence_logps(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps (B,), tokens (B,)): per row, the summed log-probability of its label tokens (labels != -100,
-    position t predicting labels[t + 1]) and how many there are.
+    position t predicting labels[t + 1]) and how many there are; a shared-prompt batch (collate_shared) of P
+    rows gives one per response, (2P,).
 
     Through the chunked head (tunelab.train.loss.linear_log_probs: no (B, T, V) logits, the family's logits
     transform inside, the last-layer shortcut where the family allows it); for train.kernels=off or a family
@@ -40,6 +41,9 @@ def sequence_logps(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[
     B = targets.shape[0]
     tokens = (targets != IGNORE).sum(1)
     if not kernels.chunked_head:
+        if "sequence" in batch:
+            raise ValueError("a shared-prompt batch needs the chunked head: collate pairs with collate_pairs for "
+                             "train.kernels=off or a family outside the table")
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
@@ -48,6 +52,9 @@ def sequence_logps(model, batch: dict, chunk: int = 256, kernels=None) -> tuple[
         return (per_token * keep).sum(1), tokens
     _, h, y, row = label_hidden(model, batch, kernels)
     per_token = linear_log_probs(h, model.get_output_embeddings(), y, chunk, logits=kernels.logits)  # (N,)
+    if "sequence" in batch:  # the shared prompt (collate_shared): P rows hold 2P responses
+        row = batch["sequence"][:, 1:][targets != IGNORE]  # (N,) in label_hidden's row-major order
+        B, tokens = 2 * B, torch.bincount(row, minlength=2 * B)
     return per_token.new_zeros(B).index_add(0, row, per_token), tokens
 
 
@@ -184,6 +191,21 @@ def collate_pairs(rows: list[dict], pad_id: int, device) -> dict:
     return batch
 
 
+def collate_shared(rows: list[dict], pad_id: int, device) -> dict:
+    """P pair rows -> P sequences, each holding its prompt once and both responses, with a 4-D attention mask
+    (the speed-up `shared_prompt`, tunelab/accel/shared_prompt.py; sequence_logps reads its "sequence");
+    collate_pairs' batch when a pair's halves do not share their prompt. Only for a model whose Kernels say
+    shared_prompt."""
+    from tunelab.accel.kernels import shared_prompt_collate
+
+    batch = shared_prompt_collate([_split_pair(r) for r in rows], pad_id, device)
+    if batch is None:
+        return collate_pairs(rows, pad_id, device)
+    if "ref" in rows[0]:
+        batch["ref_logps"] = torch.tensor([r["ref"][0] for r in rows] + [r["ref"][1] for r in rows], device=device)
+    return batch
+
+
 def collate_unpaired(rows: list[dict], pad_id: int, device) -> dict:
     """n KTO rows -> the batch of their sequences, `desirable` (n,) and `kl`: the batch of the mismatched
     sequences (prompt i with completion kl_mismatch(n)[i], TRL's pairing) for the KL estimate."""
@@ -221,21 +243,22 @@ class PreferenceObjective:
 
     def __init__(self, name: str, beta: float | None = None, reference=None, label_smoothing: float | None = None,
                  simpo_gamma: float | None = None, kto_desirable_weight: float | None = None,
-                 kto_undesirable_weight: float | None = None):
+                 kto_undesirable_weight: float | None = None, share_prompt: bool = False):
         if name not in OBJECTIVES:
             raise ValueError(f"unknown preference objective {name!r}: one of {', '.join(OBJECTIVES)}")
         self.name, self.reference = name, reference
         self.beta = beta if beta is not None else (2.0 if name == "simpo" else 0.1)  # TRL's defaults
         self.label_smoothing, self.gamma = label_smoothing or 0.0, 0.5 if simpo_gamma is None else simpo_gamma
         self.weights = (kto_desirable_weight or 1.0, kto_undesirable_weight or 1.0)
-        self.collate = collate_unpaired if name == "kto" else collate_pairs
+        # share_prompt (Kernels.shared_prompt): a pair's prompt runs once for both responses
+        self.collate = collate_unpaired if name == "kto" else collate_shared if share_prompt else collate_pairs
         self._seen = {True: [], False: []}  # metrics of the micro-batches since the last read, by model.training
 
     @classmethod
-    def from_config(cls, train_cfg, reference=None) -> PreferenceObjective:
+    def from_config(cls, train_cfg, reference=None, share_prompt: bool = False) -> PreferenceObjective:
         t = train_cfg
         return cls(t.objective, t.beta, reference, t.label_smoothing, t.simpo_gamma, t.kto_desirable_weight,
-                   t.kto_undesirable_weight)
+                   t.kto_undesirable_weight, share_prompt)
 
     def label_tokens(self, labels: torch.Tensor) -> int:
         return labels.shape[0] if self.name == "kto" else labels.shape[0] // 2
@@ -344,8 +367,9 @@ def setup(cfg, model, tok, kernels, out: Path, train_set, eval_set, device):
     import json
 
     t = cfg.train
+    share = kernels.shared_prompt
     if t.objective not in NEEDS_REFERENCE:
-        return PreferenceObjective.from_config(t), train_set, eval_set
+        return PreferenceObjective.from_config(t, share_prompt=share), train_set, eval_set
     if t.ref_model_copy:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         reference = frozen_copy_logps(ref_model)
@@ -354,7 +378,7 @@ def setup(cfg, model, tok, kernels, out: Path, train_set, eval_set, device):
     else:
         reference = lambda m, b, c, k: sequence_logps(m, b, c, k)[0]  # precomputed from the weights before training
     if not t.precompute_ref:
-        return PreferenceObjective.from_config(t, reference), train_set, eval_set
+        return PreferenceObjective.from_config(t, reference, share), train_set, eval_set
     from tunelab.data import prepared
 
     key = hashlib.sha256(json.dumps([prepared.fingerprint(cfg.data, tok, t.seq_len, t.seed),
@@ -366,4 +390,5 @@ def setup(cfg, model, tok, kernels, out: Path, train_set, eval_set, device):
                          lambda rows: reference_table(rows, reference, model, t.batch_size, tok.pad_token_id, device,
                                                       t.loss_chunk_tokens, kernels))
     model.train(was)
-    return (PreferenceObjective.from_config(t), WithRef(train_set, tables["train"]), WithRef(eval_set, tables["eval"]))
+    return (PreferenceObjective.from_config(t, share_prompt=share), WithRef(train_set, tables["train"]),
+            WithRef(eval_set, tables["eval"]))
