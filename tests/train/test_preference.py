@@ -282,7 +282,7 @@ def test_kto_equals_trl(weights):
 def _pair_rows(seed: int = 3):
     """Three pair rows (tunelab.data.preference.row's layout): prompts of 7, 12 and 5 tokens, responses of
     different lengths, chosen and rejected sharing the prompt."""
-    from test_families import V
+    from tests.models.test_families import V
 
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(1, V, (n,), generator=g).tolist()  # noqa: E731
