@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_tokenizer
-from export_helpers import adapter, base, tiny  # noqa: F401  (fixtures)
+from export_helpers import adapter, base, make_spm_tokenizer, tiny  # noqa: F401  (fixtures)
 from tunelab.export.gguf import export_gguf, llama_cpp_quantizer
 from tunelab.export.validate import agreement, llama_cpp_logits
 
@@ -48,9 +48,12 @@ def current_umask() -> int:
     return umask
 
 
-def prompt_and_greedy(model, n_prompt: int = 40, n_new: int = 32, seed: int = 0) -> list[int]:
-    """Random prompt ids followed by the model's own greedy continuation (transformers, fp32)."""
-    prompt = torch.randint(3, model.config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(seed))
+def prompt_and_greedy(model, n_prompt: int = 40, n_new: int = 32, seed: int = 0, prompt=None) -> list[int]:
+    """Prompt ids (random unless given) followed by the model's own greedy continuation (transformers, fp32)."""
+    if prompt is None:
+        prompt = torch.randint(3, model.config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(seed))
+    else:
+        prompt = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
                              min_new_tokens=n_new, do_sample=False, pad_token_id=0)
@@ -214,3 +217,45 @@ def test_llama_cpp_tokenizes_as_transformers(which, bundled_tokenizer, tmp_path)
                 tok(text, add_special_tokens=False)["input_ids"], text
     finally:
         llm.close()
+
+
+# SentencePiece texts: none starts with a space, and special tokens only where both sides put U+2581 after them
+SPM_TEXTS = ["Hello world, 12345 ok!", "two  spaces\n\ttab ünïcode 日本", "def f(x):\n    return x ** 2  # 3.14159",
+             "It's 'quoted' — and   spaced\r\n", "Tokens: ‽ 🙂 ÿ"]
+SPM_SPECIAL_TEXTS = {"llama": ["<s>user\nhi there</s>\n", "x</s>y"], "gemma": ["<bos>user\nhi there<eos>\n", "x<eos>y"]}
+
+
+@pytest.mark.parametrize("kind,legacy", [("llama", True), ("llama", False), ("gemma", True)],
+                         ids=["llama-legacy", "llama", "gemma"])
+def test_llama_cpp_runs_sentencepiece_tokenizers_as_transformers(kind, legacy, tmp_path):
+    """A SentencePiece-BPE tokenizer (Llama-2 / Mistral with U+2581 in front; Gemma without) written as GGUF's
+    `llama` kind: llama.cpp splits text into transformers' ids (byte fallback included), and the model runs on
+    them as in transformers. Where the two runtimes differ by design, the difference is pinned exactly."""
+    tok = make_spm_tokenizer(kind, legacy)
+    model_type, over = FAMILIES["gemma2" if kind == "gemma" else "llama"]
+    model = tiny(model_type, **over)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        def cpp(text):
+            return llm.tokenize(text.encode(), add_bos=False, special=True)
+
+        def hf(text):
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        specials = SPM_SPECIAL_TEXTS[kind] if legacy else []
+        for text in SPM_TEXTS + specials:
+            assert cpp(text) == hf(text), text
+        assert any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(hf(SPM_TEXTS[4])))  # byte fallback ran
+        if kind == "llama":  # SentencePiece (and llama.cpp) put U+2581 before a leading space; transformers'
+            space = tok.convert_tokens_to_ids("\u2581")  # Metaspace does not when the text starts with one
+            assert cpp(" leading") == [space] + hf(" leading")
+        if not legacy:  # transformers' non-legacy Llama tokenizer puts U+2581 only at the very start; llama.cpp
+            assert cpp("x</s>y") == hf("x</s> y") != hf("x</s>y")  # also after each special token, as legacy
+        prompt = llm.tokenize(SPM_TEXTS[2].encode(), add_bos=False)
+    finally:
+        llm.close()
+    seq = prompt_and_greedy(model, prompt=prompt, n_new=16)
+    got = agreement(hf_logits(with_ggml_gelu(model), seq), llama_cpp_logits(path, seq))
+    print(f"sentencepiece {kind} legacy={legacy}: {got}")  # pytest -s
+    assert got.max_abs <= TOL["f32"] and got.decided_misses == 0, got
