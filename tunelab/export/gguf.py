@@ -32,7 +32,7 @@ from tunelab.errors import TunelabError
 from tunelab.export.gguf_tokenizer import write_tokenizer
 
 KQUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # written by llama.cpp's quantizer (optional llama-cpp-python)
-DTYPES = ("f32", "f16", "q8_0") + KQUANTS
+DTYPES = ("f32", "f16", "q8_0", "q4_0") + KQUANTS
 
 
 # model_type -> (what it may have beyond Llama's layers); the GGUF architecture name is the family table's.
@@ -144,7 +144,8 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     """Write `model` (a plain model of a SUPPORTED family) and `tokenizer` to the GGUF file `out`, atomically.
 
     dtype: f32 | f16 (matrices in f16, norms f32) | q8_0 (matrices whose rows are a multiple of 32 in
-    Q8_0, gguf's own quantizer; others f16; norms f32), as llama.cpp's converter writes them; or a k-quant
+    Q8_0, gguf's own quantizer; others f16; norms f32), as llama.cpp's converter writes them | q4_0 (as q8_0
+    with Q4_0 blocks, the output head in Q8_0: llama.cpp's own Q4_0 mix, see _encode); or a k-quant
     (q4_k_m, q5_k_m, q6_k): the f16 file quantized by llama.cpp's own quantizer (llama-cpp-python).
     """
     if dtype not in DTYPES:
@@ -245,7 +246,7 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     writer.add_name(Path(str(name)).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -313,7 +314,9 @@ def _tensors(model: nn.Module, dtype: str):
         w = rows_for_llama_cpp(config, key, tensor.detach().to("cpu", torch.float32))
         if config.model_type in GEMMA and key.endswith("norm.weight"):
             w = w + 1  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by the stored weight
-        yield (gguf_name(names, config, key), *_encode(w.numpy(), dtype))
+        name = gguf_name(names, config, key)
+        head = name == "output.weight" or (config.tie_word_embeddings and name == "token_embd.weight")
+        yield (name, *_encode(w.numpy(), dtype, head))
 
 
 def tensor_names(config):
@@ -345,14 +348,22 @@ def rows_for_llama_cpp(config, key: str, w: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _encode(w: np.ndarray, dtype: str):
-    """(array, ggml type): 1-D tensors stay f32 (llama.cpp's rule); matrices as `dtype` asks."""
+def _encode(w: np.ndarray, dtype: str, head: bool = False):
+    """(array, ggml type): 1-D tensors stay f32 (llama.cpp's rule); matrices as `dtype` asks; a matrix whose rows
+    are not a multiple of the 32-value block in f16, as llama.cpp's quantizer falls back.
+
+    q4_0 keeps the output head (token_embd when tied) at more bits, as llama.cpp's quantizer does for its Q4_0
+    mix (llama-quant.cpp): Q8_0 here; llama.cpp writes Q6_K where the rows are a multiple of 256 (gguf has no
+    Q6_K quantizer) and Q8_0 otherwise. Q4_0 / Q8_0 blocks come from gguf.quants, whose arithmetic is
+    llama.cpp's reference quantizer's (bit-identical blocks: tests/test_export_llamacpp.py)."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType
     if w.ndim == 1 or dtype == "f32":
         return w, qtype.F32
-    block = gguf.GGML_QUANT_SIZES[qtype.Q8_0][0]
-    if dtype == "q8_0" and w.shape[-1] % block == 0:
-        return gguf.quants.quantize(w, qtype.Q8_0), qtype.Q8_0
+    if dtype == "q4_0" and head:
+        dtype = "q8_0"
+    quant = {"q8_0": qtype.Q8_0, "q4_0": qtype.Q4_0}.get(dtype)
+    if quant is not None and w.shape[-1] % gguf.GGML_QUANT_SIZES[quant][0] == 0:
+        return gguf.quants.quantize(w, quant), quant
     return w.astype(np.float16), qtype.F16

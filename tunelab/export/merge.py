@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,25 +102,21 @@ def merge_to_folder(source: str, out: str | os.PathLike, base: str | None = None
 
 
 def _merge_qlora(trained: Opened, out: Path, from_quantized: bool) -> MergeReport:
-    """Both merges measured against the trained model, with one merged model in memory at a time.
+    """Both merges measured against the trained model, with at most one merged model in memory.
 
-    Memory: the base's original linear weights (held since loading, full precision) + the 4-bit trained
-    model + one merged model; the originals are freed before saving (safetensors serializes a copy). The merge not written is built on a copy of the trained model that shares
-    every tensor outside the linears (embeddings, norms), measured and dropped; then the chosen merge is
-    done in place, turning the trained model into the merged one.
+    Memory (docs/export.md, "Merge memory"): the base's original linear weights (memory-mapped from its file
+    by transformers) + the 4-bit trained model + the merged linears. The merge not written is only measured:
+    its logits come from the trained model with each adapted or 4-bit layer computing with its merged weight,
+    built for that call and dropped after (one layer's merge in memory at a time). Then the chosen merge is done
+    in place, turning the trained model into the merged one layer by layer.
     """
     ids = probe_ids(trained.tokenizer)
     reference = _logits(trained.model, ids)  # (1, T, vocab): the trained 4-bit + adapter model
     other = not from_quantized
-    candidate = Opened(_copy_linears(trained.model), trained.tokenizer, trained.source,
-                       base_weights=trained.base_weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the from_quantized warning is raised below, once, if chosen
-        merge_opened(candidate, from_quantized=other)
-    other_logits = _logits(candidate.model, ids)
-    del candidate
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        with merged_layer_by_layer(trained.model, None if other else trained.base_weights, from_quantized=other):
+            other_logits = _logits(trained.model, ids)
         merge_opened(trained, from_quantized=from_quantized)
     trained.base_weights.clear()  # the merged linears hold copies: free the originals before saving
     chosen_logits = _logits(trained.model, ids)
@@ -134,6 +131,41 @@ def _merge_qlora(trained: Opened, out: Path, from_quantized: bool) -> MergeRepor
             f"{(chosen_logits - other_logits).abs().max().item():.4g}", stacklevel=2)
     save_hf_folder(trained.model, trained.tokenizer, out)
     return report
+
+
+@contextmanager
+def merged_layer_by_layer(model: nn.Module, base_weights: dict | None, from_quantized: bool):
+    """Within the block, `model` computes as merge_lora(model, base_weights, from_quantized) would, without
+    merging it: a forward hook on each outermost LoRA / 4-bit layer (linear or experts) replaces its output by
+    that of a merged copy of the layer, made by merge_lora for the call and dropped after it."""
+    from tunelab.lora import LoRALinear, merge_lora
+    from tunelab.lora.experts import LoRAExperts
+    from tunelab.lora.layer import is_quantized_linear
+    from tunelab.quant.experts import Experts4bit
+
+    def merged_output(path: str):
+        prefix = path + "."
+
+        def hook(module, args, kwargs, output):
+            holder = nn.Module()
+            holder.add_module("layer", _copy_linears(module))  # merge_lora replaces layers in place
+            weights = None if base_weights is None else {
+                "layer." + k[len(prefix):]: v for k, v in base_weights.items() if k.startswith(prefix)}
+            merge_lora(holder, base_weights=weights, from_quantized=from_quantized)
+            return holder.layer(*args, **kwargs)
+        return hook
+
+    handles, outer = [], ()
+    for path, m in model.named_modules():
+        if (isinstance(m, (LoRALinear, LoRAExperts, Experts4bit)) or is_quantized_linear(m)) and \
+                not path.startswith(outer):
+            handles.append(m.register_forward_hook(merged_output(path), with_kwargs=True))
+            outer += (path + ".",)
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _copy_linears(model: nn.Module) -> nn.Module:
