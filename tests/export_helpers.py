@@ -117,6 +117,7 @@ def make_spm_tokenizer(kind: str = "llama", legacy: bool = True, all_merges: boo
     `legacy` picks LlamaTokenizer's U+2581 prefix after special tokens too ("always") or only at the start
     ("first"); all_merges=False keeps only the trainer's own merges (llama.cpp would split some text otherwise)."""
     import pydoc_data.topics
+
     from tokenizers import SentencePieceBPETokenizer
     from transformers import GemmaTokenizer, LlamaTokenizer
     from transformers.tokenization_utils_base import generate_merges
