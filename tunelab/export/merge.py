@@ -87,9 +87,9 @@ def merge_to_folder(source: str, out: str | os.PathLike, base: str | None = None
     """Merge the adapter of `source` (a run or adapter folder) into its base and save an HF folder.
 
     dtype: the merged model's dtype (`base`: the base's own, see resolve.base_dtype; or bf16/fp16/fp32);
-    each merged weight is summed in fp32 and rounded once. For a QLoRA adapter both merges are built, one
-    at a time, and measured against the trained model; the one written is into the original weights, or
-    into the de-quantized ones if `from_quantized` (with a warning).
+    each merged weight is summed in fp32 and rounded once. For a QLoRA adapter both merges are measured
+    against the trained model (the one not written layer by layer, never built in full); the one written is
+    into the original weights, or into the de-quantized ones if `from_quantized` (with a warning).
     """
     opened = open_model(source, base=base, dtype=dtype, device=device)
     if opened.source.adapter is None:
