@@ -43,7 +43,8 @@ def make_run(run: Path) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     save_adapter(model, run / "adapter")
     (run / "config.yaml").write_text(yaml.safe_dump({"method": "qlora", "model": {"source": "bundled"},
-                                                     "quant": quant, "lora": lora, "data": {}}))
+                                                     "quant": quant, "lora": lora,  # data: unused by a merge
+                                                     "data": {"sources": [{"name": "unused", "path": "unused"}]}}))
 
 
 def status_mib(key: str) -> float:

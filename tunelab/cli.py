@@ -24,7 +24,7 @@ COMMANDS = {
     "eval": ("tunelab.eval.cli", "evaluate a model or run: perplexity, tasks, hallucination, injection"),
     "detect": ("tunelab.eval.detect_cli", "find labelled spans (e.g. injections) in documents with a trained spans run; --redact masks them"),
     "merge": ("tunelab.export.cli.merge", "merge a LoRA/QLoRA adapter into its base and save a Hugging Face folder"),
-    "export": ("tunelab.export.cli.export", "export a model or run to GGUF (f32/f16/q8_0) for llama.cpp and Ollama"),
+    "export": ("tunelab.export.cli.export", "export a model or run to GGUF (f32/f16/q8_0/q4_0/k-quants) for llama.cpp and Ollama"),
     "generate": ("tunelab.export.cli.generate", "greedy answers from a model or run, adapter on the fly or merged"),
     "chat": ("tunelab.export.cli.chat", "chat in the terminal with a model or run (chat template, streaming)"),
     "sweep": ("tunelab.experiments.sweep_cli", "run a resumable grid of training runs (method x lr x batch size ...) and report the optima"),

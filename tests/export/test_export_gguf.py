@@ -1,5 +1,7 @@
 """tunelab export --gguf: llama tensors, rope permutation and tokenizer that transformers reads back exactly."""
 
+import json
+
 import gguf
 import pytest
 import torch
@@ -113,3 +115,47 @@ def test_an_earlier_gguf_is_replaced_anything_else_refused(tmp_path):
     with pytest.raises(TunelabError, match="is a folder"):
         export_gguf(model, tok, tmp_path)
     assert notes.read_text() == "my notes" and not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_sentencepiece_tokenizer_written_as_llama_cpps_converter_does(kind, tmp_path):
+    """GGUF's `llama` tokenizer kind: tokens, scores = -(rank of the token's first merge), types (BYTE for <0xXX>,
+    UNKNOWN, CONTROL), U+2581 prefix for Llama-2 style, not for Gemma; transformers' GGUF reader splits text
+    the same way (llama.cpp itself: test_export_llamacpp.py)."""
+    from tests.support.export_helpers import make_spm_tokenizer, tiny
+
+    tok = make_spm_tokenizer(kind)  # transformers' reader picks the Gemma tokenizer by the GGUF architecture
+    model = tiny("gemma2", head_dim=256, tie_word_embeddings=True) if kind == "gemma" else make_tiny_llama()
+    path = export_gguf(model, tok, tmp_path / "s.gguf")
+    fields = gguf.GGUFReader(path).fields
+    assert (fields["tokenizer.ggml.model"].contents(), fields["tokenizer.ggml.pre"].contents()) == ("llama", "default")
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is (kind == "llama")
+    tokens, scores = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.scores"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    merges = [a + b for a, b in json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]]
+    first = {}
+    for rank, merged in enumerate(merges):
+        first.setdefault(merged, rank)
+    assert tokens == [tok.convert_ids_to_tokens(i) for i in range(512)]
+    assert scores == [-float(first.get(t, 0)) for t in tokens] and len(set(scores)) > 100
+    assert types.count(gguf.TokenType.BYTE) == 256 and types[tokens.index("<0x41>")] == gguf.TokenType.BYTE
+    assert types[tok.unk_token_id] == gguf.TokenType.UNKNOWN and types[tok.eos_token_id] == gguf.TokenType.CONTROL
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in TEXTS:
+        if not text.startswith(" "):  # transformers' Metaspace and SentencePiece differ there (docs/export.md)
+            assert back(text)["input_ids"] == tok(text)["input_ids"], text
+
+
+def test_tokenizers_llama_cpp_would_split_differently_are_refused(tmp_path):
+    from tokenizers import SentencePieceUnigramTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.support.export_helpers import make_spm_tokenizer
+
+    with pytest.raises(TunelabError, match=r"merges leave out .* llama.cpp merges every pair whose concatenation"):
+        export_gguf(make_tiny_llama(), make_spm_tokenizer(all_merges=False), tmp_path / "m.gguf")
+    unigram = SentencePieceUnigramTokenizer()
+    unigram.train_from_iterator(["some text to train on, and more text"] * 4, vocab_size=40, show_progress=False)
+    with pytest.raises(TunelabError, match=r"supports byte-level BPE .* this tokenizer is Unigram .* not by Unigram"):
+        export_gguf(make_tiny_llama(), PreTrainedTokenizerFast(tokenizer_object=unigram), tmp_path / "u.gguf")
+    assert not list(tmp_path.iterdir())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.export_helpers import adapter, base, tiny  # noqa: F401  (fixtures)
+from tests.support.export_helpers import adapter, base, make_spm_tokenizer, tiny  # noqa: F401  (fixtures)
 from tests.support.tiny_models import make_tiny_tokenizer
 from tunelab.export.gguf import export_gguf, llama_cpp_quantizer
 from tunelab.export.validate import agreement, llama_cpp_logits
@@ -24,8 +24,9 @@ from tunelab.export.validate import agreement, llama_cpp_logits
 # span about +-1.3), about 1.5x the largest measured over the families (docs/export.md has each): f32 against
 # the model with ggml's GELU (below; llama-like families measure 4e-7, Gemma 1.1e-4 / 1.8e-4); f16 and q8_0
 # against the plain model (llama.cpp's CPU also rounds the activations to f16 / q8 before each product:
-# 5e-4 / 1.3e-2 for llama-like families, 6e-3 / 0.17 for the tiny Gemma-3 with its (1 + w) ~ 2 norms).
-TOL = {"f32": 3e-4, "f16": 1e-2, "q8_0": 0.25}
+# 5e-4 / 1.3e-2 for llama-like families, 6e-3 / 0.17 for the tiny Gemma-3 with its (1 + w) ~ 2 norms; q4_0:
+# 0.09-0.13 for llama-like families, 0.31 / 0.95 for Gemma-2 / Gemma-3).
+TOL = {"f32": 3e-4, "f16": 1e-2, "q8_0": 0.25, "q4_0": 1.5}
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # 16-dim heads: every regime
 FAMILIES = {
@@ -48,9 +49,12 @@ def current_umask() -> int:
     return umask
 
 
-def prompt_and_greedy(model, n_prompt: int = 40, n_new: int = 32, seed: int = 0) -> list[int]:
-    """Random prompt ids followed by the model's own greedy continuation (transformers, fp32)."""
-    prompt = torch.randint(3, model.config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(seed))
+def prompt_and_greedy(model, n_prompt: int = 40, n_new: int = 32, seed: int = 0, prompt=None) -> list[int]:
+    """Prompt ids (random unless given) followed by the model's own greedy continuation (transformers, fp32)."""
+    if prompt is None:
+        prompt = torch.randint(3, model.config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(seed))
+    else:
+        prompt = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
                              min_new_tokens=n_new, do_sample=False, pad_token_id=0)
@@ -89,7 +93,7 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
     ref = hf_logits(model, seq)
     tok = make_tiny_tokenizer()
     runs = {}
-    for dtype in ("f32", "f16", "q8_0"):
+    for dtype in ("f32", "f16", "q8_0", "q4_0"):
         got = llama_cpp_logits(export_gguf(model, tok, tmp_path / f"{dtype}.gguf", dtype), seq)
         runs[dtype] = agreement(ref, got)
         close = agreement(hf_logits(with_ggml_gelu(model), seq), got) if dtype == "f32" else runs[dtype]
@@ -103,22 +107,28 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
     theirs, ours = agreement(ref, llama_cpp_logits(tmp_path / "theirs.gguf", seq)), runs["q8_0"]
     print(f"{family} llama.cpp's q8_0 from our f16: {theirs}")
     assert ours.top1 >= theirs.top1 - 0.05 and ours.mean_kl <= 1.5 * theirs.mean_kl, (ours, theirs)
-    assert runs["f32"].mean_kl < runs["f16"].mean_kl < ours.mean_kl  # each rounding shows, in order
+    assert runs["f32"].mean_kl < runs["f16"].mean_kl < ours.mean_kl < runs["q4_0"].mean_kl  # each rounding, in order
 
 
-def test_our_q8_0_is_llama_cpps_q8_0_bit_for_bit(tmp_path):
-    """gguf's Q8_0 quantizer (ours) and llama.cpp's, both from the same f32 weights: identical blocks."""
-    model, tok = tiny("llama"), make_tiny_tokenizer()
+@pytest.mark.parametrize("dtype,tied", [("q8_0", False), ("q4_0", False), ("q4_0", True)],
+                         ids=["q8_0", "q4_0", "q4_0-tied"])
+def test_our_quants_are_llama_cpps_bit_for_bit(dtype, tied, tmp_path):
+    """Ours (gguf.quants) and llama.cpp's quantizer, both from the same f32 weights: the same type for every
+    tensor (q4_0: the output head, or the tied embedding, in Q8_0 as llama.cpp's mix puts it for 64-wide rows)
+    and identical blocks."""
+    model, tok = tiny("llama", tie_word_embeddings=tied), make_tiny_tokenizer()
     export_gguf(model, tok, tmp_path / "f32.gguf", "f32")
-    export_gguf(model, tok, tmp_path / "ours.gguf", "q8_0")
-    llama_cpp_quantizer("q8_0")(str(tmp_path / "f32.gguf"), str(tmp_path / "theirs.gguf"))
+    export_gguf(model, tok, tmp_path / "ours.gguf", dtype)
+    llama_cpp_quantizer(dtype)(str(tmp_path / "f32.gguf"), str(tmp_path / "theirs.gguf"))
     ours = {t.name: t for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
     theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
     assert set(ours) == set(theirs)
     for name, t in ours.items():
         assert t.tensor_type == theirs[name].tensor_type, name
         assert np.array_equal(np.asarray(t.data), np.asarray(theirs[name].data)), name
-    assert sum(t.tensor_type.name == "Q8_0" for t in ours.values()) == 2 * 7 + 2  # every matrix
+    types = [t.tensor_type.name for t in ours.values()]
+    heads = 1 if dtype == "q4_0" else 0  # output.weight, or token_embd when tied
+    assert types.count(dtype.upper()) == 2 * 7 + 2 - tied - heads and types.count("Q8_0") == (heads or 16 - tied)
 
 
 # k-quants need rows that are a multiple of 256 (llama.cpp falls back to other types otherwise)
@@ -214,3 +224,45 @@ def test_llama_cpp_tokenizes_as_transformers(which, bundled_tokenizer, tmp_path)
                 tok(text, add_special_tokens=False)["input_ids"], text
     finally:
         llm.close()
+
+
+# SentencePiece texts: none starts with a space, and special tokens only where both sides put U+2581 after them
+SPM_TEXTS = ["Hello world, 12345 ok!", "two  spaces\n\ttab ünïcode 日本", "def f(x):\n    return x ** 2  # 3.14159",
+             "It's 'quoted' — and   spaced\r\n", "Tokens: ‽ 🙂 ÿ"]
+SPM_SPECIAL_TEXTS = {"llama": ["<s>user\nhi there</s>\n", "x</s>y"], "gemma": ["<bos>user\nhi there<eos>\n", "x<eos>y"]}
+
+
+@pytest.mark.parametrize("kind,legacy", [("llama", True), ("llama", False), ("gemma", True)],
+                         ids=["llama-legacy", "llama", "gemma"])
+def test_llama_cpp_runs_sentencepiece_tokenizers_as_transformers(kind, legacy, tmp_path):
+    """A SentencePiece-BPE tokenizer (Llama-2 / Mistral with U+2581 in front; Gemma without) written as GGUF's
+    `llama` kind: llama.cpp splits text into transformers' ids (byte fallback included), and the model runs on
+    them as in transformers. Where the two runtimes differ by design, the difference is pinned exactly."""
+    tok = make_spm_tokenizer(kind, legacy)
+    model_type, over = FAMILIES["gemma2" if kind == "gemma" else "llama"]
+    model = tiny(model_type, **over)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        def cpp(text):
+            return llm.tokenize(text.encode(), add_bos=False, special=True)
+
+        def hf(text):
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        specials = SPM_SPECIAL_TEXTS[kind] if legacy else []
+        for text in SPM_TEXTS + specials:
+            assert cpp(text) == hf(text), text
+        assert any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(hf(SPM_TEXTS[4])))  # byte fallback ran
+        if kind == "llama":  # SentencePiece (and llama.cpp) put U+2581 before a leading space; transformers'
+            space = tok.convert_tokens_to_ids("\u2581")  # Metaspace does not when the text starts with one
+            assert cpp(" leading") == [space] + hf(" leading")
+        if not legacy:  # transformers' non-legacy Llama tokenizer puts U+2581 only at the very start; llama.cpp
+            assert cpp("x</s>y") == hf("x</s> y") != hf("x</s>y")  # also after each special token, as legacy
+        prompt = llm.tokenize(SPM_TEXTS[2].encode(), add_bos=False)
+    finally:
+        llm.close()
+    seq = prompt_and_greedy(model, prompt=prompt, n_new=16)
+    got = agreement(hf_logits(with_ggml_gelu(model), seq), llama_cpp_logits(path, seq))
+    print(f"sentencepiece {kind} legacy={legacy}: {got}")  # pytest -s
+    assert got.max_abs <= TOL["f32"] and got.decided_misses == 0, got

@@ -67,6 +67,28 @@ def test_qlora_both_merges_measured_against_the_trained_model(qlora_run, tmp_pat
     assert (logits(merged, ids()) - logits(trained, ids())).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("from_quantized", [False, True])
+def test_layer_by_layer_merge_computes_as_the_merged_model(qlora_run, from_quantized):
+    """What the QLoRA merge measures without building the merge it does not write (merged_layer_by_layer) is
+    bit for bit the logits of that merge built in full (merge_lora on a copy), and the model is left as it was."""
+    import copy
+    import warnings
+
+    from tunelab.export.merge import merged_layer_by_layer
+    from tunelab.lora import merge_lora
+
+    opened = open_model(str(qlora_run))
+    model, weights = opened.model.eval(), None if from_quantized else opened.base_weights
+    before = logits(model, ids())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the de-quantized merge warns
+        with merged_layer_by_layer(model, weights, from_quantized):
+            layered = logits(model, ids())
+        full = logits(merge_lora(copy.deepcopy(model), base_weights=weights, from_quantized=from_quantized), ids())
+    assert torch.equal(layered, full) and (full - before).abs().max() > 0  # the merge is not the identity here
+    assert torch.equal(logits(model, ids()), before)  # hooks removed, layers untouched
+
+
 def test_qlora_run_on_the_fly_is_the_trained_model(base, qlora_run):
     """Applying a qlora run's adapter re-creates the 4-bit base with the run's settings (bitsandbytes-exact)."""
     opened = open_model(str(qlora_run))

@@ -4,6 +4,7 @@ QLoRA run folder."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,32 @@ def base(tmp_path_factory):
 def adapter(base, tmp_path_factory):
     """A LoRA adapter over `base`, saved in PEFT layout."""
     return make_adapter(base, tmp_path_factory.mktemp("lora") / "adapter")
+
+
+SPM_SPECIALS = {"llama": ["<unk>", "<s>", "</s>"], "gemma": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]}
+
+
+def make_spm_tokenizer(kind: str = "llama", legacy: bool = True, all_merges: bool = True):
+    """A SentencePiece-BPE-style tokenizer (Llama-2 / Mistral: kind "llama"; Gemma: "gemma") of 512 tokens, built as
+    transformers builds one from a tokenizer.model: the specials, the 256 <0xXX> byte-fallback pieces, then pieces
+    trained on local reference prose (tokenizers' SentencePieceBPETokenizer), scored -id as SentencePiece BPE scores
+    its pieces, and merges = every split of every piece ordered by score (transformers' generate_merges).
+    `legacy` picks LlamaTokenizer's U+2581 prefix after special tokens too ("always") or only at the start
+    ("first"); all_merges=False keeps only the trainer's own merges (llama.cpp would split some text otherwise)."""
+    import pydoc_data.topics
+
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import GemmaTokenizer, LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(list(pydoc_data.topics.topics.values())[:60], vocab_size=512, show_progress=False,
+                           special_tokens=SPM_SPECIALS[kind] + [f"<0x{b:02X}>" for b in range(256)])
+    vocab = sp.get_vocab()
+    if all_merges:
+        merges = generate_merges(vocab, {t: -float(i) for t, i in vocab.items()})
+    else:
+        merges = [tuple(m) for m in json.loads(sp._tokenizer.to_str())["model"]["merges"]]
+    if kind == "gemma":
+        return GemmaTokenizer(vocab=vocab, merges=merges)
+    return LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy)

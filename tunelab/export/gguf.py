@@ -13,13 +13,12 @@ permuted; llama3 rope scaling as a rope_freqs tensor), qwen2 -> qwen2 (q/k/v bia
 permutation), qwen3 -> qwen3 (per-head q/k RMSNorms attn_q_norm / attn_k_norm, NEOX rope), gemma2 ->
 gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sliding window), phi3 -> phi3
 (fused attn_qkv and ffn_up = gate|up as HF stores them, partial rotary as rope.dimension_count),
-gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, local rope base). Only
-byte-level BPE tokenizers; anything else is an error that names it and what is supported.
+gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, local rope base). The
+tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -30,9 +29,10 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.export.gguf_tokenizer import write_tokenizer
 
 KQUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # written by llama.cpp's quantizer (optional llama-cpp-python)
-DTYPES = ("f32", "f16", "q8_0") + KQUANTS
+DTYPES = ("f32", "f16", "q8_0", "q4_0") + KQUANTS
 
 
 # model_type -> (what it may have beyond Llama's layers); the GGUF architecture name is the family table's.
@@ -144,7 +144,8 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: str 
     """Write `model` (a plain model of a SUPPORTED family) and `tokenizer` to the GGUF file `out`, atomically.
 
     dtype: f32 | f16 (matrices in f16, norms f32) | q8_0 (matrices whose rows are a multiple of 32 in
-    Q8_0, gguf's own quantizer; others f16; norms f32), as llama.cpp's converter writes them; or a k-quant
+    Q8_0, gguf's own quantizer; others f16; norms f32), as llama.cpp's converter writes them | q4_0 (as q8_0
+    with Q4_0 blocks, the output head in Q8_0: llama.cpp's own Q4_0 mix, see _encode); or a k-quant
     (q4_k_m, q5_k_m, q6_k): the f16 file quantized by llama.cpp's own quantizer (llama-cpp-python).
     """
     if dtype not in DTYPES:
@@ -188,7 +189,7 @@ def _write(model: nn.Module, tokenizer, path: str, dtype: str, name: str | None)
 
     writer = gguf.GGUFWriter(path, gguf_arch(model.config))
     _write_hparams(writer, model.config, dtype, name or getattr(model, "name_or_path", "") or "tunelab")
-    _write_tokenizer(writer, tokenizer, model.config.vocab_size)
+    write_tokenizer(writer, tokenizer, model.config.vocab_size)
     for gguf_name, array, qtype in _tensors(model, dtype):
         writer.add_tensor(gguf_name, array, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -245,7 +246,7 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     writer.add_name(Path(str(name)).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -313,7 +314,9 @@ def _tensors(model: nn.Module, dtype: str):
         w = rows_for_llama_cpp(config, key, tensor.detach().to("cpu", torch.float32))
         if config.model_type in GEMMA and key.endswith("norm.weight"):
             w = w + 1  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by the stored weight
-        yield (gguf_name(names, config, key), *_encode(w.numpy(), dtype))
+        name = gguf_name(names, config, key)
+        head = name == "output.weight" or (config.tie_word_embeddings and name == "token_embd.weight")
+        yield (name, *_encode(w.numpy(), dtype, head))
 
 
 def tensor_names(config):
@@ -345,100 +348,22 @@ def rows_for_llama_cpp(config, key: str, w: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _encode(w: np.ndarray, dtype: str):
-    """(array, ggml type): 1-D tensors stay f32 (llama.cpp's rule); matrices as `dtype` asks."""
+def _encode(w: np.ndarray, dtype: str, head: bool = False):
+    """(array, ggml type): 1-D tensors stay f32 (llama.cpp's rule); matrices as `dtype` asks; a matrix whose rows
+    are not a multiple of the 32-value block in f16, as llama.cpp's quantizer falls back.
+
+    q4_0 keeps the output head (token_embd when tied) at more bits, as llama.cpp's quantizer does for its Q4_0
+    mix (llama-quant.cpp): Q8_0 here; llama.cpp writes Q6_K where the rows are a multiple of 256 (gguf has no
+    Q6_K quantizer) and Q8_0 otherwise. Q4_0 / Q8_0 blocks come from gguf.quants, whose arithmetic is
+    llama.cpp's reference quantizer's (bit-identical blocks: tests/export/test_export_llamacpp.py)."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType
     if w.ndim == 1 or dtype == "f32":
         return w, qtype.F32
-    block = gguf.GGML_QUANT_SIZES[qtype.Q8_0][0]
-    if dtype == "q8_0" and w.shape[-1] % block == 0:
-        return gguf.quants.quantize(w, qtype.Q8_0), qtype.Q8_0
+    if dtype == "q4_0" and head:
+        dtype = "q8_0"
+    quant = {"q8_0": qtype.Q8_0, "q4_0": qtype.Q4_0}.get(dtype)
+    if quant is not None and w.shape[-1] % gguf.GGML_QUANT_SIZES[quant][0] == 0:
+        return gguf.quants.quantize(w, quant), quant
     return w.astype(np.float16), qtype.F16
-
-
-# ---- tokenizer -------------------------------------------------------------------------------------------
-
-def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """tokenizer.ggml.* for a byte-level BPE tokenizer: the vocabulary padded to the model's vocab_size."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec["model"]
-    if model["type"] != "BPE" or not _is_byte_level(spec):
-        raise TunelabError(
-            f"GGUF export supports byte-level BPE tokenizers (GGUF's gpt2 model); this tokenizer is "
-            f"{model['type']} with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')}"
-        )
-    tokens, types = _vocab(tokenizer, vocab_size)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
-                          (tokenizer.eos_token_id, writer.add_eos_token_id),
-                          (tokenizer.pad_token_id, writer.add_pad_token_id),
-                          (tokenizer.unk_token_id, writer.add_unk_token_id)):
-        if token_id is not None:
-            add(token_id)
-    writer.add_add_bos_token(_adds_bos(tokenizer))
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def _vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Tokens by id and their GGUF types; ids past the tokenizer (embedding padding) are [PADi], UNUSED."""
-    from gguf import TokenType
-
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    if len(by_id) > vocab_size:
-        raise TunelabError(f"the tokenizer has {len(by_id)} tokens but the model's embedding has only "
-                           f"{vocab_size} rows: this tokenizer does not belong to this model")
-    added = tokenizer.added_tokens_decoder  # id -> AddedToken(special=...)
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(TokenType.NORMAL if i not in added else
-                         TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
-    return tokens, [int(t) for t in types]
-
-
-def _is_byte_level(spec: dict) -> bool:
-    pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre])
-    return any(p.get("type") == "ByteLevel" for p in parts)
-
-
-def pre_tokenizer_name(pre: dict | None) -> str:
-    """llama.cpp's name (tokenizer.ggml.pre) for how a byte-level tokenizer splits text before BPE.
-
-    gpt-2: ByteLevel's own regex; smollm: single digits, then ByteLevel's regex; a Split regex + ByteLevel
-    without regex: the name transformers' GGUF reader maps to that same regex (llama-bpe, qwen2, ...), so
-    text splits the same way after a round trip.
-    """
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    parts = (pre or {}).get("pretokenizers", [pre or {}])
-    types = [p.get("type") for p in parts]
-    if types == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
-        return "smollm"
-    if types == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
-        regex = parts[0].get("pattern", {}).get("Regex")
-        name = next((n for n, r in GGUF_PRE_TOKENIZER_SPLITS.items() if r == regex), None)
-        if name is not None:
-            return name
-    raise TunelabError(f"GGUF export: this tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) matches no "
-                       "pre-tokenizer that llama.cpp and transformers both know (gpt-2, smollm, llama-bpe, qwen2, ...)")
-
-
-def _adds_bos(tokenizer) -> bool:
-    """Whether encoding text puts BOS first (llama.cpp then adds it too)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]

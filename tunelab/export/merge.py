@@ -9,8 +9,11 @@ user sees the difference.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +87,9 @@ def merge_to_folder(source: str, out: str | os.PathLike, base: str | None = None
     """Merge the adapter of `source` (a run or adapter folder) into its base and save an HF folder.
 
     dtype: the merged model's dtype (`base`: the base's own, see resolve.base_dtype; or bf16/fp16/fp32);
-    each merged weight is summed in fp32 and rounded once. For a QLoRA adapter both merges are built, one
-    at a time, and measured against the trained model; the one written is into the original weights, or
-    into the de-quantized ones if `from_quantized` (with a warning).
+    each merged weight is summed in fp32 and rounded once. For a QLoRA adapter both merges are measured
+    against the trained model (the one not written layer by layer, never built in full); the one written is
+    into the original weights, or into the de-quantized ones if `from_quantized` (with a warning).
     """
     opened = open_model(source, base=base, dtype=dtype, device=device)
     if opened.source.adapter is None:
@@ -101,26 +104,22 @@ def merge_to_folder(source: str, out: str | os.PathLike, base: str | None = None
 
 
 def _merge_qlora(trained: Opened, out: Path, from_quantized: bool) -> MergeReport:
-    """Both merges measured against the trained model, with one merged model in memory at a time.
+    """Both merges measured against the trained model, with at most one merged model in memory.
 
-    Memory: the base's original linear weights (held since loading, full precision) + the 4-bit trained
-    model + one merged model; the originals are freed before saving (safetensors serializes a copy). The merge not written is built on a copy of the trained model that shares
-    every tensor outside the linears (embeddings, norms), measured and dropped; then the chosen merge is
-    done in place, turning the trained model into the merged one.
+    Memory (docs/export.md, "Merge memory"): the base's original linear weights (memory-mapped from its file
+    by transformers) + the 4-bit trained model + the merged linears. The merge not written is only measured:
+    its logits come from the trained model with each adapted or 4-bit layer computing with its merged weight,
+    built for that call and dropped after (one layer's merge in memory at a time). Then the chosen merge is done
+    in place, turning the trained model into the merged one layer by layer.
     """
     ids = probe_ids(trained.tokenizer)
     reference = _logits(trained.model, ids)  # (1, T, vocab): the trained 4-bit + adapter model
     other = not from_quantized
-    candidate = Opened(_copy_linears(trained.model), trained.tokenizer, trained.source,
-                       base_weights=trained.base_weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the from_quantized warning is raised below, once, if chosen
-        merge_opened(candidate, from_quantized=other)
-    other_logits = _logits(candidate.model, ids)
-    del candidate
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merge_opened(trained, from_quantized=from_quantized)
+        with merged_layer_by_layer(trained.model, None if other else trained.base_weights, from_quantized=other):
+            other_logits = _logits(trained.model, ids)
+        merge_in_place(trained, from_quantized)
     trained.base_weights.clear()  # the merged linears hold copies: free the originals before saving
     chosen_logits = _logits(trained.model, ids)
     diffs = {from_quantized: (chosen_logits - reference).abs().max().item(),
@@ -134,6 +133,70 @@ def _merge_qlora(trained: Opened, out: Path, from_quantized: bool) -> MergeRepor
             f"{(chosen_logits - other_logits).abs().max().item():.4g}", stacklevel=2)
     save_hf_folder(trained.model, trained.tokenizer, out)
     return report
+
+
+@contextmanager
+def merged_layer_by_layer(model: nn.Module, base_weights: dict | None, from_quantized: bool):
+    """Within the block, `model` computes as merge_lora(model, base_weights, from_quantized) would, without
+    merging it: a forward hook on each outermost LoRA / 4-bit layer (linear or experts) replaces its output by
+    that of a merged copy of the layer, made by merge_lora for the call and dropped after it."""
+    def merged_output(path: str):
+        def hook(module, args, kwargs, output):
+            return _merge_one(_copy_linears(module), path, base_weights, from_quantized)(*args, **kwargs)
+        return hook
+
+    handles = [m.register_forward_hook(merged_output(p), with_kwargs=True) for p, m in _mergeable_layers(model)]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def merge_in_place(opened: Opened, from_quantized: bool) -> None:
+    """merge_opened, one layer at a time, handing the freed pages back to the OS after each (glibc keeps the
+    pages of blocks freed between live ones, which grew a QLoRA merge's peak by ~0.25x of the model)."""
+    weights = None if from_quantized else opened.base_weights
+    for path, layer in _mergeable_layers(opened.model):
+        opened.model.set_submodule(path, _merge_one(layer, path, weights, from_quantized))
+        release_freed_memory()
+    merge_opened(opened, from_quantized)  # what is left: modules to save, the adapter's bookkeeping
+
+
+def _mergeable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each outermost LoRA or 4-bit layer (linear or experts): what merge_lora replaces."""
+    from tunelab.lora import LoRALinear
+    from tunelab.lora.experts import LoRAExperts
+    from tunelab.lora.layer import is_quantized_linear
+    from tunelab.quant.experts import Experts4bit
+
+    found, outer = [], ()
+    for path, m in model.named_modules():
+        if (isinstance(m, (LoRALinear, LoRAExperts, Experts4bit)) or is_quantized_linear(m)) and \
+                not path.startswith(outer):
+            found.append((path, m))
+            outer += (path + ".",)
+    return found
+
+
+def _merge_one(layer: nn.Module, path: str, base_weights: dict | None, from_quantized: bool) -> nn.Module:
+    """merge_lora of the one layer at `path` of its model (its base_weights keys are under `path`.)."""
+    from tunelab.lora import merge_lora
+
+    holder, prefix = nn.Module(), path + "."
+    holder.add_module("layer", layer)  # merge_lora replaces the layers under its root in place
+    weights = None if base_weights is None else {
+        "layer." + k[len(prefix):]: v for k, v in base_weights.items() if k.startswith(prefix)}
+    merge_lora(holder, base_weights=weights, from_quantized=from_quantized)
+    return holder.layer
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed heap blocks back to the OS (glibc's malloc_trim); nothing elsewhere."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _copy_linears(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""`tunelab export MODEL_OR_RUN --gguf OUT.gguf [--dtype f32|f16|q8_0|q4_k_m|q5_k_m|q6_k]
+"""`tunelab export MODEL_OR_RUN --gguf OUT.gguf [--dtype f32|f16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k]
 [--modelfile [--system TEXT]] [--lora-adapter]`: a GGUF file for llama.cpp / Ollama, and optionally an Ollama
 Modelfile; with --lora-adapter only the adapter, as a GGUF LoRA adapter (llama.cpp's --lora)."""
 
