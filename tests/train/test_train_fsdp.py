@@ -57,7 +57,8 @@ def _free_port() -> int:
 def runs(tmp_path_factory):
     """{name: output folder}: `<method>-one` (1 process, batch 4), `<method>-accum` (1 process, batch 2 x
     grad_accum 2), `<method>-fsdp` (2 processes, batch 2 each), and `resumed`: lora-accum cut back to its
-    step-2 checkpoint, then resumed under FSDP; `workspace`: the model and data folder."""
+    step-2 checkpoint, then resumed under FSDP; `qlora-fsdp-recompute`: qlora-fsdp with gradient checkpointing;
+    `workspace`: the model and data folder."""
     d = tmp_path_factory.mktemp("fsdp")
     ws = make_workspace(d, records=96)
     out = {"workspace": ws}
@@ -76,6 +77,9 @@ def runs(tmp_path_factory):
         out[f"{m}-fsdp"] = d / f"{m}-fsdp"
         jobs.append(str(_config(ws, out[f"{m}-fsdp"], m, batch_size=2, distributed="fsdp")))
     jobs.append(f"{_config(ws, out['resumed'], 'lora', batch_size=2, distributed='fsdp')} resume=true")
+    out["qlora-fsdp-recompute"] = d / "qlora-fsdp-recompute"
+    jobs.append(str(_config(ws, out["qlora-fsdp-recompute"], "qlora", batch_size=2, distributed="fsdp",
+                            gradient_checkpointing=True)))
     # PYTHONFAULTHANDLER: a process that crashes (one SIGSEGV seen in a full-suite run) prints its Python stack
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -159,3 +163,11 @@ def test_fsdp_shards_the_4bit_weights(runs):
                 for q in weights)
     assert max(b["quantized"] for b in fsdp) <= one / 2 + slack
     assert slack < 0.05 * one
+
+
+def test_fsdp_qlora_with_gradient_checkpointing(runs):
+    """Each decoder layer recomputed in backward gathers its 4-bit weights again: the same training, to TOL."""
+    accum, recompute = runs["qlora-accum"], runs["qlora-fsdp-recompute"]
+    assert losses(recompute) == pytest.approx(losses(accum), abs=TOL, rel=0)
+    _assert_same_tensors(accum / "adapter/adapter_model.safetensors", recompute / "adapter/adapter_model.safetensors",
+                         ulps=None)

@@ -16,6 +16,9 @@ one all_gather of the codes and scales, then the usual dequantize), in forward a
 a checkpointed layer's recomputation), and lets it go when the matmul returns: only the shard stays. These
 gathers are collectives inside the layers' forward and backward, which every process runs in the same order,
 as FSDP's own are. They are not prefetched (FSDP overlaps its gathers with compute on CUDA; these wait).
+(Registering the codes and scales as frozen parameters would let FSDP2 shard them, but would put uint8 tensors
+in every parameters() walk, state dict and optimizer grouping of the rest of tunelab; a gather inside
+Linear4bit keeps all of that as it is.)
 Mixture-of-experts 4-bit weights (Experts4bit) are not sharded: every process keeps all of them.
 
 The functions here are collective where they say so: every process must call them, in the same order.
@@ -26,9 +29,13 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from tunelab.quant import QuantizedTensor
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -82,7 +89,7 @@ def block_range(blocks: int, rank: int, world: int) -> tuple[int, int]:
     return min(rank * c, blocks), min((rank + 1) * c, blocks)
 
 
-def gather_quantized(shard):
+def gather_quantized(shard: QuantizedTensor) -> QuantizedTensor:
     """The whole QuantizedTensor from every process's `shard` of it (collective: one all_gather of uint8 rows,
     see pack_blocks)."""
     import torch.distributed as dist
@@ -95,7 +102,7 @@ def gather_quantized(shard):
     return unpack_blocks(shard, rows.view(world, -1), c)
 
 
-def pack_blocks(shard, c: int) -> torch.Tensor:
+def pack_blocks(shard: QuantizedTensor, c: int) -> torch.Tensor:
     """One uint8 row of a shard: its codes, then its scales (and min-max zero points) as bytes, each padded to
     `c` blocks, so that every process's row has the same length."""
     row = []
@@ -106,7 +113,7 @@ def pack_blocks(shard, c: int) -> torch.Tensor:
     return torch.cat(row)
 
 
-def unpack_blocks(shard, rows: torch.Tensor, c: int):
+def unpack_blocks(shard: QuantizedTensor, rows: torch.Tensor, c: int) -> QuantizedTensor:
     """The whole QuantizedTensor from the (world, row) pack_blocks rows of every process, in rank order."""
     whole, at = {}, 0
     for k, (per, total) in shard.per_block().items():
