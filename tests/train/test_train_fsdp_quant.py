@@ -1,6 +1,6 @@
 """FSDP's shards of 4-bit weights (tunelab.train.fsdp.shard_quantized), without processes: every rank's shard
 packed into its all_gather row, the rows stacked as all_gather returns them, unpacked: the whole tensor again,
-bit for bit. The 2-process training runs are in tests/test_train_fsdp.py (equal to one process, bytes per
+bit for bit. The 2-process training runs are in tests/train/test_train_fsdp.py (equal to one process, bytes per
 process)."""
 
 from __future__ import annotations
