@@ -1,14 +1,17 @@
-"""What FSDP saves per process (docs/training.md, "FSDP"): the tiny random Llama of the tests, each method,
-1 process vs 2 processes under torchrun with train.distributed=fsdp (gloo, CPU).
+"""What FSDP saves per process (docs/training.md, "FSDP"; docs/scaling.md): 1 process vs 2 processes under
+torchrun with train.distributed=fsdp (gloo, CPU).
 
-    nice -n 19 python benchmarks/fsdp_memory.py
+    nice -n 19 python benchmarks/fsdp_memory.py            # the tests' tiny random Llama: full, lora, qlora
+    nice -n 19 python benchmarks/fsdp_memory.py --bundled  # qlora on the bundled SmolLM2-135M (NF4, block 64)
 
-Prints, from each run's summary.json, the bytes one process stores for float parameters and AdamW state
-(`process_bytes`, FSDP: its shards), the packed 4-bit weights (qlora; not sharded) and the three losses.
+Prints, from each run's summary.json, the bytes each process stores (`process_bytes_by_rank`, measured by each
+process on its own tensors; FSDP: its shards) for float parameters, the packed 4-bit weights (qlora: codes and
+scales) and AdamW state, and the losses. The one-process twin of 2 processes x batch 2 is batch 2 x grad_accum 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -22,39 +25,50 @@ sys.path.insert(0, str(ROOT))  # the checkout: tunelab and tests.support
 from tests.support.tiny_run import losses, make_workspace, run_config  # noqa: E402
 from tunelab.cli import main  # noqa: E402
 
-METHODS = ["full", "lora", "qlora"]
+
+def _torchrun(configs: list[Path]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641",
+                    str(ROOT / "tests" / "support" / "torchrun_train.py"), *map(str, configs)], env=env, check=True,
+                   capture_output=True)
 
 
-def packed_bytes(ws: Path) -> int:
-    """Bytes of the packed 4-bit weights (codes + scales) of the tiny model as qlora quantizes it (block 32)."""
-    from tunelab.config import QuantConfig
-    from tunelab.models.load import load_pretrained
-    from tunelab.quant import Linear4bit
+def _row(name: str, n: int, out: Path) -> str:
+    ranks = json.loads((out / "summary.json").read_text())["process_bytes_by_rank"]
+    cell = lambda k: " / ".join(f"{b[k]:,}" for b in ranks) + " B"  # noqa: E731
+    return (f"| {name} | {n} | {cell('parameters')} | {cell('quantized')} | {cell('optimizer')} | "
+            f"{', '.join(f'{x:.6f}' for x in losses(out))} |")
 
-    model, _ = load_pretrained(str(ws / "model"), quant=QuantConfig(block_size=32))
-    return sum(m.nbytes for m in model.modules() if isinstance(m, Linear4bit))
+
+def measure(ws: Path, d: Path, methods: list[str], **extra) -> None:
+    """Each method one process (batch 2 x grad_accum 2), then all of them in one torchrun of 2 processes."""
+    def cfg(m, tag, **t):
+        return run_config(ws, d / f"{m}-{tag}", method=m, **{**extra, "train": {**extra.get("train", {}), **t}})
+
+    for m in methods:
+        assert main(["train", str(cfg(m, "one", batch_size=2, grad_accum=2)), "--no-progress"]) == 0
+    _torchrun([cfg(m, "fsdp", batch_size=2, distributed="fsdp") for m in methods])
+    print("| method | processes | float parameters / process | 4-bit weights / process | AdamW state / process "
+          "| losses |")
+    print("|---|---|---|---|---|---|")
+    for m in methods:
+        print(_row(m, 1, d / f"{m}-one"))
+        print(_row(m, 2, d / f"{m}-fsdp"))
 
 
 def main_() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundled", action="store_true", help="qlora on the bundled SmolLM2-135M instead")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         ws = make_workspace(d, records=96)
-        cfg = lambda m, tag, **t: run_config(ws, d / f"{m}-{tag}", method=m, quant={"block_size": 32},  # noqa: E731
-                                             data={"eval_fraction": 0.1}, train={"max_steps": 3, **t})
-        for m in METHODS:
-            assert main(["train", str(cfg(m, "one", batch_size=4)), "--no-progress"]) == 0
-        jobs = [str(cfg(m, "fsdp", batch_size=2, distributed="fsdp")) for m in METHODS]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641",
-                        str(ROOT / "tests" / "support" / "torchrun_train.py"), *jobs], env=env, check=True, capture_output=True)
-        print(f"packed 4-bit weights (qlora, every process keeps all): {packed_bytes(ws):,} B")
-        print("| method | processes | float parameters / process | AdamW state / process | losses |")
-        print("|---|---|---|---|---|")
-        for m in METHODS:
-            for tag, n in (("one", 1), ("fsdp", 2)):
-                b = json.loads((d / f"{m}-{tag}" / "summary.json").read_text())["process_bytes"]
-                print(f"| {m} | {n} | {b['parameters']:,} B | {b['optimizer']:,} B | "
-                      f"{', '.join(f'{x:.6f}' for x in losses(d / f'{m}-{tag}'))} |")
+        if args.bundled:
+            measure(ws, d, ["qlora"], model={"source": "bundled"}, lora={"r": 8, "alpha": 16},
+                    train={"max_steps": 2, "seq_len": 64})
+        else:
+            measure(ws, d, ["full", "lora", "qlora"], quant={"block_size": 32}, data={"eval_fraction": 0.1},
+                    train={"max_steps": 3})
 
 
 if __name__ == "__main__":

@@ -154,7 +154,8 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: `ddp` keeps a whole copy of the model and optimizer on each process; `fsdp` shards float
-    parameters, gradients and AdamW moments across processes (FSDP2, per decoder layer; see docs/training.md)."""
+    parameters, gradients, AdamW moments and qlora's 4-bit weights across processes (FSDP2, per decoder layer;
+    see docs/training.md)."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """`adamw8bit`: AdamW with its two moments stored in 8 bits, blockwise (tunelab/train/optim8bit.py): 2
     bytes of state per parameter instead of 8; one process or DDP (not FSDP)."""

@@ -22,6 +22,10 @@ from safetensors.torch import load_file
 from tests.support.numerics import assert_ulps, assert_within
 from tests.support.tiny_run import losses, make_workspace, run_config
 from tunelab.cli import main
+from tunelab.config import QuantConfig
+from tunelab.models.load import load_pretrained
+from tunelab.quant import Linear4bit
+from tunelab.train.fsdp import block_range
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["full", "lora", "qlora"]
@@ -53,10 +57,11 @@ def _free_port() -> int:
 def runs(tmp_path_factory):
     """{name: output folder}: `<method>-one` (1 process, batch 4), `<method>-accum` (1 process, batch 2 x
     grad_accum 2), `<method>-fsdp` (2 processes, batch 2 each), and `resumed`: lora-accum cut back to its
-    step-2 checkpoint, then resumed under FSDP."""
+    step-2 checkpoint, then resumed under FSDP; `qlora-fsdp-recompute`: qlora-fsdp with gradient checkpointing;
+    `workspace`: the model and data folder."""
     d = tmp_path_factory.mktemp("fsdp")
     ws = make_workspace(d, records=96)
-    out = {}
+    out = {"workspace": ws}
     for m in METHODS:
         out[f"{m}-one"] = d / f"{m}-one"
         assert main(["train", str(_config(ws, out[f"{m}-one"], m, batch_size=4)), "--no-progress"]) == 0
@@ -72,6 +77,9 @@ def runs(tmp_path_factory):
         out[f"{m}-fsdp"] = d / f"{m}-fsdp"
         jobs.append(str(_config(ws, out[f"{m}-fsdp"], m, batch_size=2, distributed="fsdp")))
     jobs.append(f"{_config(ws, out['resumed'], 'lora', batch_size=2, distributed='fsdp')} resume=true")
+    out["qlora-fsdp-recompute"] = d / "qlora-fsdp-recompute"
+    jobs.append(str(_config(ws, out["qlora-fsdp-recompute"], "qlora", batch_size=2, distributed="fsdp",
+                            gradient_checkpointing=True)))
     # PYTHONFAULTHANDLER: a process that crashes (one SIGSEGV seen in a full-suite run) prints its Python stack
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -111,7 +119,7 @@ def test_fsdp_matches_one_process_with_the_same_micro_batches(runs, method):
         if f.suffix == ".safetensors":
             _assert_same_tensors(accum / f, two / f, ulps)
     # each process holds half of every float parameter and AdamW moment (the tiny model's sizes are even);
-    # qlora's packed 4-bit weights are not parameters: every process keeps all of them
+    # qlora's packed 4-bit weights are not parameters: test_fsdp_shards_the_4bit_weights checks their shards
     b1 = json.loads((accum / "summary.json").read_text())["process_bytes"]
     b2 = json.loads((two / "summary.json").read_text())["process_bytes"]
     assert b2["parameters"] == b1["parameters"] // 2
@@ -135,3 +143,31 @@ def test_fsdp_resumes_a_single_process_checkpoint(runs):
     assert losses(resumed) == losses(accum)
     for f in ("adapter/adapter_model.safetensors", "checkpoints/step-00000003/optimizer.safetensors"):
         _assert_same_tensors(accum / f, resumed / f)
+
+
+def test_fsdp_shards_the_4bit_weights(runs):
+    """qlora: each process stores only its blocks of every 4-bit weight (codes and scales, cut on block
+    boundaries, block_range), about half of them; the adapter and losses are those of one process, bit for bit
+    (test_fsdp_matches_one_process_with_the_same_micro_batches)."""
+    one = json.loads((runs["qlora-accum"] / "summary.json").read_text())["process_bytes"]["quantized"]
+    fsdp = json.loads((runs["qlora-fsdp"] / "summary.json").read_text())["process_bytes_by_rank"]
+    model, _ = load_pretrained(str(runs["workspace"] / "model"), quant=QuantConfig(block_size=32))
+    weights = [m.qweight for m in model.modules() if isinstance(m, Linear4bit)]
+    assert one == sum(q.nbytes for q in weights) > 0  # one process: all of them
+    assert [b["quantized"] for b in fsdp] == [
+        sum(q.blocks(*block_range(q.num_blocks, r, 2)).nbytes for q in weights) for r in range(2)]
+    # the bound without the layout: half of everything, plus per weight one block (codes and scale: the halves
+    # differ by a block when a weight's block count is odd) and the nested absmax and offset, which every
+    # process keeps whole (double quantization)
+    slack = sum(q.block_size // 2 + q.scales.element_size() + q.nested_absmax.nbytes + q.offset.nbytes
+                for q in weights)
+    assert max(b["quantized"] for b in fsdp) <= one / 2 + slack
+    assert slack < 0.05 * one
+
+
+def test_fsdp_qlora_with_gradient_checkpointing(runs):
+    """Each decoder layer recomputed in backward gathers its 4-bit weights again: the same training, to TOL."""
+    accum, recompute = runs["qlora-accum"], runs["qlora-fsdp-recompute"]
+    assert losses(recompute) == pytest.approx(losses(accum), abs=TOL, rel=0)
+    _assert_same_tensors(accum / "adapter/adapter_model.safetensors", recompute / "adapter/adapter_model.safetensors",
+                         ulps=None)

@@ -64,6 +64,10 @@ class Linear4bit(nn.Module):
         # A faster dequantize for this layer's matmuls, set on this instance by tunelab.accel (train.kernels):
         # dequant(qweight, dtype) -> the (out, in) weight, the same numbers. None: QuantizedTensor.dequantize.
         self.dequant = None
+        # FSDP (tunelab.train.fsdp) may keep only this process's blocks of the packed weight in `qweight`
+        # (qweight.shard set) and set `gather`: the shard -> the whole QuantizedTensor (collective: every
+        # process calls it, in the same order). None: qweight is whole.
+        self.gather = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
@@ -99,16 +103,22 @@ class Linear4bit(nn.Module):
                 f"{self.quant_type}{dq}, block_size={self.block_size}")
 
     # ---- math ----------------------------------------------------------------------------------
+    def whole_qweight(self) -> QuantizedTensor:
+        """The whole packed weight: qweight, or under FSDP its blocks gathered from every process (collective;
+        use it at once and let it go, so that only the shard stays between uses)."""
+        return self.qweight if self.gather is None else self.gather(self.qweight)
+
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (out, in) in `dtype` (default: the original weight's dtype)."""
-        return self.qweight.dequantize(dtype)
+        return self.whole_qweight().dequantize(dtype)
 
     def matmul_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight (out, in) in `dtype` for one matmul of forward or backward. Through `dequant` it may
         live in a buffer the next layer's matmul reuses: use it at once, keep dequantize_weight's."""
+        qweight = self.whole_qweight()  # under FSDP: gathered for this matmul, freed when it returns
         if self.dequant is None:
-            return self.qweight.dequantize(dtype)
-        return self.dequant(self.qweight, dtype)
+            return qweight.dequantize(dtype)
+        return self.dequant(qweight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DequantLinear.apply(x, self.bias, self)
@@ -122,7 +132,7 @@ class Linear4bit(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        sd = self.qweight.to_bnb_state_dict(prefix)
+        sd = self.whole_qweight().to_bnb_state_dict(prefix)
         destination[prefix + "weight"] = sd.pop(prefix + "weight")
         super()._save_to_state_dict(destination, prefix, keep_vars)  # bias, after weight as in bitsandbytes
         destination.update(sd)
@@ -131,7 +141,9 @@ class Linear4bit(nn.Module):
                               error_msgs):
         key = prefix + "weight"
         ours = {k: state_dict[k] for k in state_dict if k == key or k.startswith(key + ".")}
-        if key in ours:
+        if key in ours and self.gather is not None:
+            error_msgs.append(f"{key}: this layer's 4-bit weight is sharded by FSDP; load it before sharding")
+        elif key in ours:
             try:
                 qweight = QuantizedTensor.from_bnb_state_dict(ours, prefix)
             except QuantError as e:
@@ -181,6 +193,12 @@ def model_nbytes(model: nn.Module) -> int:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
+    return total + packed_nbytes(model)
+
+
+def packed_nbytes(model: nn.Module) -> int:
+    """Bytes of a model's packed 4-bit weights (Linear4bit, Experts4bit) as this process stores them (FSDP: its
+    shards)."""
     from tunelab.quant.experts import Experts4bit
 
-    return total + sum(m.nbytes for m in model.modules() if isinstance(m, (Linear4bit, Experts4bit)))
+    return sum(m.nbytes for m in model.modules() if isinstance(m, (Linear4bit, Experts4bit)))

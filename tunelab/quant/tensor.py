@@ -32,6 +32,7 @@ class QuantizedTensor:
     zero:    per-block minimum, fp32 (minmax only)
     nested_absmax, offset: double quantization state (fp32 (ceil(blocks/256),), fp32 scalar) or None
     shape, dtype: of the original tensor; quant_type: nf4 | fp4 | int4 | int8; block_size; scheme
+    shard:   None, or (b0, b1) when data/scales/zero hold only blocks b0..b1-1 (FSDP, see `blocks`)
     """
 
     data: torch.Tensor
@@ -44,6 +45,7 @@ class QuantizedTensor:
     zero: torch.Tensor | None = None
     nested_absmax: torch.Tensor | None = None
     offset: torch.Tensor | None = None
+    shard: tuple[int, int] | None = None
 
     # ---- facts -------------------------------------------------------------------------------
     @property
@@ -56,6 +58,18 @@ class QuantizedTensor:
 
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.numel() // self.block_size)
+
+    def per_block(self) -> dict[str, tuple[int, int]]:
+        """{field: (elements per block, elements in all)} of the tensors stored block by block: the codes
+        (block_size / 2 bytes a block at 4 bits: 32 at block 64), the scales and min-max zero points (1 each)."""
+        per_byte = 8 // codebooks.bits(self.codebook())
+        parts = {"data": (self.block_size // per_byte, -(-self.numel() // per_byte)),
+                 "scales": (1, self.num_blocks), "zero": (1, self.num_blocks)}
+        return {k: v for k, v in parts.items() if getattr(self, k) is not None}
 
     @property
     def nbytes(self) -> int:
@@ -78,6 +92,15 @@ class QuantizedTensor:
                 f"block_size={self.block_size}, dtype={self.dtype}, device={self.device}, "
                 f"{self.bits_per_param:.3f} bits/param)")
 
+    # ---- shards --------------------------------------------------------------------------------
+    def blocks(self, b0: int, b1: int) -> "QuantizedTensor":
+        """Blocks b0..b1-1 alone (FSDP's shard of this tensor, tunelab.train.fsdp): copies of their codes, scales
+        and zero points, so the whole tensor can be freed. Double quantization's nested absmax (4 bytes per 256
+        blocks) and offset stay whole: each shard's scales de-quantize with them as they are. Keeps the whole
+        tensor's shape; nbytes counts what it holds; it cannot be de-quantized (`shard` is set)."""
+        cut = {k: getattr(self, k)[b0 * per: b1 * per].clone() for k, (per, _) in self.per_block().items()}
+        return replace(self, **cut, shard=(b0, b1))
+
     # ---- conversions -------------------------------------------------------------------------
     def block_scales(self, b0: int = 0, b1: int | None = None) -> torch.Tensor:
         """fp32 scales of blocks b0..b1-1 (default all), undoing double quantization if any."""
@@ -92,6 +115,9 @@ class QuantizedTensor:
         into (the result is a view of it), e.g. to reuse one buffer across layers.
         The C and Triton kernels that compute the same numbers in one pass are in tunelab.accel (dequant).
         """
+        if self.shard is not None:
+            raise QuantError(f"this QuantizedTensor holds blocks {self.shard[0]}..{self.shard[1] - 1} of "
+                             f"{self.num_blocks} only (an FSDP shard): gather the whole tensor first")
         dtype = dtype or self.dtype
         flat = blockwise.dequantize_blocks(self.data, self.codebook(), self.numel(), self.block_size,
                                            self.block_scales, self.zero, dtype, result=workspace)
@@ -117,6 +143,8 @@ class QuantizedTensor:
         weight (uint8 (ceil(n/2), 1)), weight.absmax, weight.quant_map, [weight.nested_absmax,
         weight.nested_quant_map,] weight.quant_state.bitsandbytes__<nf4|fp4> (JSON bytes of the rest).
         """
+        if self.shard is not None:
+            raise QuantError("an FSDP shard of a 4-bit weight has no bitsandbytes state dict: gather it first")
         if self.quant_type not in ("nf4", "fp4") or self.scheme != "absmax":
             raise QuantError(f"bitsandbytes' 4-bit layout holds nf4/fp4 absmax only, not {self.quant_type} "
                              f"{self.scheme}; quantize with quant_type='nf4' or 'fp4'")

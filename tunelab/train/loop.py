@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.quant.linear import packed_nbytes
 from tunelab.train import checkpoint, faults, fsdp, status
 from tunelab.train.early_stop import EarlyStopping
 from tunelab.train.loss import IGNORE, NEXT_TOKEN, Objective
@@ -473,11 +474,17 @@ def _finish(run: _Run, stopped: int | None) -> dict:
     rows = [json.loads(l) for l in run.metrics_path.read_text().splitlines() if l.strip()] if run.rank == 0 else []
     losses = [r["loss"] for r in rows if "loss" in r]
     stopper, model, optimizer = run.stopper, run.model, run.optimizer
+    # what each process stores (FSDP: its shards), the numbers docs/training.md and docs/scaling.md compare
+    stored = {"parameters": fsdp.local_nbytes(model.parameters()),
+              "quantized": packed_nbytes(model),  # qlora's 4-bit codes and scales
+              "optimizer": fsdp.local_nbytes(v for st in optimizer.state.values() for v in st.values()
+                                             if torch.is_tensor(v))}
+    by_rank = [stored]
+    if run.world > 1:  # collective: every process reaches the end of train()
+        by_rank = [None] * run.world
+        dist.all_gather_object(by_rank, stored)
     return {"steps": stopped or run.total_steps, "start_step": run.start,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "eval_loss": run.last_eval, "seconds": time.time() - run.t0, "tokens": run.tokens_seen,
             **({"early_stopping": stopper.summary(stopped)} if stopper else {}),
-            # what this process stores (FSDP: its shards), the numbers docs/training.md compares
-            "process_bytes": {"parameters": fsdp.local_nbytes(model.parameters()),
-                              "optimizer": fsdp.local_nbytes(v for st in optimizer.state.values()
-                                                             for v in st.values() if torch.is_tensor(v))}}
+            "process_bytes": stored, "process_bytes_by_rank": by_rank}
