@@ -14,11 +14,11 @@ from tunelab.train.fsdp import block_range, pack_blocks, unpack_blocks
 CASES = {
     # (shape, quantize kwargs): a partial last block; 398 blocks = two nested (double-quant) groups of 256;
     # 4 blocks over 3 processes (the last keeps none); min-max int4 (zero points are cut with the scales)
-    "nf4-dq-partial": ((37, 29), dict(dtype="nf4", block_size=32, double_quant=True)),
-    "nf4-dq-two-groups": ((97, 131), dict(dtype="nf4", block_size=32, double_quant=True)),
-    "fp4-64": ((48, 40), dict(dtype="fp4", block_size=64)),
-    "nf4-4-blocks": ((4, 32), dict(dtype="nf4", block_size=32, double_quant=True)),
-    "int4-minmax": ((33, 17), dict(dtype="int4", block_size=32, scheme="minmax")),
+    "nf4-dq-partial": ((37, 29), dict(quant_type="nf4", block_size=32, double_quant=True)),
+    "nf4-dq-two-groups": ((97, 131), dict(quant_type="nf4", block_size=32, double_quant=True)),
+    "fp4-64": ((48, 40), dict(quant_type="fp4", block_size=64)),
+    "nf4-4-blocks": ((4, 32), dict(quant_type="nf4", block_size=32, double_quant=True)),
+    "int4-minmax": ((33, 17), dict(quant_type="int4", block_size=32, scheme="minmax")),
 }
 
 
