@@ -26,8 +26,9 @@ REPO = Path(__file__).parents[1]
 
 @pytest.fixture()
 def server(board_runs):  # noqa: F811
-    """The real `tunelab board` process on a free port; yields its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "board", str(board_runs), "--port", "0"],
+    """The real `tunelab board` process on a free port; yields the URL it prints (with its ?token=)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "board", str(board_runs), "--port", "0",
+                             "--configs", str(board_runs.parent)],  # tiny.yaml, for the launch form
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         line = proc.stdout.readline()
@@ -120,3 +121,24 @@ def test_board_in_chromium(server, browser, board_runs, tmp_path):  # noqa: F811
     assert css("#chat-status")[0].text == "done"
     css("#chat-template-box")[0].click()
     browser.save_screenshot(str(shots / "chat.png"))
+
+    # launch: the tiny run's config with an override, `tunelab cost`'s estimate, then the new run in the table
+    from selenium.webdriver.support.ui import Select
+
+    css("a[data-view=launch]")[0].click()
+    wait().until(lambda d: len(css("#launch-config option")) >= 2)
+    Select(css("#launch-config")[0]).select_by_value(str((board_runs.parent / "tiny.yaml").resolve()))
+    css("#launch-name")[0].send_keys("from-board")
+    css("#launch-overrides")[0].send_keys("train.max_steps=2")
+    css("#launch-check")[0].click()
+    wait(180).until(lambda d: css("#cost-table") and css("#launch-go")[0].is_enabled())
+    assert "lora" in css("#cost-table")[0].text
+    browser.save_screenshot(str(shots / "launch.png"))
+    css("#launch-go")[0].click()
+    wait().until(lambda d: "started from-board" in css("#launch-status")[0].text)
+    job = "const r = document.querySelector('tr[data-job=\"from-board\"]'); return r ? r.textContent : ''"
+    wait(180).until(lambda d: "finished" in d.execute_script(job))  # the jobs table is redrawn every 2 s
+    css("a[data-view=runs]")[0].click()
+    wait().until(lambda d: css("tr[data-run=from-board]"))
+    assert css("tr[data-run=from-board] td")[-1].text == "finished"
+    assert css("tr[data-run=from-board] td")[5].text == "2 / 2"
