@@ -1,56 +1,36 @@
 """`tunelab board` in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven by Selenium
 against the real server process, on the tiny run of board_fixtures. Screenshots go to $TUNELAB_BOARD_SCREENSHOTS
-(docs/board/ for the docs) or the test's temporary folder."""
+or the test's temporary folder (the docs' screenshots, of a real quickstart run, come from docs/board/shoot.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from board_browser import CHROMIUM, DRIVER, chromium, serve
 from board_fixtures import board_runs, copy_run  # noqa: F401
 
-CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Chromium is not installed: apt-get install -y chromium "
                        "chromium-driver (Debian) for the browser test"),
 ]
-REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture()
 def server(board_runs):  # noqa: F811
     """The real `tunelab board` process on a free port; yields the URL it prints (with its ?token=)."""
-    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "board", str(board_runs), "--port", "0",
-                             "--configs", str(board_runs.parent)],  # tiny.yaml, for the launch form
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        line = proc.stdout.readline()
-        assert "serving" in line, line
-        yield line.split(" on ")[1].split()[0]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with serve(board_runs, "--configs", str(board_runs.parent)) as url:  # tiny.yaml, for the launch form
+        yield url
 
 
 @pytest.fixture()
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,900"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    yield driver
-    driver.quit()
+    with chromium() as driver:
+        yield driver
 
 
 def test_board_in_chromium(server, browser, board_runs, tmp_path):  # noqa: F811
