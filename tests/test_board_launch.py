@@ -140,7 +140,7 @@ def test_launch_stop_resume(client, board_runs, configs):  # noqa: F811
     run = board_runs / "launched"
     j = client.post("/api/launch", json={"config": str(configs / "tiny.yaml"), "name": "launched",
                                          "overrides": ["train.keep_last=2"]}, headers=TOKEN).json()
-    assert j["state"] == "running" and j["command"][-2:] == [f"output_dir={run}", "--no-progress"]
+    assert j["state"] == "running" and j["command"][-3:] == [f"output_dir={run}", "resume=false", "--no-progress"]
     assert client.post("/api/launch", json={"config": str(configs / "tiny.yaml"), "name": "launched"},
                        headers=TOKEN).status_code == 409
 

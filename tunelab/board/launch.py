@@ -203,7 +203,10 @@ class Launcher:
                        "--batch-size", str(t.batch_size), "--seq-len", str(t.seq_len), "--rank", str(cfg.lora.r),
                        "--quant-block", str(cfg.quant.block_size), "--loss-chunk", str(t.loss_chunk_tokens),
                        *([] if cfg.quant.double_quant else ["--no-double-quant"]), "--json", f"{tmp}/cost.json"]
-            p = subprocess.run(command, cwd=self.cwd, capture_output=True, text=True, timeout=600)
+            try:
+                p = subprocess.run(command, cwd=self.cwd, capture_output=True, text=True, timeout=600)
+            except subprocess.TimeoutExpired:
+                return answer | {"error": "`tunelab cost` took over 10 minutes: no estimate"}
             if p.returncode:
                 return answer | {"error": (p.stderr.strip().splitlines() or ["tunelab cost failed"])[-1]}
             rows = json.loads(Path(tmp, "cost.json").read_text())
@@ -226,7 +229,7 @@ class Launcher:
 
     def _train(self, config: Path, overrides: list[str], out: Path, resume: bool) -> list[str]:
         return [sys.executable, "-m", "tunelab", "train", str(config), *overrides, f"output_dir={out}",
-                *(["resume=true"] if resume else []), "--no-progress"]
+                f"resume={str(resume).lower()}", "--no-progress"]  # a config file's own `resume:` never counts
 
     def launch(self, config_given, overrides_given, name_given) -> dict:
         config, overrides = self.config_path(config_given), self.overrides(overrides_given)
