@@ -133,7 +133,8 @@ class Launcher:
         return out
 
     def _shown(self, p: Path) -> str:
-        return str(p.relative_to(self.cwd)) if inside(p, self.cwd) else str(p)
+        """The path as the page shows and sends it back: relative to the board's folder when under it."""
+        return os.path.relpath(p, self.cwd) if p.is_relative_to(self.cwd) else str(p)
 
     def config_path(self, given) -> Path:
         """A config file named by the page: a path relative to the board's folder, or absolute; refused (403)
