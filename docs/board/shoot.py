@@ -76,7 +76,7 @@ def main() -> None:
         if "evals" in views:
             css("a[data-view=evals]")[0].click()
             wait().until(lambda d: css(".eval table"))
-            shot("evals", 1400)
+            shot("evals", 700)
         if "chat" in views:
             css("a[data-view=chat]")[0].click()
             css("#chat-prompt")[0].send_keys(prompt)
