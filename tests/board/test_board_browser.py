@@ -1,21 +1,18 @@
 """`tunelab board` in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven by Selenium
 against the real server process, on the tiny run of board_fixtures. Screenshots go to $TUNELAB_BOARD_SCREENSHOTS
-(docs/board/ for the docs) or the test's temporary folder."""
+or the test's temporary folder (the docs' screenshots, of a real quickstart run, come from docs/board/shoot.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.board_browser import CHROMIUM, DRIVER, chromium, serve
 from tests.support.board_fixtures import board_runs, copy_run  # noqa: F401
 
-CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Chromium is not installed: apt-get install -y chromium "
@@ -26,30 +23,15 @@ REPO = Path(__file__).parents[2]
 
 @pytest.fixture()
 def server(board_runs):  # noqa: F811
-    """The real `tunelab board` process on a free port; yields its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "board", str(board_runs), "--port", "0"],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        line = proc.stdout.readline()
-        assert "serving" in line, line
-        yield line.split(" on ")[1].split()[0]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    """The real `tunelab board` process on a free port; yields the URL it prints (with its ?token=)."""
+    with serve(board_runs, "--configs", str(board_runs.parent)) as url:  # tiny.yaml, for the launch form
+        yield url
 
 
 @pytest.fixture()
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,900"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    yield driver
-    driver.quit()
+    with chromium() as driver:
+        yield driver
 
 
 def test_board_in_chromium(server, browser, board_runs, tmp_path):  # noqa: F811
@@ -120,3 +102,24 @@ def test_board_in_chromium(server, browser, board_runs, tmp_path):  # noqa: F811
     assert css("#chat-status")[0].text == "done"
     css("#chat-template-box")[0].click()
     browser.save_screenshot(str(shots / "chat.png"))
+
+    # launch: the tiny run's config with an override, `tunelab cost`'s estimate, then the new run in the table
+    from selenium.webdriver.support.ui import Select
+
+    css("a[data-view=launch]")[0].click()
+    wait().until(lambda d: len(css("#launch-config option")) >= 2)
+    Select(css("#launch-config")[0]).select_by_value(str((board_runs.parent / "tiny.yaml").resolve()))
+    css("#launch-name")[0].send_keys("from-board")
+    css("#launch-overrides")[0].send_keys("train.max_steps=2")
+    css("#launch-check")[0].click()
+    wait(180).until(lambda d: css("#cost-table") and css("#launch-go")[0].is_enabled())
+    assert "lora" in css("#cost-table")[0].text
+    browser.save_screenshot(str(shots / "launch.png"))
+    css("#launch-go")[0].click()
+    wait().until(lambda d: "started from-board" in css("#launch-status")[0].text)
+    job = "const r = document.querySelector('tr[data-job=\"from-board\"]'); return r ? r.textContent : ''"
+    wait(180).until(lambda d: "finished" in d.execute_script(job))  # the jobs table is redrawn every 2 s
+    css("a[data-view=runs]")[0].click()
+    wait().until(lambda d: css("tr[data-run=from-board]"))
+    assert css("tr[data-run=from-board] td")[-1].text == "finished"
+    assert css("tr[data-run=from-board] td")[5].text == "2 / 2"

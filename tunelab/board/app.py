@@ -1,9 +1,12 @@
 """The board's web app (Starlette): a JSON API over run folders (docs/board.md) and the static front end.
 
-Safety: every request's Host header must name the address the board serves (no DNS rebinding: a page on
-another site that resolves its own name to 127.0.0.1 gets 400), run names and file paths never leave
-RUNS_DIR, and requests that make the server work on the caller's behalf (chat: loads models, runs them)
-are POSTs carrying the secret token made at start-up, which only the board's own page holds.
+Safety: every request's Host header must name the address and port the board serves (no DNS rebinding: a
+page on another site that resolves its own name to 127.0.0.1 gets 400); a request with an Origin header
+from any other origin gets 403 (no cross-site requests); run names and file paths never leave RUNS_DIR; and
+requests that change state or make the server work on the caller's behalf (chat, cost, launch, stop,
+resume) are POSTs carrying the secret token made at start-up. The token is printed only in the URL that
+`tunelab board` prints; the page keeps it from there (never served in a page), so a process that can
+only reach the port, or a page that rebinds a name to it, cannot learn it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import secrets
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -32,11 +35,42 @@ FILE_TYPES = {".png": "image/png", ".md": "text/plain; charset=utf-8", ".txt": "
 
 
 def allowed_hosts(host: str) -> list[str]:
-    """Host header values accepted: the loopback names when serving on loopback, else the given host and
+    """Host header names accepted: the loopback names when serving on loopback, else the given host and
     loopback (a board bound to all interfaces (0.0.0.0) accepts any Host; the token still guards POSTs)."""
     if host in ("0.0.0.0", "::"):
         return ["*"]
     return sorted({*LOOPBACK, host}) if host in LOOPBACK else [host, *LOOPBACK]
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """"127.0.0.1:7860" -> ("127.0.0.1", 7860); "[::1]:80" -> ("::1", 80); no port -> (name, 80)."""
+    name, sep, port = value.rpartition(":")
+    if not sep or name.endswith(":") or (value.startswith("[") and not name.endswith("]")):
+        name, port = value, "80"  # no port (a bare IPv6 address has colons of its own)
+    return name.strip("[]").lower(), int(port) if port.isdigit() else None
+
+
+class Guard:
+    """ASGI middleware: the Host header must be this board's name and port (else 400), and an Origin header,
+    when the browser sends one, must be the board's own origin http://<Host> (else 403)."""
+
+    def __init__(self, app, hosts: list[str], port: int):
+        self.app, self.hosts, self.port = app, {h.strip("[]") for h in hosts}, port
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host = headers.get("host", "")
+            name, port = split_host(host)
+            if ("*" not in self.hosts and name not in self.hosts) or port != self.port:
+                answer = JSONResponse({"error": f"Host header {host!r} is not this board's address (port "
+                                                f"{self.port}): refused"}, 400)
+                return await answer(scope, receive, send)
+            origin = headers.get("origin")
+            if origin is not None and origin.lower() != f"http://{host}".lower():
+                answer = JSONResponse({"error": f"a request from another site (Origin {origin}) is refused"}, 403)
+                return await answer(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _arg(request: Request, key: str, default=None, kind=str):
@@ -49,18 +83,22 @@ def _arg(request: Request, key: str, default=None, kind=str):
         raise BoardError(f"query parameter {key}={value!r} is not a {kind.__name__}") from None
 
 
-def create_app(root: Path, host: str = "127.0.0.1", token: str | None = None) -> Starlette:
-    """The board for the runs under `root`; `token` (default: a new random one) guards POST requests."""
+def create_app(root: Path, host: str = "127.0.0.1", token: str | None = None, port: int = 7860,
+               configs: Path | None = None) -> Starlette:
+    """The board for the runs under `root`, served at host:port; `token` (default: a new random one) guards
+    POST requests; launches read config files under `root` or `configs` (default ./configs)."""
+    from tunelab.board.launch import Launcher
+
     root = Path(root)
     token = token or secrets.token_urlsafe(24)
     state = {"chat": None}
+    launcher = Launcher(root, configs)
 
     def run_of(request: Request) -> Path:
         return R.locate(root, _arg(request, "name"))
 
     async def index(request: Request):
-        page = (STATIC / "index.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("__BOARD_TOKEN__", token).replace("__RUNS_DIR__", str(root.resolve())))
+        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
     async def runs_list(request: Request):
         return JSONResponse({"root": str(root.resolve()), "runs": [R.run_row(root, n) for n in R.find_runs(root)]})
@@ -92,7 +130,8 @@ def create_app(root: Path, host: str = "127.0.0.1", token: str | None = None) ->
 
     async def post_json(request: Request) -> dict:
         if not secrets.compare_digest(request.headers.get("x-board-token", ""), token):
-            raise BoardError("missing or wrong X-Board-Token header: POST requests come from the board's own page", 403)
+            raise BoardError("missing or wrong X-Board-Token header: open the board at the URL `tunelab board` "
+                             "printed (it carries ?token=...); POST requests come from the board's own page", 403)
         try:
             body = json.loads(await request.body())
         except ValueError:
@@ -136,6 +175,24 @@ def create_app(root: Path, host: str = "127.0.0.1", token: str | None = None) ->
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    # ---- launch, stop, resume (tunelab/board/launch.py) ----
+    async def configs(request: Request):
+        from tunelab.board.launch import BOARD_SETS, schema_fields
+
+        fields = [f for f in schema_fields() if f["key"] not in BOARD_SETS]
+        return JSONResponse({"configs": launcher.config_files(), "fields": fields, "runs_dir": str(root.resolve())})
+
+    async def jobs(request: Request):
+        return JSONResponse({"jobs": launcher.rows()})
+
+    def posted(method, *keys):  # a POST whose JSON body's `keys` are a Launcher method's arguments (off the loop)
+        async def endpoint(request: Request):
+            from starlette.concurrency import run_in_threadpool
+
+            body = await post_json(request)
+            return JSONResponse(await run_in_threadpool(method, *(body.get(k) for k in keys)))
+        return endpoint
+
     async def clear_error(request: Request, exc: TunelabError):  # BoardError or e.g. a model source not found
         return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "code", 400))
 
@@ -152,9 +209,15 @@ def create_app(root: Path, host: str = "127.0.0.1", token: str | None = None) ->
         Route("/api/file", file),
         Route("/api/template", template, methods=["POST"]),
         Route("/api/chat", chat, methods=["POST"]),
+        Route("/api/configs", configs),
+        Route("/api/jobs", jobs),
+        Route("/api/cost", posted(launcher.cost, "config", "overrides"), methods=["POST"]),
+        Route("/api/launch", posted(launcher.launch, "config", "overrides", "name"), methods=["POST"]),
+        Route("/api/stop", posted(launcher.stop, "name"), methods=["POST"]),
+        Route("/api/resume", posted(launcher.resume, "name"), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))],
+    app = Starlette(routes=routes, middleware=[Middleware(Guard, hosts=allowed_hosts(host), port=port)],
                     exception_handlers={TunelabError: clear_error, Exception: other_error})
-    app.state.token = token
+    app.state.token, app.state.launcher = token, launcher
     return app

@@ -16,6 +16,8 @@ def add_arguments(p) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the board "
                         "and your runs' data to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--configs", default="configs",
+                   help="folder of YAML configs the launch form offers (default ./configs; besides each run's own)")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -48,10 +50,12 @@ def run(args) -> int:
     except ImportError as e:
         raise TunelabError(f"the board needs {e.name}: {INSTALL}") from None
     sock = bind(args.host, args.port)
-    app = create_app(root, args.host)
     host, port = sock.getsockname()[:2]
+    app = create_app(root, args.host, port=port, configs=Path(args.configs))
     shown = f"[{host}]" if ":" in host else host
-    print(f"tunelab board: serving {root.resolve()} on http://{shown}:{port}/ (Ctrl-C stops)", flush=True)
+    # the token travels only in this URL: the page keeps it and sends it with every POST (X-Board-Token)
+    print(f"tunelab board: serving {root.resolve()} on http://{shown}:{port}/?token={app.state.token} "
+          "(Ctrl-C stops)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"tunelab board: listening on {args.host}: anyone who can reach this address can read your runs")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))

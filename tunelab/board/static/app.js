@@ -26,6 +26,26 @@ function svg(tag, attrs, ...kids) {
 const fmt = (v, d = 4) => v === null || v === undefined ? "-" : (typeof v === "number" ? (Math.abs(v) >= 1e4 || (v !== 0 && Math.abs(v) < 1e-3) ? v.toExponential(2) : +v.toPrecision(d)) : v);
 const q = (params) => new URLSearchParams(params).toString();
 
+// The secret token arrives once in the URL `tunelab board` prints (?token=...); it is kept in this browser's
+// storage, taken out of the address bar, and sent with every POST as X-Board-Token.
+const TOKEN = (() => {
+  const u = new URL(location.href), t = u.searchParams.get("token");
+  if (t) {
+    localStorage.setItem("tunelab-board-token", t);
+    u.searchParams.delete("token");
+    history.replaceState(null, "", u.pathname + u.search + u.hash);
+  }
+  return t || localStorage.getItem("tunelab-board-token") || "";
+})();
+const postRaw = (path, body) => fetch(path, {method: "POST", body: JSON.stringify(body),
+  headers: {"Content-Type": "application/json", "X-Board-Token": TOKEN}});
+async function apiPost(path, body) {
+  const r = await postRaw(path, body);
+  const answer = await r.json().catch(() => ({error: `HTTP ${r.status}: not JSON`}));
+  if (!r.ok) throw new Error(answer.error || `HTTP ${r.status}`);
+  return answer;
+}
+
 async function api(path) {
   const r = await fetch(path);
   const body = await r.json().catch(() => ({error: `HTTP ${r.status}: not JSON`}));
@@ -41,7 +61,8 @@ function show(view) {
   S.view = view;
   for (const s of document.querySelectorAll("main > section")) s.hidden = s.id !== "view-" + view;
   for (const a of document.querySelectorAll("#tabs a")) a.classList.toggle("active", a.dataset.view === view);
-  ({runs: loadRuns, run: loadRun, curves: loadCurves, data: loadData, evals: loadEvals, chat: () => {}})[view]();
+  ({runs: loadRuns, run: loadRun, curves: loadCurves, data: loadData, evals: loadEvals, chat: () => {},
+    launch: loadLaunch})[view]();
 }
 function pick(name) {
   S.current = name;
@@ -90,6 +111,9 @@ async function loadRun() {
   put(box, 
     el("h2", {}, d.name, " ", el("span", {class: "status-" + d.status}, d.status)),
     el("p", {class: "muted"}, d.status_why),
+    d.status === "running" ? el("button", {id: "run-stop", onclick: () => act("stop", d.name)}, "stop (SIGTERM)") : "",
+    d.status === "resumable" ? el("button", {id: "run-resume", onclick: () => act("resume", d.name)}, "resume") : "",
+    el("span", {id: "run-action", class: "muted"}),
     d.problems.map(p => el("p", {class: "problem"}, p)),
     el("h3", {}, "checkpoints"),
     d.checkpoints.length ? el("table", {class: "grid"}, el("tr", {}, el("th", {}, "folder"), el("th", {}, "step"), el("th", {}, "loss"), el("th", {}, "size")),
@@ -250,11 +274,9 @@ async function send() {
   const out = {base: document.getElementById("chat-base"), tuned: document.getElementById("chat-tuned")};
   out.base.textContent = out.tuned.textContent = "";
   status.textContent = "loading the models (first time: a while) and generating...";
-  const post = (path, body) => fetch(path, {method: "POST", headers: {"Content-Type": "application/json", "X-Board-Token": BOARD.token},
-                                          body: JSON.stringify(body)});
   const body = {name: S.current, messages, max_new_tokens: +document.getElementById("chat-max").value,
                 temperature: +document.getElementById("chat-temp").value};
-  const r = await post("/api/chat", body);
+  const r = await postRaw("/api/chat", body);
   if (!r.ok) { status.textContent = (await r.json().catch(() => ({}))).error || `HTTP ${r.status}`; return; }
   const reader = r.body.getReader(), dec = new TextDecoder();
   let buf = "";
@@ -273,15 +295,98 @@ async function send() {
     }
   }
   status.textContent = "done";
-  const t = await post("/api/template", {name: S.current, messages});
+  const t = await postRaw("/api/template", {name: S.current, messages});
   if (t.ok) { const j = await t.json(); document.getElementById("chat-prompt-text").textContent = j.prompt;
               document.getElementById("chat-template").textContent = j.template; }
+}
+
+// ---- launch: a config file + key=value overrides (keys from the RunConfig schema), its cost, then a run ----
+async function loadLaunch() {
+  const status = document.getElementById("launch-status");
+  if (!S.launch) {
+    try { S.launch = await api("/api/configs"); } catch (e) { status.textContent = e.message; return; }
+    const sel = document.getElementById("launch-config");
+    put(sel, S.launch.configs.map(c => el("option", {value: c.path}, `${c.path} (${c.where})`)));
+    put(document.getElementById("launch-key"), S.launch.fields.map(f => el("option", {value: f.key}, f.key)));
+    sel.addEventListener("change", configChosen);
+    document.getElementById("launch-key").addEventListener("change", keyChosen);
+    configChosen(); keyChosen();
+  }
+  pollJobs();
+  clearInterval(S.jobsTimer);
+  S.jobsTimer = setInterval(() => S.view === "launch" ? pollJobs() : clearInterval(S.jobsTimer), 2000);
+}
+function configChosen() {
+  const c = S.launch.configs.find(c => c.path === document.getElementById("launch-config").value);
+  document.getElementById("launch-config-text").textContent = c ? c.text : "no config files: put YAML files in configs/";
+  edited();
+}
+function keyChosen() {
+  const f = S.launch.fields.find(f => f.key === document.getElementById("launch-key").value);
+  if (f) document.getElementById("launch-key-doc").textContent =
+    `${f.choices ? f.choices.join(" | ") : f.type}, default ${JSON.stringify(f.default)}${f.doc ? ": " + f.doc : ""}`;
+}
+function edited() { document.getElementById("launch-go").disabled = true; put(document.getElementById("launch-cost")); }
+const launchBody = () => ({config: document.getElementById("launch-config").value,
+  overrides: document.getElementById("launch-overrides").value.split("\n").map(s => s.trim()).filter(Boolean),
+  name: document.getElementById("launch-name").value.trim()});
+async function checkLaunch() {  // validates the config with its overrides and shows `tunelab cost`'s estimate
+  const status = document.getElementById("launch-status"), box = document.getElementById("launch-cost");
+  status.textContent = "checking the config, estimating the cost...";
+  let c;
+  try { c = await apiPost("/api/cost", launchBody()); } catch (e) { status.textContent = ""; return showError(box, e); }
+  const mib = b => (b / 2 ** 20).toFixed(1);
+  put(box, c.rows ? [el("table", {class: "grid", id: "cost-table"},
+      el("tr", {}, ["method", "trainable", "weights", "grads", "AdamW", "activations", "loss bufs", "peak MiB", "GFLOP/token"].map(h => el("th", {}, h))),
+      c.rows.map(r => el("tr", {}, el("td", {}, r.method), el("td", {class: "num"}, r.trainable.toLocaleString()),
+        [r.weights, r.grads, r.optimizer, r.activations, r.loss_buffers, r.peak].map(v => el("td", {class: "num"}, mib(v))),
+        el("td", {class: "num"}, (r.flops_per_token / 1e9).toFixed(3))))),
+      el("p", {class: "muted"}, `analytic, ${c.note}: ${c.command.join(" ")}`)]
+    : el("p", {class: "muted"}, "no cost estimate: " + c.error),
+    el("details", {}, el("summary", {}, "the config the run will get"), el("pre", {}, c.config)));
+  status.textContent = "valid";
+  document.getElementById("launch-go").disabled = false;
+}
+async function launch() {
+  const status = document.getElementById("launch-status");
+  try { const j = await apiPost("/api/launch", launchBody()); status.textContent = `started ${j.name} (pid ${j.pid})`; }
+  catch (e) { status.textContent = e.message; }
+  S.launch = null;  // the new run's config.yaml joins the list
+  pollJobs();
+}
+async function act(what, name) {  // stop or resume, from the Run view or the jobs table
+  const box = document.getElementById(S.view === "run" ? "run-action" : "launch-status");
+  box.textContent = what === "stop" ? "stopping..." : "resuming...";
+  try { const j = await apiPost("/api/" + what, {name}); box.textContent = `${j.name}: ${j.state}`; }
+  catch (e) { box.textContent = e.message; }
+  if (S.view === "launch") pollJobs();
+}
+async function pollJobs() {
+  let d;
+  try { d = await api("/api/jobs"); } catch (e) { return; }
+  document.getElementById("jobs-empty").hidden = d.jobs.length > 0;
+  put(document.getElementById("jobs-table"), d.jobs.length ? el("tr", {}, ["run", "pid", "state", "started", "", "output (train.log)"].map(h => el("th", {}, h))) : "",
+    d.jobs.map(j => el("tr", {"data-job": j.name}, el("td", {}, j.name), el("td", {class: "num"}, j.pid),
+      el("td", {class: "status-" + j.state}, j.state + (j.returncode !== null ? ` (exit ${j.returncode})` : "")),
+      el("td", {}, new Date(j.started * 1000).toISOString().slice(11, 19)),
+      el("td", {}, j.state === "running" ? el("button", {onclick: () => act("stop", j.name)}, "stop") :
+        el("button", {onclick: () => act("resume", j.name)}, "resume")),
+      el("td", {}, el("details", {}, el("summary", {}, j.command.slice(3, 5).join(" ") + " ..."),
+        el("pre", {}, j.command.join(" ") + "\n\n" + j.log))))));
 }
 
 window.addEventListener("DOMContentLoaded", () => {
   document.getElementById("filter").addEventListener("input", drawRuns);
   document.getElementById("data-load").addEventListener("click", loadData);
   document.getElementById("chat-send").addEventListener("click", send);
+  document.getElementById("launch-check").addEventListener("click", checkLaunch);
+  document.getElementById("launch-go").addEventListener("click", launch);
+  document.getElementById("launch-add").addEventListener("click", () => {
+    const f = S.launch.fields.find(f => f.key === document.getElementById("launch-key").value), box = document.getElementById("launch-overrides");
+    box.value = (box.value.trim() ? box.value.trim() + "\n" : "") + `${f.key}=${f.default === null ? "" : typeof f.default === "object" ? JSON.stringify(f.default) : f.default}`;
+    edited();
+  });
+  document.getElementById("launch-overrides").addEventListener("input", edited);
   for (const a of document.querySelectorAll("#tabs a")) a.addEventListener("click", (e) => { e.preventDefault(); show(a.dataset.view); });
   document.body.addEventListener("click", (e) => { const a = e.target.closest("a[href='#run']"); if (a) { e.preventDefault(); show("run"); } });
   show("runs");
