@@ -371,7 +371,7 @@ tunelab train configs/dpo.yaml train.objective=simpo train.simpo_gamma=-1
     assert "simpo_gamma" in tunelab_problems(cmds[6])[0]
 
 
-FILE_SUFFIXES = {"json", "jsonl", "safetensors", "yaml", "gguf", "npy", "py", "md"}  # `model.safetensors`: a file
+FILE_SUFFIXES = {"json", "jsonl", "safetensors", "yaml", "gguf", "npy", "py", "md", "log", "png", "txt"}  # `model.safetensors`: a file
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
