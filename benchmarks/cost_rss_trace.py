@@ -12,7 +12,6 @@ the optimizer step, and VmHWM (the peak) after the forward and the backward, in 
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import tunelab.lora  # noqa: E402,F401
 import tunelab.quant  # noqa: E402,F401
 from tunelab.config import load_config  # noqa: E402
 from tunelab.experiments.cost import _rss_kb  # noqa: E402
+from tunelab.heap import release_freed_memory  # noqa: E402
 from tunelab.models.load import model_folder  # noqa: E402
 from tunelab.train.loss import causal_lm_loss_sum  # noqa: E402
 from tunelab.train.run import prepare_method  # noqa: E402
@@ -34,7 +34,7 @@ from tunelab.train.run import prepare_method  # noqa: E402
 
 def live(tag: str) -> None:
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_memory()
     print(f"{tag}: live {_rss_kb('VmRSS') // 1024} MiB", flush=True)
 
 

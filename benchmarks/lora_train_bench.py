@@ -183,10 +183,10 @@ def memory_one(stack: str, labels: str, batch: int, seq: int, r: int, malloc: st
     two training steps above the resident set of the built model, after malloc_trim has handed back what
     loading left free (so every stack starts from its model alone). Counts activations, gradients, AdamW's
     state and the loss's buffers. Then the live-tensor peak of a third step (live_peak_mib)."""
-    import ctypes
+    from tunelab.heap import release_freed_memory
 
     step = build_stack(stack, labels, batch, seq, r, malloc)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_memory()
     base_kib = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS

@@ -171,17 +171,17 @@ def _trl(stack: str, folder: str, pairs: list[dict], out: str):
 def worker(stack: str, folder: str, steps: int, live: bool, tiny: bool = False) -> dict:
     """One stack in this fresh process: build, then `steps` timed steps, the resident-set rise over them and
     (live) the live-tensor peak of one more step."""
-    import ctypes
-
     import torch
     from lora_train_bench import _rss_kib, live_peak_mib
     from transformers import AutoTokenizer
+
+    from tunelab.heap import release_freed_memory
 
     torch.manual_seed(0)
     pairs = examples(AutoTokenizer.from_pretrained(folder), *(TINY_SHAPE if tiny else ()))
     with tempfile.TemporaryDirectory() as tmp:
         step = _tunelab(stack, folder, pairs) if stack.startswith("tunelab") else _trl(stack, folder, pairs, tmp)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        release_freed_memory()
         base = _rss_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the peak-RSS counter (VmHWM) starts again from the current RSS

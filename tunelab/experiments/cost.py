@@ -207,7 +207,6 @@ def _rss_kb(field: str) -> int:
 
 def _measure_here(source: str, s: Setup, steps: int, allocator: str = "loop", seed: int = 0) -> dict:
     """Load, prepare as tunelab train does, run `steps` steps on random tokens; memory above the baseline."""
-    import ctypes
     import dataclasses
     import gc
     import time
@@ -221,6 +220,7 @@ def _measure_here(source: str, s: Setup, steps: int, allocator: str = "loop", se
     from tunelab.accel import kernels as accel
     from tunelab.config import load_config
     from tunelab.experiments.memory import live_peak_bytes, live_tensor_bytes
+    from tunelab.heap import release_freed_memory
     from tunelab.models.load import model_folder
     from tunelab.train.loop import adamw
     from tunelab.train.loss import causal_lm_loss_sum
@@ -253,10 +253,7 @@ def _measure_here(source: str, s: Setup, steps: int, allocator: str = "loop", se
     step()  # AdamW allocates its state lazily here; loading transients are behind us after it
     gc.collect()
     if allocator != "loop":  # the loop never trims: what a step freed stays for the next one
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, so RSS is what is in use
-        except OSError:
-            pass
+        release_freed_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
     t0 = time.perf_counter()

@@ -9,8 +9,6 @@ user sees the difference.
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import os
 import warnings
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.export.resolve import Opened, merge_opened, open_model, stop_ids
+from tunelab.heap import release_freed_memory
 
 # A fixed probe for measuring how far two models' next-token logits are apart (a chat turn, as trained).
 PROBE = "Explain in two sentences why the sky is blue, then give one example of Rayleigh scattering."
@@ -189,14 +188,6 @@ def _merge_one(layer: nn.Module, path: str, base_weights: dict | None, from_quan
         "layer." + k[len(prefix):]: v for k, v in base_weights.items() if k.startswith(prefix)}
     merge_lora(holder, base_weights=weights, from_quantized=from_quantized)
     return holder.layer
-
-
-def release_freed_memory() -> None:
-    """Hand the pages of freed heap blocks back to the OS (glibc's malloc_trim); nothing elsewhere."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _copy_linears(model: nn.Module) -> nn.Module:
