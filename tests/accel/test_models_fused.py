@@ -124,22 +124,28 @@ def test_fuse_rmsnorm_keeps_keys_and_gives_the_same_training_gradients():
     _assert_as_accurate_as_unfused(model, out, ref, grads, exact)
 
 
+def _fp32_only(monkeypatch, name, function, module, plain) -> None:
+    """`module`'s fused kernel (fused.<name>, counted) runs on an fp32 input once; bf16 weights and CPU
+    autocast take the module's own forward, equal bit for bit to `plain`, transformers' module with the same
+    weights."""
+    calls = []
+    monkeypatch.setattr(fused, name, lambda *a: calls.append(1) or function.apply(*a))
+    x = torch.randn(3, 32)
+    module(x)
+    assert calls == [1]
+    plain.load_state_dict(module.state_dict())
+    xb = x.bfloat16()
+    assert torch.equal(module.bfloat16()(xb), plain.bfloat16()(xb))  # transformers' own formula, bit for bit
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module.float()(x)
+    assert calls == [1]
+
+
 def test_other_dtypes_and_autocast_take_the_modules_own_forward(monkeypatch):
     model = _tiny_llama()
     fused.fuse_rmsnorm(model)
-    calls = []
-    monkeypatch.setattr(fused, "rms_norm", lambda *a: calls.append(1) or fused._RMSNorm.apply(*a))
     norm = model.model.norm
-    x = torch.randn(3, 32)
-    norm(x)
-    assert calls == [1]
-    plain = LlamaRMSNorm(32, eps=norm.variance_epsilon)
-    plain.load_state_dict(norm.state_dict())
-    xb = x.bfloat16()
-    assert torch.equal(norm.bfloat16()(xb), plain.bfloat16()(xb))  # transformers' own formula, bit for bit
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        norm.float()(x)
-    assert calls == [1]
+    _fp32_only(monkeypatch, "rms_norm", fused._RMSNorm, norm, LlamaRMSNorm(32, eps=norm.variance_epsilon))
 
 
 def test_switched_off_changes_nothing(monkeypatch):
@@ -285,19 +291,8 @@ def test_fused_swiglu_same_training_gradients_and_one_tensor_less_kept():
 def test_swiglu_other_dtypes_autocast_and_activations_keep_the_modules_own_forward(monkeypatch):
     model = _tiny_llama()
     fused.fuse_swiglu(model)
-    calls = []
-    monkeypatch.setattr(fused, "swiglu", lambda *a: calls.append(1) or fused._SwiGLU.apply(*a))
     mlp = model.model.layers[0].mlp
-    x = torch.randn(3, 32)
-    mlp(x)
-    assert calls == [1]
-    plain = LlamaMLP(model.config)
-    plain.load_state_dict(mlp.state_dict())
-    xb = x.bfloat16()
-    assert torch.equal(mlp.bfloat16()(xb), plain.bfloat16()(xb))  # transformers' own formula, bit for bit
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mlp.float()(x)
-    assert calls == [1]
+    _fp32_only(monkeypatch, "swiglu", fused._SwiGLU, mlp, LlamaMLP(model.config))
     cfg = copy.deepcopy(model.config)
     cfg.hidden_act = "gelu"
     assert fused.fuse_swiglu(LlamaForCausalLM(cfg)) == 0  # another activation: left alone
