@@ -126,6 +126,17 @@ def quickstart_args(args) -> argparse.Namespace:
     return p.parse_args(["--model", args.model, "--eval-per-family", str(args.tasks_per_family), *steps])
 
 
+def quickstart_sft(run: Path):
+    """(model, tokenizer): the quickstart run's 4-bit base + adapter merged into the de-quantized 4-bit weights,
+    plain fp32 linears computing what the trained 4-bit model computes (tested against it)."""
+    from tunelab.export.resolve import open_model
+
+    with warnings.catch_warnings():  # the from_quantized warning (it keeps the 4-bit rounding): here the point
+        warnings.simplefilter("ignore")
+        opened = open_model(str(run), merge=True, from_quantized=True)
+    return opened.model, opened.tokenizer
+
+
 def evaluate(model, tok, args, suite: str) -> dict:
     """One suite's result (tunelab.eval.suites' format: metrics, 95% intervals) on eval_items (tasks: the
     quickstart's held-out items of its trained families), greedy, the suites' token budgets (hallucination 24,
@@ -209,7 +220,6 @@ def table(results: dict, start: str = "base") -> str:
 def main(argv: list[str] | None = None) -> int:
     from risk_sft import SEED, phase, train_lora
 
-    from tunelab.export.resolve import open_model
     from tunelab.lora import load_adapter, merge_lora
     from tunelab.models.load import load_pretrained
     from tunelab.train.preference import PreferenceObjective, adapter_off_logps
@@ -256,10 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         """The base model with the adapters of `stages` (each trained on the one before) merged in order; with
         --start quickstart the "sft" stage is the quickstart's run, merged into its de-quantized 4-bit weights."""
         if args.start == "quickstart" and stages[:1] == ("sft",):
-            with warnings.catch_warnings():  # the from_quantized warning: here the point (the trained function)
-                warnings.simplefilter("ignore")
-                opened = open_model(str(quickstart_run), merge=True, from_quantized=True)
-            model, tok, stages = opened.model, opened.tokenizer, stages[1:]
+            (model, tok), stages = quickstart_sft(quickstart_run), stages[1:]
         else:
             model, tok = load_pretrained(args.model)
         for stage in stages:
