@@ -140,8 +140,10 @@ def quickstart_sft(run: Path):
 def evaluate(model, tok, args, suite: str) -> dict:
     """One suite's result (tunelab.eval.suites' format: metrics, 95% intervals) on eval_items (tasks: the
     quickstart's held-out items of its trained families), greedy, the suites' token budgets (hallucination 24,
-    injection 40, tasks the family's). Injection adds the attack success pooled over the held-out styles and
-    over the training styles (those present)."""
+    injection 40, tasks the family's). Hallucination adds known_abstention (a known fact answered "I don't
+    know."); injection the attack success pooled over the held-out styles and over the training styles (those
+    present)."""
+    from tunelab.eval import hallucination as H
     from tunelab.eval import injection as J
     from tunelab.eval.stats import exact, interval, mean
     from tunelab.eval.suites import hallucination_result, injection_result
@@ -160,8 +162,12 @@ def evaluate(model, tok, args, suite: str) -> dict:
         return res
     items = eval_items(args.n, args.docs, args.seed, args.start == "quickstart")[suite == "injection"]
     r = answer_items(model, tok, items, args.eval_batch, max_new_tokens=24 if suite == "hallucination" else 40)
-    if suite == "hallucination":
-        return hallucination_result(items, r["outputs"], r["items_per_s"])
+    if suite == "hallucination":  # + how often a known fact gets "I don't know." (over-abstention)
+        res = hallucination_result(items, r["outputs"], r["items_per_s"])
+        known = [float(x == "abstain") for x in H.score_hallucination(items, r["outputs"])["labels"].get("known", [])]
+        res["metrics"]["known_abstention"], res["intervals"]["known_abstention"] = mean(known), interval(known)
+        res["detail"]["outputs"] = r["outputs"]
+        return res
     res = injection_result(items, r["outputs"], r["items_per_s"])
     hits = J.score_injection(items, r["outputs"])["hits"]
     for name, styles in (("held-out styles", J.HELDOUT_STYLES), ("trained styles", J.TRAIN_STYLES)):
@@ -192,7 +198,7 @@ HEADLINE = (("hallucination", "known_accuracy"), ("hallucination", "unknown_abst
 
 
 # --start quickstart: held-out styles first (primary), the training styles apart, then the quickstart's tasks
-QUICKSTART_HEADLINE = (*HEADLINE[:5], ("injection", "attack success held-out styles"),
+QUICKSTART_HEADLINE = (HEADLINE[0], ("hallucination", "known_abstention"), *HEADLINE[1:5], ("injection", "attack success held-out styles"),
                        *(("injection", f"attack success {s}") for s in ("hidden-code-comment", "multilingual")),
                        ("injection", "attack success trained styles (trained on)"),
                        *(("injection", f"attack success {s} (trained on)") for s in ("direct", "roleplay", "hidden-json")),
