@@ -2,6 +2,7 @@
 
 python benchmarks/risk_preference.py [--out runs/risk_preference] [--n 10] [--docs 16] [--abstain-people 4]
                                      [--train-docs 8] [--sft-epochs 2] [--dpo-epochs 1] [--threads 1] [--model bundled]
+                                     [--start base|quickstart] [--quickstart RUN] [--tasks-per-family 10]
 
 On a shared CPU use --threads 1: at load ~17 on 2 cores, 2 torch threads took 486 s per SFT step and 1 took
 27 s (the threads wait for each other at every barrier while the scheduler runs other jobs).
@@ -24,9 +25,20 @@ Models:
   sft   LoRA SFT on the chosen responses (r=16 all-linear, lr 1e-3, batch 8), merged
   dpo   the merged SFT model + a new LoRA trained with DPO on the same pairs (the reference is that LoRA
         switched off, i.e. the SFT model; beta 0.1, lr 2e-4, batch 4 pairs; the shared prompt), merged
+With --start quickstart (issue 26's first target) the DPO starts from the quickstart's SFT model instead:
+  sft   the model `tunelab quickstart` trains (QLoRA r=16 all-linear on 7 task families, its defaults: the
+        4-bit base + its adapter), trained into OUT/quickstart (or --quickstart RUN, a quickstart run folder),
+        merged into the de-quantized 4-bit weights: in fp32 the same function as the 4-bit model + adapter
+  dpo   that merged model + a new LoRA trained with DPO on the pairs (reference: the new adapter switched off,
+        i.e. the quickstart SFT model), merged
+and the evaluation adds the quickstart's own task gains (the "tasks" suite here: its held-out items of the
+trained families, --tasks-per-family per family, seed 2, training prompts removed: partial credit and
+exact match) and runs the injection suite on every style (clean + 5 per document): attack success on the
+HELDOUT_STYLES (no pair was made from them; the primary injection number) and, labelled apart, on the
+TRAIN_STYLES.
 Phases, one file each (OUT/<phase>.json, skipped when present; training checkpoints every 10 steps and
-resumes, so an interrupted run is finished by the same command): sft-train, dpo-train, then each suite on
-sft, dpo and base (the base model talks to its token budget: slowest, so last).
+resumes, so an interrupted run is finished by the same command): sft-train (quickstart-train), dpo-train,
+then each suite on sft, dpo and base (the base model talks to its token budget: slowest, so last).
 Each metric is printed with its 95% interval (Wilson for rates, bootstrap for partial-credit quality).
 """
 
@@ -36,6 +48,7 @@ import argparse
 import json
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,24 +106,77 @@ def preference_pairs(n: int, abstain_people: int, train_docs: int, eval_seed: in
     return pairs
 
 
-def eval_items(n: int, docs: int, seed: int) -> tuple[list, list]:
-    """(hallucination items, injection items): n per kind; docs documents, clean + the held-out styles."""
+def eval_items(n: int, docs: int, seed: int, every_style: bool = False) -> tuple[list, list]:
+    """(hallucination items, injection items): n per kind; docs documents, clean + the held-out styles (or,
+    every_style, clean + every style: `tunelab eval`'s injection suite)."""
     from tunelab.eval import injection as J
     from tunelab.eval.suites import hallucination_eval_items
 
-    return hallucination_eval_items(n, seed), J.make_items(docs, seed, J.HELDOUT_STYLES)
+    return hallucination_eval_items(n, seed), J.make_items(docs, seed, None if every_style else J.HELDOUT_STYLES)
+
+
+def quickstart_args(args) -> argparse.Namespace:
+    """`tunelab quickstart`'s arguments at their defaults, but for the model, --tasks-per-family (its
+    --eval-per-family) and --quickstart-steps (its --max-steps)."""
+    from tunelab.quickstart import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    steps = ["--max-steps", str(args.quickstart_steps)] if args.quickstart_steps else []
+    return p.parse_args(["--model", args.model, "--eval-per-family", str(args.tasks_per_family), *steps])
+
+
+def quickstart_sft(run: Path):
+    """(model, tokenizer): the quickstart run's 4-bit base + adapter merged into the de-quantized 4-bit weights,
+    plain fp32 linears computing what the trained 4-bit model computes (tested against it)."""
+    from tunelab.export.resolve import open_model
+
+    with warnings.catch_warnings():  # the from_quantized warning (it keeps the 4-bit rounding): here the point
+        warnings.simplefilter("ignore")
+        opened = open_model(str(run), merge=True, from_quantized=True)
+    return opened.model, opened.tokenizer
 
 
 def evaluate(model, tok, args, suite: str) -> dict:
-    """One suite's result (tunelab.eval.suites' format: metrics, 95% intervals) on eval_items, greedy, the
-    suites' token budgets (hallucination 24, injection 40)."""
+    """One suite's result (tunelab.eval.suites' format: metrics, 95% intervals) on eval_items (tasks: the
+    quickstart's held-out items of its trained families), greedy, the suites' token budgets (hallucination 24,
+    injection 40, tasks the family's). Hallucination adds known_abstention (a known fact answered "I don't
+    know."); injection the attack success pooled over the held-out styles and over the training styles (those
+    present)."""
+    from tunelab.eval import hallucination as H
+    from tunelab.eval import injection as J
+    from tunelab.eval.stats import exact, interval, mean
     from tunelab.eval.suites import hallucination_result, injection_result
-    from tunelab.eval.tasks import answer_items
+    from tunelab.eval.tasks import answer_items, evaluate_items
+    from tunelab.quickstart import task_sets
 
     model.eval()
-    items = eval_items(args.n, args.docs, args.seed)[suite == "injection"]
+    if suite == "tasks":
+        items = task_sets(quickstart_args(args))[1]["test"]
+        r = evaluate_items(model, tok, items, args.eval_batch)
+        res = {"metrics": {}, "intervals": {}, "items_per_s": r["items_per_s"],
+               "detail": {"items": len(items), "per_family": r["per_family"], "outputs": r["outputs"]}}
+        for name, scores in (("trained families: score (partial credit)", r["scores"]),
+                             ("trained families: exact match", exact(r["scores"]))):
+            res["metrics"][name], res["intervals"][name] = mean(scores), interval(scores)
+        return res
+    items = eval_items(args.n, args.docs, args.seed, args.start == "quickstart")[suite == "injection"]
     r = answer_items(model, tok, items, args.eval_batch, max_new_tokens=24 if suite == "hallucination" else 40)
-    return (hallucination_result if suite == "hallucination" else injection_result)(items, r["outputs"], r["items_per_s"])
+    if suite == "hallucination":  # + how often a known fact gets "I don't know." (over-abstention)
+        res = hallucination_result(items, r["outputs"], r["items_per_s"])
+        known = [float(x == "abstain") for x in H.score_hallucination(items, r["outputs"])["labels"].get("known", [])]
+        res["metrics"]["known_abstention"], res["intervals"]["known_abstention"] = mean(known), interval(known)
+        res["detail"]["outputs"] = r["outputs"]
+        return res
+    res = injection_result(items, r["outputs"], r["items_per_s"])
+    hits = J.score_injection(items, r["outputs"])["hits"]
+    for name, styles in (("held-out styles", J.HELDOUT_STYLES), ("trained styles", J.TRAIN_STYLES)):
+        pooled = [float(x) for s in styles for x in hits.get(s, [])]
+        if pooled:
+            res["metrics"][f"attack success {name}"], res["intervals"][f"attack success {name}"] = \
+                mean(pooled), interval(pooled)
+    res["detail"]["outputs"] = r["outputs"]
+    return res
 
 
 def rows_of(pairs: list[dict], tok) -> list[dict]:
@@ -131,16 +197,27 @@ HEADLINE = (("hallucination", "known_accuracy"), ("hallucination", "unknown_abst
             ("injection", "clean task quality"), ("injection", "attacked task quality"))
 
 
-def table(results: dict) -> str:
+# --start quickstart: held-out styles first (primary), the training styles apart, then the quickstart's tasks
+QUICKSTART_HEADLINE = (HEADLINE[0], ("hallucination", "known_abstention"), *HEADLINE[1:5], ("injection", "attack success held-out styles"),
+                       *(("injection", f"attack success {s}") for s in ("hidden-code-comment", "multilingual")),
+                       ("injection", "attack success trained styles (trained on)"),
+                       *(("injection", f"attack success {s} (trained on)") for s in ("direct", "roleplay", "hidden-json")),
+                       *HEADLINE[8:], ("tasks", "trained families: score (partial credit)"),
+                       ("tasks", "trained families: exact match"))
+
+
+def table(results: dict, start: str = "base") -> str:
     """Markdown: metric | base | SFT | SFT + DPO, each value with its 95% interval."""
     names = [p for p in ("base", "sft", "dpo") if p in results]
-    lines = ["| metric | " + " | ".join({"base": "base", "sft": "SFT (chosen)", "dpo": "SFT + DPO"}[p] for p in names)
-             + " |", "|---" * (len(names) + 1) + "|"]
-    for suite, metric in HEADLINE:
+    labels = {"base": "base", "sft": "SFT (chosen)", "dpo": "SFT + DPO"} if start == "base" else \
+        {"base": "base", "sft": "quickstart SFT", "dpo": "quickstart SFT + DPO"}
+    lines = ["| metric | " + " | ".join(labels[p] for p in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for suite, metric in HEADLINE if start == "base" else QUICKSTART_HEADLINE:
         cells = []
         for p in names:
             r = results[p][suite]
-            x, ci = r["metrics"].get(metric), r["intervals"].get(metric)
+            key = metric.removesuffix(" (trained on)")
+            x, ci = r["metrics"].get(key), r["intervals"].get(key)
             cells.append("n/a" if x is None else f"{x:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{x:.3f}")
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -169,7 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--start", choices=("base", "quickstart"), default="base",
+                    help="what DPO starts from: SFT on the chosen responses of the base (base), or the quickstart's "
+                         "SFT model (quickstart)")
+    ap.add_argument("--quickstart", default=None, metavar="RUN",
+                    help="--start quickstart: a `tunelab quickstart --out RUN` folder (default: train it into OUT/quickstart)")
+    ap.add_argument("--quickstart-steps", type=int, default=None, help="stop the quickstart's training early (tests)")
+    ap.add_argument("--tasks-per-family", type=int, default=10,
+                    help="--start quickstart: held-out items per trained family (the quickstart's default: 10)")
     args = ap.parse_args(argv)
+    if args.quickstart and args.start != "quickstart":
+        ap.error("--quickstart RUN is the model --start quickstart starts from: add --start quickstart")
     args.seed = SEED
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -179,9 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     counts = {s: sum(p["source"] == s for p in pairs) for s in dict.fromkeys(p["source"] for p in pairs)}
     print(f"{len(pairs)} pairs: {counts}")
 
+    quickstart_run = Path(args.quickstart or out / "quickstart")
+
     def tuned(stages: tuple[str, ...]):
-        """The base model with the adapters of `stages` (each trained on the one before) merged in order."""
-        model, tok = load_pretrained(args.model)
+        """The base model with the adapters of `stages` (each trained on the one before) merged in order; with
+        --start quickstart the "sft" stage is the quickstart's run, merged into its de-quantized 4-bit weights."""
+        if args.start == "quickstart" and stages[:1] == ("sft",):
+            (model, tok), stages = quickstart_sft(quickstart_run), stages[1:]
+        else:
+            model, tok = load_pretrained(args.model)
         for stage in stages:
             merge_lora(load_adapter(model, out / stage / "adapter", verbose=False))
         return model, tok
@@ -190,6 +283,21 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = load_pretrained(args.model)
         examples = [{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs]
         return train_lora(model, tok, examples, args, out / "sft", steps_for(args.sft_epochs, len(examples), args.batch_size))
+
+    def quickstart():
+        """`tunelab quickstart`'s training (its config, data, seed and loop; no evaluation) into quickstart_run."""
+        from tunelab.quickstart import quickstart_config, task_sets, write_data
+        from tunelab.train.run import build_model, run_training
+
+        qargs = quickstart_args(args)
+        cfg = quickstart_config(qargs)
+        train_items, sets = task_sets(qargs)
+        write_data(cfg, quickstart_run, train_items, sets["test"])
+        cfg.train.device = "cpu"
+        torch.manual_seed(cfg.train.seed)  # as the quickstart: the adapter's initial weights
+        summary, _ = run_training(cfg, model=build_model(cfg, torch.device("cpu")), overwrite=True)
+        return {**summary, "examples": len(train_items), "mean_tokens": float("nan"), "batch_size": cfg.train.batch_size,
+                "lr": cfg.train.lr, "wall_s": summary["seconds"]}
 
     def dpo():
         model, tok = tuned(("sft",))  # the reference is this model: the new adapter switched off
@@ -202,20 +310,25 @@ def main(argv: list[str] | None = None) -> int:
     from tunelab.accel.kernels import choose
 
     # Each phase is one file: training first, then the SFT vs SFT + DPO evaluations, the (slow) base model last.
-    train = {name: phase(out, f"{name}-train", fn) for name, fn in (("sft", sft), ("dpo", dpo))}
+    first = ("sft", sft) if args.start == "base" else ("quickstart", quickstart)
+    train = {name: phase(out, f"{name}-train", fn) for name, fn in (first, ("dpo", dpo))
+             if not (name == "quickstart" and args.quickstart)}
     stages = {"sft": ("sft",), "dpo": ("sft", "dpo"), "base": ()}
     results = {name: {} for name in ("base", "sft", "dpo")}
-    for suite in ("hallucination", "injection"):
+    suites = ("hallucination", "injection") if args.start == "base" else ("injection", "hallucination", "tasks")
+    for suite in suites:
         for name in ("sft", "dpo", "base"):
             results[name][suite] = phase(out, f"{name}-{suite}", lambda: evaluate(*tuned(stages[name]), args, suite))
     print(f"\nload average {open('/proc/loadavg').read().split()[:3]}, {args.threads} torch threads")
     for name, t in train.items():
-        print(f"{name}: {t['examples']} rows (mean {t['mean_tokens']:.0f} tokens), LoRA r=16 all-linear, "
+        print(f"{name}: {t['examples']} rows (mean {t['mean_tokens']:.0f} tokens), {'Q' * (name == 'quickstart')}"
+              "LoRA r=16 all-linear, "
               f"{t['steps']} steps x {t['batch_size']}, lr {t['lr']}, loss {t['first_loss']:.3f} -> "
               f"{t['final_loss']:.3f}, {t['wall_s']:.0f} s")
     h, j = results["base"]["hallucination"]["detail"]["counts"], results["base"]["injection"]["detail"]["counts"]
-    print(f"\nEval (seed {SEED}): hallucination {h}; injection {j} (held-out styles only)\n")
-    print(table(results))
+    styles = "held-out styles only" if args.start == "base" else "every style"
+    print(f"\nEval (seed {SEED}): hallucination {h}; injection {j} ({styles})\n")
+    print(table(results, args.start))
     for name, r in results.items():
         print(f"{name}: " + ", ".join(f"{s} {r[s]['items_per_s']:.2f} items/s ({r[s]['phase_s']:.0f} s)" for s in r))
     return 0

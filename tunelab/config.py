@@ -202,7 +202,9 @@ class TrainConfig(_Strict):
     """kto: the weight of an undesirable response's loss; None: 1."""
     precompute_ref: bool = False
     """dpo, ipo, kto: compute the reference log-probabilities once before training and store them in the run
-    folder (reference_logps/, reused on resume); the reference model is then never run during training."""
+    folder (reference_logps/, reused on resume); the reference model is then never run during training. kto:
+    each response's KL-estimate partner is then fixed before training (TRL's pairing within consecutive
+    batch_size rows of the data) instead of drawn from each batch."""
     ref_model_copy: bool = False
     """dpo, ipo, kto with method full or freeze: keep a frozen copy of the model as the reference (a second
     copy of every weight in memory); lora/qlora switch the adapter off instead and need no copy."""
@@ -267,9 +269,6 @@ def _check_objective(cfg: RunConfig) -> None:
         if getattr(t, key) and obj not in REFERENCE_OBJECTIVES:
             raise ValueError(f"train.{key}: train.objective={obj} has no reference model (only dpo, ipo and kto "
                              "do): remove it")
-    if t.precompute_ref and obj == "kto":
-        raise ValueError("train.precompute_ref is for dpo and ipo: kto's KL estimate pairs each prompt with another "
-                         "response of its batch, known only when the batch is drawn; remove it")
     if t.precompute_ref and t.ref_model_copy:
         raise ValueError("train.precompute_ref and train.ref_model_copy are two ways to get the reference: "
                          "choose one")

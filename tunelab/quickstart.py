@@ -99,11 +99,9 @@ def run(args) -> int:
     import torch
 
     from tunelab.errors import TunelabError
-    from tunelab.eval import injection as J
     from tunelab.eval.heldout import scan_training_data
     from tunelab.eval.heldout_prose import PARAGRAPHS
-    from tunelab.eval.suites import hallucination_eval_items
-    from tunelab.eval.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES, generate_items
+    from tunelab.eval.tasks import TRAIN_FAMILIES
     from tunelab.train import outdir
     from tunelab.train.run import build_model, pick_device, run_training
 
@@ -118,13 +116,7 @@ def run(args) -> int:
             raise TunelabError(f"--out {args.out} is a file; give a folder for the run")
         replaced = outdir.check_free(Path(args.out), resume=False, overwrite=args.overwrite)
 
-    train_items = generate_items(TRAIN_FAMILIES, args.train_per_family, seed=1)
-    seen = {it.prompt for it in train_items}
-    sets = {"test": [it for it in generate_items(TRAIN_FAMILIES, args.eval_per_family, seed=2) if it.prompt not in seen],
-            "unseen": generate_items(HELDOUT_FAMILIES, args.eval_per_family, seed=2),
-            # the cost checks: attacked documents only (attack success), unknown people only (abstention)
-            "injection": [it for it in J.make_items(args.check_n, seed=2) if it.meta["kind"] == "attacked"],
-            "hallucination": hallucination_eval_items(2 * args.check_n, seed=2, kinds=("unknown",))}
+    train_items, sets = task_sets(args)
     prose = list(PARAGRAPHS)
 
     torch.manual_seed(cfg.train.seed)
@@ -135,11 +127,7 @@ def run(args) -> int:
     else:
         out = Path(args.out)
         outdir.clear(out, replaced)
-    cfg.output_dir = str(out)
-    _write_jsonl(out / "data" / "train.jsonl", train_items)
-    _write_jsonl(out / "data" / "eval.jsonl", sets["test"])
-    cfg.data.sources[0].path = str(out / "data" / "train.jsonl")
-    cfg.data.eval_path = str(out / "data" / "eval.jsonl")
+    write_data(cfg, out, train_items, sets["test"])
     scan = scan_training_data(cfg.data, {"held-out prose": prose})
     clock.lap("load")
     print(f"\n[1/3] before: {len(sets['test'])} held-out items of trained families, {len(sets['unseen'])} of unseen "
@@ -162,6 +150,33 @@ def run(args) -> int:
                                                       "train": summary, "seconds": clock.table()}, indent=1))
     print("\n" + report)
     return 0
+
+
+def task_sets(args) -> tuple[list, dict]:
+    """(training items, evaluation sets) of a quickstart, seeded: args.train_per_family items of each trained
+    family (seed 1); "test" new items of those families (seed 2, training prompts removed), "unseen" the
+    held-out families, and the cost checks (args.check_n documents' attacks, 2 * check_n unknown people)."""
+    from tunelab.eval import injection as J
+    from tunelab.eval.suites import hallucination_eval_items
+    from tunelab.eval.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES, generate_items
+
+    train_items = generate_items(TRAIN_FAMILIES, args.train_per_family, seed=1)
+    seen = {it.prompt for it in train_items}
+    sets = {"test": [it for it in generate_items(TRAIN_FAMILIES, args.eval_per_family, seed=2) if it.prompt not in seen],
+            "unseen": generate_items(HELDOUT_FAMILIES, args.eval_per_family, seed=2),
+            # the cost checks: attacked documents only (attack success), unknown people only (abstention)
+            "injection": [it for it in J.make_items(args.check_n, seed=2) if it.meta["kind"] == "attacked"],
+            "hallucination": hallucination_eval_items(2 * args.check_n, seed=2, kinds=("unknown",))}
+    return train_items, sets
+
+
+def write_data(cfg, out: Path, train_items: list, test: list) -> None:
+    """Write the run's data to out/data/{train,eval}.jsonl and point cfg (output_dir, sources, eval_path) there."""
+    cfg.output_dir = str(out)
+    _write_jsonl(out / "data" / "train.jsonl", train_items)
+    _write_jsonl(out / "data" / "eval.jsonl", test)
+    cfg.data.sources[0].path = str(out / "data" / "train.jsonl")
+    cfg.data.eval_path = str(out / "data" / "eval.jsonl")
 
 
 def _report(args, cfg, sets, before, after, summary, scan, out, clock) -> str:

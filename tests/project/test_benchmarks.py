@@ -165,3 +165,43 @@ def test_risk_preference_runs_its_three_phases_on_a_tiny_model(tmp_path, capsys)
         assert 0 <= lo <= r["metrics"]["attack success rate"] <= hi <= 1
     assert "| unknown_abstention |" in capsys.readouterr().out
     assert rp.main(argv) == 0 and "sft-train: done before" in capsys.readouterr().out
+
+
+def test_risk_preference_from_the_quickstart_on_a_tiny_model(tmp_path, capsys):
+    """--start quickstart on a tiny random Llama: the quickstart's QLoRA training (2 steps) into OUT/quickstart;
+    the model DPO starts from, merged into the de-quantized 4-bit weights, computes what the 4-bit base +
+    adapter computes; DPO's first loss is ln 2; the injection suite has every style, pooled as held-out and
+    trained styles; the tasks suite scores the quickstart's held-out items; a rerun reads the phases back."""
+    import torch
+
+    from tunelab.eval import injection as J
+    from tunelab.export.resolve import open_model
+
+    rp = _load("risk_preference")
+    folder = _load("preference_bench").tiny_model(tmp_path / "tiny")
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--model", str(folder), "--n", "1", "--docs", "1", "--abstain-people", "1",
+            "--train-docs", "1", "--dpo-epochs", "0.1", "--threads", "1", "--start", "quickstart",
+            "--quickstart-steps", "2", "--tasks-per-family", "1"]
+    assert rp.main(argv) == 0
+    read = lambda p: json.loads((out / f"{p}.json").read_text())  # noqa: E731
+    assert read("quickstart-train")["steps"] == 2 and "method: qlora" in (out / "quickstart" / "config.yaml").read_text()
+    assert abs(read("dpo-train")["first_loss"] - 0.6931472) < 1e-4
+    merged, tok = rp.quickstart_sft(out / "quickstart")
+    trained = open_model(str(out / "quickstart")).model  # the 4-bit base + the adapter, as trained
+    ids = tok("Summarise the document in one sentence.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = merged(ids).logits, trained(ids).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    for name in ("base", "sft", "dpo"):
+        r = read(f"{name}-injection")
+        assert r["detail"]["counts"] == {"clean": 1, "attacked": len(J.STYLES)}
+        for pooled in ("held-out styles", "trained styles"):
+            lo, hi = r["intervals"][f"attack success {pooled}"]
+            assert 0 <= lo <= r["metrics"][f"attack success {pooled}"] <= hi <= 1
+        assert read(f"{name}-tasks")["detail"]["items"] == 7  # one held-out item per trained family
+    printed = capsys.readouterr().out
+    assert "| attack success hidden-json (trained on) |" in printed and "quickstart SFT + DPO" in printed
+    assert rp.main(argv) == 0 and "quickstart-train: done before" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        rp.main(["--quickstart", str(out / "quickstart")])  # a quickstart run without --start quickstart

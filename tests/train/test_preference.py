@@ -246,6 +246,16 @@ def test_kl_pairs_are_trls():
     assert pref.kl_mismatch(0) == []
 
 
+def test_fixed_kl_partners_are_trls_data_order_chunks():
+    """With precompute_ref, KTO's KL partners are fixed as TRL's KTOTrainer fixes them when it prepares the
+    data: `[c[-1]] + c[:-1]` on each consecutive chunk of per_device_train_batch_size completions (a datasets
+    map with batched=True), the last chunk shorter (one row: paired with itself, as in TRL)."""
+    c = list("abcdefg")
+    want = [x for i in range(0, len(c), 3) for x in [c[i:i + 3][-1]] + c[i:i + 3][:-1]]
+    assert [c[j] for j in pref.kl_partners(len(c), 3)] == want == list("cabfdeg")
+    assert pref.kl_partners(4, 4) == pref.kl_mismatch(4) and pref.kl_partners(0, 4) == []
+
+
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
 def test_kto_equals_trl(weights):
     """TRL's KTOTrainer._compute_loss with precomputed reference log-probs; the KL sequences are prompt i

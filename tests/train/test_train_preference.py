@@ -46,13 +46,14 @@ def tok(workspace):
     return AutoTokenizer.from_pretrained(workspace / "model")
 
 
-def _policy_and_base():
+def _policy_and_base(seed: int = 1):
     """A tiny random Llama with LoRA whose B is random (so policy != reference at step 1), and a separate
-    frozen copy of its base taken before the adapter went on."""
+    frozen copy of its base taken before the adapter went on. KTO tests use seed 9: its KL estimate on the
+    tests' batch is above 0, so the clamp at 0 does not hide the KL sequences' log-probs."""
     model = make_tiny_llama().train()
     base = copy.deepcopy(model).requires_grad_(False)
     apply_lora(model, LoraConfig(r=4, alpha=8))
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -131,10 +132,8 @@ def test_loop_first_step_kto_equals_trl(tok, tmp_path):
 
     from trl import KTOTrainer
 
-    model, base = _policy_and_base()
-    records = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in RECORDS
-               for k in ("chosen", "rejected")][:7]
-    rows = [data_pref.row(data_pref.encode_unpaired(r, tok, 64)) for r in records]
+    model, base = _policy_and_base(seed=9)
+    rows = _kto_rows(tok)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     batch_rows = [rows[i] for i in order]
     kl_rows = [pref._with_completion(r, batch_rows[j]) for r, j in zip(batch_rows, pref.kl_mismatch(len(rows)))]
@@ -157,7 +156,94 @@ def test_loop_first_step_kto_equals_trl(tok, tmp_path):
     objective = pref.PreferenceObjective("kto", 0.2, pref.adapter_off_logps, kto_undesirable_weight=1.5)
     got, record = _loop_first_loss(model, rows, objective, tmp_path)
     torch.testing.assert_close(torch.tensor(got), want.detach().double(), **TOL, check_dtype=False)
-    assert record["kl"] >= 0 and "rewards/margins" in record
+    assert record["kl"] > 0 and "rewards/margins" in record
+
+
+def _kto_rows(tok) -> list[dict]:
+    records = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in RECORDS
+               for k in ("chosen", "rejected")][:7]
+    return [data_pref.row(data_pref.encode_unpaired(r, tok, 64)) for r in records]
+
+
+def _precomputed_kto_rows(model, rows, batch_size: int):
+    """What train.precompute_ref gives KTO (tunelab.train.preference.setup): rows with their fixed KL partner
+    (kl_partners) and the adapter-off reference of the response and of its KL sequence."""
+    partners = pref.kl_partners(len(rows), batch_size)
+    table = pref.reference_table(pref.WithRef(rows, None, partners), pref.adapter_off_logps, model, batch_size, 0,
+                                 torch.device("cpu"), 8, None, pref.collate_unpaired)
+    return pref.WithRef(rows, table, partners)
+
+
+def test_kto_precomputed_reference_equals_the_reference_in_the_loop(tok):
+    """KTO with precomputed reference log-probs: loss, metrics and LoRA gradients of a batch equal those with
+    the reference (adapter off) computed during the step on the same fixed KL pairs (float32, 1e-5)."""
+    model, _ = _policy_and_base(seed=9)
+    rows = _kto_rows(tok)
+    with_ref = _precomputed_kto_rows(model, rows, 3)
+    assert with_ref[1]["kl_row"]["input_ids"][-3:] == rows[0]["input_ids"][-3:]  # partners within chunks of 3
+    assert with_ref[3]["kl_row"]["input_ids"][-3:] == rows[5]["input_ids"][-3:]
+    order = [4, 0, 6, 2, 5]  # a batch as the loop draws it: not the chunks the partners were fixed in
+    results = []
+    for reference, batch_rows in ((pref.adapter_off_logps, [pref.WithRef(rows, None, with_ref.partners)[i] for i in order]),
+                                  (None, [with_ref[i] for i in order])):
+        objective = pref.PreferenceObjective("kto", 0.2, reference, kto_undesirable_weight=1.5)
+        batch = objective.collate(batch_rows, 0, "cpu")
+        assert ("ref_logps" in batch) == (reference is None)
+        model.zero_grad()
+        loss, n = objective.loss_sum(model, batch, 8)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), objective.step_metrics(), grads, batch))
+    (live, live_metrics, live_grads, live_batch), (pre, pre_metrics, pre_grads, pre_batch) = results
+    # the stored references are the live ones (also of the KL sequences, whose effect the KL's clamp at 0 may hide)
+    torch.testing.assert_close(pre_batch["ref_logps"], pref.adapter_off_logps(model, live_batch, 8), **TOL)
+    torch.testing.assert_close(pre_batch["ref_kl_logps"], pref.adapter_off_logps(model, live_batch["kl"], 8), **TOL)
+    torch.testing.assert_close(pre, live, **TOL)
+    assert pre_metrics == pytest.approx(live_metrics, rel=1e-5, abs=1e-7) and live_metrics["kl"] > 0
+    assert live_grads.keys() == pre_grads.keys() and any(g.abs().max() > 0 for g in live_grads.values())
+    for k in live_grads:
+        torch.testing.assert_close(pre_grads[k], live_grads[k], **TOL)
+
+
+def test_loop_first_step_kto_precomputed_equals_trl(tok, tmp_path):
+    """KTO with precomputed reference log-probs: the loop's step-1 loss equals TRL's KTOTrainer._compute_loss
+    with TRL's precompute_ref_logps, the KL completions fixed as TRL fixes them in its data preparation
+    (`[c[-1]] + c[:-1]` within consecutive chunks of its batch size, 3 here, in data order), the batch drawn by
+    the loop (seed 0's permutation), the reference from a separate frozen base copy."""
+    from types import SimpleNamespace
+
+    from trl import KTOTrainer
+
+    model, base = _policy_and_base(seed=9)
+    rows = _kto_rows(tok)
+    n = len(rows)
+    completions = [r["input_ids"][next(i for i, y in enumerate(r["labels"]) if y != -100):] for r in rows]
+    rotated = [x for i in range(0, n, 3) for x in [completions[i:i + 3][-1]] + completions[i:i + 3][:-1]]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    batch_rows = [rows[i] for i in order]
+    kl_rows = []
+    for i in order:  # TRL's KL sequence: row i's prompt, then its rotated completion
+        p = next(k for k, y in enumerate(rows[i]["labels"]) if y != -100)
+        ids = rows[i]["input_ids"][:p] + rotated[i]
+        kl_rows.append({"input_ids": ids, "labels": [-100] * p + rotated[i], "position_ids": list(range(len(ids)))})
+    logps, tokens = _full_logits_logps(model, batch_rows)
+    kl_logps, _ = _full_logits_logps(model, kl_rows)
+    ref, _ = _full_logits_logps(base, batch_rows)
+    ref_kl, _ = _full_logits_logps(base, kl_rows)
+    table = _LogProbTable(torch.cat([logps, kl_logps])).train()
+    ids, mask = _rows(range(n), tokens)
+    kl_ids, kl_mask = _rows(range(n, 2 * n), tokens)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask,
+              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(ids), "KL_completion_mask": kl_mask,
+              "label": torch.tensor([r["desirable"] for r in batch_rows]), "ref_logps": ref, "ref_KL_logps": ref_kl}
+    trainer = _trl(KTOTrainer, model=table, ref_model=None, precompute_ref_logps=True, calculate_KL=True,
+                   loss_type="kto", beta=0.2, desirable_weight=1.0, undesirable_weight=1.5,
+                   args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    want = trainer._compute_loss(table, inputs, return_outputs=False)
+    objective = pref.PreferenceObjective("kto", 0.2, None, kto_undesirable_weight=1.5)  # no reference: precomputed only
+    got, record = _loop_first_loss(model, list(_precomputed_kto_rows(model, rows, 3)), objective, tmp_path)
+    torch.testing.assert_close(torch.tensor(got), want.detach().double(), **TOL, check_dtype=False)
+    assert record["kl"] > 0 and "rewards/margins" in record
 
 
 @pytest.mark.parametrize("kernels", ["auto", "off"])
@@ -209,15 +295,18 @@ def test_cli_dpo_run_raises_the_reward_margin(workspace, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_resume_equals_uninterrupted_with_precomputed_reference(workspace, tmp_path):
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_resume_equals_uninterrupted_with_precomputed_reference(workspace, tmp_path, objective):
     """A run killed after step 3 (TUNELAB_FAULT) and resumed logs the same losses and rewards as an
-    uninterrupted one; its precomputed reference log-probs are read back, not recomputed, on resume; and
-    precomputed equals the reference computed in the loop (the same run without precompute_ref)."""
+    uninterrupted one; its precomputed reference log-probs are read back, not recomputed, on resume; and (DPO)
+    precomputed equals the reference computed in the loop (the same run without precompute_ref). KTO's run
+    without precompute_ref draws other KL pairs (from each batch), so there the two references are compared on
+    the same pairs by test_kto_precomputed_reference_equals_the_reference_in_the_loop."""
     steps = 6
     full, cut, live = tmp_path / "full", tmp_path / "cut", tmp_path / "live"
-    assert main(["train", str(_config(workspace, full, steps=steps, precompute_ref=True, save_every=1)),
+    assert main(["train", str(_config(workspace, full, objective, steps=steps, precompute_ref=True, save_every=1)),
                  "--no-progress"]) == 0
-    cfg = _config(workspace, cut, steps=steps, precompute_ref=True, save_every=1)
+    cfg = _config(workspace, cut, objective, steps=steps, precompute_ref=True, save_every=1)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TUNELAB_FAULT": "step:3"}
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg), "--no-progress"], env=env,
                           capture_output=True, text=True, timeout=300)
@@ -226,12 +315,13 @@ def test_resume_equals_uninterrupted_with_precomputed_reference(workspace, tmp_p
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reusing the reference log-probs" in proc.stdout
-    assert main(["train", str(_config(workspace, live, steps=steps)), "--no-progress"]) == 0
-    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
-    want = [r[k] for r in _records(full) if "loss" in r for k in keys]
-    assert len(want) == steps * len(keys)
-    for other in (cut, live):
-        got = [r[k] for r in _records(other) if "loss" in r for k in keys]
+    if objective == "dpo":
+        assert main(["train", str(_config(workspace, live, steps=steps)), "--no-progress"]) == 0
+    keys = ("loss", "rewards/chosen", "rewards/rejected") + (("rewards/margins",) if objective == "dpo" else ("kl",))
+    want = [r.get(k) for r in _records(full) if "loss" in r for k in keys]  # KTO: a kind may miss from a batch
+    assert len(want) == steps * len(keys) and sum(x is not None for x in want) >= steps * 2
+    for other in (cut, live) if objective == "dpo" else (cut,):
+        got = [r.get(k) for r in _records(other) if "loss" in r for k in keys]
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6), other.name
 
 

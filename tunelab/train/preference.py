@@ -135,6 +135,14 @@ def kl_mismatch(n: int) -> list[int]:
     return [n - 1] + list(range(n - 1)) if n else []
 
 
+def kl_partners(n: int, batch_size: int) -> list[int]:
+    """KTO with precomputed reference log-probs: each of n rows' fixed KL partner (the row whose completion
+    follows its prompt), kl_mismatch within consecutive chunks of batch_size rows in data order: TRL's
+    KTOTrainer builds its KL completions this way when it prepares the data. (Without precompute_ref the
+    partners are drawn from each batch instead, kl_mismatch over the batch's rows.)"""
+    return [start + j for start in range(0, n, batch_size) for j in kl_mismatch(min(batch_size, n - start))]
+
+
 def kto_loss(logps, ref_logps, desirable, kl_logps, ref_kl_logps, beta: float = 0.1,
              desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
     """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 7), unpaired responses:
@@ -208,12 +216,19 @@ def collate_shared(rows: list[dict], pad_id: int, device) -> dict:
 
 def collate_unpaired(rows: list[dict], pad_id: int, device) -> dict:
     """n KTO rows -> the batch of their sequences, `desirable` (n,) and `kl`: the batch of the mismatched
-    sequences (prompt i with completion kl_mismatch(n)[i], TRL's pairing) for the KL estimate."""
+    sequences (prompt i with completion kl_mismatch(n)[i], TRL's pairing, or each row's fixed "kl_row") for the
+    KL estimate; `ref_logps`, `ref_kl_logps` (n,) when the rows carry precomputed ones ("ref")."""
     from tunelab.train.loop import collate
 
     batch = collate(rows, pad_id, device)
     batch["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows], device=device)
-    batch["kl"] = collate([_with_completion(r, rows[j]) for r, j in zip(rows, kl_mismatch(len(rows)))], pad_id, device)
+    if "kl_row" in rows[0]:  # a fixed partner per row (kl_partners: precompute_ref)
+        kl_rows = [r["kl_row"] for r in rows]
+    else:
+        kl_rows = [_with_completion(r, rows[j]) for r, j in zip(rows, kl_mismatch(len(rows)))]
+    batch["kl"] = collate(kl_rows, pad_id, device)
+    if "ref" in rows[0]:  # precomputed: [response, KL sequence]
+        batch["ref_logps"], batch["ref_kl_logps"] = torch.tensor([r["ref"] for r in rows], device=device).unbind(1)
     return batch
 
 
@@ -307,10 +322,12 @@ class PreferenceObjective:
 
 
 class WithRef(Sequence):
-    """Rows with their precomputed reference log-probs: rows[i] plus "ref": [chosen, rejected]."""
+    """Rows with their precomputed reference log-probs, rows[i] plus "ref": [chosen, rejected] (KTO: [response,
+    KL sequence]), and for KTO the fixed KL sequence "kl_row": row i's prompt with the completion of row
+    partners[i] (kl_partners). ref None: no "ref"."""
 
-    def __init__(self, rows, ref):
-        self.rows, self.ref = rows, ref
+    def __init__(self, rows, ref, partners: list[int] | None = None):
+        self.rows, self.ref, self.partners = rows, ref, partners
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -318,13 +335,20 @@ class WithRef(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return {**self.rows[i], "ref": [float(x) for x in self.ref[i]]}
+        row = dict(self.rows[i])
+        if self.ref is not None:
+            row["ref"] = [float(x) for x in self.ref[i]]
+        if self.partners is not None:
+            row["kl_row"] = _with_completion(row, self.rows[self.partners[i]])
+        return row
 
 
 @torch.no_grad()
-def reference_table(rows, reference, model, batch_size: int, pad_id: int, device, chunk: int, kernels):
-    """(len(rows), 2) float32 numpy: every pair row's reference log-probs [chosen, rejected], in batches of
-    batch_size pairs under the loop's autocast (so they equal what the loop would compute)."""
+def reference_table(rows, reference, model, batch_size: int, pad_id: int, device, chunk: int, kernels,
+                    collate=collate_pairs):
+    """(len(rows), 2) float32 numpy: every row's reference log-probs, [chosen, rejected] of a pair row
+    (collate_pairs) or [response, KL sequence] of a KTO row with its "kl_row" (collate_unpaired), in batches
+    of batch_size rows under the loop's autocast (so they equal what the loop would compute)."""
     import numpy as np
 
     from tunelab.train.loop import _autocast
@@ -333,8 +357,12 @@ def reference_table(rows, reference, model, batch_size: int, pad_id: int, device
     for i in range(0, len(rows), batch_size):
         part = rows[i : i + batch_size]
         with _autocast(device):
-            logps = reference(model, collate_pairs(part, pad_id, device), chunk, kernels).float()
-        out[i : i + len(part)] = logps.view(2, -1).t().cpu().numpy()
+            batch = collate(part, pad_id, device)
+            if "kl" in batch:  # KTO: (n, 2) [response, KL sequence]
+                logps = torch.stack([reference(model, batch, chunk, kernels), reference(model, batch["kl"], chunk, kernels)], 1)
+            else:  # pairs: (2P,) chosen then rejected -> (P, 2)
+                logps = reference(model, batch, chunk, kernels).view(2, -1).t()
+        out[i : i + len(part)] = logps.float().cpu().numpy()
     return out
 
 
@@ -384,11 +412,17 @@ def setup(cfg, model, tok, kernels, out: Path, train_set, eval_set, device):
     key = hashlib.sha256(json.dumps([prepared.fingerprint(cfg.data, tok, t.seq_len, t.seed),
                                      cfg.model.model_dump(mode="json"), cfg.method, cfg.quant.model_dump(mode="json"),
                                      t.batch_size], sort_keys=True).encode()).hexdigest()
+    # KTO: each row's KL partner is fixed (kl_partners, TRL's), so its KL sequence's reference is known now
+    kto = t.objective == "kto"
+    partners = {s: kl_partners(len(rows), t.batch_size) if kto else None
+                for s, rows in (("train", train_set), ("eval", eval_set))}
     was = model.training
     model.eval()
-    tables = precomputed(out / "reference_logps", key, {"train": train_set, "eval": eval_set},
+    tables = precomputed(out / "reference_logps", key, {"train": WithRef(train_set, None, partners["train"]),
+                                                         "eval": WithRef(eval_set, None, partners["eval"])},
                          lambda rows: reference_table(rows, reference, model, t.batch_size, tok.pad_token_id, device,
-                                                      t.loss_chunk_tokens, kernels))
+                                                      t.loss_chunk_tokens, kernels,
+                                                      collate_unpaired if kto else collate_pairs))
     model.train(was)
-    return (PreferenceObjective.from_config(t, share_prompt=share), WithRef(train_set, tables["train"]),
-            WithRef(eval_set, tables["eval"]))
+    return (PreferenceObjective.from_config(t, share_prompt=share), WithRef(train_set, tables["train"], partners["train"]),
+            WithRef(eval_set, tables["eval"], partners["eval"]))
