@@ -503,7 +503,7 @@ def _run_block(block: Block, folder: Path) -> subprocess.CompletedProcess:
     bindir = Path(sys.executable).parent  # the `tunelab` script of this environment
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     return subprocess.run(["bash", "-euo", "pipefail", "-c", block.text], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=str)
