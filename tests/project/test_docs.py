@@ -584,6 +584,15 @@ def test_relative_links_resolve(page):
     assert not broken, f"{page.relative_to(ROOT)}: {broken}"
 
 
+def test_readme_keeps_measurements_in_its_tables():
+    # the README is a front door: ratios, percentages and run logs live in its two tables (the quickstart's and
+    # the headline results), each row copied from a docs page that has the command; none in its prose
+    text = prose(ROOT / "README.md")
+    loose = [line for line in text.splitlines() if not line.startswith("|")
+             and re.search(r"\d(\.\d+)?x\b|\d(\.\d+)?%|\bUTC\b|\bruns? \d|\d s\b|\bMiB\b", line)]
+    assert not loose, loose
+
+
 # ---- the docs site ------------------------------------------------------------------------------------------
 
 def test_mkdocs_nav_lists_every_docs_page():
