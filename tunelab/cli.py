@@ -66,7 +66,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 # Set by the docs test (tests/project/test_docs.py) when it runs the README's and docs' runnable blocks: every run
-# stops after 2 optimizer steps and 1 eval batch, so a recipe written for a real job runs in CI in seconds.
+# stops after 2 optimizer steps and 1 eval batch, and `tunelab eval` builds 1 item per family / kind / document
+# (`--n 1`), so a recipe written for a real job runs in CI in seconds.
 TINY_ENV = "TUNELAB_DOCS_TINY"
 TINY_OVERRIDES = ["train.max_steps=2", "train.eval_batches=1"]
 
@@ -86,6 +87,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.overrides = list(args.overrides) + TINY_OVERRIDES
         if getattr(args, "max_steps", 0) is None:  # quickstart's --max-steps
             args.max_steps = 2
+        if args.command == "eval":
+            args.n = 1
     return args
 
 
