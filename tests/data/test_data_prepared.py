@@ -90,6 +90,8 @@ def test_changed_source_or_tokenizer_invalidates_the_manifest(ws, tmp_path, caps
     assert prepared.check(folder, prepared.fingerprint(template, tok, cfg.train.seq_len, 0))[1] == \
         "the chat template changed"
     assert prepared.check(folder, prepared.fingerprint(cfg.data, tok, 32, 0))[1] == "train.seq_len changed"
+    scoring = cfg.data.model_copy(update={"postprocess": "pooled"})  # how spans are scored, not what rows hold
+    assert prepared.check(folder, prepared.fingerprint(scoring, tok, cfg.train.seq_len, 0))[0] is not None
     (folder / "train-00000.labels.npy").write_bytes(b"cut")
     assert prepared.check(folder, prepared.fingerprint(*args[:4]))[1] == "train-00000.labels.npy is missing or cut short"
 

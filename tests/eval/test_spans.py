@@ -229,9 +229,15 @@ def test_train_writes_metrics_and_detect_finds_the_spans(spans_run, capsys):
     assert hits >= 2  # this weak tiny detector (raw validation span F1 0.17) with the validation's choice
 
 
-def test_detect_and_guard_apply_the_runs_snapping(spans_run, tmp_path):
-    """A run whose spans.json chose snap=words: tunelab detect and the guard both return spans snapped to whole
-    words, the same ones (one post-processing for every reader of the run)."""
+@pytest.mark.parametrize("post", [
+    {"gap": 0, "min_len": 1, "snap": "words", "chosen_on": "a test"},  # one setting (a run before per-label choice)
+    {"gap": 0, "min_len": 1, "snap": "off", "chosen_on": "a test", "by": "per-label",  # the label's own wins
+     "labels": {"m": {"gap": 0, "min_len": 1, "snap": "words"}}},
+])
+def test_detect_and_guard_apply_the_runs_snapping(spans_run, tmp_path, post):
+    """A run whose spans.json chose snap=words (for all labels, or for its label m over a pooled snap off):
+    tunelab detect and the guard both return spans snapped to whole words, the same ones (one post-processing
+    for every reader of the run)."""
     import shutil
 
     from tunelab.eval.guard import Guard
@@ -239,7 +245,7 @@ def test_detect_and_guard_apply_the_runs_snapping(spans_run, tmp_path):
 
     run = shutil.copytree(spans_run / "run", tmp_path / "run")
     info = json.loads((run / "spans.json").read_text())
-    info["postprocess"] = {"gap": 0, "min_len": 1, "snap": "words", "chosen_on": "a test"}
+    info["postprocess"] = post
     (run / "spans.json").write_text(json.dumps(info))
     docs = [{"text": r["text"].replace(" zeta", " x.zeta", 1) + "."} for r in _marker_docs(4, 7)]
     _jsonl(tmp_path / "in.jsonl", docs)
@@ -341,8 +347,39 @@ def test_postprocessing_is_chosen_on_the_given_documents():
     gold = [[(1, 6, 0)], [(0, 3, 0)]]
     assert scored_metrics(split, gold, ["x"])["x"]["span"]["f1"] == pytest.approx(2 * 0.25 * 0.5 / 0.75)
     best = choose_postprocess(split, gold, ["x"])
-    assert best == {"gap": 1, "min_len": 2, "snap": "off"}  # the smallest change reaching F1 1
+    setting = {"gap": 1, "min_len": 2, "snap": "off"}  # the smallest change reaching F1 1
+    assert best == {**setting, "by": "per-label", "labels": {"x": setting}}
     assert scored_metrics(split, gold, ["x"], best)["x"]["span"]["f1"] == 1.0
+    assert choose_postprocess(split, gold, ["x"], by="pooled") == {**best, "by": "pooled"}
+
+
+def _two_label_docs():
+    """Labels [x, y, z] (tags 1 B-x, 2 I-x, 3 B-y, 4 I-y, 5 B-z, 6 I-z) on single-word tokens: x is predicted
+    with a one-token hole (closing gaps of 1 makes it exact), y as two spans one token apart that are two gold
+    spans (closing the gap joins them: wrong), z never occurs."""
+    words = _tokens("a", " b", " c", " d", " e", " f", " g", " h")
+    x = ((*words, _onehot([1, 2, 0, 2, 2, 0, 0, 0], 7)), [(0, 5, 0)])
+    y = ((*words, _onehot([3, 4, 0, 3, 4, 0, 0, 0], 7)), [(0, 2, 1), (3, 5, 1)])
+    return x, y
+
+
+def test_per_label_choice_beats_the_pooled_one_where_labels_need_different_settings():
+    """Pooled (micro F1) the x documents outweigh the y one and gap 1 wins for all, breaking y's spans; per
+    label, x gets gap 1 and y gap 0, both exact; z, with no gold span, takes the pooled setting."""
+    from tunelab.eval.spans import choose_postprocess, scored_metrics
+
+    x, y = _two_label_docs()
+    docs, gold = map(list, zip(x, x, y))
+    labels = ["x", "y", "z"]
+    pooled = choose_postprocess(docs, gold, labels, by="pooled")
+    gap1, gap0 = {"gap": 1, "min_len": 1, "snap": "off"}, {"gap": 0, "min_len": 1, "snap": "off"}
+    assert pooled == {**gap1, "by": "pooled", "labels": {"x": gap1, "y": gap1, "z": gap1}}
+    per = choose_postprocess(docs, gold, labels)
+    assert per == {**gap1, "by": "per-label", "labels": {"x": gap1, "y": gap0, "z": gap1}}
+    m_pooled, m_per = scored_metrics(docs, gold, labels, pooled), scored_metrics(docs, gold, labels, per)
+    # pooled: x 2 of 2 exact, y's two gold spans joined into one wrong span: micro 2 tp, 3 pred, 4 gold
+    assert m_pooled["y"]["span"]["f1"] == 0.0 and m_pooled["micro"]["span"]["f1"] == pytest.approx(4 / 7)
+    assert m_per["x"]["span"]["f1"] == 1.0 and m_per["y"]["span"]["f1"] == 1.0 and m_per["micro"]["span"]["f1"] == 1.0
 
 
 @pytest.mark.parametrize("text, start, end, snapped", [
@@ -384,24 +421,63 @@ def test_snap_words_maps_back_to_tokens_and_joins_pieces_of_one_word():
     assert [(s["text"], s["label"]) for s in found] == [("ann.lee@x.com", "x"), ("Ann Lee", "y")]
 
 
-def test_snapping_is_chosen_on_validation_then_fixed_for_test(monkeypatch):
-    """SpanTask.scores: validation documents where snapping makes partial emails exact choose snap=words; the
-    test split is scored with it, although there it breaks an exact span (no choosing on the test set)."""
+def _fake_task(monkeypatch, labels, split, calls=None):
+    """A SpanTask whose validation documents are split["v"] and test documents split["t"] (each a list of
+    ((text, offsets, probs), gold spans)), predicted without a model; `calls` records which split was asked."""
     import types
 
     from tunelab.train.spans import SpanTask
 
+    task = object.__new__(SpanTask)
+    task.labels, task.val, task.test = labels, ["v"] * len(split["v"]), ["t"] * len(split["t"])
+    task.cfg = types.SimpleNamespace(train=types.SimpleNamespace(seq_len=16),
+                                     data=types.SimpleNamespace(stride=4, postprocess="per-label"))
+
+    def predict(model, tok, docs):
+        if calls is not None:
+            calls.append(docs[0])
+        return tuple(map(list, zip(*split[docs[0]])))
+
+    monkeypatch.setattr(task, "_predict", predict)
+    return task
+
+
+def test_per_label_choice_is_made_on_validation_only_then_fixed_for_test(monkeypatch):
+    """SpanTask.scores chooses each label's setting from the validation predictions before the test split is
+    even predicted, and applies it to a test split where the opposite settings would be exact."""
+    from tunelab.eval import spans as E
+
+    x, y = _two_label_docs()
+    words = x[0][:2]
+    x_test = ((*words, _onehot([1, 2, 0, 2, 2, 0, 0, 0], 7)), [(0, 2, 0), (3, 5, 0)])  # here gap 0 is right
+    y_test = ((*words, _onehot([3, 4, 0, 4, 4, 0, 0, 0], 7)), [(0, 5, 1)])  # and here gap 1
+    calls, choose = [], E.choose_postprocess
+
+    def spy(docs, gold, labels, by):
+        calls.append("choose")
+        return choose(docs, gold, labels, by)
+
+    monkeypatch.setattr(E, "choose_postprocess", spy)
+    result = _fake_task(monkeypatch, ["x", "y", "z"], {"v": [x, x, y], "t": [x_test, y_test]}, calls).scores(None, None)
+    assert calls == ["v", "choose", "t"]
+    assert {k: v["gap"] for k, v in result["postprocess"]["labels"].items()} == {"x": 1, "y": 0, "z": 1}
+    assert result["validation"]["post"]["micro"]["span"]["f1"] == 1.0
+    assert result["test"]["post"]["x"]["span"]["f1"] == 0.0 and result["test"]["post"]["y"]["span"]["f1"] == 0.0
+    assert result["test"]["raw"]["x"]["span"]["f1"] == 1.0  # the raw argmax was right there: no choosing on test
+
+
+def test_snapping_is_chosen_on_validation_then_fixed_for_test(monkeypatch):
+    """SpanTask.scores: validation documents where snapping makes partial emails exact choose snap=words; the
+    test split is scored with it, although there it breaks an exact span (no choosing on the test set)."""
     val_text, val_off = _tokens("mail", " ann", ".", "lee", "@", "x", ".", "com", " today")
     val = [((val_text, val_off, _onehot([0, 0, 0, 1, 2, 2, 2, 2, 0])), [(1, 8, 0)])] * 3
     test_text, test_off = _tokens("tel", ":", "555", "-", "1234", " ok")  # gold: the number, not "tel:"
     test = [((test_text, test_off, _onehot([0, 0, 1, 2, 2, 0])), [(2, 5, 0)])]
-    task = object.__new__(SpanTask)
-    task.labels, task.val, task.test = ["x"], ["v"] * 3, ["t"]
-    task.cfg = types.SimpleNamespace(train=types.SimpleNamespace(seq_len=16), data=types.SimpleNamespace(stride=4))
-    split = {"v": val, "t": test}
-    monkeypatch.setattr(task, "_predict", lambda model, tok, docs: tuple(map(list, zip(*split[docs[0]]))))
+    task = _fake_task(monkeypatch, ["x"], {"v": val, "t": test})
     result = task.scores(None, None)
-    assert result["postprocess"] == {"gap": 0, "min_len": 1, "snap": "words", "chosen_on": "validation (3 documents)"}
+    setting = {"gap": 0, "min_len": 1, "snap": "words"}
+    assert result["postprocess"] == {**setting, "by": "per-label", "labels": {"x": setting},
+                                     "chosen_on": "validation (3 documents)"}
     assert result["validation"]["raw"]["x"]["span"]["f1"] == 0.0 and result["validation"]["post"]["x"]["span"]["f1"] == 1.0
     assert result["test"]["raw"]["x"]["span"]["f1"] == 1.0 and result["test"]["post"]["x"]["span"]["f1"] == 0.0
 

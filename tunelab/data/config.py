@@ -129,6 +129,10 @@ class DataConfig(BaseModel):
     test_path: str | None = Field(
         None, description="spans: a test file, scored after training with the post-processing chosen on the "
         "validation split (eval_path or eval_fraction)")
+    postprocess: Literal["per-label", "pooled"] = Field(
+        "per-label", description="spans: how the post-processing (gap closing, snapping to words, minimum length) "
+        "is chosen on the validation split: per-label (each label its own setting, by that label's span F1; a "
+        "label without validation spans takes the pooled one) or pooled (one setting for all, by micro span F1)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:

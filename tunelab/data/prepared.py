@@ -30,7 +30,9 @@ from tunelab.data.sources import LOCAL_PREFIX, hub_dataset, is_hub_id
 FORMAT = 1                # bump when the files' layout changes: older folders are then rebuilt
 ROWS_PER_SHARD = 1 << 16  # rows per shard file; a shard's arrays are memory-mapped, never read whole
 FIELDS = ("input_ids", "labels", "position_ids")
-NOT_CONTENT = {"prepared", "num_proc"}  # data keys that say where and how fast, not what: not fingerprinted
+# data keys that say where and how fast, or how finished predictions are scored, not what the rows hold:
+# not fingerprinted
+NOT_CONTENT = {"prepared", "num_proc", "postprocess"}
 
 
 def _sha256_file(path: Path, h=None):

@@ -3,8 +3,8 @@
 RUN is a folder of a `data.task: spans` run. Each input line is an object with a text field; each output
 line is that object plus "spans": [{"start", "end", "label", "score", "text"}, ...] (character offsets into
 the text; score = the mean probability of the label over the span's tokens), detected with the
-post-processing the run chose on its validation split. `--redact` adds "redacted": the text with every
-span replaced by [LABEL].
+post-processing the run chose on its validation split (each label its own, where chosen per label).
+`--redact` adds "redacted": the text with every span replaced by [LABEL].
 """
 
 from __future__ import annotations

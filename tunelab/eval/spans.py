@@ -308,39 +308,68 @@ def predict_docs(model, tokenizer, texts: list[str], seq_len: int, stride: int, 
     return [(offsets, pr) for (_, offsets), pr in zip(docs, probs)]
 
 
-def scored_spans(probs: torch.Tensor, post: dict | None = None, text: str = "", offsets=()) -> list[tuple]:
-    """(start, end, k, score) token spans of argmax tags after post-processing {gap, min_len, snap}: gaps
-    closed, then snapped to words (snap "words", snap_words: needs the document's text and token offsets),
-    then the spans shorter than min_len tokens dropped; score = the mean probability of label k (B or I) over
-    the span's tokens."""
-    post = {**NO_POSTPROCESS, **(post or {})}
-    spans = postprocess(decode(probs.argmax(-1).tolist()), post["gap"])
-    if post["snap"] == "words":
-        spans = snap_words(spans, text, offsets)
-    elif post["snap"] != "off":
-        raise ValueError(f"postprocess snap={post['snap']!r}: use one of {POSTPROCESS_GRID['snap']}")
-    spans = [s for s in spans if s[1] - s[0] >= post["min_len"]]
-    return [(a, b, k, float((probs[a:b, 1 + 2 * k] + probs[a:b, 2 + 2 * k]).mean())) for a, b, k in spans]
+def label_settings(post: dict | list | None, labels: list[str]) -> list[dict]:
+    """The {gap, min_len, snap} of each label index. `post` is a spans.json "postprocess": its "labels" entry
+    (chosen per label) where it names the label, else its own gap/min_len/snap (the pooled choice, and all a
+    run made before per-label choice has; a run made before snapping reads as snap off); or already a list."""
+    if isinstance(post, list):
+        return post
+    post = post or {}
+    pooled = {**NO_POSTPROCESS, **{k: post[k] for k in NO_POSTPROCESS if k in post}}
+    per_label = post.get("labels") or {}
+    return [{**pooled, **per_label.get(label, {})} for label in labels]
 
 
-def scored_metrics(docs: list[tuple], gold: list[list[tuple]], labels: list[str], post: dict | None = None,
+def scored_spans(probs: torch.Tensor, post: dict | list | None = None, text: str = "", offsets=()) -> list[tuple]:
+    """(start, end, k, score) token spans of argmax tags after post-processing, label by label: gaps closed,
+    then snapped to words (snap "words", snap_words: needs the document's text and token offsets), then the
+    spans shorter than min_len tokens dropped; score = the mean probability of label k (B or I) over the
+    span's tokens. `post`: one {gap, min_len, snap} for every label, or a list of them by label index
+    (label_settings)."""
+    n_labels = (probs.shape[-1] - 1) // 2  # tags: O, then B/I per label
+    settings = post if isinstance(post, list) else [{**NO_POSTPROCESS, **(post or {})}] * n_labels
+    decoded, spans = decode(probs.argmax(-1).tolist()), []
+    for k, s in enumerate(settings):
+        mine = postprocess([sp for sp in decoded if sp[2] == k], s["gap"])
+        if s["snap"] == "words":
+            mine = snap_words(mine, text, offsets)
+        elif s["snap"] != "off":
+            raise ValueError(f"postprocess snap={s['snap']!r}: use one of {POSTPROCESS_GRID['snap']}")
+        spans += [sp for sp in mine if sp[1] - sp[0] >= s["min_len"]]
+    return [(a, b, k, float((probs[a:b, 1 + 2 * k] + probs[a:b, 2 + 2 * k]).mean())) for a, b, k in sorted(spans)]
+
+
+def scored_metrics(docs: list[tuple], gold: list[list[tuple]], labels: list[str], post: dict | list | None = None,
                    intervals: bool = False) -> dict:
     """bio_metrics of the argmax spans of predicted documents (text, offsets, probs (tokens, tags)), raw or
-    after post-processing {gap, min_len, snap}."""
-    pred = [[s[:3] for s in scored_spans(p, post, text, offsets)] for text, offsets, p in docs]
+    after post-processing (one {gap, min_len, snap}, or a spans.json "postprocess" with per-label choices)."""
+    settings = label_settings(post, labels)
+    pred = [[s[:3] for s in scored_spans(p, settings, text, offsets)] for text, offsets, p in docs]
     return bio_metrics(pred, gold, labels, intervals)
 
 
-def choose_postprocess(docs: list[tuple], gold: list[list[tuple]], labels: list[str]) -> dict:
-    """The {snap, gap, min_len} of POSTPROCESS_GRID with the best micro span F1 on these (validation) documents
-    ((text, offsets, probs) each); ties go to the smallest change (the grid's order: no snapping first)."""
-    best, best_f1 = None, -1.0
-    for snap, gap, min_len in itertools.product(*POSTPROCESS_GRID.values()):
-        post = {"gap": gap, "min_len": min_len, "snap": snap}
-        f1 = scored_metrics(docs, gold, labels, post)["micro"]["span"]["f1"]
-        if f1 > best_f1:
-            best, best_f1 = post, f1
-    return best
+POSTPROCESS_CHOICES = ("per-label", "pooled")
+
+
+def choose_postprocess(docs: list[tuple], gold: list[list[tuple]], labels: list[str], by: str = "per-label") -> dict:
+    """Post-processing chosen on these (validation) documents ((text, offsets, probs) each) over POSTPROCESS_GRID:
+    {gap, min_len, snap: the setting with the best micro span F1 (pooled), "by", "labels": {label: setting}}.
+    by "per-label": each label gets the setting with its own best span F1 (labels are post-processed
+    independently, so the choices do not interact); a label with no gold span in these documents has nothing
+    to choose on and takes the pooled setting. by "pooled": every label the pooled setting. Ties go to the
+    smallest change (the grid's order: no snapping first)."""
+    if by not in POSTPROCESS_CHOICES:
+        raise ValueError(f"postprocess choice {by!r}: use one of {POSTPROCESS_CHOICES}")
+    grid = [dict(zip(POSTPROCESS_GRID, v)) for v in itertools.product(*POSTPROCESS_GRID.values())]
+    scores = [scored_metrics(docs, gold, labels, post) for post in grid]
+
+    def best(name: str) -> dict:
+        return grid[max(range(len(grid)), key=lambda i: (scores[i][name]["span"]["f1"], -i))]
+
+    pooled = best("micro")
+    has_gold = {labels[k] for spans in gold for *_, k in spans}
+    chosen = {label: best(label) if by == "per-label" and label in has_gold else pooled for label in labels}
+    return {**pooled, "by": by, "labels": chosen}
 
 
 def predict_gold(model, tokenizer, docs, labels: list[str], seq_len: int, stride: int):
@@ -353,15 +382,17 @@ def predict_gold(model, tokenizer, docs, labels: list[str], seq_len: int, stride
     return predicted, [decode(encode_doc(d, tokenizer, labels, seq_len, stride)[2]) for d in docs]
 
 
-def char_spans(text: str, offsets, spans, labels: list[str], snap: str = "off") -> list[dict]:
+def char_spans(text: str, offsets, spans, labels: list[str], snap: str | list[str] = "off") -> list[dict]:
     """Token spans as {"start", "end", "label", "score", "text"} character spans (leading spaces trimmed;
-    snap "words": the characters snap_chars keeps of them, e.g. not a period that shares a token)."""
+    snap "words": the characters snap_chars keeps of them, e.g. not a period that shares a token). `snap`: one
+    for every label, or a list by label index."""
+    snaps = snap if isinstance(snap, list) else [snap] * len(labels)
     out = []
     for a, b, k, score in spans:
         start, end = offsets[a][0], offsets[b - 1][1]
         while start < end and text[start].isspace():
             start += 1
-        if snap == "words":
+        if snaps[k] == "words":
             start, end = snap_chars(text, start, end)
         out.append({"start": start, "end": end, "label": labels[k], "score": round(score, 4), "text": text[start:end]})
     return out
@@ -383,10 +414,12 @@ def redact(text: str, spans: list[dict]) -> str:
 
 
 def detect(model, tokenizer, texts: list[str], labels: list[str], seq_len: int, stride: int,
-           post: dict | None = None) -> list[list[dict]]:
-    """The detected spans of each text (char_spans' dicts), with the post-processing {gap, min_len, snap}."""
-    post = {**NO_POSTPROCESS, **(post or {})}
-    return [char_spans(text, offsets, scored_spans(p, post, text, offsets), labels, post["snap"])
+           post: dict | list | None = None) -> list[list[dict]]:
+    """The detected spans of each text (char_spans' dicts), with the post-processing: one {gap, min_len, snap},
+    or a run's spans.json "postprocess" (each label its own setting where chosen per label)."""
+    settings = label_settings(post, labels)
+    snaps = [s["snap"] for s in settings]
+    return [char_spans(text, offsets, scored_spans(p, settings, text, offsets), labels, snaps)
             for text, (offsets, p) in zip(texts, predict_docs(model, tokenizer, texts, seq_len, stride))]
 
 

@@ -2,9 +2,8 @@
 opening a trained run again (tunelab detect).
 
 After training, the post-processing (tunelab.eval.spans.POSTPROCESS_GRID: snapping to words, gap closing,
-minimum length) is
-chosen on the validation split and then applied unchanged to the test split (data.test_path); both splits
-are reported raw and post-processed. The run folder's spans.json keeps what detection needs.
+minimum length) is chosen on the validation split, per label by default (data.postprocess), and then applied
+unchanged to the test split (data.test_path); both splits are reported raw and post-processed. The run folder's spans.json keeps what detection needs.
 """
 
 from __future__ import annotations
@@ -52,15 +51,16 @@ class SpanTask:
 
         return dataclasses.replace(TOKEN_CLASSIFICATION, metrics=metrics)
 
-    def scores(self, model, tok) -> dict:
-        """Validation raw -> post-processing chosen there -> validation and test with it (with intervals)."""
+    def scores(self, model, tok, by: str | None = None) -> dict:
+        """Validation raw -> post-processing chosen there (per label or pooled: `by`, else data.postprocess) ->
+        validation and test with it (with intervals). The test split is predicted only after the choice."""
         result = {"labels": self.labels, "seq_len": self.cfg.train.seq_len, "stride": self.cfg.data.stride,
                   "matching": MATCHING,
                   "postprocess": {**eval_spans.NO_POSTPROCESS, "chosen_on": None}}
         if not self.val:
             return result
         predicted = {"validation": self._predict(model, tok, self.val)}
-        post = eval_spans.choose_postprocess(*predicted["validation"], self.labels)
+        post = eval_spans.choose_postprocess(*predicted["validation"], self.labels, by or self.cfg.data.postprocess)
         result["postprocess"] = {**post, "chosen_on": f"validation ({len(self.val)} documents)"}
         if self.test:
             predicted["test"] = self._predict(model, tok, self.test)
@@ -85,14 +85,25 @@ def _with_interval(m: dict, key: str) -> str:
     return f"{m['span'][key]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
+def describe_postprocess(post: dict, labels: list[str]) -> str:
+    """One line: each label's post-processing setting and where it was chosen."""
+    def one(p: dict) -> str:
+        return f"close gaps <= {p['gap']} tokens, snap to words {p['snap']}, min length {p['min_len']} tokens"
+
+    settings = eval_spans.label_settings(post, labels)
+    if len(labels) == 1 or all(p == settings[0] for p in settings):
+        what = one(settings[0])
+    else:
+        what = "; ".join(f"{label}: {one(p)}" for label, p in zip(labels, settings))
+    by = f"chosen {post['by'].replace('-', ' ')} on" if post.get("by") else "chosen on"
+    return f"post-processing: {what} ({by} {post['chosen_on']})"
+
+
 def table(info: dict) -> str:
     """A Markdown table of a spans.json: token and span P/R/F1 per label and split, raw and post-processed
     (span rates with their 95% intervals where recorded)."""
-    post = info["postprocess"]
-    lines = [f"post-processing: close gaps <= {post['gap']} tokens, snap to words {post.get('snap', 'off')}, min "
-             f"length {post['min_len']} tokens (chosen on "
-             f"{post['chosen_on']}); span match: {info['matching']}; [95% intervals: Wilson for P and R, bootstrap "
-             "over documents for F1]", "",
+    lines = [f"{describe_postprocess(info['postprocess'], info['labels'])}; span match: {info['matching']}; [95% "
+             "intervals: Wilson for P and R, bootstrap over documents for F1]", "",
              "| split | decoding | label | token P | token R | token F1 | span P | span R | span F1 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for split in ("validation", "test"):
@@ -186,7 +197,7 @@ def baseline(run: str | Path, kind: str = "keyword") -> dict:
 MATCHING = "exact: same label, same first and last token"
 
 
-if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline | --regex-baseline | --rescore [CKPT] [--write]]
+if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-baseline | --regex-baseline | --rescore [CKPT] [--pooled] [--write]]
     import sys
 
     from tunelab.config import load_config
@@ -200,7 +211,8 @@ if __name__ == "__main__":  # python -m tunelab.train.spans RUN [--keyword-basel
     elif "--rescore" in rest:  # the run's detector (or its weights at checkpoints/step-N) scored by this code
         at = [a for a in rest[rest.index("--rescore") + 1:][:1] if not a.startswith("--")]
         detector, tok = checkpoint_detector(run, at[0]) if at else open_detector(run)[:2]
-        info = SpanTask(load_config(Path(run) / "config.yaml")).scores(detector, tok)
+        by = "pooled" if "--pooled" in rest else None  # else the run's data.postprocess (per-label by default)
+        info = SpanTask(load_config(Path(run) / "config.yaml")).scores(detector, tok, by)
         if "--write" in rest and not at:  # the finished run's spans.json (what detect and --guard read) replaced
             (Path(run) / INFO).write_text(json.dumps(info, indent=1))
     else:
