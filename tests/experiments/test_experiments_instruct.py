@@ -62,7 +62,7 @@ def test_paired_difference_against_hand_computed_values():
     d = instruct.paired_difference(base, tuned)
     assert d["n"] == 4 and d["diff"] == pytest.approx(0.5)  # differences (1, 1, 0, 0)
     assert d["per_family"] == {"a": pytest.approx(2 / 3), "b": 0.0}
-    assert d["exact_diff"] == pytest.approx(0.5)  # exact matches 2/4 after, 1/4... minus base's 1/4 (b) -> 3/4-1/4
+    assert d["exact_diff"] == pytest.approx(0.5)  # exact matches: 3 of 4 tuned, 1 of 4 base
     lo, hi = d["ci"]
     assert 0 <= lo < 0.5 < hi <= 1
     # two families: resampling families gives mean 2/3 (a, a), 0 (b, b) or 0.5 (a, b): 2.5% and 97.5% quantiles
