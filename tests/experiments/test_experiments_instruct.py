@@ -3,6 +3,7 @@ benchmarks/instruct_families.py pipeline (base + sweep cells on the same items) 
 
 from __future__ import annotations
 
+import argparse
 import collections
 import importlib.util
 import json
@@ -77,10 +78,30 @@ def test_paired_difference_refuses_different_items():
         instruct.paired_difference(_result({"a": [0.0, 1.0]}), _result({"b": [0.0, 1.0]}))
 
 
-def test_benchmark_runs_base_and_cells_on_the_same_items_and_resumes(workspace, tmp_path, capsys):  # noqa: F811
+def _bench():
     spec = importlib.util.spec_from_file_location("instruct_families", ROOT / "benchmarks" / "instruct_families.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_seed_reaches_training_and_data(tmp_path):
+    from tunelab.config import load_config
+
+    bench = _bench()
+    args = argparse.Namespace(model="bundled", method="lora", lr=1e-3, batch_size=8, seed=3)
+    cfg = load_config(ROOT / "configs/sweep-sft.yaml", bench.base_overrides(args, "eval.jsonl"))
+    assert (cfg.train.seed, cfg.data.seed, cfg.data.eval_path, cfg.data.filters.enabled) == (3, 3, "eval.jsonl", False)
+    a = instruct.build_data(tmp_path / "a", [5], 10, 4, seed=1)
+    b = instruct.build_data(tmp_path / "b", [5], 10, 4, seed=2)
+    read = lambda info: Path(info["files"][5]["path"]).read_text()  # noqa: E731
+    assert read(a) != read(b) and a["files"][5]["families"] == b["files"][5]["families"]
+    # the eval-loss pairs do not depend on the training seed
+    assert Path(a["eval_path"]).read_text() == Path(b["eval_path"]).read_text()
+
+
+def test_benchmark_runs_base_and_cells_on_the_same_items_and_resumes(workspace, tmp_path, capsys):  # noqa: F811
+    bench = _bench()
     out = tmp_path / "run"
     argv = ["--out", str(out), "--model", str(workspace / "model"), "--ks", "1,2", "--examples", "8",
             "--eval-n", "1", "--eval-examples", "4", "--batch-size", "4"]
