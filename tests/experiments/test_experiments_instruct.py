@@ -116,7 +116,12 @@ def test_benchmark_runs_base_and_cells_on_the_same_items_and_resumes(workspace, 
         assert r["diff"] == pytest.approx(sum(cell["scores"]) / 11 - sum(base["scores"]) / 11)
     data = [json.loads(line) for line in (out / "data" / "families-2.jsonl").read_text().splitlines()]
     assert len(data) == 8  # no quality filter drops items: data.filters.enabled=false in every cell
-    assert (out / "transfer.png").stat().st_size > 0 and "| 2 (2) | 2 |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert (out / "transfer.png").stat().st_size > 0 and "| 2 (2) | 2 |" in table
+    fam = instruct_tasks.HELDOUT_FAMILIES[0]
+    row = next(line for line in table.splitlines() if line.startswith(f"| {fam} |"))
+    diffs = [r["per_family"][fam] for r in summary["rows"]]
+    assert row == f"| {fam} | {base['per_family'][fam]:.1%} | " + " | ".join(f"{d:+.1%}" for d in diffs) + " |"
     capsys.readouterr()
     assert bench.main(argv) == 0
     assert "2 already finished, 0 to run" in capsys.readouterr().out

@@ -154,7 +154,7 @@ def summarize(out: Path) -> dict:
     summary = {"examples": info["examples"], "n_items": len(base["scores"]),
                "base": {"score": base["accuracy"], "score_ci": interval(base["scores"]),
                         "exact": mean(exact(base["scores"])), "format_ok": base["format_ok"],
-                        "eval_loss": base["eval_loss"]},
+                        "eval_loss": base["eval_loss"], "per_family": base["per_family"]},
                "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "table.md").write_text(table(summary))
@@ -182,7 +182,16 @@ def table(summary: dict) -> str:
         lines.append(f"| {r['k']} ({r['groups']}) | {r['steps']} | {_pct(r['score'], r['score_ci'])} "
                      f"| {_signed(r['diff'], r['ci'])} | {_signed(r['diff'], r['family_ci'])} | {r['exact']:.1%} "
                      f"| {r['format_ok']:.1%} | {r['eval_loss']:.3f} |")
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n\n" + family_table(summary)
+
+
+def family_table(summary: dict) -> str:
+    """Per held-out family: the base model's mean score and each K's paired difference (tuned - base)."""
+    rows = summary["rows"]
+    head = "| held-out family | base | " + " | ".join(f"K={r['k']}: tuned - base" for r in rows) + " |\n"
+    head += "|---" * (2 + len(rows)) + "|\n"
+    return head + "".join(f"| {f} | {b:.1%} | " + " | ".join(f"{r['per_family'][f]:+.1%}" for r in rows) + " |\n"
+                          for f, b in summary["base"]["per_family"].items())
 
 
 def plot(summary: dict, png: Path) -> None:
