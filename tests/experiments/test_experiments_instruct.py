@@ -14,7 +14,7 @@ import pytest
 from tests.train.test_train_e2e import workspace  # noqa: F401  (the shared tiny model fixture)
 from tunelab.errors import TunelabError
 from tunelab.eval import instruct_tasks
-from tunelab.eval.tasks import generate_items
+from tunelab.eval.tasks import generate_items, score
 from tunelab.experiments import instruct
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,6 +122,10 @@ def test_benchmark_runs_base_and_cells_on_the_same_items_and_resumes(workspace, 
     row = next(line for line in table.splitlines() if line.startswith(f"| {fam} |"))
     diffs = [r["per_family"][fam] for r in summary["rows"]]
     assert row == f"| {fam} | {base['per_family'][fam]:.1%} | " + " | ".join(f"{d:+.1%}" for d in diffs) + " |"
+    echo = [score(it.meta["input"], it) for it in generate_items(instruct_tasks.HELDOUT_FAMILIES, 1, 2)]
+    assert summary["baselines"]["echo"] == pytest.approx(sum(echo) / 11) and 0 < summary["baselines"]["echo"] < 1
+    d = [float(c == 1) - float(b == 1) for b, c in zip(base["scores"], cell["scores"])]
+    assert summary["rows"][-1]["exact_diff"] == pytest.approx(sum(d) / 11)
     capsys.readouterr()
     assert bench.main(argv) == 0
     assert "2 already finished, 0 to run" in capsys.readouterr().out

@@ -86,7 +86,8 @@ def paired_difference(base: dict, tuned: dict, seed: int = 0) -> dict:
     "diff": mean paired difference of the scores; "ci": its 95% percentile bootstrap over items (the
     uncertainty from the items drawn, for these 11 families); "family_ci": a bootstrap over families
     (resampling whole families, each with all its items), the wider question of new families;
-    "exact_diff": the same difference of exact match; "per_family": mean difference per family."""
+    "exact_diff", "exact_ci": the same for exact match (1 only for a fully right answer); "per_family": mean
+    difference per family."""
     if base["ids"] != tuned["ids"]:
         raise TunelabError("paired_difference: the two results were scored on different items; "
                            "evaluate both with the same n, seed and collection")
@@ -97,6 +98,8 @@ def paired_difference(base: dict, tuned: dict, seed: int = 0) -> dict:
     return {"n": len(d), "diff": mean(d), "ci": bootstrap_interval(d, seed=seed),
             "family_ci": _cluster_bootstrap(list(by_family.values()), seed),
             "exact_diff": mean(exact(tuned["scores"])) - mean(exact(base["scores"])),
+            "exact_ci": bootstrap_interval([t - b for b, t in zip(exact(base["scores"]), exact(tuned["scores"]))],
+                                           seed=seed),
             "per_family": {f: mean(v) for f, v in by_family.items()}}
 
 
@@ -131,6 +134,19 @@ def evaluate_base(out: Path) -> dict:
     return result
 
 
+def baselines(n: int, seed: int, collection: str = "instruct", **_) -> dict:
+    """What answers without any skill score on the scored items: `echo` copies the item's input unchanged
+    (the partial credit a model gets for repeating the words it was given), `constant` is
+    stats.constant_baseline (each family's most common answer)."""
+    from tunelab.eval.stats import constant_baseline
+    from tunelab.eval.tasks import collection as families_of
+    from tunelab.eval.tasks import generate_items, score
+
+    items = generate_items(families_of(collection)[1], n, seed)
+    echo = [score(it.meta["input"], it) for it in items]
+    return {"echo": mean(echo), "echo_exact": mean(exact(echo)), "constant": mean(constant_baseline(items)["scores"])}
+
+
 def summarize(out: Path) -> dict:
     """Read DIR/base.json and the finished sweep cells; write DIR/summary.json, table.md and transfer.png."""
     from tunelab.eval.stats import interval
@@ -151,10 +167,12 @@ def summarize(out: Path) -> dict:
                      "exact": mean(exact(r["scores"])), "format_ok": r["format_ok"], "eval_loss": r["eval_loss"],
                      **paired_difference(base, r)})
     rows.sort(key=lambda row: row["k"])
+    scoring = json.loads((out / "sweep" / "sweep.json").read_text())["extras"]["eval_tasks"]
     summary = {"examples": info["examples"], "n_items": len(base["scores"]),
                "base": {"score": base["accuracy"], "score_ci": interval(base["scores"]),
                         "exact": mean(exact(base["scores"])), "format_ok": base["format_ok"],
                         "eval_loss": base["eval_loss"], "per_family": base["per_family"]},
+               "baselines": baselines(**scoring),
                "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "table.md").write_text(table(summary))
@@ -175,14 +193,19 @@ def table(summary: dict) -> str:
     """The Markdown table of summarize()'s result: one row for the base model, one per K."""
     b = summary["base"]
     head = ("| trained families (groups) | steps | unseen-family score [95%] | tuned - base, paired [95% items] "
-            "| [95% families] | exact match | format ok | unseen-family loss |\n|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| base (untuned) | 0 | {_pct(b['score'], b['score_ci'])} | | | {b['exact']:.1%} | {b['format_ok']:.1%} "
+            "| [95% families] | exact match | exact: tuned - base [95%] | format ok | unseen-family loss |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| base (untuned) | 0 | {_pct(b['score'], b['score_ci'])} | | | {b['exact']:.1%} | | {b['format_ok']:.1%} "
              f"| {b['eval_loss']:.3f} |"]
     for r in summary["rows"]:
         lines.append(f"| {r['k']} ({r['groups']}) | {r['steps']} | {_pct(r['score'], r['score_ci'])} "
                      f"| {_signed(r['diff'], r['ci'])} | {_signed(r['diff'], r['family_ci'])} | {r['exact']:.1%} "
+                     f"| {_signed(r['exact_diff'], r['exact_ci'])} "
                      f"| {r['format_ok']:.1%} | {r['eval_loss']:.3f} |")
-    return head + "\n".join(lines) + "\n\n" + family_table(summary)
+    e = summary["baselines"]
+    return (head + "\n".join(lines) + f"\n\nWithout any skill, on the same items: echoing the input scores {e['echo']:.1%} "
+            f"(exact {e['echo_exact']:.1%}); each family's most common answer {e['constant']:.1%}.\n\n"
+            + family_table(summary))
 
 
 def family_table(summary: dict) -> str:
