@@ -233,7 +233,10 @@ def plot(summary: dict, png: Path) -> None:
     ax.errorbar(ks, [r["score"] for r in rows],
                 yerr=[[r["diff"] - r["ci"][0] for r in rows], [r["ci"][1] - r["diff"] for r in rows]],
                 marker="o", capsize=4, label="tuned (bars: 95% of tuned - base, paired)")
+    if "baselines" in summary:
+        ax.axhline(summary["baselines"]["echo"], color="tab:red", linestyle="--", label="echo the input (no skill)")
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the K ticks
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel(f"trained families (same {summary['examples']} examples each run)")
     ax.set_ylabel(f"unseen-family score ({summary['n_items']} items)")
