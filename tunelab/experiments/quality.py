@@ -82,14 +82,19 @@ def format_ok(output: str, answer: str) -> bool:
             and len(text.split()) <= 1.5 * len(answer.split()) + 2)
 
 
-def evaluate_tasks(model, tok, n: int = 20, seed: int = 1234, batch_size: int = 16) -> dict:
-    """Held-out accuracy and format compliance of a tuned model (n items per held-out family)."""
-    from tunelab.eval.tasks import HELDOUT_FAMILIES, evaluate_items, generate_items
+def evaluate_tasks(model, tok, n: int = 20, seed: int = 1234, batch_size: int = 16,
+                   collection: str = "quickstart") -> dict:
+    """Held-out accuracy and format compliance of a tuned model: n items per held-out family of the task
+    `collection` (tunelab.eval.tasks.collection). "scores" and "ids" are per item, in a fixed order, so two
+    models scored with the same arguments can be compared item by item (paired)."""
+    from tunelab.eval.tasks import collection as families_of
+    from tunelab.eval.tasks import evaluate_items, generate_items
 
-    items = generate_items(HELDOUT_FAMILIES, n, seed)
+    items = generate_items(families_of(collection)[1], n, seed)
     r = evaluate_items(model, tok, items, batch_size=batch_size)
     ok = [format_ok(o, it.answer) for o, it in zip(r["outputs"], items)]
-    return {"accuracy": r["accuracy"], "format_ok": sum(ok) / len(ok), "per_family": r["per_family"]}
+    return {"accuracy": r["accuracy"], "format_ok": sum(ok) / len(ok), "per_family": r["per_family"],
+            "scores": r["scores"], "ids": [it.id for it in items], "outputs": r["outputs"]}
 
 
 def plot_quality(results: list[dict], png: Path) -> None:

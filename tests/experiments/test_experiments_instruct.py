@@ -1,0 +1,131 @@
+"""tunelab.experiments.instruct: nested family subsets, balanced data, paired intervals, and the
+benchmarks/instruct_families.py pipeline (base + sweep cells on the same items) on a tiny random model."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.train.test_train_e2e import workspace  # noqa: F401  (the shared tiny model fixture)
+from tunelab.errors import TunelabError
+from tunelab.eval import instruct_tasks
+from tunelab.eval.tasks import generate_items, score
+from tunelab.experiments import instruct
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_family_order_is_round_robin_over_groups_and_covers_every_trained_family():
+    order = instruct.family_order()
+    assert sorted(order) == sorted(instruct_tasks.TRAIN_FAMILIES) and len(order) == 44
+    groups = [instruct_tasks.FAMILIES[f].group for f in order]
+    assert len(set(groups[:11])) == 11  # the first 11 families: one per group
+    assert collections.Counter(groups[:20]).most_common(1)[0][1] == 2  # 20 families: no group 3 times
+    assert not set(order) & set(instruct_tasks.HELDOUT_FAMILIES)
+
+
+@pytest.mark.parametrize("k,examples", [(5, 32), (44, 100), (3, 3)])
+def test_balanced_pairs_spread_the_budget_evenly(k, examples):
+    fams = instruct.family_order()[:k]
+    pairs = instruct.balanced_pairs(fams, examples, seed=1)
+    assert len(pairs) == examples
+    # every pair is one of the families' training items (training phrasings), counted per family
+    per = -(-examples // k)
+    by_prompt = {it.prompt: it.family for it in generate_items(fams, per, seed=1)}
+    counts = collections.Counter(by_prompt[p["prompt"]] for p in pairs)
+    assert set(counts) == set(fams) and max(counts.values()) - min(counts.values()) <= 1
+    assert pairs == instruct.balanced_pairs(fams, examples, seed=1)  # deterministic
+
+
+def test_balanced_pairs_and_build_data_reject_bad_sizes(tmp_path):
+    with pytest.raises(TunelabError):
+        instruct.balanced_pairs([], 4, seed=1)
+    with pytest.raises(TunelabError, match="1..44"):
+        instruct.build_data(tmp_path, [5, 45], 10, 4)
+
+
+def _result(family_scores: dict[str, list[float]]) -> dict:
+    ids, scores = [], []
+    for fam, ss in family_scores.items():
+        ids += [f"{fam}-2-{i}" for i in range(len(ss))]
+        scores += ss
+    return {"ids": ids, "scores": scores}
+
+
+def test_paired_difference_against_hand_computed_values():
+    base = _result({"a": [0.0, 0.0, 0.5], "b": [1.0]})
+    tuned = _result({"a": [1.0, 1.0, 0.5], "b": [1.0]})
+    d = instruct.paired_difference(base, tuned)
+    assert d["n"] == 4 and d["diff"] == pytest.approx(0.5)  # differences (1, 1, 0, 0)
+    assert d["per_family"] == {"a": pytest.approx(2 / 3), "b": 0.0}
+    assert d["exact_diff"] == pytest.approx(0.5)  # exact matches: 3 of 4 tuned, 1 of 4 base
+    lo, hi = d["ci"]
+    assert 0 <= lo < 0.5 < hi <= 1
+    # two families: resampling families gives mean 2/3 (a, a), 0 (b, b) or 0.5 (a, b): 2.5% and 97.5% quantiles
+    assert d["family_ci"] == (0.0, pytest.approx(2 / 3))
+    # a constant difference has a zero-width interval on both bootstraps
+    same = instruct.paired_difference(base, {**base, "scores": [s + 0.25 for s in base["scores"]]})
+    assert same["ci"] == pytest.approx((0.25, 0.25)) and same["family_ci"] == pytest.approx((0.25, 0.25))
+
+
+def test_paired_difference_refuses_different_items():
+    with pytest.raises(TunelabError, match="different items"):
+        instruct.paired_difference(_result({"a": [0.0, 1.0]}), _result({"b": [0.0, 1.0]}))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("instruct_families", ROOT / "benchmarks" / "instruct_families.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_seed_reaches_training_and_data(tmp_path):
+    from tunelab.config import load_config
+
+    bench = _bench()
+    args = argparse.Namespace(model="bundled", method="lora", lr=1e-3, batch_size=8, seed=3)
+    cfg = load_config(ROOT / "configs/sweep-sft.yaml", bench.base_overrides(args, "eval.jsonl"))
+    assert (cfg.train.seed, cfg.data.seed, cfg.data.eval_path, cfg.data.filters.enabled) == (3, 3, "eval.jsonl", False)
+    a = instruct.build_data(tmp_path / "a", [5], 10, 4, seed=1)
+    b = instruct.build_data(tmp_path / "b", [5], 10, 4, seed=2)
+    read = lambda info: Path(info["files"][5]["path"]).read_text()  # noqa: E731
+    assert read(a) != read(b) and a["files"][5]["families"] == b["files"][5]["families"]
+    # the eval-loss pairs do not depend on the training seed
+    assert Path(a["eval_path"]).read_text() == Path(b["eval_path"]).read_text()
+
+
+def test_benchmark_runs_base_and_cells_on_the_same_items_and_resumes(workspace, tmp_path, capsys):  # noqa: F811
+    bench = _bench()
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--model", str(workspace / "model"), "--ks", "1,2", "--examples", "8",
+            "--eval-n", "1", "--eval-examples", "4", "--batch-size", "4"]
+    assert bench.main(argv) == 0
+    base = json.loads((out / "base.json").read_text())
+    assert base["ids"] == [f"{f}-2-0" for f in instruct_tasks.HELDOUT_FAMILIES]  # 1 item per held-out family
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["k"] for r in summary["rows"]] == [1, 2] and all(r["steps"] == 2 for r in summary["rows"])
+    for r in summary["rows"]:
+        cell = json.loads((out / "sweep" / "cells" / f"data-families-{r['k']}" / "result.json").read_text())
+        assert cell["ids"] == base["ids"]
+        assert r["diff"] == pytest.approx(sum(cell["scores"]) / 11 - sum(base["scores"]) / 11)
+    data = [json.loads(line) for line in (out / "data" / "families-2.jsonl").read_text().splitlines()]
+    assert len(data) == 8  # no quality filter drops items: data.filters.enabled=false in every cell
+    table = (out / "table.md").read_text()
+    assert (out / "transfer.png").stat().st_size > 0 and "| 2 (2) | 2 |" in table
+    fam = instruct_tasks.HELDOUT_FAMILIES[0]
+    row = next(line for line in table.splitlines() if line.startswith(f"| {fam} |"))
+    diffs = [r["per_family"][fam] for r in summary["rows"]]
+    assert row == f"| {fam} | {base['per_family'][fam]:.1%} | " + " | ".join(f"{d:+.1%}" for d in diffs) + " |"
+    echo = [score(it.meta["input"], it) for it in generate_items(instruct_tasks.HELDOUT_FAMILIES, 1, 2)]
+    assert summary["baselines"]["echo"] == pytest.approx(sum(echo) / 11) and 0 < summary["baselines"]["echo"] < 1
+    d = [float(c == 1) - float(b == 1) for b, c in zip(base["scores"], cell["scores"])]
+    assert summary["rows"][-1]["exact_diff"] == pytest.approx(sum(d) / 11)
+    capsys.readouterr()
+    assert bench.main(argv) == 0
+    assert "2 already finished, 0 to run" in capsys.readouterr().out
