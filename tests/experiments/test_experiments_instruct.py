@@ -208,5 +208,7 @@ def test_benchmark_phrasings_design_scores_every_model_on_the_same_items(workspa
     held = [j for j, p in enumerate(base["phrasings"]) if p.startswith("heldout")]
     want = sum(cells["all"]["scores"][j] - cells["one"]["scores"][j] for j in held) / len(held)
     assert primary["heldout"] == pytest.approx(want)
+    echo = [score(it.meta["input"], it) for it in generate_items(instruct.phrasing_families(), 1, 2)]
+    assert summary["baselines"]["echo"] == pytest.approx(sum(echo) / 11)
     assert (out / "phrasings.png").stat().st_size > 0 and "| (b) five phrasings - (a) one phrasing |" in (
         out / "table.md").read_text()

@@ -144,15 +144,16 @@ def evaluate_base(out: Path) -> dict:
     return result
 
 
-def baselines(n: int, seed: int, collection: str = "instruct", **_) -> dict:
-    """What answers without any skill score on the scored items: `echo` copies the item's input unchanged
-    (the partial credit a model gets for repeating the words it was given), `constant` is
-    stats.constant_baseline (each family's most common answer)."""
+def baselines(n: int, seed: int, collection: str = "instruct", families: list[str] | None = None, **_) -> dict:
+    """What answers without any skill score on the scored items (`families`, default the collection's held-out
+    ones): `echo` copies the item's input unchanged (the partial credit a model gets for repeating the words
+    it was given), `constant` is stats.constant_baseline (each family's most common answer). Neither depends
+    on the instruction's phrasing."""
     from tunelab.eval.stats import constant_baseline
     from tunelab.eval.tasks import collection as families_of
     from tunelab.eval.tasks import generate_items, score
 
-    items = generate_items(families_of(collection)[1], n, seed)
+    items = generate_items(families or families_of(collection)[1], n, seed)
     echo = [score(it.meta["input"], it) for it in items]
     return {"echo": mean(echo), "echo_exact": mean(exact(echo)), "constant": mean(constant_baseline(items)["scores"])}
 
@@ -370,6 +371,7 @@ def summarize_phrasings(out: Path) -> dict:
     pairs = [(x, y) for x, y in (("one", "all"), ("base", "one"), ("base", "all")) if x in results and y in results]
     summary = {"examples": info["examples"], "families": info["scored_families"],
                "n_items": len(phrasing_matrix(results["base"])[1]), "models": models,
+               "baselines": baselines(**json.loads((out / "sweep" / "sweep.json").read_text())["extras"]["eval_tasks"]),
                "differences": [{"a": x, "b": y, **phrasing_difference(results[x], results[y])} for x, y in pairs]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "table.md").write_text(phrasing_table(summary))
@@ -397,6 +399,9 @@ def phrasing_table(summary: dict) -> str:
                 + "|---" * (len(models) + 1) + "|\n")
     fams = [f"| {f} | " + " | ".join(f"{m['heldout_per_family'][f]:.1%}" for m in models.values()) + " |"
             for f in summary["families"]]
+    e = summary["baselines"]
+    lines.append(f"\nWithout any skill, on the same items: echoing the input scores {e['echo']:.1%} "
+                 f"(exact {e['echo_exact']:.1%}); each family's most common answer {e['constant']:.1%}.")
     return head + "\n".join(lines) + diff_head + "\n".join(diffs) + fam_head + "\n".join(fams) + "\n"
 
 
