@@ -1,6 +1,8 @@
-"""Transfer to unseen task families against the number of trained families, at a fixed budget of examples.
+"""The instruction-tuning experiments of docs/instruction-tuning.md (benchmarks/instruct_families.py).
 
-The experiment of docs/instruction-tuning.md (benchmarks/instruct_families.py): the `instruct` collection
+Prompt-distribution sensitivity (one training phrasing per family against five) is the second section below.
+Transfer to unseen task families against the number of trained families, at a fixed budget of examples: the
+first experiment, on the `instruct` collection
 (tunelab.eval.instruct_tasks: 44 trained, 11 held-out families). For each K in e.g. (5, 10, 20, 44) the model
 is tuned on the same number of examples drawn from the first K trained families of `family_order()`, and
 every tuned model and the base model are scored on the same items of the 11 held-out families, so each
