@@ -1,10 +1,15 @@
-"""Unseen-family transfer against the number of trained families, at a fixed budget (docs/instruction-tuning.md).
+"""Instruction-tuning experiments on the `instruct` collection (docs/instruction-tuning.md).
 
-LoRA on the bundled model, one `tunelab sweep` over data=families-K.jsonl (K trained families of the
-`instruct` collection, the same number of examples each), every cell and the base model scored on the same
-items of the 11 held-out families (tunelab.experiments.instruct). Resumable: run the same command again.
+`--design families` (default): unseen-family transfer against the number of trained families, at a fixed
+budget. One `tunelab sweep` over data=families-K.jsonl (K trained families, the same number of examples each),
+every cell and the base model scored on the same items of the 11 held-out families.
+`--design phrasings`: prompt-distribution sensitivity. Two cells on the same pairs of the 44 trained families,
+every pair in its family's first training phrasing (`one`) or in one of its 5 (`all`); every cell and the base
+model scored on the same items of 11 trained families (one per group) under each of the 7 phrasings.
+LoRA on the bundled model (tunelab.experiments.instruct). Resumable: run the same command again.
 
     python benchmarks/instruct_families.py --out runs/instruct-families            # K = 5,10,20,44
+    python benchmarks/instruct_families.py --design phrasings --eval-n 5 --out runs/instruct-phrasings
     python benchmarks/instruct_families.py --model tiny-model --ks 1,2 --examples 8 --eval-n 1 --out runs/demo
 """
 
@@ -28,10 +33,13 @@ def base_overrides(a, eval_path: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/instruct-families")
-    p.add_argument("--ks", default="5,10,20,44", help="numbers of trained families, one cell each")
+    p.add_argument("--design", choices=("families", "phrasings"), default="families")
+    p.add_argument("--ks", default="5,10,20,44", help="numbers of trained families, one cell each (families design)")
     p.add_argument("--examples", type=int, default=384, help="training examples of every cell (one epoch)")
-    p.add_argument("--eval-n", type=int, default=20, help="generation items per held-out family (11 families)")
-    p.add_argument("--eval-examples", type=int, default=64, help="held-out-family pairs of the eval loss")
+    p.add_argument("--eval-n", type=int, default=20, help="generation items per scored family (11 families; "
+                   "under each of the 7 phrasings in the phrasings design)")
+    p.add_argument("--eval-examples", type=int, default=64, help="pairs of the eval loss: held-out families "
+                   "(families design) or the scored families in held-out phrasings (phrasings design)")
     p.add_argument("--model", default="bundled")
     p.add_argument("--method", default="lora")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (the quickstart's LoRA rate)")
@@ -43,18 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     from tunelab.experiments import grid, instruct, sweep
 
     out = Path(a.out)
-    info = instruct.build_data(out / "data", [int(k) for k in a.ks.split(",")], a.examples, a.eval_examples,
-                               seed=a.seed + 1)
+    scoring = {"n": a.eval_n, "collection": "instruct", "seed": instruct.EVAL_SEED}
+    if a.design == "families":
+        info = instruct.build_data(out / "data", [int(k) for k in a.ks.split(",")], a.examples, a.eval_examples,
+                                   seed=a.seed + 1)
+        summarize, table = instruct.summarize, instruct.table
+    else:
+        info = instruct.build_phrasing_data(out / "data", a.examples, a.eval_examples, seed=a.seed + 1)
+        scoring.update(families=instruct.phrasing_families(), phrasings="every")
+        summarize, table = instruct.summarize_phrasings, instruct.phrasing_table
     axes = grid.parse_grid(["data=" + ",".join(v["path"] for v in info["files"].values())])
     dirs = sweep.plan(out / "sweep", ROOT / "configs/sweep-sft.yaml", axes, base_overrides(a, info["eval_path"]),
-                      examples=a.examples, eval_examples=a.eval_examples,
-                      extras={"eval_tasks": {"n": a.eval_n, "collection": "instruct", "seed": instruct.EVAL_SEED}})
+                      examples=a.examples, eval_examples=a.eval_examples, extras={"eval_tasks": scoring})
     if not (out / "base.json").exists():
         b = instruct.evaluate_base(out)
-        print(f"base: unseen-family score {b['accuracy']:.3f}, eval loss {b['eval_loss']:.3f}", flush=True)
+        print(f"base: score {b['accuracy']:.3f}, eval loss {b['eval_loss']:.3f}", flush=True)
     failed = sweep.run_cells(dirs, a.jobs)
-    summary = instruct.summarize(out)
-    print(instruct.table(summary), end="")
+    print(table(summarize(out)), end="")
     return 1 if failed else 0
 
 

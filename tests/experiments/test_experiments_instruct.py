@@ -14,7 +14,7 @@ import pytest
 from tests.train.test_train_e2e import workspace  # noqa: F401  (the shared tiny model fixture)
 from tunelab.errors import TunelabError
 from tunelab.eval import instruct_tasks
-from tunelab.eval.tasks import generate_items, score
+from tunelab.eval.tasks import every_phrasing, generate_items, score
 from tunelab.experiments import instruct
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,3 +129,86 @@ def test_benchmark_runs_base_and_cells_on_the_same_items_and_resumes(workspace, 
     capsys.readouterr()
     assert bench.main(argv) == 0
     assert "2 already finished, 0 to run" in capsys.readouterr().out
+
+
+# ---- prompt-distribution sensitivity (--design phrasings)
+
+
+def test_every_phrasing_gives_the_same_items_under_each_phrasing():
+    fams = instruct.phrasing_families()
+    assert len(fams) == 11 and len({instruct_tasks.FAMILIES[f].group for f in fams}) == 11
+    lists = every_phrasing(fams, 2, 2)
+    assert [label for label, _ in lists] == [f"train{t}" for t in range(5)] + ["heldout0", "heldout1"]
+    inputs = {label: [it.meta["input"] for it in items] for label, items in lists}
+    assert len({tuple(v) for v in inputs.values()}) == 1  # same contents
+    prompts = [items[0].prompt for _, items in lists]
+    assert len(set(prompts)) == 7  # seven different phrasings of the same item
+    fam = instruct_tasks.FAMILIES[fams[0]]
+    assert prompts[5] == fam.heldout_templates[0].format(input=inputs["train0"][0])
+
+
+def test_phrasing_data_differs_only_in_phrasing(tmp_path):
+    info = instruct.build_phrasing_data(tmp_path, 44, 11, seed=1)
+    one, every = ([json.loads(line) for line in Path(info["files"][v]["path"]).read_text().splitlines()]
+                  for v in ("one", "all"))
+    assert [p["response"] for p in one] == [p["response"] for p in every] and len(one) == 44
+    # every pair of `one` is in its family's first training phrasing: rebuild the prompts from the items
+    items = generate_items(instruct.family_order(), 1, seed=1, template=0)
+    assert sorted(p["prompt"] for p in one) == sorted(it.prompt for it in items)
+    assert sum(a["prompt"] != b["prompt"] for a, b in zip(one, every)) > 22  # about 4 in 5 differ
+    loss = [json.loads(line) for line in Path(info["eval_path"]).read_text().splitlines()]
+    held = {it.prompt for it in generate_items(instruct.phrasing_families(), 1, instruct.LOSS_SEED, phrasings="heldout")}
+    assert len(loss) == 11 and {p["prompt"] for p in loss} == held
+
+
+def _phrased(scores: dict[str, list[float]]) -> dict:
+    """An every-phrasing result: scores[label] lists the items' scores under that phrasing."""
+    ids, flat, labels = [], [], []
+    for label, ss in scores.items():
+        ids += [f"fam{i % 2}-2-{i}@{label}" for i in range(len(ss))]
+        flat += ss
+        labels += [label] * len(ss)
+    return {"ids": ids, "scores": flat, "phrasings": labels}
+
+
+def test_phrasing_stats_and_difference_against_hand_computed_values():
+    a = _phrased({"train0": [1.0, 1.0], "train1": [0.0, 1.0], "heldout0": [0.0, 0.0], "heldout1": [1.0, 0.0]})
+    b = _phrased({"train0": [1.0, 1.0], "train1": [1.0, 1.0], "heldout0": [1.0, 0.0], "heldout1": [1.0, 1.0]})
+    s = instruct.phrasing_stats(a)
+    assert s["per_phrasing"] == {"train0": 1.0, "train1": 0.5, "heldout0": 0.0, "heldout1": 0.5}
+    assert s["trained"] == pytest.approx(0.75) and s["heldout"] == pytest.approx(0.25)
+    assert s["range"] == 1.0 and s["sd"] == pytest.approx(0.5 ** 0.5 / 2)  # means 1, .5, 0, .5: sd sqrt(.125)
+    assert s["heldout_per_family"] == {"fam0": 0.5, "fam1": 0.0}
+    d = instruct.phrasing_difference(a, b)
+    assert d["n"] == 2 and d["heldout"] == pytest.approx(0.5) and d["trained"] == pytest.approx(0.25)
+    sb = instruct.phrasing_stats(b)  # means 1, 1, .5, 1
+    assert d["range"] == pytest.approx(sb["range"] - 1.0) == pytest.approx(-0.5)
+    assert d["sd"] == pytest.approx(sb["sd"] - s["sd"])
+    lo, hi = d["heldout_ci"]  # per-item differences 0.5 and 0.5: a constant
+    assert lo == hi == pytest.approx(0.5)
+    with pytest.raises(TunelabError, match="different items"):
+        instruct.phrasing_difference(a, _phrased({"train0": [1.0], "heldout0": [0.0]}))
+
+
+def test_benchmark_phrasings_design_scores_every_model_on_the_same_items(workspace, tmp_path):  # noqa: F811
+    bench = _bench()
+    out = tmp_path / "run"
+    argv = ["--design", "phrasings", "--out", str(out), "--model", str(workspace / "model"), "--examples", "8",
+            "--eval-n", "1", "--eval-examples", "4", "--batch-size", "4"]
+    assert bench.main(argv) == 0
+    base = json.loads((out / "base.json").read_text())
+    assert len(base["ids"]) == 11 * 7 and base["phrasings"][0] == "train0" and base["phrasings"][-1] == "heldout1"
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["models"]) == ["base", "one", "all"] and summary["n_items"] == 11
+    cells = {v: json.loads((out / "sweep" / "cells" / f"data-phrasings-{v}" / "result.json").read_text())
+             for v in ("one", "all")}
+    assert all(c["ids"] == base["ids"] for c in cells.values())
+    primary = summary["differences"][0]
+    assert (primary["a"], primary["b"]) == ("one", "all")
+    held = [j for j, p in enumerate(base["phrasings"]) if p.startswith("heldout")]
+    want = sum(cells["all"]["scores"][j] - cells["one"]["scores"][j] for j in held) / len(held)
+    assert primary["heldout"] == pytest.approx(want)
+    echo = [score(it.meta["input"], it) for it in generate_items(instruct.phrasing_families(), 1, 2)]
+    assert summary["baselines"]["echo"] == pytest.approx(sum(echo) / 11)
+    assert (out / "phrasings.png").stat().st_size > 0 and "| (b) five phrasings - (a) one phrasing |" in (
+        out / "table.md").read_text()

@@ -427,6 +427,16 @@ def generate_items(families: list[str], n: int, seed: int, template: int | None 
     return items
 
 
+def every_phrasing(families: list[str], n: int, seed: int) -> list[tuple[str, list[Item]]]:
+    """The same `n` items per family under each phrasing the families share, training ones first:
+    [("train0", items), ..., ("train4", items), ("heldout0", items), ("heldout1", items)] for the `instruct`
+    collection. Item k of every list has the same contents, so scores pair across phrasings."""
+    fams = [_family(f) for f in families]
+    counts = {"train": min(len(f.templates) for f in fams), "heldout": min(len(f.heldout_templates) for f in fams)}
+    return [(f"{kind}{t}", generate_items(families, n, seed, template=t, phrasings=kind))
+            for kind, count in counts.items() for t in range(count)]
+
+
 def check_contains(output: str, item: Item) -> float:
     """1.0 when the normalised answer appears in the normalised output as whole words."""
     want = normalize(item.answer)

@@ -1,6 +1,8 @@
-"""Transfer to unseen task families against the number of trained families, at a fixed budget of examples.
+"""The instruction-tuning experiments of docs/instruction-tuning.md (benchmarks/instruct_families.py).
 
-The experiment of docs/instruction-tuning.md (benchmarks/instruct_families.py): the `instruct` collection
+Prompt-distribution sensitivity (one training phrasing per family against five) is the second section below.
+Transfer to unseen task families against the number of trained families, at a fixed budget of examples: the
+first experiment, on the `instruct` collection
 (tunelab.eval.instruct_tasks: 44 trained, 11 held-out families). For each K in e.g. (5, 10, 20, 44) the model
 is tuned on the same number of examples drawn from the first K trained families of `family_order()`, and
 every tuned model and the base model are scored on the same items of the 11 held-out families, so each
@@ -40,41 +42,50 @@ def family_order() -> list[str]:
     return [fams[j] for j in range(depth) for fams in groups.values() if j < len(fams)]
 
 
-def balanced_pairs(families: list[str], examples: int, seed: int) -> list[dict]:
+def balanced_pairs(families: list[str], examples: int, seed: int, template: int | None = None) -> list[dict]:
     """`examples` SFT pairs (training phrasings) spread over `families` as evenly as possible: counts differ
-    by at most 1, the first families in order taking the remainder; shuffled with `seed`."""
+    by at most 1, the first families in order taking the remainder; shuffled with `seed`. Every pair in its
+    family's training phrasing `template`, or (None) in one drawn per pair; the contents and their order do
+    not depend on `template`."""
     from tunelab.eval.tasks import generate_items
 
     if not families or examples < 1:
         raise TunelabError(f"balanced_pairs needs families and examples >= 1, got {len(families)} and {examples}")
     per = -(-examples // len(families))
-    items = generate_items(families, per, seed)  # family-major: items[f * per + i]
+    items = generate_items(families, per, seed, template)  # family-major: items[f * per + i]
     # the i-th item of every family before the (i+1)-th of any: a prefix is balanced
     chosen = [items[j] for j in sorted(range(len(items)), key=lambda j: (j % per, j // per))[:examples]]
     random.Random(seed).shuffle(chosen)
     return [it.to_sft() for it in chosen]
 
 
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _loss_pairs(families: list[str], examples: int, phrasings: str = "train") -> list[dict]:
+    """`examples` SFT pairs of `families` for an eval (response) loss, drawn with LOSS_SEED (other items than
+    the scored ones), in the given phrasings (tasks.generate_items), shuffled."""
+    from tunelab.eval.tasks import generate_items
+
+    items = generate_items(families, -(-examples // len(families)), LOSS_SEED, phrasings=phrasings)
+    random.Random(LOSS_SEED).shuffle(items)
+    return [it.to_sft() for it in items[:examples]]
+
+
 def build_data(out: Path, ks: list[int], examples: int, eval_examples: int, seed: int = 1) -> dict:
     """Write DIR/families-K.jsonl for every K, DIR/heldout-eval.jsonl and DIR/data.json (families per file)."""
-    from tunelab.eval.tasks import collection, generate_items
+    from tunelab.eval.tasks import collection
 
     order, held = family_order(), collection("instruct")[1]
     bad = [k for k in ks if not 1 <= k <= len(order)]
     if bad:
         raise TunelabError(f"numbers of trained families must be in 1..{len(order)}, got {bad}")
     out.mkdir(parents=True, exist_ok=True)
-
-    def write(path: Path, rows: list[dict]) -> str:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return str(path)
-
-    files = {k: {"path": write(out / f"families-{k}.jsonl", balanced_pairs(order[:k], examples, seed)),
+    files = {k: {"path": _write(out / f"families-{k}.jsonl", balanced_pairs(order[:k], examples, seed)),
                  "families": order[:k]} for k in ks}
-    per = -(-eval_examples // len(held))
-    loss_items = generate_items(held, per, LOSS_SEED)
-    random.Random(LOSS_SEED).shuffle(loss_items)
-    eval_path = write(out / "heldout-eval.jsonl", [it.to_sft() for it in loss_items[:eval_examples]])
+    eval_path = _write(out / "heldout-eval.jsonl", _loss_pairs(held, eval_examples))
     info = {"examples": examples, "seed": seed, "files": files, "eval_path": eval_path, "heldout_families": held}
     (out / "data.json").write_text(json.dumps(info, indent=1))
     return info
@@ -104,16 +115,17 @@ def paired_difference(base: dict, tuned: dict, seed: int = 0) -> dict:
 
 
 def _cluster_bootstrap(clusters: list[list[float]], seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap of the item mean, resampling whole clusters with replacement (the quantiles of
+    """Percentile bootstrap of the item mean, resampling whole clusters with replacement."""
+    return _resampled(clusters, lambda pick: sum(map(sum, pick)) / sum(map(len, pick)), seed, level)
+
+
+def _resampled(units: list, stat, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `stat(units)`: resample the units with replacement (the quantiles of
     stats.bootstrap_interval)."""
     rng = random.Random(seed)
-    means = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        pick = rng.choices(clusters, k=len(clusters))
-        means.append(sum(map(sum, pick)) / sum(map(len, pick)))
-    means.sort()
-    return (means[math.floor((1 - level) / 2 * (len(means) - 1))],
-            means[math.ceil((1 + level) / 2 * (len(means) - 1))])
+    values = sorted(stat(rng.choices(units, k=len(units))) for _ in range(BOOTSTRAP_RESAMPLES))
+    return (values[math.floor((1 - level) / 2 * (len(values) - 1))],
+            values[math.ceil((1 + level) / 2 * (len(values) - 1))])
 
 
 def evaluate_base(out: Path) -> dict:
@@ -134,15 +146,16 @@ def evaluate_base(out: Path) -> dict:
     return result
 
 
-def baselines(n: int, seed: int, collection: str = "instruct", **_) -> dict:
-    """What answers without any skill score on the scored items: `echo` copies the item's input unchanged
-    (the partial credit a model gets for repeating the words it was given), `constant` is
-    stats.constant_baseline (each family's most common answer)."""
+def baselines(n: int, seed: int, collection: str = "instruct", families: list[str] | None = None, **_) -> dict:
+    """What answers without any skill score on the scored items (`families`, default the collection's held-out
+    ones): `echo` copies the item's input unchanged (the partial credit a model gets for repeating the words
+    it was given), `constant` is stats.constant_baseline (each family's most common answer). Neither depends
+    on the instruction's phrasing."""
     from tunelab.eval.stats import constant_baseline
     from tunelab.eval.tasks import collection as families_of
     from tunelab.eval.tasks import generate_items, score
 
-    items = generate_items(families_of(collection)[1], n, seed)
+    items = generate_items(families or families_of(collection)[1], n, seed)
     echo = [score(it.meta["input"], it) for it in items]
     return {"echo": mean(echo), "echo_exact": mean(exact(echo)), "constant": mean(constant_baseline(items)["scores"])}
 
@@ -240,6 +253,177 @@ def plot(summary: dict, png: Path) -> None:
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel(f"trained families (same {summary['examples']} examples each run)")
     ax.set_ylabel(f"unseen-family score ({summary['n_items']} items)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt-distribution sensitivity: tuned on one training phrasing per family against all five, every model
+# scored on the same items of trained families under each of the 7 phrasings (5 training, 2 held-out).
+#
+#     DIR/data/phrasings-one.jsonl, phrasings-all.jsonl   the same pairs (44 families), one phrasing or five
+#     DIR/data/paraphrase-eval.jsonl  the scored families' pairs in held-out phrasings: the eval (response) loss
+#     DIR/summary.json, table.md, phrasings.png            `summarize_phrasings(DIR)`
+
+PHRASING_DATA = {"one": 0, "all": None}  # data variant -> training phrasing of every pair (None: drawn per pair)
+MODEL_NAMES = {"base": "base (untuned)", "one": "(a) one phrasing", "all": "(b) five phrasings"}
+
+
+def phrasing_families() -> list[str]:
+    """The scored trained families: one per group (the first 11 of family_order())."""
+    from tunelab.eval.tasks import collection
+
+    return family_order()[:len(collection("instruct")[1])]
+
+
+def build_phrasing_data(out: Path, examples: int, eval_examples: int, seed: int = 1) -> dict:
+    """Write DIR/phrasings-one.jsonl (every pair in its family's first training phrasing) and
+    DIR/phrasings-all.jsonl (the same contents in the same order, each in one of the 5 training phrasings
+    drawn per pair), both over the 44 trained families, DIR/paraphrase-eval.jsonl and DIR/data.json."""
+    order = family_order()
+    out.mkdir(parents=True, exist_ok=True)
+    files = {v: {"path": _write(out / f"phrasings-{v}.jsonl", balanced_pairs(order, examples, seed, t)),
+                 "families": order} for v, t in PHRASING_DATA.items()}
+    eval_path = _write(out / "paraphrase-eval.jsonl", _loss_pairs(phrasing_families(), eval_examples, "heldout"))
+    info = {"examples": examples, "seed": seed, "files": files, "eval_path": eval_path,
+            "scored_families": phrasing_families()}
+    (out / "data.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def phrasing_matrix(result: dict) -> tuple[list[str], dict[str, list[float]]]:
+    """An evaluate_tasks(..., phrasings="every") result by item: (phrasing labels in order,
+    {item id: [its score under each phrasing]}); the result lists every item under one phrasing, then the next."""
+    rows: dict[str, list[float]] = {}
+    for item_id, s in zip(result["ids"], result["scores"]):
+        rows.setdefault(item_id.rsplit("@", 1)[0], []).append(s)
+    return list(dict.fromkeys(result["phrasings"])), rows
+
+
+def _spread(rows: list[list[float]]) -> tuple[float, float]:
+    """(max - min, population standard deviation) of the per-phrasing mean scores of `rows` (one list per item)."""
+    means = [sum(col) / len(col) for col in zip(*rows)]
+    m = sum(means) / len(means)
+    return max(means) - min(means), math.sqrt(sum((x - m) ** 2 for x in means) / len(means))
+
+
+def _columns(labels: list[str], prefix: str) -> list[int]:
+    return [j for j, label in enumerate(labels) if label.startswith(prefix)]
+
+
+def phrasing_stats(result: dict, seed: int = 0) -> dict:
+    """One model's scores per phrasing, its mean over the training and the held-out phrasings (the latter with a
+    bootstrap interval over items, each item's score the mean of its held-out phrasings), and the spread across
+    all phrasings (max - min and standard deviation of the per-phrasing means, intervals resampling items)."""
+    labels, by_item = phrasing_matrix(result)
+    rows = list(by_item.values())
+    held, train = _columns(labels, "heldout"), _columns(labels, "train")
+    held_scores = [mean([r[j] for j in held]) for r in rows]
+    per_family: dict[str, list[float]] = {}
+    for item_id, v in zip(by_item, held_scores):
+        per_family.setdefault(item_id.rsplit("-", 2)[0], []).append(v)
+    return {"per_phrasing": dict(zip(labels, [mean(c) for c in zip(*rows)])),
+            "trained": mean([mean([r[j] for j in train]) for r in rows]),
+            "heldout": mean(held_scores), "heldout_ci": bootstrap_interval(held_scores, seed=seed),
+            "range": _spread(rows)[0], "range_ci": _resampled(rows, lambda p: _spread(p)[0], seed),
+            "sd": _spread(rows)[1], "sd_ci": _resampled(rows, lambda p: _spread(p)[1], seed),
+            "heldout_per_family": {f: mean(v) for f, v in per_family.items()}}
+
+
+def phrasing_difference(a: dict, b: dict, seed: int = 0) -> dict:
+    """`b` minus `a` on the same items under the same phrasings: the held-out-phrasing score and the
+    training-phrasing score (per item the mean over those phrasings, paired over items, bootstrap interval) and
+    the difference of the spreads (max - min, standard deviation; paired bootstrap over items)."""
+    if a["ids"] != b["ids"]:
+        raise TunelabError("phrasing_difference: the two results were scored on different items; "
+                           "evaluate both with the same n, seed, families and phrasings")
+    labels, ra = phrasing_matrix(a)
+    rb = phrasing_matrix(b)[1]
+    pairs = [(ra[k], rb[k]) for k in ra]
+    out = {"n": len(pairs)}
+    for part, prefix in (("heldout", "heldout"), ("trained", "train")):
+        cols = _columns(labels, prefix)
+        d = [mean([y[j] for j in cols]) - mean([x[j] for j in cols]) for x, y in pairs]
+        out[part], out[part + "_ci"] = mean(d), bootstrap_interval(d, seed=seed)
+    for k, name in enumerate(("range", "sd")):
+        def stat(p, k=k):
+            return _spread([y for _, y in p])[k] - _spread([x for x, _ in p])[k]
+        out[name], out[name + "_ci"] = stat(pairs), _resampled(pairs, stat, seed)
+    return out
+
+
+def summarize_phrasings(out: Path) -> dict:
+    """Read DIR/base.json and the finished cells; write DIR/summary.json, table.md and phrasings.png."""
+    from tunelab.experiments.report import load_results
+
+    if not (out / "base.json").exists():
+        raise TunelabError(f"{out}: no base.json yet; run benchmarks/instruct_families.py --design phrasings first")
+    info = json.loads((out / "data" / "data.json").read_text())
+    variant = {v["path"]: k for k, v in info["files"].items()}
+    results = {"base": json.loads((out / "base.json").read_text())}
+    steps = {"base": 0}
+    for r in load_results(out / "sweep")[1]:
+        if r["status"] == "ok" and "scores" in r:
+            results[variant[r["params"]["data"]]], steps[variant[r["params"]["data"]]] = r, r["steps"]
+    models = {name: {**phrasing_stats(r), "steps": steps[name], "format_ok": r["format_ok"],
+                     "eval_loss": r["eval_loss"]} for name, r in results.items()}
+    pairs = [(x, y) for x, y in (("one", "all"), ("base", "one"), ("base", "all")) if x in results and y in results]
+    summary = {"examples": info["examples"], "families": info["scored_families"],
+               "n_items": len(phrasing_matrix(results["base"])[1]), "models": models,
+               "baselines": baselines(**json.loads((out / "sweep" / "sweep.json").read_text())["extras"]["eval_tasks"]),
+               "differences": [{"a": x, "b": y, **phrasing_difference(results[x], results[y])} for x, y in pairs]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "table.md").write_text(phrasing_table(summary))
+    plot_phrasings(summary, out / "phrasings.png")
+    return summary
+
+
+def phrasing_table(summary: dict) -> str:
+    """Markdown: per model the score under each phrasing and the spread; then the paired differences; then
+    the held-out-phrasing score per family."""
+    models = summary["models"]
+    labels = list(models["base"]["per_phrasing"])
+    head = ("| model | steps | " + " | ".join(labels) + " | trained phrasings | held-out phrasings [95%] "
+            "| spread: max - min [95%] | spread: sd [95%] | format ok | loss, held-out phrasings |\n"
+            + "|---" * (len(labels) + 8) + "|\n")
+    lines = [f"| {MODEL_NAMES[name]} | {m['steps']} | " + " | ".join(f"{v:.1%}" for v in m["per_phrasing"].values())
+             + f" | {m['trained']:.1%} | {_pct(m['heldout'], m['heldout_ci'])} | {_pct(m['range'], m['range_ci'])} "
+             f"| {_pct(m['sd'], m['sd_ci'])} | {m['format_ok']:.1%} | {m['eval_loss']:.3f} |" for name, m in models.items()]
+    diff_head = (f"\n\n| difference, paired over {summary['n_items']} items | held-out phrasings [95%] "
+                 "| trained phrasings [95%] | spread max - min [95%] | spread sd [95%] |\n|---|---|---|---|---|\n")
+    diffs = [f"| {MODEL_NAMES[d['b']]} - {MODEL_NAMES[d['a']]} | {_signed(d['heldout'], d['heldout_ci'])} "
+             f"| {_signed(d['trained'], d['trained_ci'])} | {_signed(d['range'], d['range_ci'])} "
+             f"| {_signed(d['sd'], d['sd_ci'])} |" for d in summary["differences"]]
+    fam_head = ("\n\n| family: held-out phrasings | " + " | ".join(MODEL_NAMES[n] for n in models) + " |\n"
+                + "|---" * (len(models) + 1) + "|\n")
+    fams = [f"| {f} | " + " | ".join(f"{m['heldout_per_family'][f]:.1%}" for m in models.values()) + " |"
+            for f in summary["families"]]
+    e = summary["baselines"]
+    lines.append(f"\nWithout any skill, on the same items: echoing the input scores {e['echo']:.1%} "
+                 f"(exact {e['echo_exact']:.1%}); each family's most common answer {e['constant']:.1%}.")
+    return head + "\n".join(lines) + diff_head + "\n".join(diffs) + fam_head + "\n".join(fams) + "\n"
+
+
+def plot_phrasings(summary: dict, png: Path) -> None:
+    """Score under each phrasing, one line per model; the held-out phrasings shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = summary["models"]
+    labels = list(models["base"]["per_phrasing"])
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    held = _columns(labels, "heldout")
+    ax.axvspan(min(held) - 0.5, max(held) + 0.5, color="grey", alpha=0.2, label="held-out phrasings")
+    for name, m in models.items():
+        ax.plot(range(len(labels)), list(m["per_phrasing"].values()), marker="o", label=MODEL_NAMES[name])
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("phrasing of the instruction (train0: the only one model (a) saw)")
+    ax.set_ylabel(f"score ({summary['n_items']} items, {len(summary['families'])} families)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

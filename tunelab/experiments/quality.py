@@ -16,6 +16,8 @@ import random
 import re
 from pathlib import Path
 
+from tunelab.errors import TunelabError
+
 KINDS = ("wrong", "truncated", "off_format")
 CHATTER = ("Sure! Here is the answer: {a}\nLet me know if you need anything else.",
            "Of course. The answer is:\n{a}\nI hope this helps!")
@@ -83,18 +85,33 @@ def format_ok(output: str, answer: str) -> bool:
 
 
 def evaluate_tasks(model, tok, n: int = 20, seed: int = 1234, batch_size: int = 16,
-                   collection: str = "quickstart") -> dict:
+                   collection: str = "quickstart", families: list[str] | None = None,
+                   phrasings: str = "one") -> dict:
     """Held-out accuracy and format compliance of a tuned model: n items per held-out family of the task
-    `collection` (tunelab.eval.tasks.collection). "scores" and "ids" are per item, in a fixed order, so two
-    models scored with the same arguments can be compared item by item (paired)."""
+    `collection` (tunelab.eval.tasks.collection), or per family of `families` when given. "scores" and "ids"
+    are per item, in a fixed order, so two models scored with the same arguments can be compared item by
+    item (paired). `phrasings="every"` scores the same items under each of the families' phrasings
+    (tasks.every_phrasing); then "phrasings" names each item's phrasing and its id ends in "@<phrasing>"."""
     from tunelab.eval.tasks import collection as families_of
-    from tunelab.eval.tasks import evaluate_items, generate_items
+    from tunelab.eval.tasks import evaluate_items, every_phrasing, generate_items
 
-    items = generate_items(families_of(collection)[1], n, seed)
+    if phrasings not in ("one", "every"):
+        raise TunelabError(f"evaluate_tasks: phrasings must be 'one' or 'every', not {phrasings!r}")
+    fams = families or families_of(collection)[1]
+    if phrasings == "one":
+        labelled = [(None, it) for it in generate_items(fams, n, seed)]
+    else:
+        labelled = [(label, it) for label, items in every_phrasing(fams, n, seed) for it in items]
+    items = [it for _, it in labelled]
     r = evaluate_items(model, tok, items, batch_size=batch_size)
     ok = [format_ok(o, it.answer) for o, it in zip(r["outputs"], items)]
-    return {"accuracy": r["accuracy"], "format_ok": sum(ok) / len(ok), "per_family": r["per_family"],
-            "scores": r["scores"], "ids": [it.id for it in items], "outputs": r["outputs"]}
+    result = {"accuracy": r["accuracy"], "format_ok": sum(ok) / len(ok), "per_family": r["per_family"],
+              "scores": r["scores"], "outputs": r["outputs"]}
+    if phrasings == "one":
+        return {**result, "ids": [it.id for it in items]}
+    # "-p" marks a held-out phrasing in generate_items' ids; the label says which one
+    return {**result, "ids": [f"{it.id.removesuffix('-p')}@{label}" for label, it in labelled],
+            "phrasings": [label for label, _ in labelled]}
 
 
 def plot_quality(results: list[dict], png: Path) -> None:
