@@ -124,25 +124,18 @@ def test_loop_first_step_equals_trl(tok, tmp_path, objective, share):
     assert {"rewards/chosen", "rewards/margins", "rewards/accuracies"} <= record.keys()
 
 
-def test_loop_first_step_kto_equals_trl(tok, tmp_path):
-    """KTO: the loop's step-1 loss equals TRL's KTOTrainer._compute_loss with the KL sequences built as TRL
-    builds them (prompt i with the completion before it in the batch, kl_mismatch) from the batch the loop
-    draws at step 1 (the permutation of tunelab.train.loop's `order`, seed 0, epoch 0)."""
+def _trl_kto_loss(model, base, batch_rows, kl_rows):
+    """TRL's KTOTrainer._compute_loss (beta 0.2, undesirable weight 1.5) on `batch_rows` and their KL sequences
+    `kl_rows`, fed with full-logits log-probs of `model` and reference log-probs of `base`."""
     from types import SimpleNamespace
 
     from trl import KTOTrainer
 
-    model, base = _policy_and_base(seed=9)
-    rows = _kto_rows(tok)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
-    batch_rows = [rows[i] for i in order]
-    kl_rows = [pref._with_completion(r, batch_rows[j]) for r, j in zip(batch_rows, pref.kl_mismatch(len(rows)))]
-    assert kl_rows[1]["input_ids"][-3:] == batch_rows[0]["input_ids"][-3:]  # row 1's KL completion is row 0's
+    n = len(batch_rows)
     logps, tokens = _full_logits_logps(model, batch_rows)
     kl_logps, _ = _full_logits_logps(model, kl_rows)
     ref, _ = _full_logits_logps(base, batch_rows)
     ref_kl, _ = _full_logits_logps(base, kl_rows)
-    n = len(rows)
     table = _LogProbTable(torch.cat([logps, kl_logps])).train()
     ids, mask = _rows(range(n), tokens)
     kl_ids, kl_mask = _rows(range(n, 2 * n), tokens)
@@ -152,7 +145,22 @@ def test_loop_first_step_kto_equals_trl(tok, tmp_path):
     trainer = _trl(KTOTrainer, model=table, ref_model=None, precompute_ref_logps=True, calculate_KL=True,
                    loss_type="kto", beta=0.2, desirable_weight=1.0, undesirable_weight=1.5,
                    args=SimpleNamespace(gradient_checkpointing_kwargs=None))
-    want = trainer._compute_loss(table, inputs, return_outputs=False)
+    return trainer._compute_loss(table, inputs, return_outputs=False)
+
+
+def test_loop_first_step_kto_equals_trl(tok, tmp_path):
+    """KTO: the loop's step-1 loss equals TRL's KTOTrainer._compute_loss with the KL sequences built as TRL
+    builds them (prompt i with the completion before it in the batch, kl_mismatch) from the batch the loop
+    draws at step 1 (the permutation of tunelab.train.loop's `order`, seed 0, epoch 0)."""
+
+
+    model, base = _policy_and_base(seed=9)
+    rows = _kto_rows(tok)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    batch_rows = [rows[i] for i in order]
+    kl_rows = [pref._with_completion(r, batch_rows[j]) for r, j in zip(batch_rows, pref.kl_mismatch(len(rows)))]
+    assert kl_rows[1]["input_ids"][-3:] == batch_rows[0]["input_ids"][-3:]  # row 1's KL completion is row 0's
+    want = _trl_kto_loss(model, base, batch_rows, kl_rows)
     objective = pref.PreferenceObjective("kto", 0.2, pref.adapter_off_logps, kto_undesirable_weight=1.5)
     got, record = _loop_first_loss(model, rows, objective, tmp_path)
     torch.testing.assert_close(torch.tensor(got), want.detach().double(), **TOL, check_dtype=False)
@@ -210,9 +218,7 @@ def test_loop_first_step_kto_precomputed_equals_trl(tok, tmp_path):
     with TRL's precompute_ref_logps, the KL completions fixed as TRL fixes them in its data preparation
     (`[c[-1]] + c[:-1]` within consecutive chunks of its batch size, 3 here, in data order), the batch drawn by
     the loop (seed 0's permutation), the reference from a separate frozen base copy."""
-    from types import SimpleNamespace
 
-    from trl import KTOTrainer
 
     model, base = _policy_and_base(seed=9)
     rows = _kto_rows(tok)
@@ -226,20 +232,7 @@ def test_loop_first_step_kto_precomputed_equals_trl(tok, tmp_path):
         p = next(k for k, y in enumerate(rows[i]["labels"]) if y != -100)
         ids = rows[i]["input_ids"][:p] + rotated[i]
         kl_rows.append({"input_ids": ids, "labels": [-100] * p + rotated[i], "position_ids": list(range(len(ids)))})
-    logps, tokens = _full_logits_logps(model, batch_rows)
-    kl_logps, _ = _full_logits_logps(model, kl_rows)
-    ref, _ = _full_logits_logps(base, batch_rows)
-    ref_kl, _ = _full_logits_logps(base, kl_rows)
-    table = _LogProbTable(torch.cat([logps, kl_logps])).train()
-    ids, mask = _rows(range(n), tokens)
-    kl_ids, kl_mask = _rows(range(n, 2 * n), tokens)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask,
-              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(ids), "KL_completion_mask": kl_mask,
-              "label": torch.tensor([r["desirable"] for r in batch_rows]), "ref_logps": ref, "ref_KL_logps": ref_kl}
-    trainer = _trl(KTOTrainer, model=table, ref_model=None, precompute_ref_logps=True, calculate_KL=True,
-                   loss_type="kto", beta=0.2, desirable_weight=1.0, undesirable_weight=1.5,
-                   args=SimpleNamespace(gradient_checkpointing_kwargs=None))
-    want = trainer._compute_loss(table, inputs, return_outputs=False)
+    want = _trl_kto_loss(model, base, batch_rows, kl_rows)
     objective = pref.PreferenceObjective("kto", 0.2, None, kto_undesirable_weight=1.5)  # no reference: precomputed only
     got, record = _loop_first_loss(model, list(_precomputed_kto_rows(model, rows, 3)), objective, tmp_path)
     torch.testing.assert_close(torch.tensor(got), want.detach().double(), **TOL, check_dtype=False)
