@@ -34,17 +34,21 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
 
 def bootstrap_interval(scores: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `scores`: resample the items with replacement
-    `resamples` times (seeded, so a report is reproducible) and take the (1-level)/2 and (1+level)/2
-    quantiles of the resampled means."""
+    """Percentile bootstrap interval of the mean of `scores` (resampled_interval with the mean)."""
     n = len(scores)
     if n == 0:
         raise ValueError("bootstrap_interval needs at least one score")
+    return resampled_interval(scores, lambda pick: sum(pick) / n, resamples, seed, level)
+
+
+def resampled_interval(units: list, stat, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `stat(units)`: resample the units with replacement `resamples` times
+    (seeded, so a report is reproducible) and take the (1-level)/2 and (1+level)/2 quantiles of the statistic."""
     rng = random.Random(seed)
-    means = sorted(sum(rng.choices(scores, k=n)) / n for _ in range(resamples))
-    lo_i = int(math.floor((1 - level) / 2 * (resamples - 1)))
-    hi_i = int(math.ceil((1 + level) / 2 * (resamples - 1)))
-    return means[lo_i], means[hi_i]
+    values = sorted(stat(rng.choices(units, k=len(units))) for _ in range(resamples))
+    return (values[math.floor((1 - level) / 2 * (resamples - 1))],
+            values[math.ceil((1 + level) / 2 * (resamples - 1))])
 
 
 def interval(scores: list[float]) -> tuple[float, float] | None:

@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.eval.stats import BOOTSTRAP_RESAMPLES, bootstrap_interval, exact, mean
+from tunelab.eval.stats import bootstrap_interval, exact, mean, resampled_interval
 
 EVAL_SEED = 2  # generation items of the held-out families (the quickstart's eval seed)
 LOSS_SEED = 3  # the held-out families' SFT pairs of the eval loss: other items than the generation ones
@@ -116,16 +116,7 @@ def paired_difference(base: dict, tuned: dict, seed: int = 0) -> dict:
 
 def _cluster_bootstrap(clusters: list[list[float]], seed: int, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap of the item mean, resampling whole clusters with replacement."""
-    return _resampled(clusters, lambda pick: sum(map(sum, pick)) / sum(map(len, pick)), seed, level)
-
-
-def _resampled(units: list, stat, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of `stat(units)`: resample the units with replacement (the quantiles of
-    stats.bootstrap_interval)."""
-    rng = random.Random(seed)
-    values = sorted(stat(rng.choices(units, k=len(units))) for _ in range(BOOTSTRAP_RESAMPLES))
-    return (values[math.floor((1 - level) / 2 * (len(values) - 1))],
-            values[math.ceil((1 + level) / 2 * (len(values) - 1))])
+    return resampled_interval(clusters, lambda pick: sum(map(sum, pick)) / sum(map(len, pick)), seed=seed, level=level)
 
 
 def evaluate_base(out: Path) -> dict:
@@ -328,8 +319,8 @@ def phrasing_stats(result: dict, seed: int = 0) -> dict:
     return {"per_phrasing": dict(zip(labels, [mean(c) for c in zip(*rows)])),
             "trained": mean([mean([r[j] for j in train]) for r in rows]),
             "heldout": mean(held_scores), "heldout_ci": bootstrap_interval(held_scores, seed=seed),
-            "range": _spread(rows)[0], "range_ci": _resampled(rows, lambda p: _spread(p)[0], seed),
-            "sd": _spread(rows)[1], "sd_ci": _resampled(rows, lambda p: _spread(p)[1], seed),
+            "range": _spread(rows)[0], "range_ci": resampled_interval(rows, lambda p: _spread(p)[0], seed=seed),
+            "sd": _spread(rows)[1], "sd_ci": resampled_interval(rows, lambda p: _spread(p)[1], seed=seed),
             "heldout_per_family": {f: mean(v) for f, v in per_family.items()}}
 
 
@@ -351,7 +342,7 @@ def phrasing_difference(a: dict, b: dict, seed: int = 0) -> dict:
     for k, name in enumerate(("range", "sd")):
         def stat(p, k=k):
             return _spread([y for _, y in p])[k] - _spread([x for x, _ in p])[k]
-        out[name], out[name + "_ci"] = stat(pairs), _resampled(pairs, stat, seed)
+        out[name], out[name + "_ci"] = stat(pairs), resampled_interval(pairs, stat, seed=seed)
     return out
 
 
