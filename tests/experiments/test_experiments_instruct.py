@@ -212,3 +212,49 @@ def test_benchmark_phrasings_design_scores_every_model_on_the_same_items(workspa
     assert summary["baselines"]["echo"] == pytest.approx(sum(echo) / 11)
     assert (out / "phrasings.png").stat().st_size > 0 and "| (b) five phrasings - (a) one phrasing |" in (
         out / "table.md").read_text()
+
+
+# ---- full fine-tuning against LoRA against QLoRA (--design methods)
+
+
+def test_method_verdict_reads_the_interval_as_fixed_before_the_run():
+    assert instruct.verdict((-0.03, 0.04)) == "equivalent"
+    assert instruct.verdict((-0.06, 0.04)) == "inconclusive"  # contains zero, wider than the margin
+    assert instruct.verdict((0.01, 0.03)) == "different" and instruct.verdict((-0.2, -0.01)) == "different"
+
+
+def test_method_data_and_scored_families(tmp_path):
+    info = instruct.build_method_data(tmp_path, 88, 44, seed=1)
+    pairs = [json.loads(line) for line in Path(info["files"]["methods"]["path"]).read_text().splitlines()]
+    assert pairs == instruct.balanced_pairs(instruct.family_order(), 88, seed=1)
+    fams = instruct.method_families()
+    assert fams[:44] == instruct_tasks.TRAIN_FAMILIES and fams[44:] == instruct_tasks.HELDOUT_FAMILIES
+    loss = [json.loads(line) for line in Path(info["eval_path"]).read_text().splitlines()]
+    trained = {it.prompt for it in generate_items(instruct.family_order(), 1, instruct.LOSS_SEED)}
+    assert len(loss) == 44 and {p["prompt"] for p in loss} == trained
+
+
+def test_benchmark_methods_design_trains_each_method_at_its_lr_on_the_same_items(workspace, tmp_path):  # noqa: F811
+    bench = _bench()
+    out = tmp_path / "run"
+    argv = ["--design", "methods", "--out", str(out), "--model", str(workspace / "model"), "--examples", "8",
+            "--eval-n", "1", "--eval-examples", "4", "--batch-size", "4", "--lrs", "full=1e-4,qlora=2e-3"]
+    assert bench.main(argv) == 0
+    base = json.loads((out / "base.json").read_text())
+    assert base["ids"] == [f"{f}-2-0" for f in instruct.method_families()]
+    cells = {m: json.loads(next((out / f"sweep-{m}" / "cells").glob("*/result.json")).read_text())
+             for m in ("full", "qlora")}
+    assert {m: (c["method"], c["lr"], c["steps"]) for m, c in cells.items()} == {
+        "full": ("full", 1e-4, 2), "qlora": ("qlora", 2e-3, 2)}
+    assert all(c["ids"] == base["ids"] for c in cells.values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["models"]) == ["base", "full", "qlora"] and summary["n_trained"] == 44
+    assert summary["verdict"] is None  # no LoRA cell: no primary comparison
+    d = next(d for d in summary["differences"] if (d["a"], d["b"]) == ("full", "qlora"))
+    want = sum(q - f for q, f in zip(cells["qlora"]["scores"][:44], cells["full"]["scores"][:44])) / 44
+    assert d["trained"]["diff"] == pytest.approx(want) and d["heldout"]["n"] == 11
+    assert summary["models"]["full"]["heldout"] == pytest.approx(sum(cells["full"]["scores"][44:]) / 11)
+    assert (out / "methods.png").stat().st_size > 0
+    assert "| QLoRA r16 (NF4 base) - full fine-tuning |" in (out / "table.md").read_text()
+    with pytest.raises(TunelabError, match="method=lr pairs"):
+        bench.main(argv[:-1] + ["full:1e-4"])

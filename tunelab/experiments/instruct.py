@@ -119,16 +119,16 @@ def _cluster_bootstrap(clusters: list[list[float]], seed: int, level: float = 0.
     return resampled_interval(clusters, lambda pick: sum(map(sum, pick)) / sum(map(len, pick)), seed=seed, level=level)
 
 
-def evaluate_base(out: Path) -> dict:
-    """Score the untuned model as the sweep scores its cells (the first cell's config and eval_tasks
-    arguments: same items, same eval batches) and write DIR/base.json."""
+def evaluate_base(out: Path, sweep_dir: str = "sweep") -> dict:
+    """Score the untuned model as the sweep DIR/`sweep_dir` scores its cells (the first cell's config and
+    eval_tasks arguments: same items, same eval batches) and write DIR/base.json."""
     from tunelab.config import load_config
     from tunelab.experiments.quality import evaluate_tasks
     from tunelab.quickstart import _eval_loss
     from tunelab.train.run import build_model, pick_device
 
-    spec = json.loads((out / "sweep" / "sweep.json").read_text())
-    cell = out / "sweep" / "cells" / spec["cells"][0]
+    spec = json.loads((out / sweep_dir / "sweep.json").read_text())
+    cell = out / sweep_dir / "cells" / spec["cells"][0]
     cfg = load_config(cell / "cell.yaml")
     model, tok = build_model(cfg, pick_device(cfg.train.device))
     result = evaluate_tasks(model, tok, **spec["extras"]["eval_tasks"])
@@ -416,6 +416,174 @@ def plot_phrasings(summary: dict, png: Path) -> None:
     ax.set_xlabel("phrasing of the instruction (train0: the only one model (a) saw)")
     ax.set_ylabel(f"score ({summary['n_items']} items, {len(summary['families'])} families)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Full fine-tuning against LoRA against QLoRA on the same pairs of the 44 trained families, each method at its
+# own learning rate; every model scored on the same new items of all 55 families (44 trained, 11 held out).
+#
+#     DIR/data/methods.jsonl, trained-eval.jsonl   the training pairs; trained families' pairs for the eval loss
+#     DIR/sweep-<method>/                          one `tunelab sweep` of one cell per method (own learning rate)
+#     DIR/summary.json, table.md, methods.png      `summarize_methods(DIR)`
+
+METHOD_LRS = {"full": 1.7e-4, "lora": 2.2e-3, "qlora": 2.2e-3}  # the optima of docs/experiments.md's lr sweep
+METHOD_NAMES = {"base": "base (untuned)", "full": "full fine-tuning", "lora": "LoRA r16 (16-bit base)",
+                "qlora": "QLoRA r16 (NF4 base)"}
+# (a, b): the differences b - a reported; the first is the primary comparison
+METHOD_PAIRS = (("lora", "qlora"), ("full", "lora"), ("full", "qlora"), ("base", "full"), ("base", "lora"),
+                ("base", "qlora"))
+EQUIVALENCE_MARGIN = 0.05  # "QLoRA matches LoRA": the primary interval inside +-5 points
+
+
+def build_method_data(out: Path, examples: int, eval_examples: int, seed: int = 1) -> dict:
+    """Write DIR/methods.jsonl (`examples` pairs over the 44 trained families), DIR/trained-eval.jsonl (pairs
+    of the same families drawn with LOSS_SEED: the eval loss) and DIR/data.json."""
+    order = family_order()
+    out.mkdir(parents=True, exist_ok=True)
+    path = _write(out / "methods.jsonl", balanced_pairs(order, examples, seed))
+    info = {"examples": examples, "seed": seed, "files": {"methods": {"path": path, "families": order}},
+            "eval_path": _write(out / "trained-eval.jsonl", _loss_pairs(order, eval_examples))}
+    (out / "data.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def method_families() -> list[str]:
+    """The scored families: the 44 trained ones (the primary part), then the 11 held-out ones."""
+    from tunelab.eval.tasks import collection
+
+    trained, held = collection("instruct")
+    return trained + held
+
+
+def _part(result: dict, families: list[str]) -> dict:
+    """The items of `result` (evaluate_tasks, phrasings "one") that belong to `families`: ids and scores."""
+    keep = [j for j, i in enumerate(result["ids"]) if i.rsplit("-", 2)[0] in families]
+    return {"ids": [result["ids"][j] for j in keep], "scores": [result["scores"][j] for j in keep]}
+
+
+def training_overlap(out: Path) -> int:
+    """How many scored items have a prompt that is also a training prompt (the scored items are drawn with
+    EVAL_SEED, the training pairs with another seed; families with few possible inputs can repeat one)."""
+    from tunelab.eval.tasks import generate_items
+
+    info = json.loads((out / "data" / "data.json").read_text())
+    train = {json.loads(line)["prompt"] for v in info["files"].values()
+             for line in Path(v["path"]).read_text().splitlines()}
+    n = json.loads((out / "base.json").read_text())["ids"]
+    per = len(n) // len(method_families())
+    return sum(it.prompt in train for it in generate_items(method_families(), per, EVAL_SEED))
+
+
+def summarize_methods(out: Path, sweeps: dict[str, str]) -> dict:
+    """Read DIR/base.json and the finished cells of the sweeps {method: folder name}; write DIR/summary.json,
+    table.md and methods.png. Every model's score on the trained and on the held-out families, and the
+    differences of METHOD_PAIRS, paired over items (paired_difference)."""
+    from tunelab.eval.stats import interval
+    from tunelab.eval.tasks import collection
+    from tunelab.experiments.report import load_results
+
+    if not (out / "base.json").exists():
+        raise TunelabError(f"{out}: no base.json yet; run benchmarks/instruct_families.py --design methods first")
+    trained, held = collection("instruct")
+    results, meta = {"base": json.loads((out / "base.json").read_text())}, {"base": {"lr": None, "steps": 0}}
+    for method, folder in sweeps.items():
+        for r in load_results(out / folder)[1]:
+            if r["status"] == "ok" and "scores" in r:
+                results[method], meta[method] = r, {"lr": r["lr"], "steps": r["steps"]}
+            elif r["status"] != "ok":
+                meta[method] = {"status": r["status"]}
+    models = {}
+    for name, r in results.items():
+        parts = {"trained": _part(r, trained), "heldout": _part(r, held)}
+        models[name] = {**meta[name], "format_ok": r["format_ok"], "eval_loss": r["eval_loss"],
+                        **{k: mean(p["scores"]) for k, p in parts.items()},
+                        **{k + "_ci": interval(p["scores"]) for k, p in parts.items()},
+                        "trained_exact": mean(exact(parts["trained"]["scores"]))}
+    diffs = []
+    for a, b in METHOD_PAIRS:
+        if a in results and b in results:
+            d = {"a": a, "b": b}
+            for part, fams in (("trained", trained), ("heldout", held)):
+                p = paired_difference(_part(results[a], fams), _part(results[b], fams))
+                d[part] = {k: p[k] for k in ("n", "diff", "ci", "family_ci", "exact_diff", "exact_ci")}
+            diffs.append(d)
+    primary = diffs[0] if diffs and (diffs[0]["a"], diffs[0]["b"]) == METHOD_PAIRS[0] else None
+    scoring = json.loads((out / next(iter(sweeps.values())) / "sweep.json").read_text())["extras"]["eval_tasks"]
+    summary = {"examples": json.loads((out / "data" / "data.json").read_text())["examples"],
+               "n_trained": len(_part(results["base"], trained)["ids"]),
+               "n_heldout": len(_part(results["base"], held)["ids"]),
+               "overlap_with_training": training_overlap(out), "models": models, "differences": diffs,
+               "verdict": primary and verdict(primary["trained"]["ci"]),
+               "baselines": {"trained": baselines(**{**scoring, "families": trained}),
+                             "heldout": baselines(**{**scoring, "families": held})}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "table.md").write_text(method_table(summary))
+    plot_methods(summary, out / "methods.png")
+    return summary
+
+
+def verdict(ci: tuple[float, float], margin: float = EQUIVALENCE_MARGIN) -> str:
+    """The primary comparison's reading, fixed before the run: the 95% interval of QLoRA - LoRA inside
+    +-margin is "equivalent"; excluding zero, "different"; else "inconclusive" (too few items to tell)."""
+    lo, hi = ci
+    if lo > 0 or hi < 0:
+        return "different"
+    return "equivalent" if -margin <= lo and hi <= margin else "inconclusive"
+
+
+def method_table(summary: dict) -> str:
+    """Markdown: one row per model, then the paired differences."""
+    head = ("| model | lr | steps | trained families [95%] | exact (trained) | held-out families [95%] | format ok "
+            "| eval loss (trained families) |\n|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for name, m in summary["models"].items():
+        if "trained" not in m:
+            rows.append(f"| {METHOD_NAMES[name]} | | | {m.get('status')} | | | | |")
+            continue
+        rows.append(f"| {METHOD_NAMES[name]} | {m['lr'] or ''} | {m['steps']} | {_pct(m['trained'], m['trained_ci'])} "
+                    f"| {m['trained_exact']:.1%} | {_pct(m['heldout'], m['heldout_ci'])} | {m['format_ok']:.1%} "
+                    f"| {m['eval_loss']:.3f} |")
+    diff_head = (f"\n\n| difference, paired | trained families, {summary['n_trained']} items [95% items] "
+                 "| [95% families] | exact (trained) [95%] "
+                 f"| held-out families, {summary['n_heldout']} items [95%] |\n|---|---|---|---|---|\n")
+    diffs = [f"| {METHOD_NAMES[d['b']]} - {METHOD_NAMES[d['a']]} | {_signed(d['trained']['diff'], d['trained']['ci'])} "
+             f"| {_signed(d['trained']['diff'], d['trained']['family_ci'])} "
+             f"| {_signed(d['trained']['exact_diff'], d['trained']['exact_ci'])} "
+             f"| {_signed(d['heldout']['diff'], d['heldout']['ci'])} |" for d in summary["differences"]]
+    b = summary["baselines"]
+    tail = (f"\nWithout any skill, on the same items: echoing the input scores {b['trained']['echo']:.1%} on the trained "
+            f"families and {b['heldout']['echo']:.1%} on the held-out ones; each family's most common answer "
+            f"{b['trained']['constant']:.1%} and {b['heldout']['constant']:.1%}. Scored items whose prompt is a "
+            f"training prompt: {summary['overlap_with_training']}.\n")
+    if summary["verdict"]:
+        tail += (f"Primary comparison (QLoRA - LoRA, trained families, margin +-{EQUIVALENCE_MARGIN:.0%}): "
+                 f"{summary['verdict']}.\n")
+    return head + "\n".join(rows) + diff_head + "\n".join(diffs) + "\n" + tail
+
+
+def plot_methods(summary: dict, png: Path) -> None:
+    """Per model, the trained- and held-out-family scores with their 95% intervals, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = {n: m for n, m in summary["models"].items() if "trained" in m}
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for j, (part, label) in enumerate((("trained", f"trained families ({summary['n_trained']} items)"),
+                                       ("heldout", f"held-out families ({summary['n_heldout']} items)"))):
+        xs = [i + (j - 0.5) * 0.35 for i in range(len(models))]
+        ys = [m[part] for m in models.values()]
+        err = [[y - m[part + "_ci"][0] for y, m in zip(ys, models.values())],
+               [m[part + "_ci"][1] - y for y, m in zip(ys, models.values())]]
+        ax.bar(xs, ys, width=0.35, yerr=err, capsize=3, label=label)
+    ax.set_xticks(range(len(models)), [METHOD_NAMES[n] for n in models], fontsize=7)
+    ax.set_ylabel("score (95% intervals)")
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png)
