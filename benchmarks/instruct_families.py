@@ -51,22 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="lora")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (the quickstart's LoRA rate)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="train.seed and data.seed; the pairs are drawn with seed+1 "
-                   "(the scored items do not change with it, so runs of different seeds are paired too)")
+    p.add_argument("--seed", type=int, default=0, help="train.seed and data.seed; the pairs are drawn with "
+                   "instruct.pair_seed(seed) (the scored items do not change with it, so runs of different seeds "
+                   "are paired too)")
+    p.add_argument("--pair-seed", type=int, help="the seed the training pairs are drawn with, when not the default")
     p.add_argument("--jobs", type=int, default=1)
     a = p.parse_args(argv)
     from tunelab.experiments import grid, instruct, sweep
+
+    a.pair_seed = instruct.pair_seed(a.seed) if a.pair_seed is None else a.pair_seed
 
     out = Path(a.out)
     scoring = {"n": a.eval_n, "collection": "instruct", "seed": instruct.EVAL_SEED}
     if a.design == "families":
         info = instruct.build_data(out / "data", [int(k) for k in a.ks.split(",")], a.examples, a.eval_examples,
-                                   seed=a.seed + 1)
+                                   seed=a.pair_seed)
         summarize, table = instruct.summarize, instruct.table
     elif a.design == "methods":
         return run_methods(a, out, scoring)
     else:
-        info = instruct.build_phrasing_data(out / "data", a.examples, a.eval_examples, seed=a.seed + 1)
+        info = instruct.build_phrasing_data(out / "data", a.examples, a.eval_examples, seed=a.pair_seed)
         scoring.update(families=instruct.phrasing_families(), phrasings="every")
         summarize, table = instruct.summarize_phrasings, instruct.phrasing_table
     axes = grid.parse_grid(["data=" + ",".join(v["path"] for v in info["files"].values())])
@@ -89,7 +93,7 @@ def run_methods(a, out: Path, scoring: dict) -> int:
         lrs = {m: float(v) for m, v in (item.split("=") for item in a.lrs.split(","))}
     except ValueError:
         raise TunelabError(f"--lrs takes method=lr pairs, e.g. full=1.7e-4,lora=2.2e-3; got {a.lrs!r}") from None
-    info = instruct.build_method_data(out / "data", a.examples, a.eval_examples, seed=a.seed + 1)
+    info = instruct.build_method_data(out / "data", a.examples, a.eval_examples, seed=a.pair_seed)
     scoring.update(families=instruct.method_families())
     sweeps, dirs = {m: f"sweep-{m}" for m in lrs}, []
     for m, lr in lrs.items():

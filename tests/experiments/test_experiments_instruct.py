@@ -258,3 +258,18 @@ def test_benchmark_methods_design_trains_each_method_at_its_lr_on_the_same_items
     assert "| QLoRA r16 (NF4 base) - full fine-tuning |" in (out / "table.md").read_text()
     with pytest.raises(TunelabError, match="method=lr pairs"):
         bench.main(argv[:-1] + ["full:1e-4"])
+
+
+def test_training_pairs_never_are_the_scored_items_of_trained_families(tmp_path):
+    assert [instruct.pair_seed(s) for s in range(4)] == [1, 4, 5, 6]
+    assert not {instruct.pair_seed(s) for s in range(50)} & {instruct.EVAL_SEED, instruct.LOSS_SEED}
+    scored = {it.meta["input"] for it in generate_items(instruct.phrasing_families(), 6, instruct.EVAL_SEED)}
+
+    def shared(seed):  # scored inputs among the first 9 training items per family (384 pairs over 44 families)
+        return len(scored & {it.meta["input"] for it in generate_items(instruct.phrasing_families(), 9, seed)})
+    assert shared(instruct.EVAL_SEED) == len(scored) == 66  # what a pair seed equal to the eval seed did
+    assert all(shared(instruct.pair_seed(s)) <= 2 for s in range(3))  # chance repeats of small input spaces only
+    for build in (instruct.build_phrasing_data, instruct.build_method_data):
+        for seed in (instruct.EVAL_SEED, instruct.LOSS_SEED):
+            with pytest.raises(TunelabError, match="--pair-seed"):
+                build(tmp_path, 44, 11, seed=seed)

@@ -29,6 +29,21 @@ EVAL_SEED = 2  # generation items of the held-out families (the quickstart's eva
 LOSS_SEED = 3  # the held-out families' SFT pairs of the eval loss: other items than the generation ones
 
 
+def pair_seed(seed: int) -> int:
+    """The seed the training pairs of run `seed` are drawn with: seed + 1, skipping EVAL_SEED and LOSS_SEED
+    (0 -> 1, 1 -> 4, 2 -> 5). Pairs of a trained family drawn with the scored items' seed *are* the scored
+    items (the same contents in the same order), and with LOSS_SEED the eval-loss pairs."""
+    return seed + 1 if seed + 1 < min(EVAL_SEED, LOSS_SEED) else seed + 3
+
+
+def _check_pair_seed(seed: int) -> None:
+    """Designs that score trained families refuse pair seeds that would train on the scored or eval-loss items."""
+    if seed in (EVAL_SEED, LOSS_SEED):
+        raise TunelabError(f"training pairs drawn with seed {seed} would be the scored items (seed {EVAL_SEED}) "
+                           f"or the eval-loss pairs (seed {LOSS_SEED}) of the trained families; use another "
+                           "--pair-seed (the default, instruct.pair_seed(--seed), never is)")
+
+
 def family_order() -> list[str]:
     """The instruct collection's 44 trained families, round-robin over its 11 groups (every group's first
     trained family, then every group's second, ...), so the first K families span min(K, 11) groups and
@@ -274,6 +289,7 @@ def build_phrasing_data(out: Path, examples: int, eval_examples: int, seed: int 
     """Write DIR/phrasings-one.jsonl (every pair in its family's first training phrasing) and
     DIR/phrasings-all.jsonl (the same contents in the same order, each in one of the 5 training phrasings
     drawn per pair), both over the 44 trained families, DIR/paraphrase-eval.jsonl and DIR/data.json."""
+    _check_pair_seed(seed)
     order = family_order()
     out.mkdir(parents=True, exist_ok=True)
     files = {v: {"path": _write(out / f"phrasings-{v}.jsonl", balanced_pairs(order, examples, seed, t)),
@@ -442,6 +458,7 @@ EQUIVALENCE_MARGIN = 0.05  # "QLoRA matches LoRA": the primary interval inside +
 def build_method_data(out: Path, examples: int, eval_examples: int, seed: int = 1) -> dict:
     """Write DIR/methods.jsonl (`examples` pairs over the 44 trained families), DIR/trained-eval.jsonl (pairs
     of the same families drawn with LOSS_SEED: the eval loss) and DIR/data.json."""
+    _check_pair_seed(seed)
     order = family_order()
     out.mkdir(parents=True, exist_ok=True)
     path = _write(out / "methods.jsonl", balanced_pairs(order, examples, seed))
