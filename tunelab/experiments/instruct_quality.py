@@ -220,11 +220,19 @@ def summarize_results(info: dict, base: dict, cells: dict[tuple[str, str], dict]
         return part_stats(sub, answers, _subset(base, keep[part]) if vs else None,
                           _subset(ref, keep[part]) if vs and ref and part == "trained" else None)
 
+    done: dict[tuple, dict] = {}  # an epoch row that is the equal-steps cell reuses that cell's numbers
+
+    def once(key: tuple, r: dict, make) -> dict:
+        key = ("steps" if r.get("shared") else key[0], *key[1:])
+        return done[key] if key in done else done.setdefault(key, make())
+
     rows = [{"budget": b, "n": n, "variant": v, "steps": r["steps"], "epochs": r["steps"] * r["batch_size"] / n,
-             "shared": r.get("shared", False), "eval_loss": r["eval_loss"], **{p: stats(r, p) for p in PARTS}}
+             "shared": r.get("shared", False), "eval_loss": r["eval_loss"],
+             **once((b, v, n), r, lambda r=r: {p: stats(r, p) for p in PARTS})}
             for b in BUDGETS for n in ns for v in VARIANTS if (r := cells.get((b, f"{v}-{n}"))) is not None]
     contrasts = [{"budget": b, "n": n, "steps": c["steps"], "eval_loss": {"clean": c["eval_loss"], "noisy": z["eval_loss"]},
-                  **{p: paired_difference(_subset(z, keep[p]), _subset(c, keep[p])) for p in PARTS}}
+                  **once((b, n), c, lambda c=c, z=z: {p: paired_difference(_subset(z, keep[p]), _subset(c, keep[p]))
+                                                      for p in PARTS})}
                  for b in BUDGETS for n in ns
                  if (c := cells.get((b, f"clean-{n}"))) and (z := cells.get((b, f"noisy-{n}")))]
     clean = cells.get(("steps", f"clean-{ns[-2]}")) if len(ns) > 1 else None
