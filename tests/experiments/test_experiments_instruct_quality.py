@@ -5,7 +5,6 @@ tiny random model (resumable)."""
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import math
 import random
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import instruct_quality as bench
 from tests.train.test_train_e2e import workspace  # noqa: F401  (the shared tiny model fixture)
 from tunelab.errors import TunelabError
 from tunelab.eval import instruct_tasks
@@ -151,15 +151,7 @@ def test_summary_paired_differences_against_float64_sums():
         iq.summarize_results({**info, "eval_n": 2}, base, cells)
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("instruct_quality_bench", ROOT / "benchmarks" / "instruct_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_benchmark_end_to_end_on_a_tiny_model_and_resumes(workspace, tmp_path, capsys):  # noqa: F811
-    bench = _bench()
     out = tmp_path / "run"
     argv = ["--out", str(out), "--model", str(workspace / "model"), "--ns", "8,16", "--steps", "4",
             "--batch-size", "4", "--eval-n", "1", "--eval-examples", "4"]
