@@ -35,19 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (the quickstart's LoRA rate)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="train.seed and data.seed; the pairs are drawn and corrupted "
-                   "with seed+1 (the scored items do not change with it)")
+                   "with instruct.pair_seed(seed) (the scored items do not change with it)")
     p.add_argument("--jobs", type=int, default=1)
     a = p.parse_args(argv)
     from tunelab.errors import TunelabError
     from tunelab.experiments import instruct, sweep
     from tunelab.experiments import instruct_quality as iq
+    from tunelab.experiments.instruct import pair_seed
 
     out = Path(a.out)
     try:
         ns = [int(n) for n in a.ns.split(",")]
         if not 0 <= a.share <= 1:
             raise TunelabError(f"--share must be in [0, 1], got {a.share}")
-        info = iq.build_data(out / "data", ns, a.share, a.eval_examples, a.eval_n, seed=a.seed + 1)
+        info = iq.build_data(out / "data", ns, a.share, a.eval_examples, a.eval_n, seed=pair_seed(a.seed))
         dirs = iq.plan_cells(out, ROOT / "configs/sweep-sft.yaml", base_overrides(a, info["eval_path"]), info,
                              a.steps, a.batch_size, a.eval_examples, a.eval_n)
     except (ValueError, TunelabError) as e:

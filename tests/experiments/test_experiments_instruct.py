@@ -271,7 +271,11 @@ def test_training_pairs_never_are_the_scored_items_of_trained_families(tmp_path)
         return len(scored & {it.meta["input"] for it in generate_items(instruct.phrasing_families(), 9, seed)})
     assert shared(instruct.EVAL_SEED) == len(scored) == 66  # what a pair seed equal to the eval seed did
     assert all(shared(instruct.pair_seed(s)) <= 2 for s in range(3))  # chance repeats of small input spaces only
-    for build in (instruct.build_phrasing_data, instruct.build_method_data):
+    from tunelab.experiments import instruct_quality
+
+    def quality_data(out, examples, eval_examples, seed):
+        return instruct_quality.build_data(out, [examples], 0.3, eval_examples, 1, seed=seed)
+    for build in (instruct.build_phrasing_data, instruct.build_method_data, quality_data):
         for seed in (instruct.EVAL_SEED, instruct.LOSS_SEED):
             with pytest.raises(TunelabError, match="--pair-seed"):
                 build(tmp_path, 44, 11, seed=seed)

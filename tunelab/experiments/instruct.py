@@ -36,7 +36,7 @@ def pair_seed(seed: int) -> int:
     return seed + 1 if seed + 1 < min(EVAL_SEED, LOSS_SEED) else seed + 3
 
 
-def _check_pair_seed(seed: int) -> None:
+def check_pair_seed(seed: int) -> None:
     """Designs that score trained families refuse pair seeds that would train on the scored or eval-loss items."""
     if seed in (EVAL_SEED, LOSS_SEED):
         raise TunelabError(f"training pairs drawn with seed {seed} would be the scored items (seed {EVAL_SEED}) "
@@ -303,7 +303,7 @@ def build_phrasing_data(out: Path, examples: int, eval_examples: int, seed: int 
     """Write DIR/phrasings-one.jsonl (every pair in its family's first training phrasing) and
     DIR/phrasings-all.jsonl (the same contents in the same order, each in one of the 5 training phrasings
     drawn per pair), both over the 44 trained families, DIR/paraphrase-eval.jsonl and DIR/data.json."""
-    _check_pair_seed(seed)
+    check_pair_seed(seed)
     order = family_order()
     out.mkdir(parents=True, exist_ok=True)
     files = {v: {"path": _write(out / f"phrasings-{v}.jsonl", balanced_pairs(order, examples, seed, t)),
@@ -472,7 +472,7 @@ EQUIVALENCE_MARGIN = 0.05  # "QLoRA matches LoRA": the primary interval inside +
 def build_method_data(out: Path, examples: int, eval_examples: int, seed: int = 1) -> dict:
     """Write DIR/methods.jsonl (`examples` pairs over the 44 trained families), DIR/trained-eval.jsonl (pairs
     of the same families drawn with LOSS_SEED: the eval loss) and DIR/data.json."""
-    _check_pair_seed(seed)
+    check_pair_seed(seed)
     order = family_order()
     out.mkdir(parents=True, exist_ok=True)
     path = _write(out / "methods.jsonl", balanced_pairs(order, examples, seed))

@@ -37,6 +37,7 @@ from tunelab.experiments.instruct import (
     _signed,
     _write,
     balanced_pairs,
+    check_pair_seed,
     family_order,
     paired_difference,
 )
@@ -97,6 +98,7 @@ def build_data(out: Path, ns: list[int], share: float, eval_examples: int, eval_
 
     if not ns or min(ns) < 1:
         raise TunelabError(f"the numbers of pairs (--ns) must be >= 1, got {ns}")
+    check_pair_seed(seed)
     order, held = family_order(), collection("instruct")[1]
     clean = nested_pairs(ns, seed)
     noisy = noisy_sets(clean, share, seed)
