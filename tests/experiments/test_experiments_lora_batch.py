@@ -141,11 +141,10 @@ def test_estimate_counts_cells_and_cpu_by_hand():
     cost = {"kinds": {"full": {"train_cpu_s_per_example": 0.5, "overhead_cpu_s": 40.0},
                       "lora-r128": {"train_cpu_s_per_example": 0.4, "overhead_cpu_s": 30.0}}}
     est = lb.estimate(cost, [64, 256], [1, 16, 128], examples=512, points=3, extend=1, seeds=3)
-    full, lora = 40 + 512 * 0.5, 30 + 512 * 0.4  # 296 and 234.8 CPU-s a cell
-    assert est["cell_cpu_s"] == pytest.approx({"full": full, "lora": lora})
-    # 2 full arms and 6 LoRA arms, 3 rates + 2 seeds each; up to one more rate per arm
-    assert est["cells"] == [40, 48]
-    assert est["cpu_hours"] == pytest.approx([(2 * 5 * full + 6 * 5 * lora) / 3600, (2 * 6 * full + 6 * 6 * lora) / 3600])
+    cell = 40 + 512 * 0.5  # the largest overhead and the largest per-example cost: 296 CPU-s a cell
+    assert est["cell_cpu_s"] == pytest.approx(cell) and est["arms"] == 8  # 2 batches x (full + 3 ranks)
+    assert est["cells"] == [40, 48]  # 3 rates + 2 seeds per arm; up to one more rate per arm
+    assert est["cpu_hours"] == pytest.approx([40 * cell / 3600, 48 * cell / 3600])
 
 
 def test_measure_times_short_cells_and_is_reused(workspace, tmp_path, monkeypatch):  # noqa: F811
