@@ -320,8 +320,9 @@ def collect(out: Path) -> tuple[dict, dict]:
         pick.update(method=key[0], rank=key[1], batch=key[2])
     for p in sorted((out / "stage2").glob("*/cells/*/result.json")):
         r = json.loads(p.read_text())
-        seed = int(p.parts[-4].rsplit("__seed-", 1)[1])
-        if r["status"] == "ok":
+        arm, seed = p.parts[-4].rsplit("__seed-", 1)
+        seed = int(seed)
+        if r["status"] == "ok" and arm in picks and r["lr"] == picks[arm]["lr"]:  # not a cell of an older pick
             runs.setdefault(_key(r), {})[seed] = r
     return picks, runs
 
