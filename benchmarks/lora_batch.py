@@ -22,8 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+def _ints(text: str, flag: str) -> list[int]:
+    from tunelab.errors import TunelabError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise TunelabError(f"{flag} takes positive integers separated by commas, e.g. 64,256; got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             "8,16", "16", 32, 8, 2, 2, 4, 0
     from tunelab.errors import TunelabError
 
-    batches, ranks = _ints(a.batches), _ints(a.ranks)
+    batches, ranks = _ints(a.batches, "--batches"), _ints(a.ranks, "--ranks")
     if a.examples < max(batches) or a.examples % max(batches):
         raise TunelabError(f"--examples {a.examples} must be a multiple of the largest batch {max(batches)} "
                            "(every batch size then sees exactly the same examples)")

@@ -132,9 +132,11 @@ def test_quick_pipeline_end_to_end_on_a_tiny_model_and_resumed(workspace, tmp_pa
     assert json.loads((out / "summary.json").read_text())["gaps"] == summary["gaps"]
 
 
-def test_benchmark_refuses_a_budget_that_is_not_a_multiple_of_the_batch(tmp_path):
+def test_benchmark_refuses_bad_sizes_in_one_line(tmp_path):
     with pytest.raises(TunelabError, match="multiple of the largest batch"):
         _bench().main(["--examples", "100", "--out", str(tmp_path)])
+    with pytest.raises(TunelabError, match="--ranks takes positive integers"):
+        _bench().main(["--ranks", "16,x", "--out", str(tmp_path)])
 
 
 def test_estimate_counts_cells_and_cpu_by_hand():
