@@ -19,6 +19,7 @@ LoRA on the bundled model (tunelab.experiments.instruct). Resumable: run the sam
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -104,6 +105,10 @@ def run_methods(a, out: Path, scoring: dict) -> int:
     if not (out / "base.json").exists():
         b = instruct.evaluate_base(out, sweeps[next(iter(lrs))])
         print(f"base: score {b['accuracy']:.3f}, eval loss {b['eval_loss']:.3f}", flush=True)
+    base = json.loads((out / "base.json").read_text())
+    if "qlora" in lrs and "nf4_eval_loss" not in base:  # what quantizing costs before any training
+        base["nf4_eval_loss"] = instruct.base_loss(out, sweeps["qlora"])
+        (out / "base.json").write_text(json.dumps(base, indent=1))
     failed = sweep.run_cells(dirs, a.jobs)
     print(instruct.method_table(instruct.summarize_methods(out, sweeps)), end="")
     return 1 if failed else 0

@@ -3,7 +3,9 @@
 The data is a few hundred verifiable instruction pairs from tunelab's task families (tunelab.eval.tasks),
 written to JSONL and trained through the same config, data path and loop as `tunelab train`. Quality is
 measured on items never trained on: new items of the trained families (the headline number), and whole
-families never trained on (transfer to unseen instructions of a familiar kind).
+families never trained on: the `instruct` collection's 11 held-out families (transfer to unseen tasks;
+docs/instruction-tuning.md measures the same on larger runs). Every change is paired over the same items,
+with its interval.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 
 from tunelab.eval.injection import STYLES
-from tunelab.eval.stats import BASELINE_NOTE, exact, interval, mean
+from tunelab.eval.stats import BASELINE_NOTE, bootstrap_interval, exact, interval, mean
 
 EVAL_PER_FAMILY = 10
 CHECK_N = 6
@@ -51,10 +53,20 @@ def _pct(v: float, ci=None) -> str:
 
 
 def _rate_row(name: str, before: list[float], after: list[float], baseline: list[float] | None = None) -> tuple:
-    """(name, before [CI], after [CI], change, baseline) of per-item scores; the intervals are stats.interval's."""
+    """(name, before [CI], after [CI], change [CI], baseline) of per-item scores of the same items: the
+    before/after intervals are stats.interval's, the change's the bootstrap of the paired differences."""
     b, a = mean(before), mean(after)
-    return (name, _pct(b, interval(before)), _pct(a, interval(after)), f"{a - b:+.1%}",
+    lo, hi = bootstrap_interval([y - x for x, y in zip(before, after)])
+    return (name, _pct(b, interval(before)), _pct(a, interval(after)), f"{a - b:+.1%} [{lo:+.1%}, {hi:+.1%}]",
             _pct(mean(baseline)) if baseline is not None else "")
+
+
+def unseen_families() -> list[str]:
+    """The families of the "unseen" rows: the instruct collection's held-out ones (one per skill group, none
+    among the quickstart's trained families)."""
+    from tunelab.eval.tasks import collection
+
+    return collection("instruct")[1]
 
 
 class _Clock:
@@ -147,6 +159,7 @@ def run(args) -> int:
     report = _report(args, cfg, sets, before, after, summary, scan, out, clock)
     (out / "quickstart.md").write_text(report + "\n")
     (out / "quickstart.json").write_text(json.dumps({"before": _strip(before), "after": _strip(after),
+                                                      "unseen_ids": [it.id for it in sets["unseen"]],
                                                       "train": summary, "seconds": clock.table()}, indent=1))
     print("\n" + report)
     return 0
@@ -155,15 +168,15 @@ def run(args) -> int:
 def task_sets(args) -> tuple[list, dict]:
     """(training items, evaluation sets) of a quickstart, seeded: args.train_per_family items of each trained
     family (seed 1); "test" new items of those families (seed 2, training prompts removed), "unseen" the
-    held-out families, and the cost checks (args.check_n documents' attacks, 2 * check_n unknown people)."""
+    held-out families of the instruct collection, and the cost checks (args.check_n documents' attacks, 2 * check_n unknown people)."""
     from tunelab.eval import injection as J
     from tunelab.eval.suites import hallucination_eval_items
-    from tunelab.eval.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES, generate_items
+    from tunelab.eval.tasks import TRAIN_FAMILIES, generate_items
 
     train_items = generate_items(TRAIN_FAMILIES, args.train_per_family, seed=1)
     seen = {it.prompt for it in train_items}
     sets = {"test": [it for it in generate_items(TRAIN_FAMILIES, args.eval_per_family, seed=2) if it.prompt not in seen],
-            "unseen": generate_items(HELDOUT_FAMILIES, args.eval_per_family, seed=2),
+            "unseen": generate_items(unseen_families(), args.eval_per_family, seed=2),
             # the cost checks: attacked documents only (attack success), unknown people only (abstention)
             "injection": [it for it in J.make_items(args.check_n, seed=2) if it.meta["kind"] == "attacked"],
             "hallucination": hallucination_eval_items(2 * args.check_n, seed=2, kinds=("unknown",))}
@@ -181,7 +194,7 @@ def write_data(cfg, out: Path, train_items: list, test: list) -> None:
 
 def _report(args, cfg, sets, before, after, summary, scan, out, clock) -> str:
     from tunelab.eval.stats import constant_baseline
-    from tunelab.eval.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES
+    from tunelab.eval.tasks import TRAIN_FAMILIES
 
     rows = []
     for k, what in (("test", "held-out items of the trained families"), ("unseen", "unseen families (transfer)")):
@@ -202,7 +215,7 @@ def _report(args, cfg, sets, before, after, summary, scan, out, clock) -> str:
     (lo_b, hi_b), (lo_a, hi_a) = (interval(r["test"]["scores"]) for r in (before, after))
     separate = "do not overlap" if lo_a > hi_b or hi_a < lo_b else "OVERLAP: use more --eval-per-family"
     fam_rows = []
-    for k, fams in (("test", TRAIN_FAMILIES), ("unseen", HELDOUT_FAMILIES)):
+    for k, fams in (("test", TRAIN_FAMILIES), ("unseen", unseen_families())):
         const = constant_baseline(sets[k])
         for f in fams:
             pick = [i for i, it in enumerate(sets[k]) if it.family == f]
@@ -217,10 +230,11 @@ def _report(args, cfg, sets, before, after, summary, scan, out, clock) -> str:
                         f"  before:   {before['test']['outputs'][i]!r}\n  after:    {after['test']['outputs'][i]!r}")
     return "\n\n".join([
         f"# tunelab quickstart: {args.method} on {cfg.model.source}",
-        _table(rows, ("metric", "before [95% CI]", "after [95% CI]", "change", "constant-answer baseline")),
+        _table(rows, ("metric", "before [95% CI]", "after [95% CI]", "change [95% CI, paired]", "constant-answer baseline")),
         f"Trained families' score: the 95% intervals before and after {separate}. Intervals: Wilson score "
         "intervals for 0/1 outcomes (exact match, attack success, abstention), percentile bootstrap over items "
-        f"(2000 resamples) for partial-credit scores. {BASELINE_NOTE} Held-out prose: "
+        f"(2000 resamples) for partial-credit scores; the change's interval is the percentile bootstrap of the "
+        f"per-item differences (the same items before and after). {BASELINE_NOTE} Held-out prose: "
         f"{scan.overlap_line('held-out prose')}.",
         _table(fam_rows, ("family", "n", "before", "after", "constant answer")),
         "Generations (greedy):\n" + "\n".join(examples),

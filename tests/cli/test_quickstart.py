@@ -8,8 +8,8 @@ from tunelab.cli import main
 def test_quickstart_smoke(tmp_path, capsys):
     from tunelab.eval.heldout import word_ngrams
     from tunelab.eval.heldout_prose import PARAGRAPHS
-    from tunelab.eval.stats import exact, wilson_interval
-    from tunelab.quickstart import _pct
+    from tunelab.eval.stats import bootstrap_interval, exact, wilson_interval
+    from tunelab.quickstart import _pct, unseen_families
 
     out = tmp_path / "qs"
     args = ["quickstart", "--out", str(out), "--max-steps", "2", "--train-per-family", "4", "--eval-per-family", "2",
@@ -32,7 +32,12 @@ def test_quickstart_smoke(tmp_path, capsys):
         assert _pct(sum(hits) / n_test, wilson_interval(int(sum(hits)), n_test)) in text
         assert _pct(sum(r["attack_hits"]) / 5, wilson_interval(int(sum(r["attack_hits"])), 5)) in text
         assert r["prose"]["tokens"] > 1000 and r["prose"]["ppl"] > 1
-    for row in ("score, partial credit (n=14)", "exact match", "constant-answer baseline", "attack success (n=5",
+    # unseen: 2 items of each of the instruct collection's 11 held-out families; the change is paired over them
+    assert [i.rsplit("-", 2)[0] for i in result["unseen_ids"]] == [f for f in unseen_families() for _ in range(2)]
+    d = [y - x for x, y in zip(before["unseen"]["scores"], after["unseen"]["scores"])]
+    lo, hi = bootstrap_interval(d)
+    assert f"| {sum(d) / 22:+.1%} [{lo:+.1%}, {hi:+.1%}] " in text
+    for row in ("score, partial credit (n=14)", "unseen families (transfer): score, partial credit (n=22)", "exact match", "constant-answer baseline", "attack success (n=5",
                 "abstention (n=2", "held-out prose perplexity", f"0 of {len(set().union(*map(word_ngrams, PARAGRAPHS)))} "):
         assert row in text, row
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())

@@ -241,7 +241,7 @@ def test_benchmark_methods_design_trains_each_method_at_its_lr_on_the_same_items
             "--eval-n", "1", "--eval-examples", "4", "--batch-size", "4", "--lrs", "full=1e-4,qlora=2e-3"]
     assert bench.main(argv) == 0
     base = json.loads((out / "base.json").read_text())
-    assert base["ids"] == [f"{f}-2-0" for f in instruct.method_families()]
+    assert base["ids"] == [f"{f}-2-0" for f in instruct.method_families()] and "nf4_eval_loss" in base
     cells = {m: json.loads(next((out / f"sweep-{m}" / "cells").glob("*/result.json")).read_text())
              for m in ("full", "qlora")}
     assert {m: (c["method"], c["lr"], c["steps"]) for m, c in cells.items()} == {
@@ -250,6 +250,8 @@ def test_benchmark_methods_design_trains_each_method_at_its_lr_on_the_same_items
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["models"]) == ["base", "full", "qlora"] and summary["n_trained"] == 44
     assert summary["verdict"] is None  # no LoRA cell: no primary comparison
+    # the untuned base quantized as the QLoRA cell loads it: its eval loss differs from the 16-bit base's
+    assert summary["nf4_base_loss"] == base["nf4_eval_loss"] and abs(base["nf4_eval_loss"] - base["eval_loss"]) > 1e-4
     d = next(d for d in summary["differences"] if (d["a"], d["b"]) == ("full", "qlora"))
     want = sum(q - f for q, f in zip(cells["qlora"]["scores"][:44], cells["full"]["scores"][:44])) / 44
     assert d["trained"]["diff"] == pytest.approx(want) and d["heldout"]["n"] == 11

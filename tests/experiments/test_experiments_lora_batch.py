@@ -4,13 +4,13 @@ whole pipeline (`--quick`) on a tiny random model, resumed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from benchmarks import lora_batch as bench
 from tests.train.test_train_e2e import workspace  # noqa: F401  (the shared tiny model fixture)
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
@@ -18,13 +18,6 @@ from tunelab.experiments import lora_batch as lb
 
 ROOT = Path(__file__).resolve().parents[2]
 T2 = 4.302652729749462  # Student's t, 97.5% quantile, 2 degrees of freedom (scipy.stats.t.ppf(0.975, 2))
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("lora_batch_bench", ROOT / "benchmarks" / "lora_batch.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_cells_reach_their_effective_batch_by_accumulation_on_the_same_examples(tmp_path):
@@ -99,7 +92,6 @@ def test_contrast_against_float64_by_hand():
 
 
 def test_quick_pipeline_end_to_end_on_a_tiny_model_and_resumed(workspace, tmp_path, capsys):  # noqa: F811
-    bench = _bench()
     out = tmp_path / "run"
     argv = ["--quick", "--model", str(workspace / "model"), "--out", str(out)]
     assert bench.main(argv) == 0
@@ -134,9 +126,9 @@ def test_quick_pipeline_end_to_end_on_a_tiny_model_and_resumed(workspace, tmp_pa
 
 def test_benchmark_refuses_bad_sizes_in_one_line(tmp_path):
     with pytest.raises(TunelabError, match="multiple of the largest batch"):
-        _bench().main(["--examples", "100", "--out", str(tmp_path)])
+        bench.main(["--examples", "100", "--out", str(tmp_path)])
     with pytest.raises(TunelabError, match="--ranks takes positive integers"):
-        _bench().main(["--ranks", "16,x", "--out", str(tmp_path)])
+        bench.main(["--ranks", "16,x", "--out", str(tmp_path)])
 
 
 def test_estimate_counts_cells_and_cpu_by_hand():

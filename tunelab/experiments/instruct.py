@@ -134,18 +134,32 @@ def _cluster_bootstrap(clusters: list[list[float]], seed: int, level: float = 0.
     return resampled_interval(clusters, lambda pick: sum(map(sum, pick)) / sum(map(len, pick)), seed=seed, level=level)
 
 
-def evaluate_base(out: Path, sweep_dir: str = "sweep") -> dict:
-    """Score the untuned model as the sweep DIR/`sweep_dir` scores its cells (the first cell's config and
-    eval_tasks arguments: same items, same eval batches) and write DIR/base.json."""
+def _untuned(out: Path, sweep_dir: str):
+    """(model, tokenizer, config, sweep spec): the untuned model as the first cell of DIR/`sweep_dir` loads it
+    (for a qlora cell the base quantized to 4 bits, before any training)."""
     from tunelab.config import load_config
-    from tunelab.experiments.quality import evaluate_tasks
-    from tunelab.quickstart import _eval_loss
     from tunelab.train.run import build_model, pick_device
 
     spec = json.loads((out / sweep_dir / "sweep.json").read_text())
-    cell = out / sweep_dir / "cells" / spec["cells"][0]
-    cfg = load_config(cell / "cell.yaml")
-    model, tok = build_model(cfg, pick_device(cfg.train.device))
+    cfg = load_config(out / sweep_dir / "cells" / spec["cells"][0] / "cell.yaml")
+    return *build_model(cfg, pick_device(cfg.train.device)), cfg, spec
+
+
+def base_loss(out: Path, sweep_dir: str) -> float:
+    """The eval loss of the untuned model of DIR/`sweep_dir`'s first cell, on that cell's eval batches."""
+    from tunelab.quickstart import _eval_loss
+
+    model, tok, cfg, _ = _untuned(out, sweep_dir)
+    return _eval_loss(model, tok, cfg)
+
+
+def evaluate_base(out: Path, sweep_dir: str = "sweep") -> dict:
+    """Score the untuned model as the sweep DIR/`sweep_dir` scores its cells (the first cell's config and
+    eval_tasks arguments: same items, same eval batches) and write DIR/base.json."""
+    from tunelab.experiments.quality import evaluate_tasks
+    from tunelab.quickstart import _eval_loss
+
+    model, tok, cfg, spec = _untuned(out, sweep_dir)
     result = evaluate_tasks(model, tok, **spec["extras"]["eval_tasks"])
     result["eval_loss"] = _eval_loss(model, tok, cfg)
     (out / "base.json").write_text(json.dumps(result, indent=1))
@@ -526,7 +540,7 @@ def summarize_methods(out: Path, sweeps: dict[str, str]) -> dict:
             d = {"a": a, "b": b}
             for part, fams in (("trained", trained), ("heldout", held)):
                 p = paired_difference(_part(results[a], fams), _part(results[b], fams))
-                d[part] = {k: p[k] for k in ("n", "diff", "ci", "family_ci", "exact_diff", "exact_ci")}
+                d[part] = {k: p[k] for k in ("n", "diff", "ci", "family_ci", "exact_diff", "exact_ci", "per_family")}
             diffs.append(d)
     primary = diffs[0] if diffs and (diffs[0]["a"], diffs[0]["b"]) == METHOD_PAIRS[0] else None
     scoring = json.loads((out / next(iter(sweeps.values())) / "sweep.json").read_text())["extras"]["eval_tasks"]
@@ -534,6 +548,7 @@ def summarize_methods(out: Path, sweeps: dict[str, str]) -> dict:
                "n_trained": len(_part(results["base"], trained)["ids"]),
                "n_heldout": len(_part(results["base"], held)["ids"]),
                "overlap_with_training": training_overlap(out), "models": models, "differences": diffs,
+               "nf4_base_loss": results["base"].get("nf4_eval_loss"),
                "verdict": primary and verdict(primary["trained"]["ci"]),
                "baselines": {"trained": baselines(**{**scoring, "families": trained}),
                              "heldout": baselines(**{**scoring, "families": held})}}
@@ -571,6 +586,8 @@ def method_table(summary: dict) -> str:
              f"| {_signed(d['trained']['diff'], d['trained']['family_ci'])} "
              f"| {_signed(d['trained']['exact_diff'], d['trained']['exact_ci'])} "
              f"| {_signed(d['heldout']['diff'], d['heldout']['ci'])} |" for d in summary["differences"]]
+    if summary.get("nf4_base_loss") is not None:
+        rows.append(f"| base quantized to NF4 (untuned; QLoRA's start) | | 0 | | | | | {summary['nf4_base_loss']:.3f} |")
     b = summary["baselines"]
     tail = (f"\nWithout any skill, on the same items: echoing the input scores {b['trained']['echo']:.1%} on the trained "
             f"families and {b['heldout']['echo']:.1%} on the held-out ones; each family's most common answer "
