@@ -7,4 +7,5 @@ quality variants, and what each training method costs.
     report     table, findings and plots regenerated from the recorded cells
     quality    the SFT corruption step, clean/noisy data variants, held-out accuracy and format compliance
     cost       analytic parameters / bytes / FLOPs per method, and measured peak memory and tokens/s
+    lora_batch LoRA against full fine-tuning at large effective batches: two-stage lr, gaps with intervals
 """

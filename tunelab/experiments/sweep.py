@@ -144,6 +144,10 @@ def run_cell(cell_dir: Path, keep_outputs: bool = False) -> dict:
         from tunelab.experiments.quality import evaluate_tasks
 
         extra = evaluate_tasks(model, tok, **extras["eval_tasks"])
+    if extras.get("example_losses"):  # per eval example, for intervals over examples (experiments.lora_batch)
+        from tunelab.experiments.lora_batch import example_losses
+
+        extra["example_losses"] = example_losses(model, tok, cfg)
     if not keep_outputs:
         _prune(cell_dir)
     return _record(cell_dir, cfg, "ok", summary, None, extra)
