@@ -18,6 +18,7 @@ from tunelab.eval.injection import STYLES
 from tunelab.eval.stats import BASELINE_NOTE, bootstrap_interval, exact, interval, mean
 
 EVAL_PER_FAMILY = 10
+UNSEEN_PER_FAMILY = 6  # x 11 families: 66 items, about the 70 of the quickstart collection's 7 (the time budget)
 CHECK_N = 6
 
 
@@ -27,7 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("--method", choices=["qlora", "lora"], default="qlora")
     p.add_argument("--train-per-family", type=int, default=32, help="training pairs per trained family")
     p.add_argument("--eval-per-family", type=int, default=EVAL_PER_FAMILY,
-                   help=f"held-out items per family (default {EVAL_PER_FAMILY})")
+                   help=f"held-out items per trained family (default {EVAL_PER_FAMILY})")
+    p.add_argument("--unseen-per-family", type=int, default=UNSEEN_PER_FAMILY,
+                   help=f"items per unseen family (11 families; default {UNSEEN_PER_FAMILY})")
     p.add_argument("--check-n", type=int, default=CHECK_N,
                    help=f"size of the cost checks: injection documents (x {len(STYLES)} attacks) and unknown-fact "
                         f"questions / 2 (default {CHECK_N})")
@@ -120,6 +123,7 @@ def run(args) -> int:
     clock = _Clock()
     cfg = quickstart_config(args)  # a bad flag fails here, before anything is written
     for flag, value in (("--eval-per-family", args.eval_per_family), ("--check-n", args.check_n),
+                        ("--unseen-per-family", args.unseen_per_family),
                         ("--train-per-family", args.train_per_family)):
         if value < 1:
             raise TunelabError(f"{flag} must be 1 or more, got {value}")
@@ -167,8 +171,9 @@ def run(args) -> int:
 
 def task_sets(args) -> tuple[list, dict]:
     """(training items, evaluation sets) of a quickstart, seeded: args.train_per_family items of each trained
-    family (seed 1); "test" new items of those families (seed 2, training prompts removed), "unseen" the
-    held-out families of the instruct collection, and the cost checks (args.check_n documents' attacks, 2 * check_n unknown people)."""
+    family (seed 1); "test" new items of those families (seed 2, training prompts removed), "unseen"
+    args.unseen_per_family items of each held-out family of the instruct collection, and the cost checks
+    (args.check_n documents' attacks, 2 * check_n unknown people)."""
     from tunelab.eval import injection as J
     from tunelab.eval.suites import hallucination_eval_items
     from tunelab.eval.tasks import TRAIN_FAMILIES, generate_items
@@ -176,7 +181,7 @@ def task_sets(args) -> tuple[list, dict]:
     train_items = generate_items(TRAIN_FAMILIES, args.train_per_family, seed=1)
     seen = {it.prompt for it in train_items}
     sets = {"test": [it for it in generate_items(TRAIN_FAMILIES, args.eval_per_family, seed=2) if it.prompt not in seen],
-            "unseen": generate_items(unseen_families(), args.eval_per_family, seed=2),
+            "unseen": generate_items(unseen_families(), args.unseen_per_family, seed=2),
             # the cost checks: attacked documents only (attack success), unknown people only (abstention)
             "injection": [it for it in J.make_items(args.check_n, seed=2) if it.meta["kind"] == "attacked"],
             "hallucination": hallucination_eval_items(2 * args.check_n, seed=2, kinds=("unknown",))}

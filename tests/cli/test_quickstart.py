@@ -13,7 +13,7 @@ def test_quickstart_smoke(tmp_path, capsys):
 
     out = tmp_path / "qs"
     args = ["quickstart", "--out", str(out), "--max-steps", "2", "--train-per-family", "4", "--eval-per-family", "2",
-            "--check-n", "1"]
+            "--unseen-per-family", "2", "--check-n", "1"]
     assert main(args) == 0
     text = capsys.readouterr().out
     result = json.loads((out / "quickstart.json").read_text())

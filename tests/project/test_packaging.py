@@ -62,6 +62,6 @@ def test_wheel_installs_and_runs_without_the_repository(tmp_path):
     assert _run([bin_, "--version"], elsewhere, env).strip() == f"tunelab {__version__}"
     ws = make_workspace(tmp_path / "ws", records=8)
     _run([bin_, "quickstart", "--out", "qs", "--model", ws / "model", "--max-steps", "2", "--train-per-family", "4",
-          "--eval-per-family", "2", "--check-n", "1"], elsewhere, env)
+          "--eval-per-family", "2", "--unseen-per-family", "2", "--check-n", "1"], elsewhere, env)
     assert (elsewhere / "qs" / "adapter" / "adapter_model.safetensors").is_file()
     assert '"steps": 2' in (elsewhere / "qs" / "summary.json").read_text()
