@@ -167,15 +167,20 @@ def evaluate_base(out: Path, sweep_dir: str = "sweep") -> dict:
 
 
 def baselines(n: int, seed: int, collection: str = "instruct", families: list[str] | None = None, **_) -> dict:
-    """What answers without any skill score on the scored items (`families`, default the collection's held-out
-    ones): `echo` copies the item's input unchanged (the partial credit a model gets for repeating the words
-    it was given), `constant` is stats.constant_baseline (each family's most common answer). Neither depends
-    on the instruction's phrasing."""
-    from tunelab.eval.stats import constant_baseline
+    """no_skill on the scored items (`families`, default the collection's held-out ones)."""
     from tunelab.eval.tasks import collection as families_of
-    from tunelab.eval.tasks import generate_items, score
+    from tunelab.eval.tasks import generate_items
 
-    items = generate_items(families or families_of(collection)[1], n, seed)
+    return no_skill(generate_items(families or families_of(collection)[1], n, seed))
+
+
+def no_skill(items) -> dict:
+    """What answers without any skill score on `items`: `echo` copies the item's input unchanged (the partial
+    credit a model gets for repeating the words it was given), `constant` is stats.constant_baseline (each
+    family's most common answer). Neither depends on the instruction's phrasing."""
+    from tunelab.eval.stats import constant_baseline
+    from tunelab.eval.tasks import score
+
     echo = [score(it.meta["input"], it) for it in items]
     return {"echo": mean(echo), "echo_exact": mean(exact(echo)), "constant": mean(constant_baseline(items)["scores"])}
 
@@ -490,10 +495,15 @@ def method_families() -> list[str]:
     return trained + held
 
 
+def subset(result: dict, keep: set[str]) -> dict:
+    """The items of an evaluate_tasks result whose ids are in `keep`, in order (ids, scores, outputs)."""
+    js = [j for j, i in enumerate(result["ids"]) if i in keep]
+    return {k: [result[k][j] for j in js] for k in ("ids", "scores", "outputs")}
+
+
 def _part(result: dict, families: list[str]) -> dict:
-    """The items of `result` (evaluate_tasks, phrasings "one") that belong to `families`: ids and scores."""
-    keep = [j for j, i in enumerate(result["ids"]) if i.rsplit("-", 2)[0] in families]
-    return {"ids": [result["ids"][j] for j in keep], "scores": [result["scores"][j] for j in keep]}
+    """The items of `result` (evaluate_tasks, phrasings "one") that belong to `families`."""
+    return subset(result, {i for i in result["ids"] if i.rsplit("-", 2)[0] in families})
 
 
 def training_overlap(out: Path) -> int:

@@ -39,7 +39,9 @@ from tunelab.experiments.instruct import (
     balanced_pairs,
     check_pair_seed,
     family_order,
+    no_skill,
     paired_difference,
+    subset,
 )
 
 VARIANTS = ("clean", "noisy")
@@ -152,14 +154,8 @@ def plan_cells(out: Path, config, overrides: list[str], info: dict, steps: int, 
     return dirs
 
 
-def _subset(result: dict, keep: set[str]) -> dict:
-    """The items of an evaluate_tasks result whose ids are in `keep`, in order (ids, scores, outputs)."""
-    js = [j for j, i in enumerate(result["ids"]) if i in keep]
-    return {k: [result[k][j] for j in js] for k in ("ids", "scores", "outputs")}
-
-
 def part_stats(result: dict, answers: dict[str, str], base: dict | None = None, ref: dict | None = None) -> dict:
-    """Score [95%], exact match and format compliance of a result on some items (`_subset`), and the paired
+    """Score [95%], exact match and format compliance of a result on some items (`instruct.subset`), and the paired
     differences (instruct.paired_difference) against the base model's and a reference cell's result on them."""
     from tunelab.experiments.quality import format_ok
 
@@ -170,16 +166,6 @@ def part_stats(result: dict, answers: dict[str, str], base: dict | None = None, 
         if other is not None:
             s[name] = paired_difference(other, result)
     return s
-
-
-def _no_skill(items, keep: set[str]) -> dict:
-    """instruct.baselines on the kept items: echo the input, each family's most common answer (over these items)."""
-    from tunelab.eval.stats import constant_baseline
-    from tunelab.eval.tasks import score
-
-    kept = [it for it in items if it.id in keep]
-    echo = [score(it.meta["input"], it) for it in kept]
-    return {"echo": mean(echo), "echo_exact": mean(exact(echo)), "constant": mean(constant_baseline(kept)["scores"])}
 
 
 def _cells(out: Path, info: dict) -> dict[tuple[str, str], dict]:
@@ -218,9 +204,9 @@ def summarize_results(info: dict, base: dict, cells: dict[tuple[str, str], dict]
     ref = cells.get(("steps", f"noisy-{ns[-1]}"))
 
     def stats(r: dict, part: str, vs: bool = True) -> dict:
-        sub = _subset(r, keep[part])
-        return part_stats(sub, answers, _subset(base, keep[part]) if vs else None,
-                          _subset(ref, keep[part]) if vs and ref and part == "trained" else None)
+        sub = subset(r, keep[part])
+        return part_stats(sub, answers, subset(base, keep[part]) if vs else None,
+                          subset(ref, keep[part]) if vs and ref and part == "trained" else None)
 
     done: dict[tuple, dict] = {}  # an epoch row that is the equal-steps cell reuses that cell's numbers
 
@@ -233,7 +219,7 @@ def summarize_results(info: dict, base: dict, cells: dict[tuple[str, str], dict]
              **once((b, v, n), r, lambda r=r: {p: stats(r, p) for p in PARTS})}
             for b in BUDGETS for n in ns for v in VARIANTS if (r := cells.get((b, f"{v}-{n}"))) is not None]
     contrasts = [{"budget": b, "n": n, "steps": c["steps"], "eval_loss": {"clean": c["eval_loss"], "noisy": z["eval_loss"]},
-                  **once((b, n), c, lambda c=c, z=z: {p: paired_difference(_subset(z, keep[p]), _subset(c, keep[p]))
+                  **once((b, n), c, lambda c=c, z=z: {p: paired_difference(subset(z, keep[p]), subset(c, keep[p]))
                                                       for p in PARTS})}
                  for b in BUDGETS for n in ns
                  if (c := cells.get((b, f"clean-{n}"))) and (z := cells.get((b, f"noisy-{n}")))]
@@ -241,12 +227,12 @@ def summarize_results(info: dict, base: dict, cells: dict[tuple[str, str], dict]
     primary = None
     if clean and ref:
         primary = {"b": f"clean-{ns[-2]}", "a": f"noisy-{ns[-1]}", "steps": ref["steps"],
-                   **paired_difference(_subset(ref, keep["trained"]), _subset(clean, keep["trained"]))}
+                   **paired_difference(subset(ref, keep["trained"]), subset(clean, keep["trained"]))}
     return {"ns": ns, "share": info["share"], "n_items": {p: len(keep[p]) for p in PARTS},
             "excluded": info["excluded"], "loss_pairs_trained_on": info["loss_pairs_trained_on"],
             "corrupted": {k: f["corrupted"] for k, f in info["files"].items() if f["variant"] == "noisy"},
             "base": {"eval_loss": base["eval_loss"], **{p: stats(base, p, vs=False) for p in PARTS}},
-            "baselines": {p: _no_skill(items, keep[p]) for p in PARTS},
+            "baselines": {p: no_skill([it for it in items if it.id in keep[p]]) for p in PARTS},
             "rows": rows, "primary": primary, "clean_vs_noisy": contrasts}
 
 

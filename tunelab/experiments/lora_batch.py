@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.experiments.report import _loss  # a failed or diverged cell: infinite loss
 
 BATCHES = (64, 128, 256)
 RANKS = (1, 16, 128)
@@ -68,10 +69,6 @@ def lr_grid(method: str, batch: int, points: int = 3, step: float = LR_STEP) -> 
 
     centre = LR_CENTER[method] * math.sqrt(batch / 64)
     return [_round(centre * step ** (i - (points - 1) / 2)) for i in range(points)]
-
-
-def _loss(r: dict) -> float:
-    return r["eval_loss"] if r["status"] == "ok" and r["eval_loss"] is not None else math.inf
 
 
 def select_lr(results: list[dict]) -> dict:
