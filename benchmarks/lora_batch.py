@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     data = lb.build_data(out / "data", a.examples, a.eval_examples, seeds)
     failed = lb.run(out, ROOT / "configs/sweep-sft.yaml", a.model, data, lb.arms(batches, ranks), a.lr_points,
                     a.extend, seeds, a.jobs, a.micro)
+    lb.base_eval(out)
     lb.summarize(out)
     print((out / "table.md").read_text(), end="")
     return 1 if failed else 0

@@ -117,11 +117,27 @@ def test_quick_pipeline_end_to_end_on_a_tiny_model_and_resumed(workspace, tmp_pa
     assert growth["per_seed"] == pytest.approx([gaps[16, 16]["per_seed"][s] - gaps[8, 16]["per_seed"][s] for s in (0, 1)])
     assert summary["primary"]["rank"] == 16 and summary["by_rank"] == []
     assert (out / "gap.png").stat().st_size > 0 and "| gap grows with batch? rank 16 (primary)" in (out / "table.md").read_text()
+    # each arm's loss at its pick, per seed, as its cells recorded it; the untuned model's loss as the reference
+    losses = {(x["method"], x["batch"]): x for x in summary["losses"]}
+    assert set(losses) == {("full", 8), ("lora", 8), ("full", 16), ("lora", 16)}
+    for folder, r in cells["stage2"]:
+        x = losses[r["method"], r["examples"] // r["steps"]]
+        assert x["seeds"] == [0, 1] and x["per_seed"][1] == r["eval_loss"] and x["lr"] == r["lr"]
+        assert x["mean"] == pytest.approx(sum(x["per_seed"]) / 2)
+    base = json.loads((out / "base.json").read_text())["eval_loss"]
+    assert summary["base_eval_loss"] == base and math.isfinite(base)
+    from tunelab.experiments.instruct import _untuned  # the same model scored one example at a time
+    model, tok, cfg, _ = _untuned(out / "stage1", "full__b8")
+    el = lb.example_losses(model, tok, cfg)
+    assert sum(el["loss_sums"]) / sum(el["tokens"]) == pytest.approx(base, rel=1e-5)
+    assert f"| - | untuned model | - | | {base:.4f} |" in (out / "table.md").read_text()
+    mtime = (out / "base.json").stat().st_mtime_ns
     capsys.readouterr()
     assert bench.main(argv) == 0  # resumed: nothing runs again
     printed = capsys.readouterr().out
     assert "8 already finished, 0 to run" in printed and "4 already finished, 0 to run" in printed
     assert json.loads((out / "summary.json").read_text())["gaps"] == summary["gaps"]
+    assert (out / "base.json").stat().st_mtime_ns == mtime  # computed once
 
 
 def test_benchmark_refuses_bad_sizes_in_one_line(tmp_path):

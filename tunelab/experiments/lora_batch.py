@@ -14,6 +14,7 @@ full fine-tuning and LoRA at ranks 1, 16, 128 (alpha 32 for every rank: the `ran
 
     DIR/data/train-seed<S>.jsonl, eval.jsonl   training pairs (drawn with instruct.pair_seed(S)), eval pairs
     DIR/stage1/<arm>/, DIR/stage2/<arm>__seed-<S>/   `tunelab sweep` folders (resumable: finished cells stay)
+    DIR/base.json                                the untuned model's eval loss (`base_eval`), the reference
     DIR/summary.json, table.md, gap.png          `summarize(DIR)`
 
 Every cell records, besides the loop's eval loss, the summed response loss and token count of each eval
@@ -324,6 +325,18 @@ def collect(out: Path) -> tuple[dict, dict]:
     return picks, runs
 
 
+def base_eval(out: Path) -> dict:
+    """The untuned model's eval loss on the cells' eval pairs (DIR/base.json, computed once): what training
+    starts from, so a gap can be read against how far each arm moved."""
+    from tunelab.experiments.instruct import base_loss
+
+    path = out / "base.json"
+    if not path.exists():
+        first = sorted(p.parent for p in (out / "stage1").glob("*/sweep.json"))[0]
+        path.write_text(json.dumps({"eval_loss": base_loss(first.parent, first.name)}, indent=1))
+    return json.loads(path.read_text())
+
+
 def _key(r: dict) -> tuple:
     """(method, rank, effective batch) of a cell result: the batch is examples / steps (micro x grad_accum)."""
     return r["method"], r["params"].get("lora.r"), r["examples"] // r["steps"]
@@ -351,8 +364,14 @@ def summarize(out: Path) -> dict:
             row["reading"] = reading(row)
     primary = next((g for g in growth if g["rank"] == PRIMARY_RANK), None)
     data = json.loads((out / "data" / "data.json").read_text())
+    losses = [{"method": m, "rank": r, "batch": b, "lr": rows[0]["lr"], "seeds": sorted(rows),
+               "per_seed": [rows[s]["eval_loss"] for s in sorted(rows)],
+               "mean": sum(x["eval_loss"] for x in rows.values()) / len(rows)}
+              for (m, r, b), rows in sorted(runs.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1] or 0))]
+    base = out / "base.json"
     summary = {"data": {k: v for k, v in data.items() if k != "train"},
-               "picks": picks, "gaps": gaps, "growth": growth, "by_rank": by_rank,
+               "base_eval_loss": json.loads(base.read_text())["eval_loss"] if base.exists() else None,
+               "picks": picks, "losses": losses, "gaps": gaps, "growth": growth, "by_rank": by_rank,
                "primary": primary and {"rank": PRIMARY_RANK, "reading": primary["reading"],
                                        "grows": primary["reading"] == "above zero"}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -372,6 +391,13 @@ def table(summary: dict) -> str:
     for name, p in summary["picks"].items():
         lines.append(f"| {name} | {', '.join(f'{x:.3g}' for x in p['grid'])} | {p['lr'] or '-'} | {p['edge'] or ''} "
                      f"| {'' if p['loss'] is None else format(p['loss'], '.4f')} | {p['diverged']} |")
+    lines += ["", "| batch | method | lr | eval loss per seed | mean |", "|---|---|---|---|---|"]
+    if summary.get("base_eval_loss") is not None:
+        lines.append(f"| - | untuned model | - | | {summary['base_eval_loss']:.4f} |")
+    for x in summary.get("losses", []):
+        name = "full" if x["method"] == "full" else f"LoRA r{x['rank']}"
+        lines.append(f"| {x['batch']} | {name} | {x['lr']:.4g} | {', '.join(f'{v:.4f}' for v in x['per_seed'])} "
+                     f"| {x['mean']:.4f} |")
     lines += ["", "| batch | rank | LoRA - full, per seed | mean [95% t over seeds] | pooled [95% bootstrap over "
               "eval examples] |", "|---|---|---|---|---|"]
     for g in summary["gaps"]:
