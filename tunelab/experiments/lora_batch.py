@@ -364,10 +364,11 @@ def summarize(out: Path) -> dict:
             row["reading"] = reading(row)
     primary = next((g for g in growth if g["rank"] == PRIMARY_RANK), None)
     data = json.loads((out / "data" / "data.json").read_text())
-    losses = [{"method": m, "rank": r, "batch": b, "lr": rows[0]["lr"], "seeds": sorted(rows),
-               "per_seed": [rows[s]["eval_loss"] for s in sorted(rows)],
-               "mean": sum(x["eval_loss"] for x in rows.values()) / len(rows)}
-              for (m, r, b), rows in sorted(runs.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1] or 0))]
+    losses = []  # each arm at its pick, per seed; ordered by batch, then full before LoRA by rank
+    for (m, r, b), rows in sorted(runs.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1] or 0)):
+        per_seed = [rows[s]["eval_loss"] for s in sorted(rows)]
+        losses.append({"method": m, "rank": r, "batch": b, "lr": rows[0]["lr"], "seeds": sorted(rows),
+                       "per_seed": per_seed, "mean": sum(per_seed) / len(per_seed)})
     base = out / "base.json"
     summary = {"data": {k: v for k, v in data.items() if k != "train"},
                "base_eval_loss": json.loads(base.read_text())["eval_loss"] if base.exists() else None,
@@ -392,9 +393,9 @@ def table(summary: dict) -> str:
         lines.append(f"| {name} | {', '.join(f'{x:.3g}' for x in p['grid'])} | {p['lr'] or '-'} | {p['edge'] or ''} "
                      f"| {'' if p['loss'] is None else format(p['loss'], '.4f')} | {p['diverged']} |")
     lines += ["", "| batch | method | lr | eval loss per seed | mean |", "|---|---|---|---|---|"]
-    if summary.get("base_eval_loss") is not None:
+    if summary["base_eval_loss"] is not None:
         lines.append(f"| - | untuned model | - | | {summary['base_eval_loss']:.4f} |")
-    for x in summary.get("losses", []):
+    for x in summary["losses"]:
         name = "full" if x["method"] == "full" else f"LoRA r{x['rank']}"
         lines.append(f"| {x['batch']} | {name} | {x['lr']:.4g} | {', '.join(f'{v:.4f}' for v in x['per_seed'])} "
                      f"| {x['mean']:.4f} |")
