@@ -29,10 +29,13 @@ def snapshot(repo_id: str, revision: str | None, files: list[str], *, repo_type:
     )
 
     at = f"@{revision}" if revision else ""
+    # "runs/chat-2" where runs/ is a local folder is most likely a mistyped path, not a Hub id: say so first
+    top = repo_id.split("/", 1)[0]
+    path = f" is not a local folder ({top}/ is one: a typo?)" if Path(top).is_dir() else ""
     try:
         return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=files))
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise TunelabError(f"{field}: {repo_id}{at}: {type(e).__name__.removesuffix('Error').lower()} on the "
+        raise TunelabError(f"{field}: {repo_id}{at}{path and path + ';'}: {type(e).__name__.removesuffix('Error').lower()} on the "
                            f"Hugging Face Hub (check the id and {revision_field}; a gated {repo_type} needs "
                            "`hf auth login`)") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
@@ -41,6 +44,6 @@ def snapshot(repo_id: str, revision: str | None, files: list[str], *, repo_type:
         rev = f" --revision {revision}" if revision else ""
         local = "folder" if repo_type == "model" else "file or folder"
         raise TunelabError(
-            f"{field}: {repo_id}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
+            f"{field}: {repo_id}{at}{path and path + ', and'} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
             f"fetch it where the Hub is reachable: `hf download {repo_id}{kind}{rev} "
             f"--include {' '.join(repr(p) for p in files)}`, or give a local {local}") from None

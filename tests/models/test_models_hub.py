@@ -50,6 +50,16 @@ def test_an_id_that_is_not_cached_offline_is_one_line_saying_how_to_fetch_it(hub
         model_folder("tiny-org/tiny-llama", "v9")
 
 
+def test_a_mistyped_run_folder_is_named_as_a_path_first(hub_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TunelabError, match=r"^model.source: runs/chat-2 is not in the Hugging Face cache"):
+        model_folder("runs/chat-2")  # no runs/ here: read as a Hub id only
+    (tmp_path / "runs" / "chat-1").mkdir(parents=True)
+    with pytest.raises(TunelabError, match=r"^model.source: runs/chat-2 is not a local folder \(runs/ is one: a "
+                                           r"typo\?\), and is not in the Hugging Face cache"):
+        model_folder("runs/chat-2")
+
+
 def test_tunelab_train_takes_an_id_and_its_revision(hub_cache, tmp_path):
     from tests.support.tiny_run import make_workspace, run_config
     from tunelab.cli import main
