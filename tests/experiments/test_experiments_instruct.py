@@ -73,6 +73,16 @@ def test_paired_difference_against_hand_computed_values():
     assert same["ci"] == pytest.approx((0.25, 0.25)) and same["family_ci"] == pytest.approx((0.25, 0.25))
 
 
+def test_family_of_reads_every_id_form_the_task_evals_write():
+    fams = instruct.phrasing_families()[:3]  # families with held-out phrasings
+    plain = generate_items(fams, 2, seed=5)
+    held = generate_items(fams, 2, seed=5, phrasings="heldout")
+    assert all(it.id.endswith("-p") for it in held)
+    for it in plain + held:
+        assert instruct.family_of(it.id) == it.family
+        assert instruct.family_of(f"{it.id.removesuffix('-p')}@held-out-1") == it.family
+
+
 def test_paired_difference_refuses_different_items():
     with pytest.raises(TunelabError, match="different items"):
         instruct.paired_difference(_result({"a": [0.0, 1.0]}), _result({"b": [0.0, 1.0]}))

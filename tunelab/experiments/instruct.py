@@ -44,6 +44,12 @@ def check_pair_seed(seed: int) -> None:
                            "--pair-seed (the default, instruct.pair_seed(--seed), never is)")
 
 
+def family_of(item_id: str) -> str:
+    """The family of a task item from its id: `<family>-<seed>-<i>`, with `-p` after it for a held-out
+    phrasing (tunelab.eval.tasks.generate_items) or `@<phrasing>` (quality.evaluate_tasks, every phrasing)."""
+    return item_id.split("@", 1)[0].removesuffix("-p").rsplit("-", 2)[0]
+
+
 def family_order() -> list[str]:
     """The instruct collection's 44 trained families, round-robin over its 11 groups (every group's first
     trained family, then every group's second, ...), so the first K families span min(K, 11) groups and
@@ -120,7 +126,7 @@ def paired_difference(base: dict, tuned: dict, seed: int = 0) -> dict:
     d = [t - b for b, t in zip(base["scores"], tuned["scores"])]
     by_family: dict[str, list[float]] = {}
     for item_id, v in zip(base["ids"], d):
-        by_family.setdefault(item_id.rsplit("-", 2)[0], []).append(v)
+        by_family.setdefault(family_of(item_id), []).append(v)
     return {"n": len(d), "diff": mean(d), "ci": bootstrap_interval(d, seed=seed),
             "family_ci": _cluster_bootstrap(list(by_family.values()), seed),
             "exact_diff": mean(exact(tuned["scores"])) - mean(exact(base["scores"])),
@@ -350,7 +356,7 @@ def phrasing_stats(result: dict, seed: int = 0) -> dict:
     held_scores = [mean([r[j] for j in held]) for r in rows]
     per_family: dict[str, list[float]] = {}
     for item_id, v in zip(by_item, held_scores):
-        per_family.setdefault(item_id.rsplit("-", 2)[0], []).append(v)
+        per_family.setdefault(family_of(item_id), []).append(v)
     return {"per_phrasing": dict(zip(labels, [mean(c) for c in zip(*rows)])),
             "trained": mean([mean([r[j] for j in train]) for r in rows]),
             "heldout": mean(held_scores), "heldout_ci": bootstrap_interval(held_scores, seed=seed),
@@ -503,7 +509,7 @@ def subset(result: dict, keep: set[str]) -> dict:
 
 def _part(result: dict, families: list[str]) -> dict:
     """The items of `result` (evaluate_tasks, phrasings "one") that belong to `families`."""
-    return subset(result, {i for i in result["ids"] if i.rsplit("-", 2)[0] in families})
+    return subset(result, {i for i in result["ids"] if family_of(i) in families})
 
 
 def training_overlap(out: Path) -> int:
