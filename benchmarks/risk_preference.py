@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def quickstart():
         """`tunelab quickstart`'s training (its config, data, seed and loop; no evaluation) into quickstart_run."""
+        from tunelab.data.prepared import read_manifest
         from tunelab.quickstart import quickstart_config, task_sets, write_data
         from tunelab.train.run import build_model, run_training
 
@@ -296,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.device = "cpu"
         torch.manual_seed(cfg.train.seed)  # as the quickstart: the adapter's initial weights
         summary, _ = run_training(cfg, model=build_model(cfg, torch.device("cpu")), overwrite=True)
-        return {**summary, "examples": len(train_items), "mean_tokens": float("nan"), "batch_size": cfg.train.batch_size,
+        data = read_manifest(quickstart_run / "prepared")["data_report"]  # the rows it trained on, de-duplicated
+        return {**summary, "examples": data["train_rows"], "mean_tokens": data["train_tokens"] / data["train_rows"],
+                "batch_size": cfg.train.batch_size,
                 "lr": cfg.train.lr, "wall_s": summary["seconds"]}
 
     def dpo():

@@ -186,6 +186,9 @@ def test_risk_preference_from_the_quickstart_on_a_tiny_model(tmp_path, capsys):
     assert rp.main(argv) == 0
     read = lambda p: json.loads((out / f"{p}.json").read_text())  # noqa: E731
     assert read("quickstart-train")["steps"] == 2 and "method: qlora" in (out / "quickstart" / "config.yaml").read_text()
+    rows = sum(1 for _ in open(out / "quickstart" / "data" / "train.jsonl"))
+    assert 0 < read("quickstart-train")["examples"] <= rows  # the rows trained on, after de-duplication
+    assert read("quickstart-train")["mean_tokens"] > 0
     assert abs(read("dpo-train")["first_loss"] - 0.6931472) < 1e-4
     merged, tok = rp.quickstart_sft(out / "quickstart")
     trained = open_model(str(out / "quickstart")).model  # the 4-bit base + the adapter, as trained
