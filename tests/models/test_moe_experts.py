@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -187,6 +188,23 @@ def test_expert_qlora_through_the_cli_against_peft_on_the_same_4bit_weights(case
         assert 4.0 < 8 * m.nbytes / m.numel() < 4.4
     theirs = _peft(ws, run, dequantized_from=ours)
     _same_logits_as_peft(ours, theirs, _ids())
+
+
+@pytest.mark.parametrize("case", MOE)
+def test_expert_qlora_merges_as_peft_into_the_original_or_the_dequantized_weights(case, tmp_path):
+    """`tunelab merge` / `export` of an expert QLoRA run: plain float experts and linears equal to PEFT's
+    merge_and_unload over the original float base (the default) or over our de-quantized weights."""
+    ws = _workspace(tmp_path, case)
+    run = tmp_path / "qlora"
+    assert _train(ws, run, "qlora") == 0
+    ids = _ids()
+    for from_quantized in (False, True):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # from_quantized warns that the 4-bit rounding error stays
+            merged = open_model(str(run), merge=True, from_quantized=from_quantized).model.eval()
+            assert not any(isinstance(m, (LoRAExperts, Experts4bit)) for m in merged.modules())
+            theirs = _peft(ws, run, dequantized_from=open_model(str(run)).model if from_quantized else None)
+            assert (merged(ids).logits - theirs.merge_and_unload()(ids).logits).abs().max() <= TOL
 
 
 def test_quantized_experts_store_an_eighth_of_fp32():

@@ -185,20 +185,20 @@ def merge_lora(model: nn.Module, base_weights: dict[str, torch.Tensor] | None = 
     wrapped = {p + ".base" for p, _ in lora_layers(model)}
     quantized = [p for p, m in model.named_modules() if p not in wrapped and is_quantized_linear(
         m.base if isinstance(m, LoRALinear) else m)]
-    quantized += [p.removesuffix(".base") for p, m in model.named_modules() if isinstance(m, Experts4bit)]
-    if quantized and base_weights is None:
+    experts = [p.removesuffix(".base") for p, m in model.named_modules() if isinstance(m, Experts4bit)]
+    if (quantized or experts) and base_weights is None:
         if not from_quantized:
             raise TunelabError(
-                f"{len(quantized)} layers (e.g. {quantized[0]}) are 4-bit: pass base_weights=<the original "
+                f"{len(quantized + experts)} layers (e.g. {(quantized + experts)[0]}) are 4-bit: pass base_weights=<the original "
                 "full-precision state dict> to merge into them, or from_quantized=True to merge into the "
                 "de-quantized 4-bit weights (loses quality)"
             )
         warnings.warn(
-            f"merging LoRA into de-quantized 4-bit weights ({len(quantized)} layers): the merged model keeps "
+            f"merging LoRA into de-quantized 4-bit weights ({len(quantized + experts)} layers): the merged model keeps "
             "every weight's 4-bit rounding error; pass base_weights=<original state dict> to avoid it",
             stacklevel=2,
         )
-    for path in quantized:
+    for path in quantized:  # the linears; experts are merge_experts' below
         module = model.get_submodule(path)
         if isinstance(module, LoRALinear):
             module.base = _float_linear(path, module.base, base_weights)
