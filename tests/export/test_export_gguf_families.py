@@ -130,10 +130,52 @@ def test_llama3_rope_scaling_writes_rope_freqs(tmp_path):
     assert factors[0] == 1.0 and factors[-1] == 8.0 and 1.0 < factors[1] < 8.0  # every regime exercised
 
 
+MOE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+       "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)}
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_experts_are_written_as_llama_cpp_reads_them(model_type, tmp_path):
+    """transformers 5's fused experts.gate_up_proj (gate rows first) split into ffn_gate_exps / ffn_up_exps,
+    down_proj as ffn_down_exps, the router as ffn_gate_inp in f32 even in a q8_0 file (llama.cpp's rule), and
+    the expert counts. (llama.cpp running these files: tests/export/test_export_llamacpp.py.)"""
+    model = tiny(model_type, **MOE[model_type])
+    arch = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}[model_type]
+    fields = gguf.GGUFReader(export_gguf(model, make_tiny_tokenizer(), tmp_path / "f.gguf", "f32")).fields
+    assert (fields[f"{arch}.expert_count"].contents(), fields[f"{arch}.expert_used_count"].contents()) == (4, 2)
+    if model_type == "qwen3_moe":
+        assert fields["qwen3moe.expert_feed_forward_length"].contents() == 32
+    state = model.state_dict()
+    for dtype in ("f32", "q8_0"):
+        tensors = {t.name: t for t in gguf.GGUFReader(export_gguf(model, make_tiny_tokenizer(),
+                                                                  tmp_path / f"{dtype}.gguf", dtype)).tensors}
+        for i in range(2):
+            gate, up = state[f"model.layers.{i}.mlp.experts.gate_up_proj"].chunk(2, dim=-2)
+            router = tensors[f"blk.{i}.ffn_gate_inp.weight"]
+            assert router.tensor_type.name == "F32"
+            assert np.array_equal(np.asarray(router.data), state[f"model.layers.{i}.mlp.gate.weight"].numpy())
+            if dtype == "f32":
+                for name, want in (("gate", gate), ("up", up), ("down", state[f"model.layers.{i}.mlp.experts.down_proj"])):
+                    assert np.array_equal(np.asarray(tensors[f"blk.{i}.ffn_{name}_exps.weight"].data), want.numpy())
+            else:
+                assert tensors[f"blk.{i}.ffn_up_exps.weight"].tensor_type.name == "Q8_0"
+
+
+def test_granite_scales_and_what_moe_export_refuses(tmp_path):
+    scales = dict(attention_multiplier=0.2, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=0.25)
+    fields = gguf.GGUFReader(export_gguf(tiny("granite", **scales), make_tiny_tokenizer(), tmp_path / "g.gguf")).fields
+    assert [fields[f"granite.{k}"].contents() for k in ("attention.scale", "embedding_scale", "residual_scale",
+                                                         "logit_scale")] == pytest.approx([0.2, 2.0, 0.5, 0.25])
+    for over in (dict(norm_topk_prob=False), dict(mlp_only_layers=[1]), dict(decoder_sparse_step=2)):
+        with pytest.raises(TunelabError, match="GGUF export of qwen3_moe needs norm_topk_prob=True"):
+            export_gguf(tiny("qwen3_moe", **{**MOE["qwen3_moe"], **over}), make_tiny_tokenizer(), tmp_path / "q.gguf")
+    assert not (tmp_path / "q.gguf").exists()
+
+
 def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
-    model = tiny("olmo2")
-    with pytest.raises(TunelabError, match=r"does not support the 'olmo2' family .*supported: llama, mistral, "
-                                            r"qwen2, qwen3, gemma2, phi3, gemma3_text$"):
+    model = tiny("cohere")
+    with pytest.raises(TunelabError, match=r"does not support the 'cohere' family .*supported: llama, mistral, "
+                                            r"qwen2, qwen3, gemma2, phi3, gemma3_text, granite, olmo2, mixtral, qwen3_moe$"):
         export_gguf(model, make_tiny_tokenizer(), tmp_path / "g.gguf")
     with pytest.raises(TunelabError, match="query_pre_attn_scalar=256 but llama.cpp scales queries by "
                                            r"1/sqrt\(head_dim=16\)"):
@@ -146,12 +188,12 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
     from tunelab.cli import main
 
-    model.save_pretrained(tmp_path / "olmo2")
-    make_tiny_tokenizer().save_pretrained(tmp_path / "olmo2")
-    assert main(["export", str(tmp_path / "olmo2"), "--gguf", str(tmp_path / "g.gguf")]) == 2
+    model.save_pretrained(tmp_path / "cohere")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "cohere")
+    assert main(["export", str(tmp_path / "cohere"), "--gguf", str(tmp_path / "g.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
-    assert err.startswith("tunelab export: error: GGUF export does not support the 'olmo2' family")
-    assert err.endswith("supported: llama, mistral, qwen2, qwen3, gemma2, phi3, gemma3_text") and not (tmp_path / "g.gguf").exists()
+    assert err.startswith("tunelab export: error: GGUF export does not support the 'cohere' family")
+    assert err.endswith("mixtral, qwen3_moe") and not (tmp_path / "g.gguf").exists()
 
 
 def test_partial_rotary_is_the_rope_dimension_count(tmp_path):

@@ -40,7 +40,26 @@ FAMILIES = {
     "phi3": ("phi3", {"pad_token_id": 0}),
     "gemma3": ("gemma3_text", {"head_dim": 256, "tie_word_embeddings": True, "sliding_window": 16,
                                "layer_types": ["sliding_attention", "full_attention"]}),
+    "granite": ("granite", {"attention_multiplier": 0.2, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                            "logits_scaling": 0.25}),  # each scale away from 1, so a missing one shows
+    "olmo2": ("olmo2", {"pad_token_id": 0}),
+    # 4 experts, 2 per token; the router's weights scaled up (tiny() below) so tokens pick different experts
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "head_dim": 16, "norm_topk_prob": True}),
 }
+
+
+def family_model(family: str):
+    """The tiny model of a FAMILIES entry; a MoE router's weights x 50, so routing differs from token to token
+    (at the default init every expert gets about the same weight and any top-k choice would look alike)."""
+    model_type, over = FAMILIES[family]
+    model = tiny(model_type, **over)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight") and p.ndim == 2:
+                p.mul_(50.0)
+    return model
 
 
 def current_umask() -> int:
@@ -87,10 +106,15 @@ def with_ggml_gelu(model):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
-    model_type, over = FAMILIES[family]
-    model = tiny(model_type, **over)
+    model = family_model(family)
     seq = prompt_and_greedy(model)
     ref = hf_logits(model, seq)
+    if model.config.model_type in ("mixtral", "qwen3_moe"):  # the tokens really go to different experts
+        with torch.no_grad():
+            router = model(torch.tensor([seq]), output_router_logits=True).router_logits[0]
+        picks = {tuple(sorted(r.topk(2).indices.tolist())) for r in router}
+        print(f"{family}: {len(picks)} distinct top-2 expert sets in layer 0")  # pytest -s
+        assert len(picks) >= 4
     tok = make_tiny_tokenizer()
     runs = {}
     for dtype in ("f32", "f16", "q8_0", "q4_0"):
@@ -108,6 +132,33 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
     print(f"{family} llama.cpp's q8_0 from our f16: {theirs}")
     assert ours.top1 >= theirs.top1 - 0.05 and ours.mean_kl <= 1.5 * theirs.mean_kl, (ours, theirs)
     assert runs["f32"].mean_kl < runs["f16"].mean_kl < ours.mean_kl < runs["q4_0"].mean_kl  # each rounding, in order
+
+
+@pytest.mark.parametrize("family,mistake", [("mixtral", "gate and up swapped"),
+                                            ("qwen3_moe", "top-k weights not renormalized"),
+                                            ("granite", "no residual scale")])
+def test_the_family_check_catches_a_wrong_export(family, mistake, tmp_path, monkeypatch):
+    """The f32 check above has power for what the new families add: each mistake, made on purpose in the
+    export, moves llama.cpp's logits far past the f32 tolerance."""
+    from tunelab.export import gguf as exporter
+
+    model = family_model(family)
+    split = exporter._split_experts
+    if mistake == "gate and up swapped":
+        swap = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
+        monkeypatch.setattr(exporter, "_split_experts", lambda key, w: (
+            (k.replace(k.split(".")[-2], swap.get(k.split(".")[-2], k.split(".")[-2])), v) for k, v in split(key, w)))
+    elif mistake == "top-k weights not renormalized":  # HF then differs from llama.cpp, which always renormalizes
+        monkeypatch.setattr(exporter, "check_exportable", lambda m: None)
+        for layer in model.model.layers:
+            layer.mlp.gate.norm_topk_prob = False
+    else:
+        monkeypatch.setattr(gguf.GGUFWriter, "add_residual_scale", lambda self, value: None)
+    seq = prompt_and_greedy(model)
+    got = agreement(hf_logits(model, seq), llama_cpp_logits(exporter.export_gguf(
+        model, make_tiny_tokenizer(), tmp_path / "wrong.gguf", "f32"), seq))
+    print(f"{family}, {mistake}: {got}")  # pytest -s
+    assert got.max_abs > 10 * TOL["f32"], (mistake, got)
 
 
 @pytest.mark.parametrize("dtype,tied", [("q8_0", False), ("q4_0", False), ("q4_0", True)],
@@ -158,16 +209,16 @@ def test_k_quants_through_llama_cpps_quantizer(family, tmp_path):
     assert kls == sorted(kls)  # fewer bits, further from f16
 
 
-@pytest.mark.parametrize("family,over", [("llama", {}), ("qwen2", {}), ("phi3", {"pad_token_id": 0})],
-                         ids=["llama", "qwen2", "phi3"])
-def test_lora_adapter_gguf_applied_by_llama_cpp_at_load(family, over, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "mixtral"])
+def test_lora_adapter_gguf_applied_by_llama_cpp_at_load(family, tmp_path):
     """Base GGUF + our GGUF LoRA adapter in llama.cpp == tunelab's adapter on the fly in transformers (the
-    llama q/k rows of B permuted like the weights; phi3's fused qkv / gate_up adapters as HF stores them)."""
+    llama q/k rows of B permuted like the weights; phi3's fused qkv / gate_up adapters as HF stores them;
+    mixtral: LoRA on the attention, the experts frozen, as `all-linear`)."""
     from tests.support.export_helpers import LORA, randomize_lora_b
     from tunelab.export.gguf_adapter import export_gguf_adapter
     from tunelab.lora import LoraConfig, apply_lora
 
-    model, tok = tiny(family, **over), make_tiny_tokenizer()
+    model, tok = family_model(family), make_tiny_tokenizer()
     base = export_gguf(model, tok, tmp_path / "base.gguf", "f32")
     apply_lora(model, LoraConfig(**{**LORA, "use_rslora": family == "qwen2"}), verbose=False)  # rsLoRA: alpha*sqrt(r)
     randomize_lora_b(model)
@@ -180,6 +231,27 @@ def test_lora_adapter_gguf_applied_by_llama_cpp_at_load(family, over, tmp_path):
     assert with_adapter.max_abs <= TOL["f32"] and with_adapter.decided_misses == 0, with_adapter
     without = agreement(ref, llama_cpp_logits(base, seq))
     assert without.max_abs > 100 * TOL["f32"]  # the adapter moves the logits: the check above means something
+
+
+def test_an_expert_qlora_run_exports_through_the_cli_and_runs_in_llama_cpp(tmp_path):
+    """`tunelab export RUN --gguf` of a Mixtral QLoRA run with LoRA on its experts: llama.cpp's logits equal the
+    merged model's (the adapter merged into the original float weights), and the adapter does move them."""
+    from tests.models.test_family_adapters import _workspace
+    from tests.models.test_moe_experts import _train
+    from tunelab.cli import main
+    from tunelab.export.resolve import open_model
+
+    ws = _workspace(tmp_path, "mixtral")
+    run = tmp_path / "qlora"
+    assert _train(ws, run, "qlora") == 0
+    assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf"), "--dtype", "f32"]) == 0
+    merged = open_model(str(run), merge=True).model.eval()
+    seq = prompt_and_greedy(merged, n_prompt=20, n_new=8)
+    ref = hf_logits(merged, seq)
+    got = agreement(ref, llama_cpp_logits(tmp_path / "m.gguf", seq))
+    assert got.max_abs <= TOL["f32"] and got.decided_misses == 0, got
+    base = open_model(str(ws / "model")).model.eval()
+    assert abs(hf_logits(base, seq) - ref).max() > 100 * TOL["f32"]  # training changed what llama.cpp runs
 
 
 def test_lora_adapter_cli_and_what_it_refuses(base, adapter, tmp_path, capsys):
@@ -202,6 +274,9 @@ def test_lora_adapter_cli_and_what_it_refuses(base, adapter, tmp_path, capsys):
     dora = apply_lora(make_tiny_llama(), LoraConfig(r=4, alpha=8, use_dora=True), verbose=False)
     with pytest.raises(TunelabError, match="uses DoRA"):
         export_gguf_adapter(dora, tmp_path / "b.gguf")
+    experts = apply_lora(family_model("mixtral"), LoraConfig(r=4, alpha=8, target_experts=True), verbose=False)
+    with pytest.raises(TunelabError, match="LoRA on MoE experts"):
+        export_gguf_adapter(experts, tmp_path / "b.gguf")
     assert not (tmp_path / "b.gguf").exists()
 
 

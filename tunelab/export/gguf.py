@@ -13,8 +13,10 @@ permuted; llama3 rope scaling as a rope_freqs tensor), qwen2 -> qwen2 (q/k/v bia
 permutation), qwen3 -> qwen3 (per-head q/k RMSNorms attn_q_norm / attn_k_norm, NEOX rope), gemma2 ->
 gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sliding window), phi3 -> phi3
 (fused attn_qkv and ffn_up = gate|up as HF stores them, partial rotary as rope.dimension_count),
-gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, local rope base). The
-tokenizer: gguf_tokenizer.py.
+gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, local rope base), granite ->
+granite (llama + its four scales), olmo2 -> olmo2 (post-norms, whole-projection q/k norms), mixtral -> llama
+and qwen3_moe -> qwen3moe (router ffn_gate_inp in f32, transformers 5's fused experts split into
+ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts). The tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ SUPPORTED = {
     "gemma2": {"permute_qk": False},  # norms x * (1 + w) -> w + 1; pre/post norms; softcaps; tied lm_head
     "phi3": {"permute_qk": False},    # fused qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (as HF stores them)
     "gemma3_text": {"permute_qk": False},  # gemma2's layout + q/k norms; sliding layers' own rope base
+    "granite": {"permute_qk": True},  # llama's layout + embedding / residual / attention / logit scales
+    "olmo2": {"permute_qk": False},   # norms after attention and MLP; q/k RMSNorms over the whole projection
+    "mixtral": {"permute_qk": True},  # llama with experts: router ffn_gate_inp, ffn_{gate,up,down}_exps
+    "qwen3_moe": {"permute_qk": False},  # qwen3 with experts, as mixtral's
 }
+MOE = ("mixtral", "qwen3_moe")
 GEMMA = ("gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
 
 
@@ -80,6 +87,15 @@ def check_exportable(model: nn.Module) -> None:
                            f"rope_type={rope!r}")
     if config.model_type in GEMMA:
         _check_gemma(config)
+    if config.model_type == "qwen3_moe":  # llama.cpp's qwen3moe: every layer MoE, top-k weights summing to 1
+        if not config.norm_topk_prob or config.mlp_only_layers or config.decoder_sparse_step != 1:
+            raise TunelabError("GGUF export of qwen3_moe needs norm_topk_prob=True, decoder_sparse_step=1 and no "
+                               "mlp_only_layers (llama.cpp's qwen3moe renormalizes the top-k weights and has "
+                               f"experts in every layer); this model has {config.norm_topk_prob}, "
+                               f"{config.decoder_sparse_step}, {config.mlp_only_layers}")
+    if config.model_type == "granite" and getattr(config, "head_dim", None) not in (None, _head_dim(config)):
+        raise TunelabError("GGUF export of granite: llama.cpp's granite takes head_dim = hidden/heads, and this "
+                           f"model has head_dim={config.head_dim}")
     flags = ("attention_bias", "mlp_bias") if config.model_type != "qwen2" else ()  # qwen2's biases are its own
     for flag in flags:
         if getattr(config, flag, False):
@@ -244,7 +260,7 @@ def _check_replaceable(out: Path) -> None:
 def _write_hparams(writer, config, dtype: str, name: str) -> None:
     import gguf
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     writer.add_name(Path(str(name)).name)
@@ -269,9 +285,23 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
         _write_gemma3(writer, config)
     if config.model_type == "phi3" and config.sliding_window is not None:
         writer.add_sliding_window(config.sliding_window)
+    if config.model_type in MOE:  # llama.cpp routes as HF: softmax, top k, weights renormalized to sum 1
+        writer.add_expert_count(config.num_local_experts if config.model_type == "mixtral" else config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+    if config.model_type == "qwen3_moe":
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if config.model_type == "granite":  # HF's multipliers, under llama.cpp's names (its converter's mapping)
+        writer.add_attention_scale(float(config.attention_multiplier))
+        writer.add_embedding_scale(float(config.embedding_multiplier))
+        writer.add_residual_scale(float(config.residual_multiplier))
+        writer.add_logit_scale(float(config.logits_scaling))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _write_gemma3(writer, config) -> None:
@@ -314,9 +344,26 @@ def _tensors(model: nn.Module, dtype: str):
         w = rows_for_llama_cpp(config, key, tensor.detach().to("cpu", torch.float32))
         if config.model_type in GEMMA and key.endswith("norm.weight"):
             w = w + 1  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by the stored weight
-        name = gguf_name(names, config, key)
-        head = name == "output.weight" or (config.tie_word_embeddings and name == "token_embd.weight")
-        yield (name, *_encode(w.numpy(), dtype, head))
+        for key, w in _split_experts(key, w):
+            name = gguf_name(names, config, key)
+            head = name == "output.weight" or (config.tie_word_embeddings and name == "token_embd.weight")
+            router = name.endswith("ffn_gate_inp.weight")  # kept in f32, as llama.cpp's converter and quantizer do
+            yield (name, *_encode(w.numpy(), "f32" if router else dtype, head))
+
+
+def _split_experts(key: str, w: torch.Tensor):
+    """(key, weight) pairs as llama.cpp stores them: transformers 5's fused experts.gate_up_proj (experts,
+    2 x intermediate, hidden; gate rows first, as its forward's chunk(2)) as gate_proj and up_proj; every
+    3-D expert tensor as it is (gguf writes the dimensions reversed: ffn_*_exps are (hidden or intermediate,
+    ..., experts) in ggml's order, what llama.cpp reads); anything else unchanged."""
+    if key.endswith(".experts.gate_up_proj"):
+        gate, up = w.chunk(2, dim=-2)
+        yield key.replace("gate_up_proj", "gate_proj.weight"), gate.contiguous()
+        yield key.replace("gate_up_proj", "up_proj.weight"), up.contiguous()
+    elif key.endswith(".experts.down_proj"):
+        yield key + ".weight", w
+    else:
+        yield key, w
 
 
 def tensor_names(config):

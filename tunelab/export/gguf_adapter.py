@@ -38,6 +38,7 @@ def export_gguf_adapter(model: nn.Module, out: str | os.PathLike, dtype: str = "
         tensor_names,
     )
     from tunelab.lora import lora_layers
+    from tunelab.lora.experts import LoRAExperts
     from tunelab.lora.layer import ModuleToSave
 
     if dtype not in ADAPTER_DTYPES:
@@ -53,6 +54,9 @@ def export_gguf_adapter(model: nn.Module, out: str | os.PathLike, dtype: str = "
     if any(layer.use_dora or layer.merged for _, layer in layers) or len(alphas) > 1:
         raise TunelabError("a GGUF adapter holds plain LoRA with one scale (alpha / r) for all layers; this adapter "
                            "uses DoRA, different ranks/alphas, or is merged: export the merged model instead")
+    if any(isinstance(m, LoRAExperts) for m in model.modules()):
+        raise TunelabError("this adapter has LoRA on MoE experts (lora.target_experts), which a GGUF LoRA adapter "
+                           "does not hold here: export the merged model instead")
     if any(isinstance(m, ModuleToSave) for m in model.modules()):
         raise TunelabError("this adapter trains whole modules (modules_to_save), which a GGUF LoRA adapter cannot "
                            "hold: export the merged model instead")
