@@ -173,9 +173,14 @@ def test_granite_scales_and_what_moe_export_refuses(tmp_path):
 
 
 def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
-    model = tiny("cohere")
-    with pytest.raises(TunelabError, match=r"does not support the 'cohere' family .*supported: llama, mistral, "
-                                            r"qwen2, qwen3, gemma2, phi3, gemma3_text, granite, olmo2, mixtral, qwen3_moe$"):
+    for over, needle in ((dict(tie_word_embeddings=False), "tie_word_embeddings=False"),
+                         (dict(tie_word_embeddings=True, use_qk_norm=True), "use_qk_norm=True")):
+        with pytest.raises(TunelabError, match=f"GGUF export of cohere.*{needle}"):
+            export_gguf(tiny("cohere", **over), make_tiny_tokenizer(), tmp_path / "c.gguf")
+    model = tiny("stablelm")  # not in the family table
+    with pytest.raises(TunelabError, match=r"does not support the 'stablelm' family .*supported: llama, mistral, "
+                                            r"qwen2, qwen3, gemma2, phi3, gemma3_text, granite, olmo2, mixtral, "
+                                            r"qwen3_moe, cohere$"):
         export_gguf(model, make_tiny_tokenizer(), tmp_path / "g.gguf")
     with pytest.raises(TunelabError, match="query_pre_attn_scalar=256 but llama.cpp scales queries by "
                                            r"1/sqrt\(head_dim=16\)"):
@@ -188,12 +193,12 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
     from tunelab.cli import main
 
-    model.save_pretrained(tmp_path / "cohere")
-    make_tiny_tokenizer().save_pretrained(tmp_path / "cohere")
-    assert main(["export", str(tmp_path / "cohere"), "--gguf", str(tmp_path / "g.gguf")]) == 2
+    model.save_pretrained(tmp_path / "stablelm")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "stablelm")
+    assert main(["export", str(tmp_path / "stablelm"), "--gguf", str(tmp_path / "g.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
-    assert err.startswith("tunelab export: error: GGUF export does not support the 'cohere' family")
-    assert err.endswith("mixtral, qwen3_moe") and not (tmp_path / "g.gguf").exists()
+    assert err.startswith("tunelab export: error: GGUF export does not support the 'stablelm' family")
+    assert err.endswith("qwen3_moe, cohere") and not (tmp_path / "g.gguf").exists()
 
 
 def test_partial_rotary_is_the_rope_dimension_count(tmp_path):

@@ -43,6 +43,7 @@ FAMILIES = {
     "granite": ("granite", {"attention_multiplier": 0.2, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
                             "logits_scaling": 0.25}),  # each scale away from 1, so a missing one shows
     "olmo2": ("olmo2", {"pad_token_id": 0}),
+    "cohere": ("cohere", {"tie_word_embeddings": True, "logit_scale": 4.0}),
     # 4 experts, 2 per token; the router's weights scaled up (tiny() below) so tokens pick different experts
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
@@ -136,7 +137,7 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
 
 @pytest.mark.parametrize("family,mistake", [("mixtral", "gate and up swapped"),
                                             ("qwen3_moe", "top-k weights not renormalized"),
-                                            ("granite", "no residual scale")])
+                                            ("granite", "no residual scale"), ("cohere", "no logit scale")])
 def test_the_family_check_catches_a_wrong_export(family, mistake, tmp_path, monkeypatch):
     """The f32 check above has power for what the new families add: each mistake, made on purpose in the
     export, moves llama.cpp's logits far past the f32 tolerance."""
@@ -153,7 +154,7 @@ def test_the_family_check_catches_a_wrong_export(family, mistake, tmp_path, monk
         for layer in model.model.layers:
             layer.mlp.gate.norm_topk_prob = False
     else:
-        monkeypatch.setattr(gguf.GGUFWriter, "add_residual_scale", lambda self, value: None)
+        monkeypatch.setattr(gguf.GGUFWriter, f"add_{mistake.split()[1]}_scale", lambda self, value: None)
     seq = prompt_and_greedy(model)
     got = agreement(hf_logits(model, seq), llama_cpp_logits(exporter.export_gguf(
         model, make_tiny_tokenizer(), tmp_path / "wrong.gguf", "f32"), seq))

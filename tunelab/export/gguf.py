@@ -16,7 +16,8 @@ gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sl
 gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, local rope base), granite ->
 granite (llama + its four scales), olmo2 -> olmo2 (post-norms, whole-projection q/k norms), mixtral -> llama
 and qwen3_moe -> qwen3moe (router ffn_gate_inp in f32, transformers 5's fused experts split into
-ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts). The tokenizer: gguf_tokenizer.py.
+ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts), cohere -> command-r (LayerNorm eps, logit_scale,
+tied head; its interleaved rotary is llama.cpp's: no permutation). The tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ SUPPORTED = {
     "olmo2": {"permute_qk": False},   # norms after attention and MLP; q/k RMSNorms over the whole projection
     "mixtral": {"permute_qk": True},  # llama with experts: router ffn_gate_inp, ffn_{gate,up,down}_exps
     "qwen3_moe": {"permute_qk": False},  # qwen3 with experts, as mixtral's
+    "cohere": {"permute_qk": False},  # LayerNorm, parallel attention + MLP, interleaved rotary as llama.cpp's
 }
 MOE = ("mixtral", "qwen3_moe")
 GEMMA = ("gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
@@ -93,6 +95,12 @@ def check_exportable(model: nn.Module) -> None:
                                "mlp_only_layers (llama.cpp's qwen3moe renormalizes the top-k weights and has "
                                f"experts in every layer); this model has {config.norm_topk_prob}, "
                                f"{config.decoder_sparse_step}, {config.mlp_only_layers}")
+    if config.model_type == "cohere" and not config.tie_word_embeddings:
+        raise TunelabError("GGUF export of cohere: llama.cpp's command-r uses the embedding as output head, and "
+                           "this model has its own lm_head (tie_word_embeddings=False)")
+    if config.model_type == "cohere" and config.use_qk_norm:
+        raise TunelabError("GGUF export of cohere with use_qk_norm=True (Command R+) is not supported: llama.cpp "
+                           "does not load its per-head q/k norms as this exporter writes them")
     if config.model_type == "granite" and getattr(config, "head_dim", None) not in (None, _head_dim(config)):
         raise TunelabError("GGUF export of granite: llama.cpp's granite takes head_dim = hidden/heads, and this "
                            f"model has head_dim={config.head_dim}")
@@ -271,7 +279,11 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if config.model_type == "cohere":  # a LayerNorm (with its mean), and the logits times logit_scale
+        writer.add_layer_norm_eps(float(config.layer_norm_eps))
+        writer.add_logit_scale(float(config.logit_scale))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(int(head_dim * _rope(config).get("partial_rotary_factor", 1.0)))
     # llama.cpp assumes hidden/heads without these; its gemma converters always write them
     if head_dim != config.hidden_size // config.num_attention_heads or config.model_type in GEMMA:
