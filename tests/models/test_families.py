@@ -38,6 +38,8 @@ CASES = {
                             transformers.MixtralForCausalLM),
     "qwen2": (transformers.Qwen2Config, {}, transformers.Qwen2ForCausalLM),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=8), transformers.Qwen3ForCausalLM),
+    # layer 1 without RoPE (SmolLM3's default leaves every 4th out)
+    "smollm3": (transformers.SmolLM3Config, dict(no_rope_layers=[1, 0], pad_token_id=0), transformers.SmolLM3ForCausalLM),
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(head_dim=8, num_experts=4, moe_intermediate_size=16, num_experts_per_tok=2),
                   transformers.Qwen3MoeForCausalLM),
     "qwen3_moe-router-loss": (transformers.Qwen3MoeConfig, dict(head_dim=8, num_experts=4, moe_intermediate_size=16,

@@ -17,7 +17,8 @@ gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, l
 granite (llama + its four scales), olmo2 -> olmo2 (post-norms, whole-projection q/k norms), mixtral -> llama
 and qwen3_moe -> qwen3moe (router ffn_gate_inp in f32, transformers 5's fused experts split into
 ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts), cohere -> command-r (LayerNorm eps, logit_scale,
-tied head; its interleaved rotary is llama.cpp's: no permutation). The tokenizer: gguf_tokenizer.py.
+tied head; its interleaved rotary is llama.cpp's: no permutation), smollm3 -> smollm3 (llama's layout; llama.cpp
+leaves RoPE out of every 4th layer, SmolLM3's default). The tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ SUPPORTED = {
     "mixtral": {"permute_qk": True},  # llama with experts: router ffn_gate_inp, ffn_{gate,up,down}_exps
     "qwen3_moe": {"permute_qk": False},  # qwen3 with experts, as mixtral's
     "cohere": {"permute_qk": False},  # LayerNorm, parallel attention + MLP, interleaved rotary as llama.cpp's
+    "smollm3": {"permute_qk": True},  # llama's layout; every 4th layer without RoPE
 }
 MOE = ("mixtral", "qwen3_moe")
 GEMMA = ("gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
@@ -101,6 +103,12 @@ def check_exportable(model: nn.Module) -> None:
     if config.model_type == "cohere" and config.use_qk_norm:
         raise TunelabError("GGUF export of cohere with use_qk_norm=True (Command R+) is not supported: llama.cpp "
                            "does not load its per-head q/k norms as this exporter writes them")
+    if config.model_type == "smollm3":  # llama.cpp's smollm3 leaves RoPE out of layers 4, 8, ... (fixed step 4)
+        fixed = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
+        if list(config.no_rope_layers) != fixed or config.use_sliding_window:
+            raise TunelabError(f"GGUF export of smollm3: llama.cpp's smollm3 uses RoPE in the layers {fixed} (1 = "
+                               f"RoPE) and no sliding window; this model has no_rope_layers={config.no_rope_layers}"
+                               f", use_sliding_window={config.use_sliding_window}")
     if config.model_type == "granite" and getattr(config, "head_dim", None) not in (None, _head_dim(config)):
         raise TunelabError("GGUF export of granite: llama.cpp's granite takes head_dim = hidden/heads, and this "
                            f"model has head_dim={config.head_dim}")

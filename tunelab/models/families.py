@@ -51,6 +51,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     _llama_like("mistral", "Mistral", "llama", decoder="MistralDecoderLayer"),
     _llama_like("qwen2", "Qwen2", "qwen2", decoder="Qwen2DecoderLayer"),
     _llama_like("qwen3", "Qwen3", "qwen3"),  # q/k norms: no last-layer shortcut
+    _llama_like("smollm3", "SmolLM3", "smollm3"),  # some layers without RoPE (no_rope_layers): no shortcut
     # MoE: the experts are not LlamaMLP; the router's logits come from every position (no last-layer shortcut)
     Family("mixtral", "llama", norm="MixtralRMSNorm", attention="MixtralAttention", experts=_EXPERTS,
            router_aux=True),
