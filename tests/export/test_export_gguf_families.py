@@ -182,8 +182,8 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
                     make_tiny_tokenizer(), tmp_path / "s.gguf")
     model = tiny("stablelm")  # not in the family table
     with pytest.raises(TunelabError, match=r"does not support the 'stablelm' family .*supported: llama, mistral, "
-                                            r"qwen2, qwen3, gemma2, phi3, gemma3_text, granite, olmo2, mixtral, "
-                                            r"qwen3_moe, cohere, smollm3$"):
+                                            r"qwen2, qwen3, gemma2, phi3, gemma3_text, granite, olmo2, olmo3, "
+                                            r"mixtral, qwen3_moe, cohere, smollm3$"):
         export_gguf(model, make_tiny_tokenizer(), tmp_path / "g.gguf")
     with pytest.raises(TunelabError, match="query_pre_attn_scalar=256 but llama.cpp scales queries by "
                                            r"1/sqrt\(head_dim=16\)"):

@@ -43,6 +43,8 @@ FAMILIES = {
     "granite": ("granite", {"attention_multiplier": 0.2, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
                             "logits_scaling": 0.25}),  # each scale away from 1, so a missing one shows
     "olmo2": ("olmo2", {"pad_token_id": 0}),
+    "olmo3": ("olmo3", {"pad_token_id": 0, "sliding_window": 16,  # layer 0 slides over 16 of the 72 positions
+                        "layer_types": ["sliding_attention", "full_attention"]}),
     "cohere": ("cohere", {"tie_word_embeddings": True, "logit_scale": 4.0}),
     "smollm3": ("smollm3", {"num_hidden_layers": 4, "pad_token_id": 0}),  # layer 3 without RoPE
     # 4 experts, 2 per token; the router's weights scaled up (tiny() below) so tokens pick different experts
@@ -139,7 +141,7 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
 @pytest.mark.parametrize("family,mistake", [("mixtral", "gate and up swapped"),
                                             ("qwen3_moe", "top-k weights not renormalized"),
                                             ("granite", "no residual scale"), ("cohere", "no logit scale"),
-                                            ("smollm3", "RoPE in every layer")])
+                                            ("smollm3", "RoPE in every layer"), ("olmo3", "no sliding window")])
 def test_the_family_check_catches_a_wrong_export(family, mistake, tmp_path, monkeypatch):
     """The f32 check above has power for what the newer families add: each mistake, made on purpose in the
     export, moves llama.cpp's logits past the f32 tolerance by a wide margin."""
@@ -151,6 +153,8 @@ def test_the_family_check_catches_a_wrong_export(family, mistake, tmp_path, monk
         swap = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
         monkeypatch.setattr(exporter, "_split_experts", lambda key, w: (
             (k.replace(k.split(".")[-2], swap.get(k.split(".")[-2], k.split(".")[-2])), v) for k, v in split(key, w)))
+    elif mistake == "no sliding window":  # llama.cpp then attends to every earlier position in layer 0 too
+        monkeypatch.setattr(exporter, "_write_sliding", lambda writer, config: None)
     elif mistake == "RoPE in every layer":  # HF then rotates in layer 3 too, llama.cpp does not
         monkeypatch.setattr(exporter, "check_exportable", lambda m: None)
         model.model.layers[3].self_attn.use_rope = True

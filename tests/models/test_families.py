@@ -50,6 +50,10 @@ CASES = {
                     transformers.Gemma3ForCausalLM),
     "phi3": (transformers.Phi3Config, dict(pad_token_id=0), transformers.Phi3ForCausalLM),
     "olmo2": (transformers.Olmo2Config, dict(pad_token_id=0), transformers.Olmo2ForCausalLM),
+    # a sliding window of 4 < the 19 tokens in layer 0
+    "olmo3": (transformers.Olmo3Config, dict(pad_token_id=0, sliding_window=4,
+                                             layer_types=["sliding_attention", "full_attention"]),
+              transformers.Olmo3ForCausalLM),
     "granite": (transformers.GraniteConfig, dict(logits_scaling=0.25, embedding_multiplier=2.0,
                                                  residual_multiplier=0.5), transformers.GraniteForCausalLM),
     "cohere": (transformers.CohereConfig, dict(logit_scale=4.0), transformers.CohereForCausalLM),

@@ -14,7 +14,8 @@ permutation), qwen3 -> qwen3 (per-head q/k RMSNorms attn_q_norm / attn_k_norm, N
 gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sliding window), phi3 -> phi3
 (fused attn_qkv and ffn_up = gate|up as HF stores them, partial rotary as rope.dimension_count),
 gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, local rope base), granite ->
-granite (llama + its four scales), olmo2 -> olmo2 (post-norms, whole-projection q/k norms), mixtral -> llama
+granite (llama + its four scales), olmo2 -> olmo2 (post-norms, whole-projection q/k norms; olmo3 too, + its
+sliding layers), mixtral -> llama
 and qwen3_moe -> qwen3moe (router ffn_gate_inp in f32, transformers 5's fused experts split into
 ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts), cohere -> command-r (LayerNorm eps, logit_scale,
 tied head; its interleaved rotary is llama.cpp's: no permutation), smollm3 -> smollm3 (llama's layout; llama.cpp
@@ -50,6 +51,7 @@ SUPPORTED = {
     "gemma3_text": {"permute_qk": False},  # gemma2's layout + q/k norms; sliding layers' own rope base
     "granite": {"permute_qk": True},  # llama's layout + embedding / residual / attention / logit scales
     "olmo2": {"permute_qk": False},   # norms after attention and MLP; q/k RMSNorms over the whole projection
+    "olmo3": {"permute_qk": False},   # olmo2's layout + sliding-window layers (llama.cpp's olmo2 runs both)
     "mixtral": {"permute_qk": True},  # llama with experts: router ffn_gate_inp, ffn_{gate,up,down}_exps
     "qwen3_moe": {"permute_qk": False},  # qwen3 with experts, as mixtral's
     "cohere": {"permute_qk": False},  # LayerNorm, parallel attention + MLP, interleaved rotary as llama.cpp's
@@ -303,6 +305,8 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
         writer.add_sliding_window(config.sliding_window)
     if config.model_type == "gemma3_text":
         _write_gemma3(writer, config)
+    if config.model_type == "olmo3":  # llama.cpp's default: every layer but each 4th slides
+        _write_sliding(writer, config)
     if config.model_type == "phi3" and config.sliding_window is not None:
         writer.add_sliding_window(config.sliding_window)
     if config.model_type in MOE:  # llama.cpp routes as HF: softmax, top k, weights renormalized to sum 1
@@ -324,17 +328,23 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _write_gemma3(writer, config) -> None:
-    """Gemma-3: which layers slide (llama.cpp's default pattern is 5 sliding then 1 global; written from the
-    config's layer_types), the sliding layers' own RoPE base, linear scaling of the global layers only
-    (llama.cpp scales the sliding ones by its freq_scale_swa = 1), the final softcap when set."""
-    import gguf
-
+def _write_sliding(writer, config) -> None:
+    """Which layers slide (written from the config's layer_types: llama.cpp's defaults differ per
+    architecture) and the sliding layers' own RoPE base; nothing when no layer slides."""
     sliding = [t == "sliding_attention" for t in config.layer_types]
     if any(sliding):
         writer.add_sliding_window(config.sliding_window)
         writer.add_sliding_window_pattern(sliding)
         writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention")["rope_theta"]))
+
+
+def _write_gemma3(writer, config) -> None:
+    """Gemma-3: the sliding layers (llama.cpp's default pattern is 5 sliding then 1 global), linear scaling of
+    the global layers only (llama.cpp scales the sliding ones by its freq_scale_swa = 1), the final softcap
+    when set."""
+    import gguf
+
+    _write_sliding(writer, config)
     if _rope(config).get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(_rope(config)["factor"]))

@@ -62,6 +62,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # Phi-3: fused gate_up_proj MLP and partial rotary; OLMo-2: RMSNorm casts before the weight
     Family("phi3", "phi3", norm="Phi3RMSNorm"),
     Family("olmo2", "olmo2", mlp="Olmo2MLP"),
+    Family("olmo3", "olmo2", mlp="Olmo3MLP"),  # OLMo-2's layers + sliding-window layers (llama.cpp: olmo2)
     _llama_like("granite", "Granite", "granite", logits=("divide", "logits_scaling")),
     # Cohere: LayerNorm with a mean, interleaved rotary, parallel attention + MLP
     Family("cohere", "command-r", logits=("multiply", "logit_scale"), mlp="CohereMLP"),
