@@ -27,7 +27,7 @@ from tunelab.lora.experts import LoRAExperts
 from tunelab.quant import model_nbytes, quantize_model
 from tunelab.quant.experts import Experts4bit
 
-MOE = ["mixtral", "qwen3_moe"]
+MOE = ["mixtral", "qwen3_moe", "gpt_oss"]
 
 
 def _randomize_b(model, seed=1):
@@ -65,6 +65,34 @@ def _reference_experts(h, idx, wts, weights, lora, scale, act):
     return torch.stack(rows)
 
 
+def _reference_gpt_oss(h, idx, wts, weights, lora, scale, module):
+    """The same for gpt-oss's experts, written from its modeling code: weights stored (in, out) (the update is
+    (B_e @ A_e)^T), biases, gate and up interleaved (even / odd columns), both clamped at `limit`, and
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+    E = weights["gate_up_proj"].shape[0]
+    bias = {n: getattr(module, f"{n}_bias").detach().double() for n in ("gate_up_proj", "down_proj")}
+
+    def expert(name, e):
+        w = weights[name][e]
+        if name in lora:
+            a, b = lora[name]
+            r = a.shape[0] // E
+            w = w + (scale * b[:, e::E] @ a[e * r:(e + 1) * r]).T
+        return w
+
+    rows = []
+    for t in range(h.shape[0]):
+        y = torch.zeros_like(h[t])
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            gu = h[t] @ expert("gate_up_proj", e) + bias["gate_up_proj"][e]
+            gate, up = gu[::2].clamp(max=module.limit), gu[1::2].clamp(-module.limit, module.limit)
+            glu = (up + 1) * gate * torch.sigmoid(gate * module.alpha)
+            y = y + wts[t, k] * (glu @ expert("down_proj", e) + bias["down_proj"][e])
+        rows.append(y)
+    return torch.stack(rows)
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "4bit"])
 @pytest.mark.parametrize("case", MOE)
 def test_expert_lora_output_and_gradients_equal_a_float64_loop(case, quantized):
@@ -87,8 +115,11 @@ def test_expert_lora_output_and_gradients_equal_a_float64_loop(case, quantized):
     leaves = {n: [p.detach().double().requires_grad_() for p in (a.lora_A.weight, a.lora_B.weight)]
               for n, a in layer.adapters.items()}
     h64 = h.detach().double().requires_grad_()
-    want = _reference_experts(h64, idx, wts.double(), {n: w.detach().double() for n, w in base.items()},
-                              leaves, layer.scale, torch.nn.functional.silu)
+    weights = {n: w.detach().double() for n, w in base.items()}
+    if case == "gpt_oss":
+        want = _reference_gpt_oss(h64, idx, wts.double(), weights, leaves, layer.scale, layer.module)
+    else:
+        want = _reference_experts(h64, idx, wts.double(), weights, leaves, layer.scale, torch.nn.functional.silu)
     (want * probe.double()).sum().backward()
     _close(h.grad, h64.grad.float(), "input gradient")
     for name, adapter in layer.adapters.items():

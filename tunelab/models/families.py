@@ -56,6 +56,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("mixtral", "llama", norm="MixtralRMSNorm", attention="MixtralAttention", experts=_EXPERTS,
            router_aux=True),
     _llama_like("qwen3_moe", "Qwen3Moe", "qwen3moe", experts=_EXPERTS, router_aux=True),  # MLP: dense layers
+    Family("gpt_oss", "gpt-oss", experts=_EXPERTS, router_aux=True),  # its own RMSNorm, rotary and clamped SwiGLU
     # Gemma: RMSNorm is x * (1 + w), the MLP's activation is GELU-tanh
     Family("gemma2", "gemma2", logits=("softcap", "final_logit_softcapping"), attention="Gemma2Attention"),
     Family("gemma3_text", "gemma3", logits=("softcap", "final_logit_softcapping"), attention="Gemma3Attention"),

@@ -221,6 +221,8 @@ def load_quantized(folder: Path, quant, dtype: torch.dtype = torch.float32, trus
                 # an own copy: one live view would keep the whole shard mapped, with every page read through it
                 t = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
                 module = model.get_submodule(module_name)
+                if isinstance(module, Experts4bit):  # quantized already: its other parameters (gpt-oss's biases)
+                    module = module.base             # are the wrapped module's
                 module._parameters[attr] = torch.nn.Parameter(t, requires_grad=module._parameters[attr].requires_grad)
                 experts = expert_weight_names(module)
                 if attr in experts and not is_skipped(module_name, skip) and not any(
