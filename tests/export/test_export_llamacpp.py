@@ -29,6 +29,9 @@ from tunelab.export.validate import agreement, llama_cpp_logits
 TOL = {"f32": 3e-4, "f16": 1e-2, "q8_0": 0.25, "q4_0": 1.5}
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # 16-dim heads: every regime
+GPT_OSS = {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16, "pad_token_id": 0}
+YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "original_max_position_embeddings": 64}
 FAMILIES = {
     "llama": ("llama", {}),
     "llama3": ("llama", {"rope_parameters": LLAMA3_ROPE}),
@@ -47,6 +50,10 @@ FAMILIES = {
                         "layer_types": ["sliding_attention", "full_attention"]}),
     "cohere": ("cohere", {"tie_word_embeddings": True, "logit_scale": 4.0}),
     "smollm3": ("smollm3", {"num_hidden_layers": 4, "pad_token_id": 0}),  # layer 3 without RoPE
+    # sinks, biases, a sliding first layer (window 16 of 72 positions); plain RoPE, and YaRN as gpt-oss has it
+    # (factor 4 over 64 positions here) with `truncate: true`, the correction range llama.cpp always uses
+    "gpt_oss": ("gpt_oss", {**GPT_OSS, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}),
+    "gpt_oss-yarn": ("gpt_oss", {**GPT_OSS, "rope_parameters": {**YARN, "truncate": True}}),
     # 4 experts, 2 per token; the router's weights scaled up (tiny() below) so tokens pick different experts
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
@@ -54,15 +61,18 @@ FAMILIES = {
 }
 
 
-def family_model(family: str):
+def family_model(family: str, **more):
     """The tiny model of a FAMILIES entry; a MoE router's weights x 50, so routing differs from token to token
-    (at the default init every expert gets about the same weight and any top-k choice would look alike)."""
+    (at the default init every expert gets about the same weight and any top-k choice would look alike); gpt-oss's
+    attention output bias x 0.1 (random at 0.1 by tiny(), it would send every token to the same experts)."""
     model_type, over = FAMILIES[family]
-    model = tiny(model_type, **over)
+    model = tiny(model_type, **{**over, **more})
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight") and p.ndim == 2:
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")) and p.ndim == 2:
                 p.mul_(50.0)
+            if name.endswith("self_attn.o_proj.bias"):  # gpt-oss: small, or it sets every hidden state's direction
+                p.mul_(0.1)
     return model
 
 
@@ -113,7 +123,7 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
     model = family_model(family)
     seq = prompt_and_greedy(model)
     ref = hf_logits(model, seq)
-    if model.config.model_type in ("mixtral", "qwen3_moe"):  # the tokens really go to different experts
+    if model.config.model_type in ("mixtral", "qwen3_moe", "gpt_oss"):  # tokens really go to different experts
         with torch.no_grad():
             router = model(torch.tensor([seq]), output_router_logits=True).router_logits[0]
         picks = {tuple(sorted(r.topk(2).indices.tolist())) for r in router}
@@ -130,18 +140,25 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
     for dtype in ("f32", "f16"):  # the same greedy continuation, except after a near-tie
         assert runs[dtype].decided_misses == 0, (dtype, runs[dtype])
     # our q8_0 (from f32) is as close to the model as llama.cpp's own q8_0 made from our f16 file (72 positions:
-    # one position is 1.4 points of top-1; the KLs measure 0.9-1.1x each other)
-    llama_cpp_quantizer("q8_0")(str(tmp_path / "f16.gguf"), str(tmp_path / "theirs.gguf"))
+    # one position is 1.4 points of top-1; the KLs measure 0.9-1.1x each other). gpt-oss: from our f32 file, the
+    # same logits (its experts are picked by top-k over logits, so a near-tie that the f16 rounding tips sends a
+    # token to another expert and moves its logits by ~0.2: which positions do is chance, not quality)
+    oss = model.config.model_type == "gpt_oss"
+    llama_cpp_quantizer("q8_0")(str(tmp_path / ("f32.gguf" if oss else "f16.gguf")), str(tmp_path / "theirs.gguf"))
     theirs, ours = agreement(ref, llama_cpp_logits(tmp_path / "theirs.gguf", seq)), runs["q8_0"]
-    print(f"{family} llama.cpp's q8_0 from our f16: {theirs}")
-    assert ours.top1 >= theirs.top1 - 0.05 and ours.mean_kl <= 1.5 * theirs.mean_kl, (ours, theirs)
+    print(f"{family} llama.cpp's q8_0 from our {'f32' if oss else 'f16'}: {theirs}")
+    if oss:
+        assert ours == theirs, (ours, theirs)
+    else:
+        assert ours.top1 >= theirs.top1 - 0.05 and ours.mean_kl <= 1.5 * theirs.mean_kl, (ours, theirs)
     assert runs["f32"].mean_kl < runs["f16"].mean_kl < ours.mean_kl < runs["q4_0"].mean_kl  # each rounding, in order
 
 
 @pytest.mark.parametrize("family,mistake", [("mixtral", "gate and up swapped"),
                                             ("qwen3_moe", "top-k weights not renormalized"),
                                             ("granite", "no residual scale"), ("cohere", "no logit scale"),
-                                            ("smollm3", "RoPE in every layer"), ("olmo3", "no sliding window")])
+                                            ("smollm3", "RoPE in every layer"), ("olmo3", "no sliding window"),
+                                            ("gpt_oss-yarn", "no YaRN")])
 def test_the_family_check_catches_a_wrong_export(family, mistake, tmp_path, monkeypatch):
     """The f32 check above has power for what the newer families add: each mistake, made on purpose in the
     export, moves llama.cpp's logits past the f32 tolerance by a wide margin."""
@@ -151,8 +168,10 @@ def test_the_family_check_catches_a_wrong_export(family, mistake, tmp_path, monk
     split = exporter._split_experts
     if mistake == "gate and up swapped":
         swap = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
-        monkeypatch.setattr(exporter, "_split_experts", lambda key, w: (
-            (k.replace(k.split(".")[-2], swap.get(k.split(".")[-2], k.split(".")[-2])), v) for k, v in split(key, w)))
+        monkeypatch.setattr(exporter, "_split_experts", lambda config, key, w: (
+            (k.replace(k.split(".")[-2], swap.get(k.split(".")[-2], k.split(".")[-2])), v) for k, v in split(config, key, w)))
+    elif mistake == "no YaRN":  # llama.cpp then rotates with the plain frequencies
+        monkeypatch.setattr(gguf.GGUFWriter, "add_rope_scaling_type", lambda self, value: None)
     elif mistake == "no sliding window":  # llama.cpp then attends to every earlier position in layer 0 too
         monkeypatch.setattr(exporter, "_write_sliding", lambda writer, config: None)
     elif mistake == "RoPE in every layer":  # HF then rotates in layer 3 too, llama.cpp does not
@@ -241,6 +260,36 @@ def test_lora_adapter_gguf_applied_by_llama_cpp_at_load(family, tmp_path):
     assert with_adapter.max_abs <= TOL["f32"] and with_adapter.decided_misses == 0, with_adapter
     without = agreement(ref, llama_cpp_logits(base, seq))
     assert without.max_abs > 100 * TOL["f32"]  # the adapter moves the logits: the check above means something
+
+
+def test_gpt_oss_yarn_without_truncation_runs_as_llama_cpp_rounds_it(tmp_path, capfd):
+    """gpt-oss's YaRN has `truncate: false` (HF does not round the correction range to whole dimensions);
+    llama.cpp always rounds it. The export says so in one line, and llama.cpp runs the file as transformers runs
+    the same weights with `truncate: true`: the file is right, the difference is llama.cpp's rotary."""
+    model = family_model("gpt_oss-yarn", rope_parameters={**YARN, "truncate": False})
+    path = export_gguf(model, make_tiny_tokenizer(), tmp_path / "y.gguf", "f32")
+    assert "YaRN has truncate=false" in capfd.readouterr().err
+    seq = prompt_and_greedy(model)
+    got = llama_cpp_logits(path, seq)
+    untruncated = agreement(hf_logits(model, seq), got)
+    model.config.rope_parameters["truncate"] = True
+    model.model.rotary_emb.__init__(model.config)  # transformers' frequencies with the range rounded
+    truncated = agreement(hf_logits(model, seq), got)
+    with capfd.disabled():
+        print(f"gpt_oss YaRN, truncate false: {untruncated}; against truncate true: {truncated}")  # pytest -s
+    assert truncated.max_abs <= TOL["f32"] < untruncated.max_abs, (truncated, untruncated)
+    # gpt-oss-20b's own settings (GptOssConfig's defaults): how many rotary frequencies the rounding changes
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    real = GptOssConfig()
+    hf, _ = ROPE_INIT_FUNCTIONS["yarn"](real, "cpu")
+    real.rope_parameters = {**real.rope_parameters, "truncate": True}
+    rounded, _ = ROPE_INIT_FUNCTIONS["yarn"](real, "cpu")
+    changed = (hf - rounded).abs() / rounded
+    with capfd.disabled():
+        print(f"gpt-oss-20b: {int((changed > 0).sum())} of {len(hf)} frequencies differ, by up to {float(changed.max()):.0%}")
+    assert 0 < int((changed > 0).sum()) < len(hf)
 
 
 def test_an_expert_qlora_run_exports_through_the_cli_and_runs_in_llama_cpp(tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -56,8 +57,9 @@ SUPPORTED = {
     "qwen3_moe": {"permute_qk": False},  # qwen3 with experts, as mixtral's
     "cohere": {"permute_qk": False},  # LayerNorm, parallel attention + MLP, interleaved rotary as llama.cpp's
     "smollm3": {"permute_qk": True},  # llama's layout; every 4th layer without RoPE
+    "gpt_oss": {"permute_qk": False},  # sinks, biases, sliding layers; experts (in, out), gate / up interleaved
 }
-MOE = ("mixtral", "qwen3_moe")
+MOE = ("mixtral", "qwen3_moe", "gpt_oss")
 GEMMA = ("gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
 
 
@@ -86,7 +88,7 @@ def check_exportable(model: nn.Module) -> None:
                            "original base, or load the full-precision model)")
     rope = _rope(config).get("rope_type", "default")
     allowed = {"default": True, "llama3": SUPPORTED[config.model_type]["permute_qk"],
-               "linear": config.model_type == "gemma3_text"}
+               "linear": config.model_type == "gemma3_text", "yarn": config.model_type == "gpt_oss"}
     if not allowed.get(rope) or _rope(config, "sliding_attention").get("rope_type", "default") != "default":
         raise TunelabError(f"GGUF export of {config.model_type} supports plain RoPE (and llama3 scaling for the "
                            f"llama architecture, linear scaling of Gemma-3's global layers); this model uses "
@@ -114,7 +116,7 @@ def check_exportable(model: nn.Module) -> None:
     if config.model_type == "granite" and getattr(config, "head_dim", None) not in (None, _head_dim(config)):
         raise TunelabError("GGUF export of granite: llama.cpp's granite takes head_dim = hidden/heads, and this "
                            f"model has head_dim={config.head_dim}")
-    flags = ("attention_bias", "mlp_bias") if config.model_type != "qwen2" else ()  # qwen2's biases are its own
+    flags = ("attention_bias", "mlp_bias") if config.model_type not in ("qwen2", "gpt_oss") else ()  # their own biases
     for flag in flags:
         if getattr(config, flag, False):
             raise TunelabError(f"GGUF export of {config.model_type} models with {flag}=True is not supported")
@@ -310,8 +312,22 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     if config.model_type == "phi3" and config.sliding_window is not None:
         writer.add_sliding_window(config.sliding_window)
     if config.model_type in MOE:  # llama.cpp routes as HF: softmax, top k, weights renormalized to sum 1
-        writer.add_expert_count(config.num_local_experts if config.model_type == "mixtral" else config.num_experts)
+        writer.add_expert_count(getattr(config, "num_local_experts", None) or config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
+    if config.model_type == "gpt_oss":  # every expert has the intermediate size; sliding layers from layer_types
+        writer.add_expert_feed_forward_length(config.intermediate_size)
+        _write_sliding(writer, config)
+        rope = _rope(config)
+        if rope.get("rope_type") == "yarn":  # as llama.cpp's converter writes YaRN
+            if not rope.get("truncate", True):
+                print("tunelab export: note: this model's YaRN has truncate=false, while llama.cpp always rounds the "
+                      "correction range to whole dimensions: its rotary frequencies, and so its logits, differ from "
+                      "transformers' a little (so do those of llama.cpp's own converter's file)", file=sys.stderr)
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
+            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+            writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
+            writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
     if config.model_type == "qwen3_moe":
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if config.model_type == "granite":  # HF's multipliers, under llama.cpp's names (its converter's mapping)
@@ -335,7 +351,8 @@ def _write_sliding(writer, config) -> None:
     if any(sliding):
         writer.add_sliding_window(config.sliding_window)
         writer.add_sliding_window_pattern(sliding)
-        writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention")["rope_theta"]))
+        swa = _rope(config, "sliding_attention") or _rope(config)  # one set for every layer (gpt-oss)
+        writer.add_rope_freq_base_swa(float(swa["rope_theta"]))
 
 
 def _write_gemma3(writer, config) -> None:
@@ -374,23 +391,35 @@ def _tensors(model: nn.Module, dtype: str):
         w = rows_for_llama_cpp(config, key, tensor.detach().to("cpu", torch.float32))
         if config.model_type in GEMMA and key.endswith("norm.weight"):
             w = w + 1  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by the stored weight
-        for key, w in _split_experts(key, w):
+        for key, w in _split_experts(config, key, w):
             name = gguf_name(names, config, key)
             head = name == "output.weight" or (config.tie_word_embeddings and name == "token_embd.weight")
-            router = name.endswith("ffn_gate_inp.weight")  # kept in f32, as llama.cpp's converter and quantizer do
-            yield (name, *_encode(w.numpy(), "f32" if router else dtype, head))
+            # the router, as llama.cpp's converter and quantizer keep it; biases, which ggml adds in f32 (gpt-oss's
+            # expert biases are 2-D)
+            f32 = name.endswith(("ffn_gate_inp.weight", ".bias"))
+            yield (name, *_encode(w.numpy(), "f32" if f32 else dtype, head))
 
 
-def _split_experts(key: str, w: torch.Tensor):
+def _split_experts(config, key: str, w: torch.Tensor):
     """(key, weight) pairs as llama.cpp stores them: transformers 5's fused experts.gate_up_proj (experts,
     2 x intermediate, hidden; gate rows first, as its forward's chunk(2)) as gate_proj and up_proj; every
     3-D expert tensor as it is (gguf writes the dimensions reversed: ffn_*_exps are (hidden or intermediate,
-    ..., experts) in ggml's order, what llama.cpp reads); anything else unchanged."""
+    ..., experts) in ggml's order, what llama.cpp reads); anything else unchanged, but gpt-oss's sinks get
+    their `.weight`. gpt-oss stores its experts (in, out) with gate and up interleaved (columns 0, 2, ... and
+    1, 3, ...), and biases: transposed to (out, in) and split the same way, biases too."""
+    oss = config.model_type == "gpt_oss"
     if key.endswith(".experts.gate_up_proj"):
-        gate, up = w.chunk(2, dim=-2)
+        gate, up = (w.transpose(-1, -2)[:, 0::2], w.transpose(-1, -2)[:, 1::2]) if oss else w.chunk(2, dim=-2)
         yield key.replace("gate_up_proj", "gate_proj.weight"), gate.contiguous()
         yield key.replace("gate_up_proj", "up_proj.weight"), up.contiguous()
+    elif key.endswith(".experts.gate_up_proj_bias"):
+        yield key.replace("gate_up_proj_bias", "gate_proj.bias"), w[..., 0::2].contiguous()
+        yield key.replace("gate_up_proj_bias", "up_proj.bias"), w[..., 1::2].contiguous()
     elif key.endswith(".experts.down_proj"):
+        yield key + ".weight", (w.transpose(-1, -2).contiguous() if oss else w)
+    elif key.endswith(".experts.down_proj_bias"):
+        yield key.replace("down_proj_bias", "down_proj.bias"), w
+    elif key.endswith(".self_attn.sinks"):
         yield key + ".weight", w
     else:
         yield key, w
