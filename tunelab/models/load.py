@@ -117,12 +117,26 @@ def load_pretrained(source: str, dtype: torch.dtype = torch.float32, trust_remot
             model = load_quantized(folder, quant, dtype, trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+                folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **_mxfp4_as_float(folder)
             )
     except (OSError, ValueError, SafetensorError) as e:  # e.g. a truncated or mislabelled .safetensors file
         raise TunelabError(f"{folder}: cannot load the model ({str(e).splitlines()[0]}); check that its "
                            "config.json and *.safetensors files are complete (download them again)") from e
     return model, tok
+
+
+def _is_mxfp4(config) -> bool:
+    """Whether a checkpoint's config says its weights are MXFP4 (gpt-oss as released: experts in 4-bit blocks)."""
+    q = getattr(config, "quantization_config", None)
+    return (q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)) == "mxfp4"
+
+
+def _mxfp4_as_float(folder: Path) -> dict:
+    """from_pretrained's arguments that de-quantize MXFP4 expert weights to float as they load (transformers' own
+    Mxfp4Config(dequantize=True)); without them transformers looks for GPU kernels on the Hub. {} otherwise."""
+    from transformers import AutoConfig, Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)} if _is_mxfp4(AutoConfig.from_pretrained(folder)) else {}
 
 
 @contextmanager
@@ -188,16 +202,29 @@ def load_quantized(folder: Path, quant, dtype: torch.dtype = torch.float32, trus
     from tunelab.quant.linear import Linear4bit, is_skipped
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    mxfp4 = _is_mxfp4(config)
+    if mxfp4:  # its expert blocks are de-quantized below, then stored in our 4 bits: the model is not MXFP4
+        del config.quantization_config
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     targets = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not is_skipped(name, skip)}
     names = dict(model.named_parameters())
     stacker = ExpertStacker({n: p.shape for n, p in names.items()})
+    halves: dict[str, dict[str, torch.Tensor]] = {}  # MXFP4 "_blocks" / "_scales" waiting for the other one
     for path in shard_files(folder):
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 t = None
-                if key not in names and renamed(key) in names:
+                weight, _, part = key.rpartition("_")
+                if mxfp4 and part in ("blocks", "scales") and weight in names:  # one layer's experts, packed
+                    halves.setdefault(weight, {})[part] = f.get_tensor(key)
+                    if len(halves[weight]) < 2:
+                        continue
+                    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+                    packed = halves.pop(weight)  # transformers' own de-quantization, to the (E, in, out) parameter
+                    key, t = weight, convert_moe_packed_tensors(packed["blocks"], packed["scales"], dtype=dtype)
+                elif key not in names and renamed(key) in names:
                     key, t = renamed(key), f.get_tensor(key)
                 elif key not in names and stacker.target(key):  # one expert's linear: a piece of a 3-D weight
                     stacked = stacker.add(key, f.get_tensor(key).to(dtype, copy=True))
