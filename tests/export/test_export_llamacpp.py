@@ -238,7 +238,7 @@ def test_k_quants_through_llama_cpps_quantizer(family, tmp_path):
     assert kls == sorted(kls)  # fewer bits, further from f16
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "mixtral", "gpt_oss"])
 def test_lora_adapter_gguf_applied_by_llama_cpp_at_load(family, tmp_path):
     """Base GGUF + our GGUF LoRA adapter in llama.cpp == tunelab's adapter on the fly in transformers (the
     llama q/k rows of B permuted like the weights; phi3's fused qkv / gate_up adapters as HF stores them;
