@@ -173,6 +173,8 @@ def test_granite_scales_and_what_moe_export_refuses(tmp_path):
 
 
 def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
+    with pytest.raises(TunelabError, match="GGUF export of gemma: .*tie_word_embeddings=False"):
+        export_gguf(tiny("gemma", head_dim=16), make_tiny_tokenizer(), tmp_path / "c.gguf")
     for over, needle in ((dict(tie_word_embeddings=False), "tie_word_embeddings=False"),
                          (dict(tie_word_embeddings=True, use_qk_norm=True), "use_qk_norm=True")):
         with pytest.raises(TunelabError, match=f"GGUF export of cohere.*{needle}"):
@@ -183,7 +185,7 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     model = tiny("stablelm")  # not in the family table
     with pytest.raises(TunelabError, match=r"does not support the 'stablelm' family .*supported: llama, mistral, "
                                             r"qwen2, qwen3, gemma2, phi3, gemma3_text, granite, olmo2, olmo3, "
-                                            r"mixtral, qwen3_moe, cohere, smollm3, gpt_oss$"):
+                                            r"mixtral, qwen3_moe, cohere, smollm3, gpt_oss, gemma$"):
         export_gguf(model, make_tiny_tokenizer(), tmp_path / "g.gguf")
     with pytest.raises(TunelabError, match="query_pre_attn_scalar=256 but llama.cpp scales queries by "
                                            r"1/sqrt\(head_dim=16\)"):
@@ -201,7 +203,7 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     assert main(["export", str(tmp_path / "stablelm"), "--gguf", str(tmp_path / "g.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
     assert err.startswith("tunelab export: error: GGUF export does not support the 'stablelm' family")
-    assert err.endswith("qwen3_moe, cohere, smollm3, gpt_oss") and not (tmp_path / "g.gguf").exists()
+    assert err.endswith("qwen3_moe, cohere, smollm3, gpt_oss, gemma") and not (tmp_path / "g.gguf").exists()
 
 
 def test_partial_rotary_is_the_rope_dimension_count(tmp_path):

@@ -45,6 +45,7 @@ FAMILIES = {
                                "layer_types": ["sliding_attention", "full_attention"]}),
     "granite": ("granite", {"attention_multiplier": 0.2, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
                             "logits_scaling": 0.25}),  # each scale away from 1, so a missing one shows
+    "gemma": ("gemma", {"head_dim": 16, "tie_word_embeddings": True}),
     "olmo2": ("olmo2", {"pad_token_id": 0}),
     "olmo3": ("olmo3", {"pad_token_id": 0, "sliding_window": 16,  # layer 0 slides over 16 of the 72 positions
                         "layer_types": ["sliding_attention", "full_attention"]}),

@@ -50,6 +50,7 @@ CASES = {
     "gpt_oss-router-loss": (transformers.GptOssConfig, dict(head_dim=8, num_local_experts=4, pad_token_id=0, sliding_window=4,
                                                             rope_parameters=dict(rope_type="default", rope_theta=1e4), **_MOE),
                             transformers.GptOssForCausalLM),
+    "gemma": (transformers.GemmaConfig, dict(head_dim=8), transformers.GemmaForCausalLM),
     "gemma2": (transformers.Gemma2Config, dict(head_dim=8, final_logit_softcapping=5.0),
                transformers.Gemma2ForCausalLM),
     "gemma3_text": (transformers.Gemma3TextConfig, dict(head_dim=8, final_logit_softcapping=5.0),

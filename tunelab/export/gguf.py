@@ -19,7 +19,8 @@ sliding layers), mixtral -> llama
 and qwen3_moe -> qwen3moe (router ffn_gate_inp in f32, transformers 5's fused experts split into
 ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts), cohere -> command-r (LayerNorm eps, logit_scale,
 tied head; its interleaved rotary is llama.cpp's: no permutation), smollm3 -> smollm3 (llama's layout; llama.cpp
-leaves RoPE out of every 4th layer, SmolLM3's default). The tokenizer: gguf_tokenizer.py.
+leaves RoPE out of every 4th layer, SmolLM3's default), gemma -> gemma (norms + 1, tied head). The tokenizer:
+gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ SUPPORTED = {
     "cohere": {"permute_qk": False},  # LayerNorm, parallel attention + MLP, interleaved rotary as llama.cpp's
     "smollm3": {"permute_qk": True},  # llama's layout; every 4th layer without RoPE
     "gpt_oss": {"permute_qk": False},  # sinks, biases, sliding layers; experts (in, out), gate / up interleaved
+    "gemma": {"permute_qk": False},  # norms x * (1 + w) -> w + 1; tied lm_head (gemma2's, without its extras)
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss")
-GEMMA = ("gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
+GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
 
 
 def gguf_arch(config) -> str:
@@ -93,17 +95,17 @@ def check_exportable(model: nn.Module) -> None:
         raise TunelabError(f"GGUF export of {config.model_type} supports plain RoPE (and llama3 scaling for the "
                            f"llama architecture, linear scaling of Gemma-3's global layers); this model uses "
                            f"rope_type={rope!r}")
-    if config.model_type in GEMMA:
+    if config.model_type in GEMMA[1:]:
         _check_gemma(config)
+    if config.model_type in ("gemma", "cohere") and not config.tie_word_embeddings:
+        raise TunelabError(f"GGUF export of {config.model_type}: llama.cpp's {gguf_arch(config)} uses the embedding as "
+                           "output head, and this model has its own lm_head (tie_word_embeddings=False)")
     if config.model_type == "qwen3_moe":  # llama.cpp's qwen3moe: every layer MoE, top-k weights summing to 1
         if not config.norm_topk_prob or config.mlp_only_layers or config.decoder_sparse_step != 1:
             raise TunelabError("GGUF export of qwen3_moe needs norm_topk_prob=True, decoder_sparse_step=1 and no "
                                "mlp_only_layers (llama.cpp's qwen3moe renormalizes the top-k weights and has "
                                f"experts in every layer); this model has {config.norm_topk_prob}, "
                                f"{config.decoder_sparse_step}, {config.mlp_only_layers}")
-    if config.model_type == "cohere" and not config.tie_word_embeddings:
-        raise TunelabError("GGUF export of cohere: llama.cpp's command-r uses the embedding as output head, and "
-                           "this model has its own lm_head (tie_word_embeddings=False)")
     if config.model_type == "cohere" and config.use_qk_norm:
         raise TunelabError("GGUF export of cohere with use_qk_norm=True (Command R+) is not supported: llama.cpp "
                            "does not load its per-head q/k norms as this exporter writes them")

@@ -58,6 +58,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     _llama_like("qwen3_moe", "Qwen3Moe", "qwen3moe", experts=_EXPERTS, router_aux=True),  # MLP: dense layers
     Family("gpt_oss", "gpt-oss", experts=_EXPERTS, router_aux=True),  # its own RMSNorm, rotary and clamped SwiGLU
     # Gemma: RMSNorm is x * (1 + w), the MLP's activation is GELU-tanh
+    Family("gemma", "gemma", attention="GemmaAttention"),
     Family("gemma2", "gemma2", logits=("softcap", "final_logit_softcapping"), attention="Gemma2Attention"),
     Family("gemma3_text", "gemma3", logits=("softcap", "final_logit_softcapping"), attention="Gemma3Attention"),
     # Phi-3: fused gate_up_proj MLP and partial rotary; OLMo-2: RMSNorm casts before the weight
