@@ -169,6 +169,9 @@ def test_granite_scales_and_what_moe_export_refuses(tmp_path):
     for over in (dict(norm_topk_prob=False), dict(mlp_only_layers=[1]), dict(decoder_sparse_step=2)):
         with pytest.raises(TunelabError, match="GGUF export of qwen3_moe needs norm_topk_prob=True"):
             export_gguf(tiny("qwen3_moe", **{**MOE["qwen3_moe"], **over}), make_tiny_tokenizer(), tmp_path / "q.gguf")
+    with pytest.raises(TunelabError, match="GGUF export of qwen2_moe needs norm_topk_prob=False"):
+        export_gguf(tiny("qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=64, norm_topk_prob=True), make_tiny_tokenizer(), tmp_path / "q.gguf")
     assert not (tmp_path / "q.gguf").exists()
 
 
@@ -185,7 +188,7 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     model = tiny("stablelm")  # not in the family table
     with pytest.raises(TunelabError, match=r"does not support the 'stablelm' family .*supported: llama, mistral, "
                                             r"qwen2, qwen3, gemma2, phi3, gemma3_text, granite, olmo2, olmo3, "
-                                            r"mixtral, qwen3_moe, cohere, smollm3, gpt_oss, gemma$"):
+                                            r"mixtral, qwen3_moe, cohere, smollm3, gpt_oss, gemma, qwen2_moe$"):
         export_gguf(model, make_tiny_tokenizer(), tmp_path / "g.gguf")
     with pytest.raises(TunelabError, match="query_pre_attn_scalar=256 but llama.cpp scales queries by "
                                            r"1/sqrt\(head_dim=16\)"):
@@ -203,7 +206,7 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     assert main(["export", str(tmp_path / "stablelm"), "--gguf", str(tmp_path / "g.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
     assert err.startswith("tunelab export: error: GGUF export does not support the 'stablelm' family")
-    assert err.endswith("qwen3_moe, cohere, smollm3, gpt_oss, gemma") and not (tmp_path / "g.gguf").exists()
+    assert err.endswith("smollm3, gpt_oss, gemma, qwen2_moe") and not (tmp_path / "g.gguf").exists()
 
 
 def test_partial_rotary_is_the_rope_dimension_count(tmp_path):

@@ -57,6 +57,8 @@ FAMILIES = {
     "gpt_oss-yarn": ("gpt_oss", {**GPT_OSS, "rope_parameters": {**YARN, "truncate": True}}),
     # 4 experts, 2 per token; the router's weights scaled up (tiny() below) so tokens pick different experts
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "shared_expert_intermediate_size": 64}),
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                 "head_dim": 16, "norm_topk_prob": True}),
 }
@@ -124,7 +126,7 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
     model = family_model(family)
     seq = prompt_and_greedy(model)
     ref = hf_logits(model, seq)
-    if model.config.model_type in ("mixtral", "qwen3_moe", "gpt_oss"):  # tokens really go to different experts
+    if model.config.model_type in ("mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe"):  # tokens go to different experts
         with torch.no_grad():
             router = model(torch.tensor([seq]), output_router_logits=True).router_logits[0]
         picks = {tuple(sorted(r.topk(2).indices.tolist())) for r in router}

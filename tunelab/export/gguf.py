@@ -19,8 +19,8 @@ sliding layers), mixtral -> llama
 and qwen3_moe -> qwen3moe (router ffn_gate_inp in f32, transformers 5's fused experts split into
 ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts), cohere -> command-r (LayerNorm eps, logit_scale,
 tied head; its interleaved rotary is llama.cpp's: no permutation), smollm3 -> smollm3 (llama's layout; llama.cpp
-leaves RoPE out of every 4th layer, SmolLM3's default), gemma -> gemma (norms + 1, tied head). The tokenizer:
-gguf_tokenizer.py.
+leaves RoPE out of every 4th layer, SmolLM3's default), gemma -> gemma (norms + 1, tied head), qwen2_moe -> qwen2moe (qwen3_moe's experts,
+qwen2's biases, the shared expert and its gate). The tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ SUPPORTED = {
     "smollm3": {"permute_qk": True},  # llama's layout; every 4th layer without RoPE
     "gpt_oss": {"permute_qk": False},  # sinks, biases, sliding layers; experts (in, out), gate / up interleaved
     "gemma": {"permute_qk": False},  # norms x * (1 + w) -> w + 1; tied lm_head (gemma2's, without its extras)
+    "qwen2_moe": {"permute_qk": False},  # qwen2 with experts + a shared expert behind a sigmoid gate
 }
-MOE = ("mixtral", "qwen3_moe", "gpt_oss")
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
 
 
@@ -100,10 +101,12 @@ def check_exportable(model: nn.Module) -> None:
     if config.model_type in ("gemma", "cohere") and not config.tie_word_embeddings:
         raise TunelabError(f"GGUF export of {config.model_type}: llama.cpp's {gguf_arch(config)} uses the embedding as "
                            "output head, and this model has its own lm_head (tie_word_embeddings=False)")
-    if config.model_type == "qwen3_moe":  # llama.cpp's qwen3moe: every layer MoE, top-k weights summing to 1
-        if not config.norm_topk_prob or config.mlp_only_layers or config.decoder_sparse_step != 1:
-            raise TunelabError("GGUF export of qwen3_moe needs norm_topk_prob=True, decoder_sparse_step=1 and no "
-                               "mlp_only_layers (llama.cpp's qwen3moe renormalizes the top-k weights and has "
+    if config.model_type in ("qwen3_moe", "qwen2_moe"):  # llama.cpp: experts in every layer; its qwen3moe
+        norm = config.model_type == "qwen3_moe"            # renormalizes the top-k weights, its qwen2moe does not
+        if config.norm_topk_prob != norm or config.mlp_only_layers or config.decoder_sparse_step != 1:
+            raise TunelabError(f"GGUF export of {config.model_type} needs norm_topk_prob={norm}, decoder_sparse_step=1 "
+                               f"and no mlp_only_layers (llama.cpp's {gguf_arch(config)} "
+                               f"{'renormalizes' if norm else 'does not renormalize'} the top-k weights and has "
                                f"experts in every layer); this model has {config.norm_topk_prob}, "
                                f"{config.decoder_sparse_step}, {config.mlp_only_layers}")
     if config.model_type == "cohere" and config.use_qk_norm:
@@ -330,8 +333,10 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
             writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
             writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
             writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
-    if config.model_type == "qwen3_moe":
+    if config.model_type in ("qwen3_moe", "qwen2_moe"):
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if config.model_type == "qwen2_moe":
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     if config.model_type == "granite":  # HF's multipliers, under llama.cpp's names (its converter's mapping)
         writer.add_attention_scale(float(config.attention_multiplier))
         writer.add_embedding_scale(float(config.embedding_multiplier))
@@ -398,7 +403,7 @@ def _tensors(model: nn.Module, dtype: str):
             head = name == "output.weight" or (config.tie_word_embeddings and name == "token_embd.weight")
             # the router, as llama.cpp's converter and quantizer keep it; biases, which ggml adds in f32 (gpt-oss's
             # expert biases are 2-D)
-            f32 = name.endswith(("ffn_gate_inp.weight", ".bias"))
+            f32 = name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias"))
             yield (name, *_encode(w.numpy(), "f32" if f32 else dtype, head))
 
 
