@@ -87,7 +87,7 @@ def chat_for(name: str) -> list[dict]:
 def test_labels_are_each_answer_and_its_turn_closing_token(name):
     tok, close, chat = tokenizer(name), MANIFEST[name]["close"], chat_for(name)
     enc = encode({"messages": chat}, tok, 4096, template_kwargs=kwargs(name))
-    assert answers(enc, tok) == [f"beta alpha{close}", f"delta gamma{close}"]
+    assert answers(enc, tok) == [f"beta alpha{close}", f"delta gamma{MANIFEST[name].get('final_close', close)}"]
     # the tokens before the final answer are the inference prompt's own tokens, tokenized as a whole
     prompt = tok.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True, **kwargs(name))
     want = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -102,7 +102,7 @@ def test_labels_are_each_answer_and_its_turn_closing_token(name):
 
 @pytest.mark.parametrize("name", list(MANIFEST))
 def test_last_turn_only(name):
-    tok, close = tokenizer(name), MANIFEST[name]["close"]
+    tok, close = tokenizer(name), MANIFEST[name].get("final_close", MANIFEST[name]["close"])
     enc = encode({"messages": chat_for(name)}, tok, 4096, template_kwargs=kwargs(name), turns="last")
     assert answers(enc, tok) == [f"delta gamma{close}"]
 
