@@ -172,6 +172,12 @@ def test_granite_scales_and_what_moe_export_refuses(tmp_path):
     with pytest.raises(TunelabError, match="GGUF export of qwen2_moe needs norm_topk_prob=False"):
         export_gguf(tiny("qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                          shared_expert_intermediate_size=64, norm_topk_prob=True), make_tiny_tokenizer(), tmp_path / "q.gguf")
+    with pytest.raises(TunelabError, match="GGUF export of olmoe: .*has 2 and 4"):
+        export_gguf(tiny("olmoe", num_experts=4, num_experts_per_tok=2, pad_token_id=0), make_tiny_tokenizer(),
+                    tmp_path / "q.gguf")
+    with pytest.raises(TunelabError, match="GGUF export of olmoe needs norm_topk_prob=False.*clip_qkv"):
+        export_gguf(tiny("olmoe", num_experts=4, num_experts_per_tok=2, pad_token_id=0, num_key_value_heads=4,
+                         clip_qkv=8.0), make_tiny_tokenizer(), tmp_path / "q.gguf")
     assert not (tmp_path / "q.gguf").exists()
 
 
@@ -188,7 +194,7 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     model = tiny("stablelm")  # not in the family table
     with pytest.raises(TunelabError, match=r"does not support the 'stablelm' family .*supported: llama, mistral, "
                                             r"qwen2, qwen3, gemma2, phi3, gemma3_text, granite, olmo2, olmo3, "
-                                            r"mixtral, qwen3_moe, cohere, smollm3, gpt_oss, gemma, qwen2_moe$"):
+                                            r"mixtral, qwen3_moe, cohere, smollm3, gpt_oss, gemma, qwen2_moe, olmoe$"):
         export_gguf(model, make_tiny_tokenizer(), tmp_path / "g.gguf")
     with pytest.raises(TunelabError, match="query_pre_attn_scalar=256 but llama.cpp scales queries by "
                                            r"1/sqrt\(head_dim=16\)"):
@@ -206,7 +212,7 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     assert main(["export", str(tmp_path / "stablelm"), "--gguf", str(tmp_path / "g.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
     assert err.startswith("tunelab export: error: GGUF export does not support the 'stablelm' family")
-    assert err.endswith("smollm3, gpt_oss, gemma, qwen2_moe") and not (tmp_path / "g.gguf").exists()
+    assert err.endswith("smollm3, gpt_oss, gemma, qwen2_moe, olmoe") and not (tmp_path / "g.gguf").exists()
 
 
 def test_partial_rotary_is_the_rope_dimension_count(tmp_path):

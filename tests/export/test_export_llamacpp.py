@@ -19,6 +19,7 @@ from tests.support.export_helpers import adapter, base, make_spm_tokenizer, tiny
 from tests.support.tiny_models import make_tiny_tokenizer
 from tunelab.export.gguf import export_gguf, llama_cpp_quantizer
 from tunelab.export.validate import agreement, llama_cpp_logits
+from tunelab.models import families
 
 # Tolerances on max |logit difference| over every position and the whole vocabulary (the tiny models' logits
 # span about +-1.3), about 1.5x the largest measured over the families (docs/export.md has each): f32 against
@@ -59,6 +60,7 @@ FAMILIES = {
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                 "shared_expert_intermediate_size": 64}),
+    "olmoe": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2, "pad_token_id": 0, "num_key_value_heads": 4}),
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                 "head_dim": 16, "norm_topk_prob": True}),
 }
@@ -126,7 +128,7 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
     model = family_model(family)
     seq = prompt_and_greedy(model)
     ref = hf_logits(model, seq)
-    if model.config.model_type in ("mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe"):  # tokens go to different experts
+    if families.family_of(model.config).experts:  # the tokens go to different experts
         with torch.no_grad():
             router = model(torch.tensor([seq]), output_router_logits=True).router_logits[0]
         picks = {tuple(sorted(r.topk(2).indices.tolist())) for r in router}

@@ -27,7 +27,7 @@ from tunelab.lora.experts import LoRAExperts
 from tunelab.quant import model_nbytes, quantize_model
 from tunelab.quant.experts import Experts4bit
 
-MOE = ["mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe"]
+MOE = ["mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe", "olmoe"]
 
 
 def _randomize_b(model, seed=1):

@@ -20,7 +20,8 @@ and qwen3_moe -> qwen3moe (router ffn_gate_inp in f32, transformers 5's fused ex
 ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts), cohere -> command-r (LayerNorm eps, logit_scale,
 tied head; its interleaved rotary is llama.cpp's: no permutation), smollm3 -> smollm3 (llama's layout; llama.cpp
 leaves RoPE out of every 4th layer, SmolLM3's default), gemma -> gemma (norms + 1, tied head), qwen2_moe -> qwen2moe (qwen3_moe's experts,
-qwen2's biases, the shared expert and its gate). The tokenizer: gguf_tokenizer.py.
+qwen2's biases, the shared expert and its gate), olmoe -> olmoe (experts, whole-projection q/k norms). The
+tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ SUPPORTED = {
     "gpt_oss": {"permute_qk": False},  # sinks, biases, sliding layers; experts (in, out), gate / up interleaved
     "gemma": {"permute_qk": False},  # norms x * (1 + w) -> w + 1; tied lm_head (gemma2's, without its extras)
     "qwen2_moe": {"permute_qk": False},  # qwen2 with experts + a shared expert behind a sigmoid gate
+    "olmoe": {"permute_qk": False},  # experts; q/k RMSNorms over the whole projection
 }
-MOE = ("mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe")
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe", "olmoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
 
 
@@ -101,14 +103,16 @@ def check_exportable(model: nn.Module) -> None:
     if config.model_type in ("gemma", "cohere") and not config.tie_word_embeddings:
         raise TunelabError(f"GGUF export of {config.model_type}: llama.cpp's {gguf_arch(config)} uses the embedding as "
                            "output head, and this model has its own lm_head (tie_word_embeddings=False)")
-    if config.model_type in ("qwen3_moe", "qwen2_moe"):  # llama.cpp: experts in every layer; its qwen3moe
-        norm = config.model_type == "qwen3_moe"            # renormalizes the top-k weights, its qwen2moe does not
-        if config.norm_topk_prob != norm or config.mlp_only_layers or config.decoder_sparse_step != 1:
-            raise TunelabError(f"GGUF export of {config.model_type} needs norm_topk_prob={norm}, decoder_sparse_step=1 "
-                               f"and no mlp_only_layers (llama.cpp's {gguf_arch(config)} "
+    if config.model_type in ("qwen3_moe", "qwen2_moe", "olmoe"):  # llama.cpp: experts in every layer; its qwen3moe
+        norm = config.model_type == "qwen3_moe"  # renormalizes the top-k weights, its qwen2moe and olmoe do not
+        if config.norm_topk_prob != norm or getattr(config, "mlp_only_layers", None) \
+                or getattr(config, "decoder_sparse_step", 1) != 1 or getattr(config, "clip_qkv", None) is not None:
+            raise TunelabError(f"GGUF export of {config.model_type} needs norm_topk_prob={norm}, decoder_sparse_step=1, "
+                               f"no mlp_only_layers and no clip_qkv (llama.cpp's {gguf_arch(config)} "
                                f"{'renormalizes' if norm else 'does not renormalize'} the top-k weights and has "
                                f"experts in every layer); this model has {config.norm_topk_prob}, "
-                               f"{config.decoder_sparse_step}, {config.mlp_only_layers}")
+                               f"{getattr(config, 'decoder_sparse_step', 1)}, {getattr(config, 'mlp_only_layers', [])}, "
+                               f"{getattr(config, 'clip_qkv', None)}")
     if config.model_type == "cohere" and config.use_qk_norm:
         raise TunelabError("GGUF export of cohere with use_qk_norm=True (Command R+) is not supported: llama.cpp "
                            "does not load its per-head q/k norms as this exporter writes them")
@@ -118,6 +122,10 @@ def check_exportable(model: nn.Module) -> None:
             raise TunelabError(f"GGUF export of smollm3: llama.cpp's smollm3 uses RoPE in the layers {fixed} (1 = "
                                f"RoPE) and no sliding window; this model has no_rope_layers={config.no_rope_layers}"
                                f", use_sliding_window={config.use_sliding_window}")
+    if config.model_type == "olmoe" and config.num_key_value_heads != config.num_attention_heads:
+        raise TunelabError("GGUF export of olmoe: llama.cpp's olmoe sizes the k norm for as many key/value heads as "
+                           f"query heads (OLMoE's own); this model has {config.num_key_value_heads} and "
+                           f"{config.num_attention_heads}")
     if config.model_type == "granite" and getattr(config, "head_dim", None) not in (None, _head_dim(config)):
         raise TunelabError("GGUF export of granite: llama.cpp's granite takes head_dim = hidden/heads, and this "
                            f"model has head_dim={config.head_dim}")

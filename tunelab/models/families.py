@@ -57,6 +57,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            router_aux=True),
     _llama_like("qwen3_moe", "Qwen3Moe", "qwen3moe", experts=_EXPERTS, router_aux=True),  # MLP: dense layers
     _llama_like("qwen2_moe", "Qwen2Moe", "qwen2moe", experts=_EXPERTS, router_aux=True),  # MLP: the shared expert
+    Family("olmoe", "olmoe", norm="OlmoeRMSNorm", mlp="OlmoeMLP", attention="OlmoeAttention", experts=_EXPERTS,
+           router_aux=True),  # q/k norms over the whole projection
     Family("gpt_oss", "gpt-oss", experts=_EXPERTS, router_aux=True),  # its own RMSNorm, rotary and clamped SwiGLU
     # Gemma: RMSNorm is x * (1 + w), the MLP's activation is GELU-tanh
     Family("gemma", "gemma", attention="GemmaAttention"),
