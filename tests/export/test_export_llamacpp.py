@@ -48,6 +48,7 @@ FAMILIES = {
                             "logits_scaling": 0.25}),  # each scale away from 1, so a missing one shows
     "gemma": ("gemma", {"head_dim": 16, "tie_word_embeddings": True}),
     "olmo2": ("olmo2", {"pad_token_id": 0}),
+    "glm4": ("glm4", {"pad_token_id": 0, "head_dim": 16}),  # partial rotary: half of each head, interleaved
     "olmo3": ("olmo3", {"pad_token_id": 0, "sliding_window": 16,  # layer 0 slides over 16 of the 72 positions
                         "layer_types": ["sliding_attention", "full_attention"]}),
     "cohere": ("cohere", {"tie_word_embeddings": True, "logit_scale": 4.0}),

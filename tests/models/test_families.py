@@ -65,6 +65,7 @@ CASES = {
     "gemma3_text": (transformers.Gemma3TextConfig, dict(head_dim=8, final_logit_softcapping=5.0),
                     transformers.Gemma3ForCausalLM),
     "phi3": (transformers.Phi3Config, dict(pad_token_id=0), transformers.Phi3ForCausalLM),
+    "glm4": (transformers.Glm4Config, dict(head_dim=8, pad_token_id=0), transformers.Glm4ForCausalLM),
     "olmo2": (transformers.Olmo2Config, dict(pad_token_id=0), transformers.Olmo2ForCausalLM),
     # a sliding window of 4 < the 19 tokens in layer 0
     "olmo3": (transformers.Olmo3Config, dict(pad_token_id=0, sliding_window=4,

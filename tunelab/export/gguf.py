@@ -20,7 +20,8 @@ and qwen3_moe -> qwen3moe (router ffn_gate_inp in f32, transformers 5's fused ex
 ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts), cohere -> command-r (LayerNorm eps, logit_scale,
 tied head; its interleaved rotary is llama.cpp's: no permutation), smollm3 -> smollm3 (llama's layout; llama.cpp
 leaves RoPE out of every 4th layer, SmolLM3's default), gemma -> gemma (norms + 1, tied head), qwen2_moe -> qwen2moe (qwen3_moe's experts,
-qwen2's biases, the shared expert and its gate), olmoe -> olmoe (experts, whole-projection q/k norms). The
+qwen2's biases, the shared expert and its gate), olmoe -> olmoe (experts, whole-projection q/k norms), glm4 ->
+glm4 (biases, fused gate_up_proj and partial interleaved rotary as HF stores them, four norms a layer). The
 tokenizer: gguf_tokenizer.py.
 """
 
@@ -63,6 +64,7 @@ SUPPORTED = {
     "gemma": {"permute_qk": False},  # norms x * (1 + w) -> w + 1; tied lm_head (gemma2's, without its extras)
     "qwen2_moe": {"permute_qk": False},  # qwen2 with experts + a shared expert behind a sigmoid gate
     "olmoe": {"permute_qk": False},  # experts; q/k RMSNorms over the whole projection
+    "glm4": {"permute_qk": False},  # q/k/v biases, fused gate_up_proj, interleaved partial rotary (llama.cpp's own)
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe", "olmoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
@@ -129,7 +131,7 @@ def check_exportable(model: nn.Module) -> None:
     if config.model_type == "granite" and getattr(config, "head_dim", None) not in (None, _head_dim(config)):
         raise TunelabError("GGUF export of granite: llama.cpp's granite takes head_dim = hidden/heads, and this "
                            f"model has head_dim={config.head_dim}")
-    flags = ("attention_bias", "mlp_bias") if config.model_type not in ("qwen2", "gpt_oss") else ()  # their own biases
+    flags = ("attention_bias", "mlp_bias") if config.model_type not in ("qwen2", "gpt_oss", "glm4") else ()  # their own
     for flag in flags:
         if getattr(config, flag, False):
             raise TunelabError(f"GGUF export of {config.model_type} models with {flag}=True is not supported")

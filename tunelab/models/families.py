@@ -66,6 +66,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gemma3_text", "gemma3", logits=("softcap", "final_logit_softcapping"), attention="Gemma3Attention"),
     # Phi-3: fused gate_up_proj MLP and partial rotary; OLMo-2: RMSNorm casts before the weight
     Family("phi3", "phi3", norm="Phi3RMSNorm"),
+    # GLM-4: fused gate_up_proj, interleaved partial rotary, norms after attention and MLP too
+    Family("glm4", "glm4", norm="Glm4RMSNorm"),
     Family("olmo2", "olmo2", mlp="Olmo2MLP"),
     Family("olmo3", "olmo2", mlp="Olmo3MLP"),  # OLMo-2's layers + sliding-window layers (llama.cpp: olmo2)
     _llama_like("granite", "Granite", "granite", logits=("divide", "logits_scaling")),
