@@ -48,6 +48,7 @@ FAMILIES = {
                             "logits_scaling": 0.25}),  # each scale away from 1, so a missing one shows
     "gemma": ("gemma", {"head_dim": 16, "tie_word_embeddings": True}),
     "olmo2": ("olmo2", {"pad_token_id": 0}),
+    "starcoder2": ("starcoder2", {"pad_token_id": 0, "bos_token_id": 1, "sliding_window": None}),
     "glm4": ("glm4", {"pad_token_id": 0, "head_dim": 16}),  # partial rotary: half of each head, interleaved
     "olmo3": ("olmo3", {"pad_token_id": 0, "sliding_window": 16,  # layer 0 slides over 16 of the 72 positions
                         "layer_types": ["sliding_attention", "full_attention"]}),
@@ -115,12 +116,14 @@ class GgmlGelu(torch.nn.Module):
 
 
 def with_ggml_gelu(model):
-    """A copy of a Gemma model whose MLPs use GgmlGelu (other families have no GELU: the model itself)."""
-    if not model.config.model_type.startswith("gemma"):
+    """A copy of a Gemma or StarCoder2 model whose MLPs use GgmlGelu (other families have no GELU: the model
+    itself)."""
+    gemma, starcoder = model.config.model_type.startswith("gemma"), model.config.model_type == "starcoder2"
+    if not (gemma or starcoder):
         return model
     model = copy.deepcopy(model)
     for layer in model.model.layers:
-        layer.mlp.act_fn = GgmlGelu()
+        setattr(layer.mlp, "act_fn" if gemma else "act", GgmlGelu())
     return model
 
 

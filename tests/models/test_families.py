@@ -66,6 +66,8 @@ CASES = {
                     transformers.Gemma3ForCausalLM),
     "phi3": (transformers.Phi3Config, dict(pad_token_id=0), transformers.Phi3ForCausalLM),
     "glm4": (transformers.Glm4Config, dict(head_dim=8, pad_token_id=0), transformers.Glm4ForCausalLM),
+    "starcoder2": (transformers.Starcoder2Config, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=4),
+                   transformers.Starcoder2ForCausalLM),
     "olmo2": (transformers.Olmo2Config, dict(pad_token_id=0), transformers.Olmo2ForCausalLM),
     # a sliding window of 4 < the 19 tokens in layer 0
     "olmo3": (transformers.Olmo3Config, dict(pad_token_id=0, sliding_window=4,

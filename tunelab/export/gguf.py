@@ -21,8 +21,8 @@ ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts), cohere -> command-r 
 tied head; its interleaved rotary is llama.cpp's: no permutation), smollm3 -> smollm3 (llama's layout; llama.cpp
 leaves RoPE out of every 4th layer, SmolLM3's default), gemma -> gemma (norms + 1, tied head), qwen2_moe -> qwen2moe (qwen3_moe's experts,
 qwen2's biases, the shared expert and its gate), olmoe -> olmoe (experts, whole-projection q/k norms), glm4 ->
-glm4 (biases, fused gate_up_proj and partial interleaved rotary as HF stores them, four norms a layer). The
-tokenizer: gguf_tokenizer.py.
+glm4 (biases, fused gate_up_proj and partial interleaved rotary as HF stores them, four norms a layer),
+starcoder2 -> starcoder2 (LayerNorms, GELU MLP, biases). The tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ SUPPORTED = {
     "qwen2_moe": {"permute_qk": False},  # qwen2 with experts + a shared expert behind a sigmoid gate
     "olmoe": {"permute_qk": False},  # experts; q/k RMSNorms over the whole projection
     "glm4": {"permute_qk": False},  # q/k/v biases, fused gate_up_proj, interleaved partial rotary (llama.cpp's own)
+    "starcoder2": {"permute_qk": False},  # LayerNorms and GELU MLP (c_fc / c_proj), all with biases
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe", "olmoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
@@ -124,6 +125,10 @@ def check_exportable(model: nn.Module) -> None:
             raise TunelabError(f"GGUF export of smollm3: llama.cpp's smollm3 uses RoPE in the layers {fixed} (1 = "
                                f"RoPE) and no sliding window; this model has no_rope_layers={config.no_rope_layers}"
                                f", use_sliding_window={config.use_sliding_window}")
+    if config.model_type == "starcoder2" and config.sliding_window:
+        print(f"tunelab export: note: llama.cpp's starcoder2 attends to every earlier position, this model to the last "
+              f"{config.sliding_window} (its sliding_window): the two agree on contexts up to that length",
+              file=sys.stderr)
     if config.model_type == "olmoe" and config.num_key_value_heads != config.num_attention_heads:
         raise TunelabError("GGUF export of olmoe: llama.cpp's olmoe sizes the k norm for as many key/value heads as "
                            f"query heads (OLMoE's own); this model has {config.num_key_value_heads} and "
@@ -131,7 +136,7 @@ def check_exportable(model: nn.Module) -> None:
     if config.model_type == "granite" and getattr(config, "head_dim", None) not in (None, _head_dim(config)):
         raise TunelabError("GGUF export of granite: llama.cpp's granite takes head_dim = hidden/heads, and this "
                            f"model has head_dim={config.head_dim}")
-    flags = ("attention_bias", "mlp_bias") if config.model_type not in ("qwen2", "gpt_oss", "glm4") else ()  # their own
+    flags = ("attention_bias", "mlp_bias") if config.model_type not in ("qwen2", "gpt_oss", "glm4", "starcoder2") else ()
     for flag in flags:
         if getattr(config, flag, False):
             raise TunelabError(f"GGUF export of {config.model_type} models with {flag}=True is not supported")
@@ -306,11 +311,12 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
-    if config.model_type == "cohere":  # a LayerNorm (with its mean), and the logits times logit_scale
-        writer.add_layer_norm_eps(float(config.layer_norm_eps))
-        writer.add_logit_scale(float(config.logit_scale))
+    if config.model_type in ("cohere", "starcoder2"):  # a LayerNorm (with its mean)
+        writer.add_layer_norm_eps(float(getattr(config, "layer_norm_eps", None) or config.norm_epsilon))
     else:
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if config.model_type == "cohere":  # the logits times logit_scale
+        writer.add_logit_scale(float(config.logit_scale))
     writer.add_rope_dimension_count(int(head_dim * _rope(config).get("partial_rotary_factor", 1.0)))
     # llama.cpp assumes hidden/heads without these; its gemma converters always write them
     if head_dim != config.hidden_size // config.num_attention_heads or config.model_type in GEMMA:
