@@ -69,7 +69,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # GLM-4: fused gate_up_proj, interleaved partial rotary, norms after attention and MLP too
     Family("glm4", "glm4", norm="Glm4RMSNorm"),
     Family("olmo2", "olmo2", mlp="Olmo2MLP"),
-    Family("starcoder2", "starcoder2"),  # LayerNorm with bias, GELU MLP with biases
+    Family("starcoder2", "starcoder2", attention="Starcoder2Attention"),  # LayerNorms with bias, GELU MLP with biases
     Family("olmo3", "olmo2", mlp="Olmo3MLP"),  # OLMo-2's layers + sliding-window layers (llama.cpp: olmo2)
     _llama_like("granite", "Granite", "granite", logits=("divide", "logits_scaling")),
     # Cohere: LayerNorm with a mean, interleaved rotary, parallel attention + MLP
