@@ -41,9 +41,9 @@ def _randomize_b(model, seed=1):
 
 # ---- gradients: the expert update against a float64 loop ------------------------------------------------
 
-def _reference_experts(h, idx, wts, weights, lora, scale, act):
-    """Float64, token by token: y_t = sum_k w_tk * D_e (act(G_e h_t) * U_e h_t), e = idx_tk, where each weight is
-    W_e + scale * B_e @ A_e with A_e = A[e*r:(e+1)*r] and B_e = B[:, e::E] (PEFT's layout, sliced directly)."""
+def _adapted(weights, lora, scale, transposed=False):
+    """expert(name, e): W_e + scale * B_e @ A_e, with A_e = A[e*r:(e+1)*r] and B_e = B[:, e::E] (PEFT's layout,
+    sliced directly); the update transposed for weights stored (in, out)."""
     E = weights["gate_up_proj"].shape[0]
 
     def expert(name, e):
@@ -51,46 +51,48 @@ def _reference_experts(h, idx, wts, weights, lora, scale, act):
         if name in lora:
             a, b = lora[name]
             r = a.shape[0] // E
-            w = w + scale * b[:, e::E] @ a[e * r:(e + 1) * r]
+            update = scale * b[:, e::E] @ a[e * r:(e + 1) * r]
+            w = w + (update.T if transposed else update)
         return w
 
+    return expert
+
+
+def _route(h, idx, wts, ffn):
+    """Float64, token by token: y_t = sum_k w_tk * ffn(e_tk, h_t)."""
     rows = []
     for t in range(h.shape[0]):
         y = torch.zeros_like(h[t])
         for k in range(idx.shape[1]):
-            e = int(idx[t, k])
-            gate, up = (expert("gate_up_proj", e) @ h[t]).chunk(2)
-            y = y + wts[t, k] * (expert("down_proj", e) @ (act(gate) * up))
+            y = y + wts[t, k] * ffn(int(idx[t, k]), h[t])
         rows.append(y)
     return torch.stack(rows)
+
+
+def _reference_experts(h, idx, wts, weights, lora, scale, act):
+    """ffn(e, x) = D_e (act(G_e x) * U_e x), each weight adapted."""
+    expert = _adapted(weights, lora, scale)
+
+    def ffn(e, x):
+        gate, up = (expert("gate_up_proj", e) @ x).chunk(2)
+        return expert("down_proj", e) @ (act(gate) * up)
+
+    return _route(h, idx, wts, ffn)
 
 
 def _reference_gpt_oss(h, idx, wts, weights, lora, scale, module):
     """The same for gpt-oss's experts, written from its modeling code: weights stored (in, out) (the update is
     (B_e @ A_e)^T), biases, gate and up interleaved (even / odd columns), both clamped at `limit`, and
     (up + 1) * gate * sigmoid(alpha * gate)."""
-    E = weights["gate_up_proj"].shape[0]
+    expert = _adapted(weights, lora, scale, transposed=True)
     bias = {n: getattr(module, f"{n}_bias").detach().double() for n in ("gate_up_proj", "down_proj")}
 
-    def expert(name, e):
-        w = weights[name][e]
-        if name in lora:
-            a, b = lora[name]
-            r = a.shape[0] // E
-            w = w + (scale * b[:, e::E] @ a[e * r:(e + 1) * r]).T
-        return w
+    def ffn(e, x):
+        gu = x @ expert("gate_up_proj", e) + bias["gate_up_proj"][e]
+        gate, up = gu[::2].clamp(max=module.limit), gu[1::2].clamp(-module.limit, module.limit)
+        return ((up + 1) * gate * torch.sigmoid(gate * module.alpha)) @ expert("down_proj", e) + bias["down_proj"][e]
 
-    rows = []
-    for t in range(h.shape[0]):
-        y = torch.zeros_like(h[t])
-        for k in range(idx.shape[1]):
-            e = int(idx[t, k])
-            gu = h[t] @ expert("gate_up_proj", e) + bias["gate_up_proj"][e]
-            gate, up = gu[::2].clamp(max=module.limit), gu[1::2].clamp(-module.limit, module.limit)
-            glu = (up + 1) * gate * torch.sigmoid(gate * module.alpha)
-            y = y + wts[t, k] * (glu @ expert("down_proj", e) + bias["down_proj"][e])
-        rows.append(y)
-    return torch.stack(rows)
+    return _route(h, idx, wts, ffn)
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "4bit"])
