@@ -62,6 +62,8 @@ FAMILIES = {
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                 "shared_expert_intermediate_size": 64}),
+    "granitemoe": ("granitemoe", {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_multiplier": 0.2,
+                                  "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "logits_scaling": 0.25}),
     "olmoe": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2, "pad_token_id": 0, "num_key_value_heads": 4}),
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                 "head_dim": 16, "norm_topk_prob": True}),
@@ -76,7 +78,7 @@ def family_model(family: str, **more):
     model = tiny(model_type, **{**over, **more})
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "mlp.router.weight")) and p.ndim == 2:
+            if name.endswith(("mlp.gate.weight", "router.weight")) and p.ndim == 2:  # granitemoe: block_sparse_moe.
                 p.mul_(50.0)
             if name.endswith("self_attn.o_proj.bias"):  # gpt-oss: small, or it sets every hidden state's direction
                 p.mul_(0.1)

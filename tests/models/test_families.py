@@ -75,6 +75,11 @@ CASES = {
               transformers.Olmo3ForCausalLM),
     "granite": (transformers.GraniteConfig, dict(logits_scaling=0.25, embedding_multiplier=2.0,
                                                  residual_multiplier=0.5), transformers.GraniteForCausalLM),
+    "granitemoe": (transformers.GraniteMoeConfig, dict(num_local_experts=4, num_experts_per_tok=2, logits_scaling=0.25,
+                                                       embedding_multiplier=2.0, residual_multiplier=0.5),
+                   transformers.GraniteMoeForCausalLM),
+    "granitemoe-router-loss": (transformers.GraniteMoeConfig, dict(num_local_experts=4, logits_scaling=0.25, **_MOE),
+                               transformers.GraniteMoeForCausalLM),
     "cohere": (transformers.CohereConfig, dict(logit_scale=4.0), transformers.CohereForCausalLM),
 }
 

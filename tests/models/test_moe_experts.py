@@ -27,7 +27,7 @@ from tunelab.lora.experts import LoRAExperts
 from tunelab.quant import model_nbytes, quantize_model
 from tunelab.quant.experts import Experts4bit
 
-MOE = ["mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe", "olmoe"]
+MOE = ["mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe", "olmoe", "granitemoe"]
 
 
 def _randomize_b(model, seed=1):
@@ -40,6 +40,11 @@ def _randomize_b(model, seed=1):
 
 
 # ---- gradients: the expert update against a float64 loop ------------------------------------------------
+
+def _moe_block(layer):
+    """A decoder layer's MoE block: `mlp`, or Granite-MoE's `block_sparse_moe`."""
+    return getattr(layer, "block_sparse_moe", None) or layer.mlp
+
 
 def _adapted(weights, lora, scale, transposed=False):
     """expert(name, e): W_e + scale * B_e @ A_e, with A_e = A[e*r:(e+1)*r] and B_e = B[:, e::E] (PEFT's layout,
@@ -103,7 +108,7 @@ def test_expert_lora_output_and_gradients_equal_a_float64_loop(case, quantized):
         quantize_model(model, block_size=32)
     apply_lora(model, LoraConfig(r=2, alpha=6, target_experts=True), verbose=False)
     _randomize_b(model)
-    layer = model.model.layers[0].mlp.experts
+    layer = _moe_block(model.model.layers[0]).experts
     assert isinstance(layer, LoRAExperts) and isinstance(layer.base, Experts4bit) == quantized
     g = torch.Generator().manual_seed(3)
     T, E = 10, layer.module.num_experts

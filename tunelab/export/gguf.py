@@ -22,7 +22,8 @@ tied head; its interleaved rotary is llama.cpp's: no permutation), smollm3 -> sm
 leaves RoPE out of every 4th layer, SmolLM3's default), gemma -> gemma (norms + 1, tied head), qwen2_moe -> qwen2moe (qwen3_moe's experts,
 qwen2's biases, the shared expert and its gate), olmoe -> olmoe (experts, whole-projection q/k norms), glm4 ->
 glm4 (biases, fused gate_up_proj and partial interleaved rotary as HF stores them, four norms a layer),
-starcoder2 -> starcoder2 (LayerNorms, GELU MLP, biases). The tokenizer: gguf_tokenizer.py.
+starcoder2 -> starcoder2 (LayerNorms, GELU MLP, biases), granitemoe -> granitemoe (granite + mixtral's experts).
+The tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ SUPPORTED = {
     "olmoe": {"permute_qk": False},  # experts; q/k RMSNorms over the whole projection
     "glm4": {"permute_qk": False},  # q/k/v biases, fused gate_up_proj, interleaved partial rotary (llama.cpp's own)
     "starcoder2": {"permute_qk": False},  # LayerNorms and GELU MLP (c_fc / c_proj), all with biases
+    "granitemoe": {"permute_qk": True},  # granite's layout and scales + mixtral's experts
 }
-MOE = ("mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe", "olmoe")
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe", "olmoe", "granitemoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
 
 
@@ -133,7 +135,7 @@ def check_exportable(model: nn.Module) -> None:
         raise TunelabError("GGUF export of olmoe: llama.cpp's olmoe sizes the k norm for as many key/value heads as "
                            f"query heads (OLMoE's own); this model has {config.num_key_value_heads} and "
                            f"{config.num_attention_heads}")
-    if config.model_type == "granite" and getattr(config, "head_dim", None) not in (None, _head_dim(config)):
+    if config.model_type in ("granite", "granitemoe") and getattr(config, "head_dim", None) not in (None, _head_dim(config)):
         raise TunelabError("GGUF export of granite: llama.cpp's granite takes head_dim = hidden/heads, and this "
                            f"model has head_dim={config.head_dim}")
     flags = ("attention_bias", "mlp_bias") if config.model_type not in ("qwen2", "gpt_oss", "glm4", "starcoder2") else ()
@@ -353,7 +355,7 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if config.model_type == "qwen2_moe":
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
-    if config.model_type == "granite":  # HF's multipliers, under llama.cpp's names (its converter's mapping)
+    if config.model_type in ("granite", "granitemoe"):  # HF's multipliers, under llama.cpp's names (its converter's)
         writer.add_attention_scale(float(config.attention_multiplier))
         writer.add_embedding_scale(float(config.embedding_multiplier))
         writer.add_residual_scale(float(config.residual_multiplier))
@@ -459,6 +461,9 @@ def tensor_names(config):
 def gguf_name(names, config, key: str) -> str:
     """llama.cpp's name of the HF tensor `key` (e.g. model.layers.0.self_attn.q_proj.weight -> blk.0.attn_q.weight)."""
     name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    if name is None and ".block_sparse_moe." in key:  # Granite-MoE: the names its files have (gguf maps those)
+        name = names.get_name(key.replace(".router.weight", ".router.layer.weight").replace(
+            ".block_sparse_moe.experts.", ".mlp.experts."), try_suffixes=(".weight", ".bias"))
     if name is None:
         raise TunelabError(f"GGUF export: no {gguf_arch(config)} tensor name for {key}; this model has layers "
                            f"that llama.cpp's {gguf_arch(config)} architecture does not run")

@@ -72,6 +72,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("starcoder2", "starcoder2", attention="Starcoder2Attention"),  # LayerNorms with bias, GELU MLP with biases
     Family("olmo3", "olmo2", mlp="Olmo3MLP"),  # OLMo-2's layers + sliding-window layers (llama.cpp: olmo2)
     _llama_like("granite", "Granite", "granite", logits=("divide", "logits_scaling")),
+    Family("granitemoe", "granitemoe", logits=("divide", "logits_scaling"), norm="GraniteMoeRMSNorm",
+           attention="GraniteMoeAttention", experts=("block_sparse_moe.experts.gate_up_proj",
+                                                     "block_sparse_moe.experts.down_proj"), router_aux=True),
     # Cohere: LayerNorm with a mean, interleaved rotary, parallel attention + MLP
     Family("cohere", "command-r", logits=("multiply", "logit_scale"), mlp="CohereMLP"),
 )}

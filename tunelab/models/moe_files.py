@@ -3,7 +3,8 @@
 The files (hub checkpoints, and what transformers 5's save_pretrained writes back) name, per layer:
   <layer>.mlp.experts.<e>.{gate_proj,up_proj,down_proj}.weight     Qwen2/3-MoE, OLMoE, ... ("qwen2_moe")
   <layer>.block_sparse_moe.experts.<e>.{w1,w3,w2}.weight           Mixtral (and block_sparse_moe.gate.weight)
-and transformers' loader (conversion_mapping.py, the "mixtral" and "qwen2_moe" entries) builds
+(Granite-MoE's hold each layer's experts whole, under JetMoE's names: `renamed`), and transformers' loader
+(conversion_mapping.py, the "mixtral" and "qwen2_moe" entries) builds
   <layer>.mlp.experts.gate_up_proj = stack over e of cat(gate_e, up_e)   (E, 2I, H)
   <layer>.mlp.experts.down_proj    = stack over e of down_e              (E, H, I)
 The streaming 4-bit loader (tunelab.models.load.load_quantized) reads tensor by tensor, so it does the same here:
@@ -24,8 +25,18 @@ _PIECES = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj
            "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", 0), "w2": ("down_proj", 0)}
 
 
+# Granite-MoE's files keep JetMoE's names (transformers' "granitemoe" renaming, the same shapes)
+_GRANITE = ((".block_sparse_moe.input_linear.weight", ".block_sparse_moe.experts.gate_up_proj"),
+            (".block_sparse_moe.output_linear.weight", ".block_sparse_moe.experts.down_proj"),
+            (".block_sparse_moe.router.layer.weight", ".block_sparse_moe.router.weight"))
+
+
 def renamed(key: str) -> str:
-    """Mixtral's file names of its MoE block (block_sparse_moe) as the model names it (mlp)."""
+    """A file's name of an MoE tensor as the model names it: Granite-MoE's (input_linear, output_linear,
+    router.layer) as its experts and router; Mixtral's MoE block (block_sparse_moe) as mlp."""
+    for old, new in _GRANITE:
+        if key.endswith(old):
+            return key.removesuffix(old) + new
     return key.replace(".block_sparse_moe.", ".mlp.")
 
 
