@@ -44,6 +44,12 @@ PHI3_LAYER = ["attn_norm.weight", "attn_qkv.weight", "attn_output.weight", "ffn_
               "ffn_down.weight"]
 
 
+def test_the_families_said_to_load_in_transformers_are_the_round_tripped_ones():
+    from tunelab.export.gguf import TRANSFORMERS_READS
+
+    assert {c[0] for c in CASES} == set(TRANSFORMERS_READS)
+
+
 @pytest.mark.parametrize("model_type,arch,over,extra,permuted", CASES, ids=[c[0] for c in CASES])
 def test_family_round_trip(model_type, arch, over, extra, permuted, tmp_path):
     model = tiny(model_type, **over)

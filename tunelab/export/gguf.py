@@ -69,6 +69,9 @@ SUPPORTED = {
     "starcoder2": {"permute_qk": False},  # LayerNorms and GELU MLP (c_fc / c_proj), all with biases
     "granitemoe": {"permute_qk": True},  # granite's layout and scales + mixtral's experts
 }
+# The families whose GGUF files transformers' own reader loads back (tests/export/test_export_gguf_families.py reloads
+# each); the others run in llama.cpp only.
+TRANSFORMERS_READS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gemma3_text")
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe", "olmoe", "granitemoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm x * (1 + w): norms written as 1 + w, as llama.cpp's converter does
 

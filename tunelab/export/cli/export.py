@@ -5,7 +5,7 @@ Modelfile; with --lora-adapter only the adapter, as a GGUF LoRA adapter (llama.c
 from __future__ import annotations
 
 from tunelab.export.cli import add_model_arguments
-from tunelab.export.gguf import DTYPES
+from tunelab.export.gguf import DTYPES, TRANSFORMERS_READS
 
 
 def add_arguments(parser) -> None:
@@ -37,8 +37,10 @@ def run(args) -> int:
     # An adapter is always merged (GGUF holds plain weights), in fp32: the GGUF types are rounded from it.
     opened = open_from_args(args, merge=True, dtype="fp32")
     path = export_gguf(opened.model, opened.tokenizer, args.gguf, args.dtype)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}); transformers loads it with "
-          f"from_pretrained(folder, gguf_file={path.name!r}), llama.cpp with `llama-cli -m {path}`")
+    reads = opened.model.config.model_type in TRANSFORMERS_READS
+    also = f"transformers with from_pretrained(folder, gguf_file={path.name!r}), " if reads else ""
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}); {also}llama.cpp loads it with "
+          f"`llama-cli -m {path}`")
     if args.modelfile:
         from tunelab.export.modelfile import write_modelfile
 
