@@ -175,7 +175,7 @@ def _activation(model_type: str) -> str:
     from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(model_type)
-    return getattr(cfg, "hidden_act", None) or cfg.hidden_activation
+    return getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)  # LFM2: neither (SiLU)
 
 
 @pytest.mark.parametrize(("field", "llama_cls"), [("norm", LlamaRMSNorm), ("mlp", LlamaMLP)])

@@ -205,7 +205,7 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     with pytest.raises(TunelabError, match=r"does not support the 'stablelm' family .*supported: llama, mistral, "
                                             r"qwen2, qwen3, gemma2, phi3, gemma3_text, granite, olmo2, olmo3, "
                                             r"mixtral, qwen3_moe, cohere, smollm3, gpt_oss, gemma, qwen2_moe, olmoe, "
-                                            r"glm4, starcoder2, granitemoe$"):
+                                            r"glm4, starcoder2, granitemoe, lfm2$"):
         export_gguf(model, make_tiny_tokenizer(), tmp_path / "g.gguf")
     with pytest.raises(TunelabError, match="query_pre_attn_scalar=256 but llama.cpp scales queries by "
                                            r"1/sqrt\(head_dim=16\)"):
@@ -223,7 +223,7 @@ def test_unsupported_family_names_it_and_the_supported_ones(tmp_path, capsys):
     assert main(["export", str(tmp_path / "stablelm"), "--gguf", str(tmp_path / "g.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
     assert err.startswith("tunelab export: error: GGUF export does not support the 'stablelm' family")
-    assert err.endswith("olmoe, glm4, starcoder2, granitemoe") and not (tmp_path / "g.gguf").exists()
+    assert err.endswith("glm4, starcoder2, granitemoe, lfm2") and not (tmp_path / "g.gguf").exists()
 
 
 def test_partial_rotary_is_the_rope_dimension_count(tmp_path):

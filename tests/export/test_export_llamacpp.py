@@ -48,6 +48,7 @@ FAMILIES = {
                             "logits_scaling": 0.25}),  # each scale away from 1, so a missing one shows
     "gemma": ("gemma", {"head_dim": 16, "tie_word_embeddings": True}),
     "olmo2": ("olmo2", {"pad_token_id": 0}),
+    "lfm2": ("lfm2", {"pad_token_id": 0, "tie_word_embeddings": True, "layer_types": ["conv", "full_attention"]}),
     "starcoder2": ("starcoder2", {"pad_token_id": 0, "bos_token_id": 1, "sliding_window": None}),
     "glm4": ("glm4", {"pad_token_id": 0, "head_dim": 16}),  # partial rotary: half of each head, interleaved
     "olmo3": ("olmo3", {"pad_token_id": 0, "sliding_window": 16,  # layer 0 slides over 16 of the 72 positions
@@ -73,7 +74,8 @@ FAMILIES = {
 def family_model(family: str, **more):
     """The tiny model of a FAMILIES entry; a MoE router's weights x 50, so routing differs from token to token
     (at the default init every expert gets about the same weight and any top-k choice would look alike); gpt-oss's
-    attention output bias x 0.1 (random at 0.1 by tiny(), it would send every token to the same experts)."""
+    attention output bias x 0.1 (random at 0.1 by tiny(), it would send every token to the same experts); LFM2's
+    convolution x 30 (at its init it hardly changes the logits)."""
     model_type, over = FAMILIES[family]
     model = tiny(model_type, **{**over, **more})
     with torch.no_grad():
@@ -82,6 +84,8 @@ def family_model(family: str, **more):
                 p.mul_(50.0)
             if name.endswith("self_attn.o_proj.bias"):  # gpt-oss: small, or it sets every hidden state's direction
                 p.mul_(0.1)
+            if name.endswith("conv.conv.weight"):  # LFM2: a convolution that matters, so a mix-up in it shows
+                p.mul_(30.0)
     return model
 
 
@@ -169,7 +173,7 @@ def test_llama_cpp_runs_each_family_as_transformers_does(family, tmp_path):
                                             ("qwen3_moe", "top-k weights not renormalized"),
                                             ("granite", "no residual scale"), ("cohere", "no logit scale"),
                                             ("smollm3", "RoPE in every layer"), ("olmo3", "no sliding window"),
-                                            ("gpt_oss-yarn", "no YaRN")])
+                                            ("gpt_oss-yarn", "no YaRN"), ("lfm2", "convolution taps reversed")])
 def test_the_family_check_catches_a_wrong_export(family, mistake, tmp_path, monkeypatch):
     """The f32 check above has power for what the newer families add: each mistake, made on purpose in the
     export, moves llama.cpp's logits past the f32 tolerance by a wide margin."""
@@ -181,6 +185,9 @@ def test_the_family_check_catches_a_wrong_export(family, mistake, tmp_path, monk
         swap = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
         monkeypatch.setattr(exporter, "_split_experts", lambda config, key, w: (
             (k.replace(k.split(".")[-2], swap.get(k.split(".")[-2], k.split(".")[-2])), v) for k, v in split(config, key, w)))
+    elif mistake == "convolution taps reversed":  # a causal convolution read the wrong way round
+        monkeypatch.setattr(exporter, "_split_experts", lambda config, key, w: (
+            (k, v.flip(-1) if k.endswith("conv.conv.weight") else v) for k, v in split(config, key, w)))
     elif mistake == "no YaRN":  # llama.cpp then rotates with the plain frequencies
         monkeypatch.setattr(gguf.GGUFWriter, "add_rope_scaling_type", lambda self, value: None)
     elif mistake == "no sliding window":  # llama.cpp then attends to every earlier position in layer 0 too

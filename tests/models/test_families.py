@@ -68,6 +68,7 @@ CASES = {
     "glm4": (transformers.Glm4Config, dict(head_dim=8, pad_token_id=0), transformers.Glm4ForCausalLM),
     "starcoder2": (transformers.Starcoder2Config, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=4),
                    transformers.Starcoder2ForCausalLM),
+    "lfm2": (transformers.Lfm2Config, dict(pad_token_id=0, layer_types=["conv", "full_attention"]), transformers.Lfm2ForCausalLM),
     "olmo2": (transformers.Olmo2Config, dict(pad_token_id=0), transformers.Olmo2ForCausalLM),
     # a sliding window of 4 < the 19 tokens in layer 0
     "olmo3": (transformers.Olmo3Config, dict(pad_token_id=0, sliding_window=4,

@@ -22,8 +22,8 @@ tied head; its interleaved rotary is llama.cpp's: no permutation), smollm3 -> sm
 leaves RoPE out of every 4th layer, SmolLM3's default), gemma -> gemma (norms + 1, tied head), qwen2_moe -> qwen2moe (qwen3_moe's experts,
 qwen2's biases, the shared expert and its gate), olmoe -> olmoe (experts, whole-projection q/k norms), glm4 ->
 glm4 (biases, fused gate_up_proj and partial interleaved rotary as HF stores them, four norms a layer),
-starcoder2 -> starcoder2 (LayerNorms, GELU MLP, biases), granitemoe -> granitemoe (granite + mixtral's experts).
-The tokenizer: gguf_tokenizer.py.
+starcoder2 -> starcoder2 (LayerNorms, GELU MLP, biases), granitemoe -> granitemoe (granite + mixtral's experts),
+lfm2 -> lfm2 (short-convolution layers, per-layer key/value heads). The tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ SUPPORTED = {
     "glm4": {"permute_qk": False},  # q/k/v biases, fused gate_up_proj, interleaved partial rotary (llama.cpp's own)
     "starcoder2": {"permute_qk": False},  # LayerNorms and GELU MLP (c_fc / c_proj), all with biases
     "granitemoe": {"permute_qk": True},  # granite's layout and scales + mixtral's experts
+    "lfm2": {"permute_qk": False},  # short-convolution layers (no key/value heads there) between attention layers
 }
 # The families whose GGUF files transformers' own reader loads back (tests/export/test_export_gguf_families.py reloads
 # each); the others run in llama.cpp only.
@@ -312,14 +313,18 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    if config.model_type != "lfm2":  # below
+        writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    if config.model_type == "lfm2":  # key/value heads per layer: none in a convolution layer
+        writer.add_head_count_kv([config.num_key_value_heads * (t != "conv") for t in config.layer_types])
+    else:
+        writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
     if config.model_type in ("cohere", "starcoder2"):  # a LayerNorm (with its mean)
         writer.add_layer_norm_eps(float(getattr(config, "layer_norm_eps", None) or config.norm_epsilon))
     else:
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_layer_norm_rms_eps(float(getattr(config, "rms_norm_eps", None) or config.norm_eps))
     if config.model_type == "cohere":  # the logits times logit_scale
         writer.add_logit_scale(float(config.logit_scale))
     writer.add_rope_dimension_count(int(head_dim * _rope(config).get("partial_rotary_factor", 1.0)))
@@ -337,6 +342,9 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
         _write_sliding(writer, config)
     if config.model_type == "phi3" and config.sliding_window is not None:
         writer.add_sliding_window(config.sliding_window)
+    if config.model_type == "lfm2":  # the convolution's cache length; the MLP's width as the model computes it
+        writer.add_shortconv_l_cache(config.conv_L_cache)
+        writer.add_feed_forward_length(_lfm2_ff_dim(config))
     if config.model_type in MOE:  # llama.cpp routes as HF: softmax, top k, weights renormalized to sum 1
         writer.add_expert_count(getattr(config, "num_local_experts", None) or config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
@@ -366,6 +374,18 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _lfm2_ff_dim(config) -> int:
+    """LFM2's MLP width: intermediate_size, or with block_auto_adjust_ff_dim 2/3 of it, times the multiplier,
+    rounded up to block_multiple_of (as its modeling code and llama.cpp's converter compute it)."""
+    ff = config.intermediate_size
+    if config.block_auto_adjust_ff_dim:
+        ff = int(2 * ff / 3)
+        if config.block_ffn_dim_multiplier is not None:
+            ff = int(config.block_ffn_dim_multiplier * ff)
+        ff = config.block_multiple_of * ((ff + config.block_multiple_of - 1) // config.block_multiple_of)
+    return ff
 
 
 def _head_dim(config) -> int:
@@ -422,9 +442,9 @@ def _tensors(model: nn.Module, dtype: str):
         for key, w in _split_experts(config, key, w):
             name = gguf_name(names, config, key)
             head = name == "output.weight" or (config.tie_word_embeddings and name == "token_embd.weight")
-            # the router, as llama.cpp's converter and quantizer keep it; biases, which ggml adds in f32 (gpt-oss's
-            # expert biases are 2-D)
-            f32 = name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias"))
+            # the routers and LFM2's convolution, as llama.cpp's converter and quantizer keep them; biases, which ggml
+            # adds in f32 (gpt-oss's expert biases are 2-D)
+            f32 = name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "shortconv.conv.weight", ".bias"))
             yield (name, *_encode(w.numpy(), "f32" if f32 else dtype, head))
 
 
@@ -449,6 +469,8 @@ def _split_experts(config, key: str, w: torch.Tensor):
         yield key.replace("down_proj_bias", "down_proj.bias"), w
     elif key.endswith(".self_attn.sinks"):
         yield key + ".weight", w
+    elif key.endswith(".conv.conv.weight"):  # LFM2's depthwise convolution (hidden, 1, L): ggml's op takes 2-D
+        yield key, w.squeeze(1)
     else:
         yield key, w
 

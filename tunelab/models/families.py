@@ -68,6 +68,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("phi3", "phi3", norm="Phi3RMSNorm"),
     # GLM-4: fused gate_up_proj, interleaved partial rotary, norms after attention and MLP too
     Family("glm4", "glm4", norm="Glm4RMSNorm"),
+    # LFM2: short-convolution layers between attention layers (layer_types)
+    Family("lfm2", "lfm2", norm="Lfm2RMSNorm", attention="Lfm2Attention"),
     Family("olmo2", "olmo2", mlp="Olmo2MLP"),
     Family("starcoder2", "starcoder2", attention="Starcoder2Attention"),  # LayerNorms with bias, GELU MLP with biases
     Family("olmo3", "olmo2", mlp="Olmo3MLP"),  # OLMo-2's layers + sliding-window layers (llama.cpp: olmo2)
