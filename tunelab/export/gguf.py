@@ -13,17 +13,17 @@ permuted; llama3 rope scaling as a rope_freqs tensor), qwen2 -> qwen2 (q/k/v bia
 permutation), qwen3 -> qwen3 (per-head q/k RMSNorms attn_q_norm / attn_k_norm, NEOX rope), gemma2 ->
 gemma2 (norm weights + 1, post-attention / post-feed-forward norms, softcaps, sliding window), phi3 -> phi3
 (fused attn_qkv and ffn_up = gate|up as HF stores them, partial rotary as rope.dimension_count),
-gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, local rope base), granite ->
-granite (llama + its four scales), olmo2 -> olmo2 (post-norms, whole-projection q/k norms; olmo3 too, + its
-sliding layers), mixtral -> llama
-and qwen3_moe -> qwen3moe (router ffn_gate_inp in f32, transformers 5's fused experts split into
-ffn_gate_exps / ffn_up_exps, ffn_down_exps; expert counts), cohere -> command-r (LayerNorm eps, logit_scale,
-tied head; its interleaved rotary is llama.cpp's: no permutation), smollm3 -> smollm3 (llama's layout; llama.cpp
-leaves RoPE out of every 4th layer, SmolLM3's default), gemma -> gemma (norms + 1, tied head), qwen2_moe -> qwen2moe (qwen3_moe's experts,
-qwen2's biases, the shared expert and its gate), olmoe -> olmoe (experts, whole-projection q/k norms), glm4 ->
-glm4 (biases, fused gate_up_proj and partial interleaved rotary as HF stores them, four norms a layer),
-starcoder2 -> starcoder2 (LayerNorms, GELU MLP, biases), granitemoe -> granitemoe (granite + mixtral's experts),
-lfm2 -> lfm2 (short-convolution layers, per-layer key/value heads). The tokenizer: gguf_tokenizer.py.
+gemma3_text -> gemma3 (gemma2's layout + q/k norms, per-layer sliding pattern, local rope base), gemma ->
+gemma (norms + 1, tied head), granite -> granite (llama + its four scales), olmo2 -> olmo2 (post-norms,
+whole-projection q/k norms; olmo3 too, + its sliding layers), glm4 -> glm4 (biases, fused gate_up_proj and
+partial interleaved rotary as HF stores them, four norms a layer), starcoder2 -> starcoder2 (LayerNorms, GELU
+MLP, biases), cohere -> command-r (LayerNorm eps, logit_scale, tied head; its interleaved rotary is
+llama.cpp's: no permutation), smollm3 -> smollm3 (llama's layout; llama.cpp leaves RoPE out of every 4th
+layer, SmolLM3's default), lfm2 -> lfm2 (short-convolution layers, per-layer key/value heads); MoE:
+mixtral -> llama, qwen3_moe -> qwen3moe, qwen2_moe -> qwen2moe (+ the shared expert and its gate), olmoe ->
+olmoe, granitemoe -> granitemoe (granite + experts), gpt_oss -> gpt-oss (sinks, biases, YaRN): the router
+ffn_gate_inp in f32, transformers 5's fused experts split into ffn_gate_exps / ffn_up_exps, ffn_down_exps,
+the expert counts. The tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -313,8 +313,7 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    if config.model_type != "lfm2":  # below
-        writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(_lfm2_ff_dim(config) if config.model_type == "lfm2" else config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     if config.model_type == "lfm2":  # key/value heads per layer: none in a convolution layer
         writer.add_head_count_kv([config.num_key_value_heads * (t != "conv") for t in config.layer_types])
@@ -342,9 +341,8 @@ def _write_hparams(writer, config, dtype: str, name: str) -> None:
         _write_sliding(writer, config)
     if config.model_type == "phi3" and config.sliding_window is not None:
         writer.add_sliding_window(config.sliding_window)
-    if config.model_type == "lfm2":  # the convolution's cache length; the MLP's width as the model computes it
+    if config.model_type == "lfm2":  # the convolution's cache length
         writer.add_shortconv_l_cache(config.conv_L_cache)
-        writer.add_feed_forward_length(_lfm2_ff_dim(config))
     if config.model_type in MOE:  # llama.cpp routes as HF: softmax, top k, weights renormalized to sum 1
         writer.add_expert_count(getattr(config, "num_local_experts", None) or config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
